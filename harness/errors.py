@@ -1,0 +1,223 @@
+"""The harness's exceptions, one tree.
+
+::
+
+    HarnessError                    anything the harness raises on purpose
+     +-- UsageError                 bad input from the user (exit 2)
+     |    +-- SourceError           --edk2-src is not an edk2 tree, bad checksum
+     |    +-- PatchError            a patch of the series does not apply
+     |    +-- TraceFormatError      a debug log the trace parser cannot read
+     |    +-- DumpFormatError       a memory dump that is not QEMU's ELF core
+     +-- EnvironmentFailure         the machine could not do it (exit 3)
+          +-- DependencyError       a tool or package is missing
+          +-- BuildError            BaseTools or the OVMF build failed
+          +-- LaunchError           QEMU would not start or died early
+          +-- ConsoleTimeout        an awaited pattern did not come in time
+          +-- ConsoleFailure        a failure pattern came instead
+          +-- QmpError              a QMP command failed
+          +-- GuestCommandError     a command in the guest failed
+
+Every error carries its data as attributes and a one-line ``str()`` that a
+user can act on; the CLI prints that line and exits with ``exit_status``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+EXIT_OK = 0
+EXIT_VIOLATION = 1
+EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 3
+
+
+class HarnessError(Exception):
+    """Base of every error the harness raises on purpose."""
+
+    exit_status = EXIT_ENVIRONMENT
+
+
+class UsageError(HarnessError):
+    """The user's input is wrong; nothing on this machine is to blame."""
+
+    exit_status = EXIT_USAGE
+
+
+class SourceError(UsageError):
+    """An edk2 source that cannot be used (not a tree, wrong checksum)."""
+
+
+class PatchError(UsageError):
+    """A patch of the series does not apply.
+
+    :param patch: the patch file.
+    :param target: the file in the edk2 tree the failing hunk is for.
+    :param hunk: the number of the failing hunk (1-based), or None.
+    :param output: what ``patch`` printed.
+    """
+
+    def __init__(self, patch: Path, target: str | None, hunk: int | None,
+                 output: str) -> None:
+        self.patch = patch
+        self.target = target
+        self.hunk = hunk
+        self.output = output
+        where = f"{target}" if target else "(no file)"
+        if hunk is not None:
+            where += f" hunk #{hunk}"
+        first = next((line for line in output.splitlines() if line.strip()), "")
+        super().__init__(f"patch {patch.name} does not apply: {where}: {first}")
+
+
+class TraceFormatError(UsageError):
+    """A debug log that cannot be read as an EBS trace."""
+
+    def __init__(self, path: Path | str, line: int | None, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.reason = reason
+        at = f":{line}" if line is not None else ""
+        super().__init__(f"{path}{at}: {reason}")
+
+
+class DumpFormatError(UsageError):
+    """A memory dump that is not a complete QEMU ELF core."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class EnvironmentFailure(HarnessError):
+    """This machine could not do what was asked."""
+
+    exit_status = EXIT_ENVIRONMENT
+
+
+class DependencyError(EnvironmentFailure):
+    """A required tool or package is missing."""
+
+
+class BuildError(EnvironmentFailure):
+    """A build step failed.
+
+    :param step: what was being built ("BaseTools", "OVMF").
+    :param command: the argv that failed.
+    :param log: where the full output is.
+    :param tail: the last lines of that output.
+    """
+
+    def __init__(self, step: str, command: Sequence[str], log: Path,
+                 tail: str) -> None:
+        self.step = step
+        self.command = list(command)
+        self.log = log
+        self.tail = tail
+        last = next((line for line in reversed(tail.splitlines())
+                     if line.strip()), "")
+        super().__init__(f"{step} build failed (log: {log}): {last}")
+
+
+class LaunchError(EnvironmentFailure):
+    """QEMU did not start, or died before it was of use.
+
+    :param exitcode: QEMU's exit status, or None if it was still running.
+    :param command: QEMU's argv.
+    :param log: QEMU's own output (stderr), as far as there was any.
+    """
+
+    def __init__(self, reason: str, exitcode: int | None = None,
+                 command: Sequence[str] = (), log: str = "") -> None:
+        self.reason = reason
+        self.exitcode = exitcode
+        self.command = list(command)
+        self.log = log
+        detail = next((line for line in log.splitlines() if line.strip()), "")
+        text = reason if not detail else f"{reason}: {detail}"
+        super().__init__(text)
+
+
+def _tails_text(tails: dict[str, str], command: Sequence[str]) -> str:
+    import shlex  # only needed for the report
+    parts = []
+    for name, tail in tails.items():
+        body = "\n".join("    " + line for line in tail.splitlines()) or "    (empty)"
+        parts.append(f"--- last lines of {name}:\n{body}")
+    if command:
+        parts.append("--- command line:\n    " + shlex.join(command))
+    return "\n".join(parts)
+
+
+class ConsoleTimeout(EnvironmentFailure):
+    """An awaited pattern did not appear before the deadline.
+
+    The first line of ``str()`` names what was awaited; the following lines
+    quote the log tails and the command line, so a test failure shows them.
+
+    :param console: which console was read ("serial", "debugcon").
+    :param awaited: the pattern(s) waited for.
+    :param timeout: the deadline in seconds.
+    :param tails: log name to its last lines (debug log, serial log).
+    :param command: QEMU's argv.
+    """
+
+    def __init__(self, console: str, awaited: str, timeout: float,
+                 tails: dict[str, str] | None = None,
+                 command: Sequence[str] = ()) -> None:
+        self.console = console
+        self.awaited = awaited
+        self.timeout = timeout
+        self.tails = dict(tails or {})
+        self.command = list(command)
+        super().__init__(
+            f"timed out after {timeout:g} s on {console} waiting for {awaited}\n"
+            + _tails_text(self.tails, self.command))
+
+
+class ConsoleFailure(EnvironmentFailure):
+    """A failure pattern (ASSERT, exception, panic) appeared.
+
+    :param console: which console showed it.
+    :param pattern: the failure pattern that matched.
+    :param line: the line it matched in.
+    :param tails: log name to its last lines.
+    :param command: QEMU's argv.
+    """
+
+    def __init__(self, console: str, pattern: str, line: str,
+                 tails: dict[str, str] | None = None,
+                 command: Sequence[str] = ()) -> None:
+        self.console = console
+        self.pattern = pattern
+        self.line = line
+        self.tails = dict(tails or {})
+        self.command = list(command)
+        super().__init__(
+            f"failure pattern {pattern} on {console}: {line.strip()}\n"
+            + _tails_text(self.tails, self.command))
+
+
+class QmpError(EnvironmentFailure):
+    """A QMP command failed or QMP could not be reached."""
+
+
+class GuestCommandError(EnvironmentFailure):
+    """A command run in the guest failed.
+
+    :param command: the command line.
+    :param status: its exit status.
+    :param stdout: what it printed.
+    :param stderr: what it printed on stderr.
+    """
+
+    def __init__(self, command: str, status: int, stdout: str,
+                 stderr: str) -> None:
+        self.command = command
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+        last = next((line for line in reversed(stderr.splitlines())
+                     if line.strip()), "")
+        super().__init__(f"guest command {command!r} exited {status}: {last}")

@@ -1,0 +1,344 @@
+"""harness.edk2: cache keys, the patch series, sources and the build cache.
+
+The Builder tests run the real pipeline (copy, patch, BaseTools make, build,
+publish, locks) on a tiny fake edk2 tree whose ``build`` command writes the
+outputs a real OVMF build writes; the real build is tests/integration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import edk2
+from harness.cli import main
+from harness.errors import PatchError, SourceError
+
+FAKE_BUILD = r"""#!/bin/bash
+# Fake edk2 'build': writes what OvmfPkgX64 writes, from the tree's sources.
+set -e
+out="$WORKSPACE/Build/OvmfX64/DEBUG_GCC5"
+mkdir -p "$out/FV" "$out/X64/OvmfPkg/IoMmuDxe/IoMmuDxe/DEBUG"
+echo "Building ... $WORKSPACE/OvmfPkg/IoMmuDxe/IoMmuDxe.inf [X64]"
+if [ -n "$FAKE_BUILD_SLEEP" ]; then echo started > "$FAKE_BUILD_STARTED"; sleep "$FAKE_BUILD_SLEEP"; fi
+if grep -q BROKEN "$WORKSPACE/OvmfPkg/IoMmuDxe/IoMmuDxe.c"; then echo "error: BROKEN" >&2; exit 1; fi
+cat "$WORKSPACE/OvmfPkg/IoMmuDxe/IoMmuDxe.c" > "$out/FV/OVMF_CODE.fd"
+echo vars > "$out/FV/OVMF_VARS.fd"
+echo all > "$out/FV/OVMF.fd"
+echo efi > "$out/X64/IoMmuDxe.efi"
+echo elf > "$out/X64/IoMmuDxe.debug"
+echo map > "$out/X64/OvmfPkg/IoMmuDxe/IoMmuDxe/DEBUG/IoMmuDxe.map"
+echo "$@" >> "$WORKSPACE/../build-calls"
+"""
+
+
+@pytest.fixture
+def fake_edk2(tmp_path: Path) -> Path:
+    tree = tmp_path / "edk2"
+    for marker in edk2.EDK2_MARKERS:
+        (tree / marker).parent.mkdir(parents=True, exist_ok=True)
+    (tree / "BaseTools" / "Makefile").write_text("all:\n\t@echo basetools > built\n")
+    (tree / "BaseTools" / "BinWrappers").mkdir()
+    build = tree / "BaseTools" / "BinWrappers" / "build"
+    build.write_text(FAKE_BUILD)
+    build.chmod(0o755)
+    (tree / "edksetup.sh").write_text('export PATH="$WORKSPACE/BaseTools/BinWrappers:$PATH"\n')
+    (tree / "MdePkg" / "MdePkg.dec").write_text("[Defines]\n")
+    (tree / "OvmfPkg" / "OvmfPkgX64.dsc").write_text("[Defines]\n")
+    source = tree / "OvmfPkg" / "IoMmuDxe" / "IoMmuDxe.c"
+    source.parent.mkdir(parents=True)
+    source.write_text("line one\nline two\nline three\n")
+    (tree / "OvmfPkg" / "Other.c").write_text("untouched\n")
+    return tree
+
+
+def _patch(old: str, new: str, path: str = "OvmfPkg/IoMmuDxe/IoMmuDxe.c") -> str:
+    return textwrap.dedent(f"""\
+        From: A Developer <dev@example.org>
+        Subject: [PATCH] OvmfPkg/IoMmuDxe: test change
+
+        ---
+        --- a/{path}
+        +++ b/{path}
+        @@ -1,3 +1,3 @@
+         line one
+        -{old}
+        +{new}
+         line three
+        """)
+
+
+def _series(directory: Path, *patches: tuple[str, str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in patches:
+        (directory / name).write_text(text)
+    (directory / "series").write_text("".join(f"{name}\n" for name, _ in patches))
+    return directory
+
+
+def _builder(fake_edk2: Path, tmp_path: Path, series: Path, **kwargs: object) -> edk2.Builder:
+    return edk2.Builder(edk2.TreeSource(fake_edk2), series_dir=series, overlays={},
+                        cache=tmp_path / "cache", jobs=1, **kwargs)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------- cache key
+
+
+def test_key_changes_with_any_patch_byte_flag_or_source(fake_edk2: Path, tmp_path: Path) -> None:
+    series = _series(tmp_path / "s1", ("0001-a.patch", _patch("line two", "line 2")))
+    base = _builder(fake_edk2, tmp_path, series).inputs.key
+    assert _builder(fake_edk2, tmp_path, series).inputs.key == base, "key is not stable"
+
+    (series / "0001-a.patch").write_text(_patch("line two", "line 2!"))
+    one_byte = _builder(fake_edk2, tmp_path, series).inputs.key
+    assert one_byte != base
+
+    flags = edk2.BuildFlags(debug_on_serial=True)
+    assert _builder(fake_edk2, tmp_path, series, flags=flags).inputs.key != one_byte
+
+    (fake_edk2 / "OvmfPkg" / "Other.c").write_text("changed\n")
+    assert _builder(fake_edk2, tmp_path, series).inputs.key != one_byte
+
+
+def test_key_changes_with_overlay_and_compiler(fake_edk2: Path) -> None:
+    source = edk2.TreeSource(fake_edk2)
+    flags = edk2.BuildFlags()
+    tools = {"gcc": "gcc 12.2.0", "nasm": "2.16", "iasl": "20200925"}
+    base = edk2.build_inputs(source, [], {"EbsProbe/a.c": b"x"}, flags, tools).key
+    assert edk2.build_inputs(source, [], {"EbsProbe/a.c": b"y"}, flags, tools).key != base
+    newer = dict(tools, gcc="gcc 13.1.0")
+    assert edk2.build_inputs(source, [], {"EbsProbe/a.c": b"x"}, flags, newer).key != base
+
+
+def test_series_reads_order_and_skips_comments(tmp_path: Path) -> None:
+    directory = _series(tmp_path / "s", ("0002-b.patch", "b"), ("0001-a.patch", "a"))
+    (directory / "series").write_text("# comment\n0002-b.patch\n\n0001-a.patch  # why\n")
+    assert [p.name for p in edk2.read_series(directory)] == ["0002-b.patch", "0001-a.patch"]
+
+
+def test_series_naming_a_missing_patch_is_a_patch_error(tmp_path: Path) -> None:
+    directory = _series(tmp_path / "s", ("0001-a.patch", "a"))
+    (directory / "series").write_text("0001-a.patch\n0002-gone.patch\n")
+    with pytest.raises(PatchError, match=r"0002-gone.patch.*series:2"):
+        edk2.read_series(directory)
+
+
+# ------------------------------------------------------------- patches
+
+
+def test_corrupt_patch_names_patch_file_and_hunk(fake_edk2: Path, tmp_path: Path) -> None:
+    good = _patch("line two", "line 2")
+    bad = _patch("line TWO that is not there", "line X")
+    series = _series(tmp_path / "s", ("0001-good.patch", good), ("0002-bad.patch", bad))
+    patches = edk2.read_series(series)
+    with pytest.raises(PatchError) as caught:
+        edk2.apply_series(fake_edk2, patches, {})
+    error = caught.value
+    assert error.patch.name == "0002-bad.patch"
+    assert error.target == "OvmfPkg/IoMmuDxe/IoMmuDxe.c"
+    assert error.hunk == 1
+    assert "0002-bad.patch" in str(error) and "hunk #1" in str(error)
+
+
+def test_garbage_patch_is_a_patch_error(fake_edk2: Path, tmp_path: Path) -> None:
+    text = _patch("line two", "line 2").replace("@@ -1,3 +1,3 @@", "@@ -1,3 +1,3 @@\n?garbage")
+    series = _series(tmp_path / "s", ("0001-garbage.patch", text))
+    with pytest.raises(PatchError, match="0001-garbage.patch"):
+        edk2.apply_series(fake_edk2, edk2.read_series(series), {})
+
+
+def test_failed_patch_leaves_the_workspace_untouched(fake_edk2: Path, tmp_path: Path) -> None:
+    good = _series(tmp_path / "good", ("0001-a.patch", _patch("line two", "line 2")))
+    _builder(fake_edk2, tmp_path, good).build()
+    builder = _builder(fake_edk2, tmp_path, good)
+    workspace_file = builder.workspace_dir / "tree" / "OvmfPkg/IoMmuDxe/IoMmuDxe.c"
+    before = workspace_file.read_bytes()
+    bad = _series(tmp_path / "bad", ("0001-a.patch", _patch("line two", "line 2")),
+                  ("0002-b.patch", _patch("no such line", "x")))
+    with pytest.raises(PatchError):
+        _builder(fake_edk2, tmp_path, bad).build()
+    assert workspace_file.read_bytes() == before
+
+
+def test_workspace_writes_only_changed_files(fake_edk2: Path, tmp_path: Path) -> None:
+    other_patch = _patch("untouched", "touched", "OvmfPkg/Other.c").replace(
+        "@@ -1,3 +1,3 @@\n line one\n-untouched\n+touched\n line three\n",
+        "@@ -1 +1 @@\n-untouched\n+touched\n")
+    series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")),
+                     ("0002-b.patch", other_patch))
+    _builder(fake_edk2, tmp_path, series).build()
+    tree = _builder(fake_edk2, tmp_path, series).workspace_dir / "tree"
+    other = tree / "OvmfPkg" / "Other.c"
+    assert other.read_text() == "touched\n"
+    mtime = other.stat().st_mtime_ns
+    # Edit patch 1 only: Other.c keeps its bytes and its mtime.
+    (series / "0001-a.patch").write_text(_patch("line two", "line II"))
+    result = _builder(fake_edk2, tmp_path, series).build()
+    assert not result.cache_hit
+    assert other.stat().st_mtime_ns == mtime
+    assert (tree / "OvmfPkg/IoMmuDxe/IoMmuDxe.c").read_text() == "line one\nline II\nline three\n"
+    # Drop patch 2: Other.c goes back to pristine.
+    (series / "series").write_text("0001-a.patch\n")
+    _builder(fake_edk2, tmp_path, series).build()
+    assert other.read_text() == "untouched\n"
+
+
+# ------------------------------------------------------------- sources
+
+
+def test_wrong_tarball_checksum_is_refused(tmp_path: Path) -> None:
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / edk2.DEBIAN_ORIG).write_bytes(b"not the edk2 tarball")
+    (downloads / f"edk2_{edk2.DEBIAN_VERSION}.dsc").write_text("Format: 3.0 (quilt)\n")
+    source = edk2.DebianSource(downloads=downloads)
+    with pytest.raises(SourceError, match="sha256 .* is not the expected 64257dd8"):
+        source.extract(tmp_path / "tree", edk2.StderrProgress())
+    assert not (tmp_path / "tree").exists()
+
+
+def test_not_an_edk2_tree_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "edksetup.sh").write_text("")
+    with pytest.raises(SourceError, match="MdePkg/MdePkg.dec is missing"):
+        edk2.TreeSource(tmp_path)
+
+
+def test_cli_bad_edk2_src_exits_2_with_one_line(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["-q", "build", "--edk2-src", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and "is not an edk2 tree" in err
+
+
+def test_tree_source_is_copied_never_modified(fake_edk2: Path, tmp_path: Path) -> None:
+    series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")))
+    before = edk2.TreeSource(fake_edk2).identity()
+    _builder(fake_edk2, tmp_path, series).build()
+    assert edk2.TreeSource(fake_edk2).identity() == before
+    assert not (fake_edk2 / "Build").exists()
+    assert "line two" in (fake_edk2 / "OvmfPkg/IoMmuDxe/IoMmuDxe.c").read_text()
+
+
+# --------------------------------------------------------------- cache
+
+
+def test_build_publishes_outputs_and_manifest_then_hits(fake_edk2: Path, tmp_path: Path) -> None:
+    series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")))
+    first = _builder(fake_edk2, tmp_path, series).build()
+    assert not first.cache_hit
+    firmware = first.firmware
+    assert firmware.code.read_text() == "line one\nline 2\nline three\n"
+    for suffix in (".efi", ".debug", ".map"):
+        assert firmware.module_file("IoMmuDxe", suffix).is_file()
+    manifest = firmware.manifest
+    assert manifest["key"] == firmware.key
+    assert manifest["patches"] == [["0001-a.patch", edk2._sha256_bytes(
+        (series / "0001-a.patch").read_bytes())]]
+    assert "gcc" in manifest["toolchain"]  # type: ignore[operator]
+    assert (firmware.path / "build.log").read_text().count("Building ...") == 1
+    second = _builder(fake_edk2, tmp_path, series).build()
+    assert second.cache_hit and second.firmware == firmware
+
+
+def test_rebuild_builds_again(fake_edk2: Path, tmp_path: Path) -> None:
+    series = _series(tmp_path / "s")
+    _builder(fake_edk2, tmp_path, series).build()
+    assert not _builder(fake_edk2, tmp_path, series).build(rebuild=True).cache_hit
+    calls = (tmp_path / "cache" / "work").glob("*/build-calls")
+    assert sum(len(f.read_text().splitlines()) for f in calls) == 2
+
+
+def test_compile_error_is_a_build_error_with_log(fake_edk2: Path, tmp_path: Path) -> None:
+    series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "BROKEN")))
+    with pytest.raises(edk2.BuildError) as caught:
+        _builder(fake_edk2, tmp_path, series).build()
+    assert caught.value.step == "OVMF"
+    assert "error: BROKEN" in caught.value.tail
+    assert caught.value.log.is_file()
+    assert not list((tmp_path / "cache" / "firmware").glob("[!.]*"))
+
+
+def _build_in_child(fake_edk2: Path, tmp_path: Path, series: Path, env: dict[str, str]) -> \
+        subprocess.Popen[bytes]:
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from harness import edk2
+        edk2.Builder(edk2.TreeSource(Path({str(fake_edk2)!r})), series_dir=Path({str(series)!r}),
+                     overlays={{}}, cache=Path({str(tmp_path / 'cache')!r}), jobs=1).build()
+        """)
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env})
+
+
+def _wait_for(path: Path, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` runs (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def test_killed_build_is_not_reused(fake_edk2: Path, tmp_path: Path) -> None:
+    series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")))
+    started = tmp_path / "started"
+    child = _build_in_child(fake_edk2, tmp_path, series,
+                            {"FAKE_BUILD_SLEEP": "60", "FAKE_BUILD_STARTED": str(started)})
+    _wait_for(started)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    builder = _builder(fake_edk2, tmp_path, series)
+    assert not builder.firmware_dir.exists()
+    state = json.loads((builder.workspace_dir / "state.json").read_text())
+    assert state["dirty"] and state["pgid"]
+    result = builder.build()
+    assert not result.cache_hit
+    assert result.firmware.code.read_text() == "line one\nline 2\nline three\n"
+    deadline = time.monotonic() + 5           # the orphaned build was stopped
+    while _group_alive(state["pgid"]):
+        assert time.monotonic() < deadline, "the killed build's processes still run"
+        time.sleep(0.05)
+
+
+def test_concurrent_builders_build_once(fake_edk2: Path, tmp_path: Path) -> None:
+    series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")))
+    started = tmp_path / "started"
+    env = {"FAKE_BUILD_SLEEP": "2", "FAKE_BUILD_STARTED": str(started)}
+    first = _build_in_child(fake_edk2, tmp_path, series, env)
+    _wait_for(started)
+    second = _build_in_child(fake_edk2, tmp_path, series, env)
+    assert first.wait(60) == 0 and second.wait(60) == 0
+    calls = list((tmp_path / "cache" / "work").glob("*/build-calls"))
+    assert len(calls) == 1 and len(calls[0].read_text().splitlines()) == 1
+
+
+def test_firmware_load_refuses_a_non_firmware_dir(tmp_path: Path) -> None:
+    (tmp_path / "OVMF_CODE.fd").write_bytes(b"")
+    with pytest.raises(edk2.UsageError, match="OVMF_VARS.fd, manifest.json missing"):
+        edk2.Firmware.load(tmp_path)
+
+
+def test_build_flags_argv_has_debug_level_and_serial_option() -> None:
+    argv = edk2.BuildFlags(debug_on_serial=True).argv(jobs=2)
+    assert argv[:4] == ["build", "-p", "OvmfPkg/OvmfPkgX64.dsc", "-a"]
+    assert "-n" in argv and argv[argv.index("-n") + 1] == "2"
+    assert "DEBUG_ON_SERIAL_PORT=TRUE" in argv
+    assert "gEfiMdePkgTokenSpaceGuid.PcdDebugPrintErrorLevel=0x8000004f" in argv
