@@ -1,0 +1,59 @@
+"""The real firmware build: Debian's edk2 source, the series, OVMF DEBUG.
+
+Cold on a fresh machine (fetch, extract, BaseTools, OVMF: a few minutes),
+a cache hit after that. Booting the result is the machine layer's test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from harness import edk2
+
+pytestmark = pytest.mark.build
+
+
+def test_firmware_has_flash_images(ovmf_firmware: edk2.Firmware) -> None:
+    # 4 MiB flash: code + vars, and the combined image.
+    assert ovmf_firmware.code.stat().st_size + ovmf_firmware.vars.stat().st_size == 4 << 20
+    assert (ovmf_firmware.path / "OVMF.fd").stat().st_size == 4 << 20
+
+
+def test_iommu_module_and_symbols(ovmf_firmware: edk2.Firmware) -> None:
+    efi = ovmf_firmware.module_file("IoMmuDxe", ".efi")
+    assert efi.read_bytes()[:2] == b"MZ"
+    with open(ovmf_firmware.module_file("IoMmuDxe", ".debug"), "rb") as handle:
+        symbols = ELFFile(handle).get_section_by_name(".symtab")
+        names = {symbol.name for symbol in symbols.iter_symbols()}
+    assert {"mMapInfos", "_ModuleEntryPoint"} <= names
+    assert "mMapInfos" in ovmf_firmware.module_file("IoMmuDxe", ".map").read_text()
+
+
+def test_manifest_records_inputs(ovmf_firmware: edk2.Firmware) -> None:
+    manifest = ovmf_firmware.manifest
+    assert manifest["key"] == ovmf_firmware.key == ovmf_firmware.path.name
+    series = edk2.read_series()
+    assert [name for name, _ in manifest["patches"]] == [p.name for p in series]  # type: ignore[union-attr]
+    assert str(manifest["source"]).startswith(("debian:edk2=", "tree:"))
+    assert "gcc" in str(manifest["toolchain"])
+    assert float(manifest["build_seconds"]) > 0  # type: ignore[arg-type]
+    assert int(manifest["modules"]) > 100  # type: ignore[call-overload]
+    assert "Build total time" in (ovmf_firmware.path / "build.log").read_text()
+
+
+def test_cli_build_json_is_a_cache_hit_for_the_same_inputs(
+        ovmf_firmware: edk2.Firmware, pytestconfig: pytest.Config) -> None:
+    if pytestconfig.getoption("firmware") or pytestconfig.getoption("edk2_src"):
+        pytest.skip("--firmware/--edk2-src: the cache holds no build of Debian's source")
+    proc = subprocess.run([sys.executable, "-m", "harness", "-q", "build", "--json"],
+                          capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout)
+    assert reply["cache_hit"] is True
+    assert reply["key"] == ovmf_firmware.key
+    assert reply["firmware_dir"] == str(ovmf_firmware.path)
