@@ -46,8 +46,7 @@ from typing import IO, Protocol
 
 from filelock import FileLock, Timeout
 
-from harness.errors import (BuildError, DependencyError, PatchError,
-                            SourceError, UsageError)
+from harness.errors import BuildError, DependencyError, PatchError, SourceError, UsageError
 
 LOG = logging.getLogger(__name__)
 
@@ -355,12 +354,12 @@ def _apt_has_source(package: str, version: str) -> bool:
     return f"Version: {version}" in proc.stdout
 
 
-def _deb_src_entries() -> str:
+def _deb_src_entries(etc_apt: Path = Path("/etc/apt")) -> str:
     """deb822 deb-src stanzas for every Debian ``deb`` entry apt has."""
     stanzas: list[str] = []
-    sources = Path("/etc/apt/sources.list.d")
+    sources = etc_apt / "sources.list.d"
     for file in sorted(sources.glob("*.sources")) if sources.is_dir() else []:
-        if file == DEB_SRC_FILE:
+        if file.name == DEB_SRC_FILE.name:
             continue
         for stanza in file.read_text().split("\n\n"):
             lines = [line for line in stanza.splitlines()
@@ -370,7 +369,7 @@ def _deb_src_entries() -> str:
             if "deb" in fields.get("Types", "").split() and "debian" in fields.get("URIs", ""):
                 fields["Types"] = "deb-src"
                 stanzas.append("\n".join(f"{k}: {v}" for k, v in fields.items()))
-    legacy = Path("/etc/apt/sources.list")
+    legacy = etc_apt / "sources.list"
     if legacy.exists():
         for line in legacy.read_text().splitlines():
             parts = line.split()
@@ -441,7 +440,7 @@ def read_overlays(overlays: Mapping[str, Path] = OVERLAYS) -> dict[str, bytes]:
 
 
 _HUNK_FAILED = re.compile(r"Hunk #(\d+) FAILED")
-_PATCHING = re.compile(r"^(?:patching|checking) file '?([^'\n]+)'?", re.M)
+_PATCHING = re.compile(r"^(?:patching|checking) file '?([^'\n]+)'?", re.MULTILINE)
 _CANT_FIND = re.compile(r"can't find file to patch at input line (\d+)")
 _MALFORMED = re.compile(r"malformed patch at line (\d+)")
 
@@ -608,7 +607,7 @@ class Firmware:
     REQUIRED = ("OVMF_CODE.fd", "OVMF_VARS.fd", "manifest.json")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Firmware":
+    def load(cls, path: str | Path) -> Firmware:
         """A firmware directory made by ``ebs-harness build``; UsageError if it is not one."""
         directory = Path(path).expanduser().resolve()
         missing = [name for name in cls.REQUIRED if not (directory / name).is_file()]
@@ -706,6 +705,7 @@ class Builder:
         start = time.monotonic()
         key = self.inputs.key
         if not rebuild and self.firmware_dir.is_dir():
+            os.utime(self.firmware_dir)     # most recently used: pruned last
             return BuildResult(Firmware.load(self.firmware_dir), True, time.monotonic() - start)
         with _locked(self._lock(f"firmware-{key}"), self.progress, f"firmware {key}"):
             if not rebuild and self.firmware_dir.is_dir():
@@ -718,6 +718,7 @@ class Builder:
                 tree = self._workspace(pristine)
                 seconds = self._build(tree)
                 self._publish(tree, seconds)
+        prune_firmware(self.cache, keep=KEEP_FIRMWARE, spare=key)
         return BuildResult(Firmware.load(self.firmware_dir), False, time.monotonic() - start)
 
     def _pristine(self) -> Path:
@@ -888,6 +889,35 @@ class Builder:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.progress.phase("publish", str(final))
+
+
+#: Firmware directories kept in the cache; older ones (by last use) go.
+KEEP_FIRMWARE = 8
+
+
+def prune_firmware(cache: Path, keep: int, spare: str) -> list[str]:
+    """Remove all but the ``keep`` most recently used firmware directories
+    (never ``spare``, never one whose key a builder holds). :returns: the keys removed."""
+    root = cache / "firmware"
+    entries = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                     key=lambda d: d.stat().st_mtime, reverse=True)
+    removed: list[str] = []
+    for directory in entries[keep:]:
+        if directory.name == spare:
+            continue
+        lock = FileLock(str(cache / "locks" / f"firmware-{directory.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        try:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory.name)
+        finally:
+            lock.release()
+    if removed:
+        LOG.info("pruned %d old firmware builds: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 def _kill_group(pgid: object) -> None:

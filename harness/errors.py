@@ -23,8 +23,8 @@ user can act on; the CLI prints that line and exits with ``exit_status``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 EXIT_OK = 0
 EXIT_VIOLATION = 1

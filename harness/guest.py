@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Mapping
 
 from harness.errors import DependencyError, EnvironmentFailure
 

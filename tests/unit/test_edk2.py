@@ -342,3 +342,35 @@ def test_build_flags_argv_has_debug_level_and_serial_option() -> None:
     assert "-n" in argv and argv[argv.index("-n") + 1] == "2"
     assert "DEBUG_ON_SERIAL_PORT=TRUE" in argv
     assert "gEfiMdePkgTokenSpaceGuid.PcdDebugPrintErrorLevel=0x8000004f" in argv
+
+
+def test_deb_src_entries_mirror_the_debian_deb_entries(tmp_path: Path) -> None:
+    lists = tmp_path / "sources.list.d"
+    lists.mkdir()
+    (lists / "debian.sources").write_text(
+        "Types: deb\n# a comment\nURIs: http://deb.debian.org/debian\n"
+        "Suites: bookworm bookworm-updates\nComponents: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "Types: deb\nURIs: https://example.org/other\nSuites: stable\nComponents: main\n")
+    (tmp_path / "sources.list").write_text(
+        "deb http://mirror.example/debian bookworm main contrib\n# deb-src x\n")
+    text = edk2._deb_src_entries(tmp_path)
+    stanzas = text.strip().split("\n\n")
+    assert len(stanzas) == 2
+    assert stanzas[0].splitlines()[0] == "Types: deb-src"
+    assert "Suites: bookworm bookworm-updates" in stanzas[0]
+    assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in stanzas[0]
+    assert "URIs: http://mirror.example/debian" in stanzas[1]
+    assert "Components: main contrib" in stanzas[1]
+    assert "example.org/other" not in text
+
+
+def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    root = tmp_path / "firmware"
+    for age, key in enumerate(["new", "mid", "old", "oldest"]):
+        (root / key).mkdir(parents=True)
+        os.utime(root / key, (time.time() - 100 * age, time.time() - 100 * age))
+    (root / ".tmp-partial-1").mkdir()
+    removed = edk2.prune_firmware(tmp_path, keep=2, spare="oldest")
+    assert removed == ["old"]
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-partial-1", "mid", "new", "oldest"]
