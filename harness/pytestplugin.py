@@ -9,7 +9,14 @@ option                        ini                     environment
 ``--firmware DIR``            ``ebs_firmware``        ``EBS_HARNESS_FIRMWARE``
 ``--edk2-src DIR``            ``ebs_edk2_src``        ``EBS_HARNESS_EDK2_SRC``
 ``--rebuild``                 ``ebs_rebuild``         ``EBS_HARNESS_REBUILD=1``
+``--accel auto|tcg|kvm``      ``ebs_accel``           ``EBS_HARNESS_ACCEL``
+``--qemu BINARY``             ``ebs_qemu``            ``EBS_HARNESS_QEMU``
+``--keep-artifacts``          ``ebs_keep_artifacts``  ``EBS_HARNESS_KEEP_ARTIFACTS=1``
 ============================  ======================  ==========================
+
+Markers ``tcg``, ``kvm``, ``sev``, ``sev_es`` say what a test needs; the host
+probe (:mod:`harness.host`, once per session) decides, and a test whose
+capability is missing is skipped with the probe's reason.
 
 Fixtures build objects from :mod:`harness` and clean up; the logic lives in
 the modules, not here.
@@ -18,11 +25,14 @@ the modules, not here.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import re
+import shutil
+from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
 
-from harness import edk2
+from harness import edk2, host
 
 _OPTIONS: list[tuple[str, str, str, str, bool]] = [
     # (option, ini, env, help, is_flag)
@@ -32,7 +42,27 @@ _OPTIONS: list[tuple[str, str, str, str, bool]] = [
      "an edk2 tree to build instead of Debian's source package", False),
     ("--rebuild", "ebs_rebuild", "EBS_HARNESS_REBUILD",
      "rebuild the firmware even when the cache has it", True),
+    ("--accel", "ebs_accel", "EBS_HARNESS_ACCEL",
+     "accelerator for the guests: auto (KVM where the probe proved it), tcg, kvm", False),
+    ("--qemu", "ebs_qemu", "EBS_HARNESS_QEMU",
+     "the QEMU binary (default qemu-system-x86_64), e.g. a newer one for SNP", False),
+    ("--keep-artifacts", "ebs_keep_artifacts", "EBS_HARNESS_KEEP_ARTIFACTS",
+     "keep every test's VM artifacts (default: only a failed test's)", True),
 ]
+
+_METAVARS = {"--accel": "auto|tcg|kvm", "--qemu": "BINARY"}
+
+#: marker -> what it needs (registered in pytest_configure).
+MARKERS = {
+    "tcg": "the test boots QEMU under TCG (skipped if the host probe says TCG is unusable)",
+    "kvm": "the test needs usable KVM (proven by booting firmware; skipped otherwise)",
+    "sev": "the test needs an AMD SEV host (kvm_amd sev=1, /dev/sev, QEMU sev-guest)",
+    "sev_es": "the test needs an AMD SEV-ES host (kvm_amd sev_es=1 on top of SEV)",
+}
+
+_HOST_CAPS = pytest.StashKey[host.HostCaps]()
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+_ARTIFACTS = pytest.StashKey[Path]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -43,7 +73,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                             help=f"{text} (ini {ini}, env {env})")
             parser.addini(ini, text, type="bool", default=False)
         else:
-            group.addoption(option, metavar="DIR", default=None,
+            group.addoption(option, metavar=_METAVARS.get(option, "DIR"), default=None,
                             help=f"{text} (ini {ini}, env {env})")
             parser.addini(ini, text, default="")
 
@@ -80,3 +110,84 @@ def ovmf_firmware(pytestconfig: pytest.Config) -> Iterator[edk2.Firmware]:
         progress=edk2.StderrProgress(),
     )
     yield result.firmware
+
+
+# ------------------------------------------------- host, markers, artifacts
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def _qemu_option(config: pytest.Config) -> str:
+    value = option_value(config, "--qemu")
+    return value if isinstance(value, str) and value else host.DEFAULT_QEMU
+
+
+def session_host_caps(config: pytest.Config) -> host.HostCaps:
+    """The host probe, run once per session (per xdist worker)."""
+    if _HOST_CAPS not in config.stash:
+        config.stash[_HOST_CAPS] = host.cached_probe(_qemu_option(config))
+    return config.stash[_HOST_CAPS]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    needed = [name for name in MARKERS if item.get_closest_marker(name) is not None]
+    if not needed:
+        return
+    caps = session_host_caps(item.config)
+    for name in needed:
+        cap = caps.capability(name)
+        if not cap.available:
+            pytest.skip(f"needs {name}: {cap.reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Generator[None, object, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    if report.failed and _ARTIFACTS in item.stash:
+        report.sections.append(("ebs-harness artifacts", str(item.stash[_ARTIFACTS])))
+
+
+@pytest.fixture(scope="session")
+def host_caps(pytestconfig: pytest.Config) -> host.HostCaps:
+    """What this host can run (:class:`harness.host.HostCaps`), probed once."""
+    return session_host_caps(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def qemu_binary(pytestconfig: pytest.Config) -> str:
+    """``--qemu``: the QEMU binary the guests run on."""
+    return _qemu_option(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def qemu_accel(pytestconfig: pytest.Config) -> str:
+    """``--accel`` resolved: ``auto`` is KVM only where the probe proved it."""
+    value = option_value(pytestconfig, "--accel")
+    option = value if isinstance(value, str) and value else "auto"
+    return host.resolve_accel(option, session_host_caps(pytestconfig))
+
+
+@pytest.fixture
+def machine_artifacts(request: pytest.FixtureRequest,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A per-test directory for VM artifacts (give it to ``QemuMachine``).
+
+    Kept when the test fails (its path is in the failure report) or with
+    ``--keep-artifacts``; removed otherwise.
+    """
+    name = re.sub(r"[^\w.-]+", "_", request.node.name)[:60]
+    path = tmp_path_factory.mktemp(f"artifacts-{name}", numbered=True)
+    request.node.stash[_ARTIFACTS] = path
+    yield path
+    reports = request.node.stash.get(_REPORTS, {})
+    failed = any(report.failed for report in reports.values())
+    if failed or option_value(request.config, "--keep-artifacts"):
+        print(f"ebs-harness artifacts: {path}")
+        return
+    shutil.rmtree(path, ignore_errors=True)

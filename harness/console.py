@@ -1,0 +1,306 @@
+"""Expect over a guest's consoles: the serial port and the debug log.
+
+Both consoles are :mod:`pexpect` spawns, so both have one API,
+:meth:`Console.expect`, in the form of QEMU's
+``wait_for_console_pattern(success, failure)``:
+
+- the **serial console** is a QEMU chardev socket with a ``logfile``:
+  expect follows the log file QEMU writes (:class:`FileFollower`), input goes
+  to the socket (:meth:`Console.send`, e.g. ESC to skip the shell's
+  countdown), and a thread drains the socket all the time. QEMU's 16550
+  waits for a full chardev to drain, so a serial port nobody reads would
+  stall the guest once the socket buffer (about 200 KiB) is full: a debug
+  build with its log on the serial port gets there.
+  :func:`fd_console` is plain :class:`pexpect.fdpexpect.fdspawn` over any fd
+  (a pty, a socket the caller keeps reading);
+- the **debug log** (isa-debugcon at 0x402) is a file QEMU writes; it is
+  followed like ``tail -f`` by :class:`FileFollower`.
+
+A failure pattern (defaults :data:`DEFAULT_FAILURES`) fails the wait at
+once with :class:`ConsoleFailure`; the deadline raises
+:class:`ConsoleTimeout` naming what was awaited and quoting the last lines
+of every log and the command line. Every line read is logged on the VM's
+logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import pexpect
+import pexpect.fdpexpect
+import pexpect.spawnbase
+
+from harness.errors import ConsoleFailure, ConsoleTimeout
+
+LOG = logging.getLogger(__name__)
+
+#: Failure patterns every wait watches unless told otherwise (regexes).
+DEFAULT_FAILURES: tuple[str, ...] = (
+    r"\bASSERT\b",            # edk2 DebugAssert: "ASSERT [Module] file(line): expr"
+    r"!!!! X64 Exception",    # edk2 CpuExceptionHandlerLib
+    r"Kernel panic",          # Linux
+)
+
+#: How many lines of each log a timeout or failure quotes.
+TAIL_LINES = 40
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]")
+
+Pattern = str | re.Pattern[str]
+
+
+def tail_lines(path: Path, count: int = TAIL_LINES) -> str:
+    """The last ``count`` lines of a text file ("" if it does not exist)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 256 * 1024))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = _ANSI.sub("", data.decode("utf-8", "replace")).replace("\r", "")
+    return "\n".join(text.splitlines()[-count:])
+
+
+class _LineLogger:
+    """A file-like sink for pexpect's ``logfile_read``: logs whole lines."""
+
+    def __init__(self, logger: logging.Logger, console: str) -> None:
+        self._logger = logger
+        self._console = console
+        self._partial = ""
+        self.lines: deque[str] = deque(maxlen=TAIL_LINES)
+
+    def write(self, data: str) -> None:
+        self._partial += data
+        *complete, self._partial = re.split(r"\r?\n", self._partial)
+        for raw in complete:
+            line = _ANSI.sub("", raw).replace("\r", "")
+            self.lines.append(line)
+            self._logger.debug("%s: %s", self._console, line)
+
+    def flush(self) -> None:
+        pass
+
+
+class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
+    """A pexpect spawn reading a file that another process appends to.
+
+    Reads from the start of the file (it may not exist yet). At the end of
+    the data it polls; when ``alive()`` says the writer is gone and the
+    file is read to the end, it reports EOF.
+    """
+
+    POLL = 0.05
+
+    def __init__(self, path: Path, alive: Callable[[], bool],
+                 timeout: float = 30.0) -> None:
+        super().__init__(timeout=timeout, maxread=65536, encoding="utf-8",
+                         codec_errors="replace")
+        self.path = Path(path)
+        self.name = f"<file {path}>"
+        self._alive = alive
+        self._file: BinaryIO | None = None
+
+    def _read_some(self, size: int) -> bytes:
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            except FileNotFoundError:
+                return b""
+        return self._file.read(size)
+
+    def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> str:
+        if timeout == -1:
+            timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            data = self._read_some(size)
+            if data:
+                text: str = self._decoder.decode(data, final=False)
+                self._log(text, "read")
+                return text
+            if not self._alive():
+                # One more read: the writer may have flushed just before dying.
+                data = self._read_some(size)
+                if data:
+                    continue
+                self.flag_eof = True
+                raise pexpect.EOF(f"{self.path}: the writer exited")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise pexpect.TIMEOUT(f"no new data in {self.path}")
+            time.sleep(self.POLL)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def isalive(self) -> bool:
+        return bool(self._alive())
+
+
+def _describe(pattern: Pattern) -> str:
+    return repr(pattern.pattern if isinstance(pattern, re.Pattern) else pattern)
+
+
+class Console:
+    """One console of a VM, with the expect API.
+
+    :param name: "serial" or "debugcon" (used in logs and errors).
+    :param spawn: the pexpect spawn that reads it.
+    :param logger: the VM's logger; every line is logged on a child of it.
+    :param logs: log name to file, quoted (tails) in errors.
+    :param command: QEMU's argv, quoted in errors.
+    """
+
+    def __init__(self, name: str, spawn: pexpect.spawnbase.SpawnBase,
+                 logger: logging.Logger, logs: Mapping[str, Path],
+                 command: Sequence[str], link: ChardevLink | None = None) -> None:
+        self.name = name
+        self._spawn = spawn
+        self._link = link
+        self._lines = _LineLogger(logger.getChild(name), name)
+        self._spawn.logfile_read = self._lines
+        self._logs = dict(logs)
+        self._command = list(command)
+
+    @property
+    def before(self) -> str:
+        """What the last :meth:`expect` read before its match."""
+        return str(self._spawn.before or "")
+
+    @property
+    def match(self) -> re.Match[str] | None:
+        """The last :meth:`expect`'s match object."""
+        match = self._spawn.match
+        return match if isinstance(match, re.Match) else None
+
+    def tails(self) -> dict[str, str]:
+        """The last lines of every log this console knows about."""
+        return {name: tail_lines(path) for name, path in self._logs.items()}
+
+    def expect(self, success: Pattern | Iterable[Pattern],
+               failure: Iterable[Pattern] | None = None,
+               timeout: float = 30.0) -> re.Match[str]:
+        """Wait for ``success`` (a regex, or any of several).
+
+        :param failure: regexes that fail the wait at once; default
+            :data:`DEFAULT_FAILURES`; ``()`` for none.
+        :returns: the match of the success pattern.
+        :raises ConsoleFailure: a failure pattern came first.
+        :raises ConsoleTimeout: nothing matched before the deadline, or the
+            console ended (QEMU exited).
+        """
+        wanted = [success] if isinstance(success, (str, re.Pattern)) else list(success)
+        if not wanted:
+            raise ValueError("expect needs at least one success pattern")
+        failures = list(DEFAULT_FAILURES if failure is None else failure)
+        compiled = [p if isinstance(p, re.Pattern) else re.compile(p)
+                    for p in [*wanted, *failures]]
+        awaited = " or ".join(_describe(p) for p in wanted)
+        started = time.monotonic()
+        try:
+            index = self._spawn.expect_list(compiled, timeout=timeout)
+        except pexpect.TIMEOUT as exc:
+            raise ConsoleTimeout(self.name, awaited, timeout, self.tails(),
+                                 self._command) from exc
+        except pexpect.EOF as exc:
+            raise ConsoleTimeout(
+                self.name, f"{awaited} (the console ended: QEMU exited)",
+                time.monotonic() - started, self.tails(), self._command) from exc
+        match = self._spawn.match
+        assert isinstance(match, re.Match)
+        if index >= len(wanted):
+            line = self._line_around(match)
+            raise ConsoleFailure(self.name, _describe(compiled[index]), line,
+                                 self.tails(), self._command)
+        LOG.debug("%s: matched %s after %.2f s", self.name,
+                  _describe(compiled[index]), time.monotonic() - started)
+        return match
+
+    def _line_around(self, match: re.Match[str]) -> str:
+        before = str(self._spawn.before or "").rsplit("\n", 1)[-1]
+        after = str(self._spawn.buffer or "").split("\n", 1)[0]
+        return _ANSI.sub("", before + match.group(0) + after).replace("\r", "")
+
+    def send(self, text: str) -> None:
+        """Write ``text`` to the console (the guest's serial input)."""
+        if self._link is not None:
+            self._link.send(text.encode())
+        else:
+            self._spawn.send(text)
+
+    def close(self) -> None:
+        self._spawn.close()
+        if self._link is not None:
+            self._link.close()
+
+
+class ChardevLink:
+    """A connected chardev socket: input to the guest, output drained.
+
+    The output is discarded here because QEMU also writes it to the
+    chardev's ``logfile``, which the console follows.
+    """
+
+    def __init__(self, sock: socket.socket, name: str = "serial") -> None:
+        self._sock = sock
+        self.drained = 0
+        self._thread = threading.Thread(target=self._drain, name=f"drain-{name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                data = self._sock.recv(65536)
+                if not data:
+                    return
+                self.drained += len(data)
+        except OSError:
+            return
+
+    def send(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the drain thread
+        except OSError:
+            pass
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+
+def serial_console(sock: socket.socket, log: Path, alive: Callable[[], bool],
+                   logger: logging.Logger, logs: Mapping[str, Path],
+                   command: Sequence[str]) -> Console:
+    """The serial console: expect on the chardev's ``log``, input to ``sock``."""
+    return Console("serial", FileFollower(log, alive), logger, logs, command,
+                   link=ChardevLink(sock))
+
+
+def fd_console(fd: int, logger: logging.Logger, logs: Mapping[str, Path],
+               command: Sequence[str], name: str = "serial") -> Console:
+    """A console read straight from an fd (pty master, socket)."""
+    spawn = pexpect.fdpexpect.fdspawn(fd, timeout=30, maxread=65536,
+                                      encoding="utf-8", codec_errors="replace")
+    return Console(name, spawn, logger, logs, command)
+
+
+def debug_console(path: Path, alive: Callable[[], bool], logger: logging.Logger,
+                  logs: Mapping[str, Path], command: Sequence[str]) -> Console:
+    """A console following the debug log file QEMU writes."""
+    return Console("debugcon", FileFollower(path, alive), logger, logs, command)

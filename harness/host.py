@@ -1,0 +1,444 @@
+"""What this host can run: QEMU, TCG, KVM, SEV, SEV-ES, SEV-SNP.
+
+Every capability is proven, not assumed, and comes with its reason:
+
+- **TCG**: QEMU runs the firmware under TCG for a moment without error.
+- **KVM**: QEMU boots the firmware under KVM to its first serial output.
+  ``/dev/kvm`` can exist and still be useless for firmware (a paravirtual KVM
+  that cannot emulate real-mode code stops the guest with "KVM internal
+  error ... emulation failure"), so a ``stat`` proves nothing.
+- **SEV / SEV-ES / SNP**: the ``kvm_amd`` module parameters ``sev``,
+  ``sev_es``, ``sev_snp`` (``Y``/``N`` or ``1``/``0``), ``/dev/sev``, CPUID
+  leaf 0x8000001F (``/dev/cpu/0/cpuid``, else the ``sev``/``sev_es``/
+  ``sev_snp`` flags of ``/proc/cpuinfo``), usable KVM, and QMP
+  ``query-sev-capabilities`` (which gives ``cbitpos`` and
+  ``reduced-phys-bits`` for the ``sev-guest`` object). SNP also needs a QEMU
+  with ``sev-snp-guest``, which QEMU 7.2 does not have.
+
+The parsers are pure functions of text or of a file tree (``root``), so
+they are tested on fabricated trees. :func:`probe` runs everything;
+:func:`cached_probe` keeps one result per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError, UsageError
+from harness.machine import MachineConfig, QemuMachine, SevConfig
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_QEMU = "qemu-system-x86_64"
+STOCK_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+STOCK_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+KVM_AMD_PARAMS = Path("sys/module/kvm_amd/parameters")
+SEV_LEAF = 0x8000001F
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One yes/no answer and why."""
+
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+# ------------------------------------------------------- pure parsers
+
+
+def parse_module_flag(text: str) -> bool:
+    """A boolean module parameter as sysfs shows it: ``Y``/``N`` or ``1``/``0``."""
+    value = text.strip()
+    if value in ("Y", "y", "1"):
+        return True
+    if value in ("N", "n", "0"):
+        return False
+    raise ValueError(f"not a boolean module parameter: {value!r}")
+
+
+def read_kvm_amd_params(root: Path = Path("/")) -> dict[str, bool | None] | None:
+    """``sev``, ``sev_es``, ``sev_snp`` of kvm_amd (None: that file is missing).
+
+    :returns: None when kvm_amd is not loaded (no parameters directory).
+    """
+    params = root / KVM_AMD_PARAMS
+    if not params.is_dir():
+        return None
+    found: dict[str, bool | None] = {}
+    for name in ("sev", "sev_es", "sev_snp"):
+        try:
+            found[name] = parse_module_flag((params / name).read_text())
+        except (OSError, ValueError) as exc:
+            LOG.debug("kvm_amd %s: %s", name, exc)
+            found[name] = None
+    return found
+
+
+@dataclass(frozen=True)
+class SevCpuid:
+    """CPUID Fn8000_001F (AMD memory encryption), EAX and EBX."""
+
+    sme: bool
+    sev: bool
+    sev_es: bool
+    snp: bool
+    cbitpos: int
+    reduced_phys_bits: int
+
+
+def parse_cpuid_8000001f(eax: int, ebx: int) -> SevCpuid:
+    """Decode Fn8000_001F: EAX bit 0 SME, 1 SEV, 3 SEV-ES, 4 SNP; EBX[5:0] the
+    C-bit position, EBX[11:6] the physical address bits lost."""
+    return SevCpuid(sme=bool(eax & 1), sev=bool(eax & 2), sev_es=bool(eax & 8),
+                    snp=bool(eax & 16), cbitpos=ebx & 0x3F,
+                    reduced_phys_bits=(ebx >> 6) & 0x3F)
+
+
+def read_cpuid(root: Path, leaf: int) -> tuple[int, int, int, int] | None:
+    """EAX..EDX of ``leaf`` on CPU 0 via the cpuid driver, None if unreadable."""
+    try:
+        fd = os.open(root / "dev/cpu/0/cpuid", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, 16, leaf)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) != 16:
+        return None
+    eax, ebx, ecx, edx = struct.unpack("<4I", data)
+    return eax, ebx, ecx, edx
+
+
+def read_sev_cpuid(root: Path = Path("/")) -> SevCpuid | None:
+    """Leaf 0x8000001F, or None if the cpuid driver is absent or the leaf is
+    beyond the CPU's maximum extended leaf."""
+    top = read_cpuid(root, 0x80000000)
+    if top is None:
+        return None
+    if top[0] < SEV_LEAF:
+        return parse_cpuid_8000001f(0, 0)
+    regs = read_cpuid(root, SEV_LEAF)
+    return None if regs is None else parse_cpuid_8000001f(regs[0], regs[1])
+
+
+def parse_cpuinfo_flags(text: str) -> frozenset[str]:
+    """The ``flags`` of the first processor in ``/proc/cpuinfo``."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class SevCapabilities:
+    """QMP ``query-sev-capabilities`` (QAPI ``SevCapability``), the parts used."""
+
+    cbitpos: int
+    reduced_phys_bits: int
+
+
+def parse_sev_capabilities(reply: Mapping[str, Any]) -> SevCapabilities:
+    """The ``return`` of ``query-sev-capabilities`` (or the whole response)."""
+    body = reply.get("return", reply)
+    if "error" in reply:
+        error = reply["error"]
+        raise ValueError(f"{error.get('class')}: {error.get('desc')}")
+    try:
+        cbitpos, reduced = body["cbitpos"], body["reduced-phys-bits"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a SevCapability: {reply!r}") from exc
+    if not isinstance(cbitpos, int) or not isinstance(reduced, int):
+        raise ValueError(  # noqa: TRY004 - a bad reply, as above
+            f"cbitpos/reduced-phys-bits are not integers: {reply!r}")
+    return SevCapabilities(cbitpos=cbitpos, reduced_phys_bits=reduced)
+
+
+def parse_qemu_version(text: str) -> str:
+    """``7.2.22`` from ``qemu-system-x86_64 --version``'s first line."""
+    match = re.search(r"QEMU emulator version (\d+\.\d+(?:\.\d+)?)", text)
+    if not match:
+        raise ValueError(f"not QEMU's --version output: {text.strip()[:80]!r}")
+    return match.group(1)
+
+
+def qemu_has_snp(version: str) -> bool:
+    """QEMU has ``sev-snp-guest`` from 9.1 on."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return (major, minor) >= (9, 1)
+
+
+def kvm_failure_reason(stderr: str) -> str | None:
+    """The gist of a KVM failure in QEMU's stderr, or None."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if "KVM internal error" in line:
+            what = next((later for later in lines[index + 1:] if "failure" in later), "")
+            return f"{line} ({what})" if what else line
+    for line in lines:
+        if "warning" not in line:
+            return line
+    return None
+
+
+def sev_verdicts(params: Mapping[str, bool | None] | None, dev_sev: bool,
+                 cpuid: SevCpuid | None, cpu_flags: frozenset[str], kvm: Capability,
+                 qmp: SevCapabilities | str | None, qemu_version: str,
+                 ) -> tuple[Capability, Capability, Capability]:
+    """SEV, SEV-ES and SNP from what was read (a pure decision).
+
+    :param qmp: ``query-sev-capabilities`` parsed, the reason it failed, or
+        None when it was not asked (the prerequisites were missing).
+    """
+    def cpu_says(flag: str, bit: str) -> bool | None:
+        if cpuid is not None:
+            return bool(getattr(cpuid, bit))
+        if cpu_flags:
+            return flag in cpu_flags
+        return None
+
+    def verdict(name: str, param: str, flag: str, bit: str,
+                base: Capability | None) -> Capability:
+        if base is not None and not base.available:
+            inherited = base.reason
+            if not inherited.startswith("needs SEV"):
+                inherited = f"needs SEV: {inherited}"
+            return Capability(False, inherited)
+        cpu = cpu_says(flag, bit)
+        if cpu is False:
+            source = "CPUID 0x8000001F" if cpuid is not None else "/proc/cpuinfo flags"
+            return Capability(False, f"the CPU does not offer {name} ({source})")
+        if params is None:
+            return Capability(False, "kvm_amd is not loaded "
+                                     "(no /sys/module/kvm_amd/parameters)")
+        value = params.get(param)
+        if value is None:
+            return Capability(False, f"kvm_amd has no {param} parameter")
+        if not value:
+            return Capability(False, f"kvm_amd {param}=N (set kvm_amd.{param}=1)")
+        if not dev_sev:
+            return Capability(False, "no /dev/sev (ccp driver / PSP firmware missing)")
+        if not kvm.available:
+            return Capability(False, f"KVM is not usable: {kvm.reason}")
+        if qmp is None:
+            return Capability(False, "query-sev-capabilities was not asked")
+        if isinstance(qmp, str):
+            return Capability(False, f"query-sev-capabilities failed: {qmp}")
+        return Capability(True, f"kvm_amd {param}=Y, /dev/sev, CPU and QEMU agree "
+                                f"(cbitpos {qmp.cbitpos}, reduced-phys-bits "
+                                f"{qmp.reduced_phys_bits})")
+
+    sev = verdict("SEV", "sev", "sev", "sev", None)
+    sev_es = verdict("SEV-ES", "sev_es", "sev_es", "sev_es", sev)
+    snp = verdict("SEV-SNP", "sev_snp", "sev_snp", "snp", sev_es)
+    if snp.available and not qemu_has_snp(qemu_version):
+        snp = Capability(False, f"QEMU {qemu_version} has no sev-snp-guest "
+                                "(needs 9.1 or later; pass --qemu)")
+    return sev, sev_es, snp
+
+
+# ------------------------------------------------------------ result
+
+
+@dataclass(frozen=True)
+class HostCaps:
+    """The probe's answer."""
+
+    qemu: str
+    qemu_version: str
+    tcg: Capability
+    kvm: Capability
+    sev: Capability
+    sev_es: Capability
+    snp: Capability
+    cbitpos: int | None = None
+    reduced_phys_bits: int | None = None
+
+    def capability(self, name: str) -> Capability:
+        """By marker name: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``."""
+        if name not in ("tcg", "kvm", "sev", "sev_es", "snp"):
+            raise KeyError(name)
+        value: Capability = getattr(self, name)
+        return value
+
+    def best_accel(self) -> str:
+        return "kvm" if self.kvm.available else "tcg"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sev_config(mode: str, caps: HostCaps, policy: int | None = None) -> SevConfig | None:
+    """``--sev off|sev|sev-es`` as a :class:`~harness.machine.SevConfig` with
+    the host's C-bit and reduced-phys-bits; a mode the host lacks is a usage
+    error naming the reason (a SEV test never runs a plain guest)."""
+    if mode == "off":
+        return None
+    if mode not in ("sev", "sev-es"):
+        raise UsageError(f"--sev {mode!r}: off, sev or sev-es")
+    cap = caps.sev if mode == "sev" else caps.sev_es
+    if not cap.available:
+        raise UsageError(f"--sev {mode}: not available here: {cap.reason}")
+    if caps.cbitpos is None or caps.reduced_phys_bits is None:
+        raise UsageError(f"--sev {mode}: query-sev-capabilities gave no cbitpos")
+    return SevConfig(mode=mode, cbitpos=caps.cbitpos,
+                     reduced_phys_bits=caps.reduced_phys_bits, policy=policy)
+
+
+def resolve_accel(option: str, caps: HostCaps) -> str:
+    """``--accel``: ``auto`` is KVM only where the probe proved it; an explicit
+    accelerator the host lacks is a usage error naming the reason."""
+    if option == "auto":
+        return caps.best_accel()
+    if option not in ("tcg", "kvm"):
+        raise UsageError(f"--accel {option!r}: auto, tcg or kvm")
+    cap = caps.capability(option)
+    if not cap.available:
+        raise UsageError(f"--accel {option}: not usable here: {cap.reason}")
+    return option
+
+
+# ------------------------------------------------------------- probes
+
+
+def _boot_probe(qemu: str, accel: str, code: Path, vars_template: Path,
+                need_output: bool, timeout: float) -> Capability:
+    """Run the firmware under ``accel``; proven by serial output, or (when
+    ``need_output`` is false) by running ``timeout`` seconds without error."""
+    config = MachineConfig(code=code, vars_template=vars_template, accel=accel,
+                           qemu=qemu, debugcon=False, memory_mib=128)
+    with tempfile.TemporaryDirectory(prefix=f"ebs-probe-{accel}-") as tmp:
+        vm = QemuMachine(config, Path(tmp), name=f"probe-{accel}", launch_timeout=15)
+        started = time.monotonic()
+        try:
+            with vm:
+                while True:
+                    status = vm.status()
+                    elapsed = time.monotonic() - started
+                    if status != "running":
+                        why = kvm_failure_reason(vm.stderr_log.read_text(errors="replace"))
+                        return Capability(False, f"the firmware stopped ({status}) after "
+                                                 f"{elapsed:.1f} s: {why or 'no message'}")
+                    if vm.serial_log.exists() and vm.serial_log.stat().st_size:
+                        return Capability(True, f"booted firmware to serial output in "
+                                                f"{elapsed:.1f} s")
+                    if elapsed >= timeout:
+                        if need_output:
+                            return Capability(False, f"no serial output from the firmware "
+                                                     f"in {timeout:g} s")
+                        return Capability(True, f"ran firmware {elapsed:.1f} s without error")
+                    time.sleep(0.1)
+        except HarnessError as exc:
+            why = kvm_failure_reason(getattr(exc, "log", "") or "") or str(exc)
+            return Capability(False, f"QEMU failed under {accel}: {why}")
+
+
+def _qmp_sev_capabilities(qemu: str) -> SevCapabilities | str:
+    """``query-sev-capabilities`` from a bare KVM QEMU (``-machine none``)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    with tempfile.TemporaryDirectory(prefix="ebs-probe-sev-") as tmp:
+        sock = Path(tmp) / "qmp.sock"
+        argv = [qemu, "-machine", "none", "-accel", "kvm", "-nodefaults", "-display", "none",
+                "-qmp", f"unix:{sock},server=on,wait=off"]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while not sock.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    return f"QEMU -machine none -accel kvm did not start: {err.strip()}"
+                time.sleep(0.05)
+            qmp = QEMUMonitorProtocol(str(sock))
+            try:
+                qmp.connect()
+                reply = qmp.cmd_raw("query-sev-capabilities")
+            finally:
+                qmp.close()
+            return parse_sev_capabilities(reply)
+        except (ValueError, OSError) as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - any QMP failure is the reason
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
+          code: Path = STOCK_CODE, vars_template: Path = STOCK_VARS,
+          kvm_timeout: float = 10.0, tcg_settle: float = 1.0) -> HostCaps:
+    """Probe this host (several seconds: it boots firmware)."""
+    path = shutil.which(qemu)
+    if path is None:
+        missing = Capability(False, f"QEMU {qemu!r} not found")
+        return HostCaps(qemu=qemu, qemu_version="", tcg=missing, kvm=missing,
+                        sev=missing, sev_es=missing, snp=missing)
+    out = subprocess.run([path, "--version"], capture_output=True, text=True,
+                         check=False).stdout
+    try:
+        version = parse_qemu_version(out)
+    except ValueError as exc:
+        bad = Capability(False, str(exc))
+        return HostCaps(qemu=path, qemu_version="", tcg=bad, kvm=bad, sev=bad,
+                        sev_es=bad, snp=bad)
+
+    if not code.is_file() or not vars_template.is_file():
+        nofw = f"no firmware to boot ({code}; install Debian's ovmf)"
+        tcg = kvm = Capability(False, nofw)
+    else:
+        tcg = _boot_probe(path, "tcg", code, vars_template, need_output=False,
+                          timeout=tcg_settle)
+        kvm_dev = root / "dev/kvm"
+        if not kvm_dev.exists():
+            kvm = Capability(False, f"no {kvm_dev}")
+        elif not os.access(kvm_dev, os.R_OK | os.W_OK):
+            kvm = Capability(False, f"{kvm_dev} is not read/writable by this user")
+        else:
+            kvm = _boot_probe(path, "kvm", code, vars_template, need_output=True,
+                              timeout=kvm_timeout)
+
+    params = read_kvm_amd_params(root)
+    dev_sev = (root / "dev/sev").exists()
+    cpuid = read_sev_cpuid(root)
+    try:
+        flags = parse_cpuinfo_flags((root / "proc/cpuinfo").read_text())
+    except OSError:
+        flags = frozenset()
+    qmp: SevCapabilities | str | None = None
+    if params and params.get("sev") and dev_sev and kvm.available:
+        qmp = _qmp_sev_capabilities(path)
+    sev, sev_es, snp = sev_verdicts(params, dev_sev, cpuid, flags, kvm, qmp, version)
+    caps = HostCaps(
+        qemu=path, qemu_version=version, tcg=tcg, kvm=kvm, sev=sev, sev_es=sev_es,
+        snp=snp,
+        cbitpos=qmp.cbitpos if isinstance(qmp, SevCapabilities) else None,
+        reduced_phys_bits=qmp.reduced_phys_bits if isinstance(qmp, SevCapabilities) else None)
+    LOG.info("host: %s", caps)
+    return caps
+
+
+@functools.lru_cache(maxsize=8)
+def cached_probe(qemu: str = DEFAULT_QEMU) -> HostCaps:
+    """:func:`probe`, once per process and QEMU binary."""
+    return probe(qemu)

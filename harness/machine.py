@@ -1,0 +1,832 @@
+"""A QEMU process and its QMP: one guest of the harness.
+
+:class:`MachineConfig` says what to run (firmware, accelerator, SEV, memory,
+devices, fw_cfg knobs); :func:`build_argv` turns it into QEMU's argv, a pure
+function; :class:`QemuMachine` runs it, in the manner of QEMU's
+``python/qemu/machine/machine.py``::
+
+    with QemuMachine(config, artifacts_dir) as vm:
+        vm.debugcon.expect(r"\\[Bds\\] Expand .*BOOTX64\\.EFI", timeout=20)
+        vm.dump(vm.artifacts / "memory.elf")
+
+QEMU starts paused (``-S``). Its QMP monitor and its serial port are unix
+sockets in a private (0700) temporary directory; the harness connects to
+both, removes the directory (the connected sockets live on), checks SEV
+with ``query-sev`` where asked, then sends ``cont``. QEMU gets
+``PR_SET_PDEATHSIG(SIGKILL)``: it dies with the harness, however the harness
+dies. Note that the signal follows the *thread* that started QEMU: launch
+from a thread that outlives the machine. (A harness killed in the ~0.1 s
+between QEMU's start and the connection leaves the socket directory behind;
+QEMU itself still dies.)
+
+Artifacts per VM, in the directory given: ``cmdline.txt`` (shell-quoted),
+``reproduce.sh`` (the same QEMU, by hand, with a QMP socket and the serial
+port on the terminal), ``qmp.log`` (transcript), ``serial.log``,
+``debugcon.log``, ``qemu-stderr.log`` and ``OVMF_VARS.fd`` (this VM's copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self, TextIO, TypeVar
+
+from qemu.qmp import ExecuteError, QMPClient
+
+from harness.console import Console, debug_console, serial_console, tail_lines
+from harness.errors import LaunchError, QmpError, UsageError
+
+LOG = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+ACCELS = ("tcg", "kvm")
+SEV_MODES = ("off", "sev", "sev-es")
+
+# SEV guest policy bits (AMD SEV API specification, "Guest Policy").
+POLICY_NODBG = 0x01     #: debugging of the guest is disallowed
+POLICY_NOKS = 0x02      #: sharing keys with other guests is disallowed
+POLICY_ES = 0x04        #: SEV-ES is required
+POLICY_NOSEND = 0x08    #: sending the guest to another platform is disallowed
+POLICY_DOMAIN = 0x10    #: the guest must not leave the domain
+POLICY_SEV = 0x20       #: the guest must not be sent to a non-SEV platform
+
+#: QMP events logged and kept for :meth:`QemuMachine.wait_event`.
+WATCHED_EVENTS = ("SHUTDOWN", "STOP", "RESUME", "RESET", "GUEST_PANICKED")
+
+DEBUGCON_IOBASE = 0x402
+FW_CFG_PREFIX = "opt/"
+_FW_CFG_NAME_MAX = 55   # FW_CFG_MAX_FILE_PATH (56) with its NUL
+
+
+def _comma(value: str | os.PathLike[str]) -> str:
+    """Escape a value for QEMU's option syntax (a comma is doubled)."""
+    return str(value).replace(",", ",,")
+
+
+# ------------------------------------------------------------ devices
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    """A virtio-blk disk from an image file."""
+
+    image: Path
+    bootindex: int | None = None
+    format: str = "raw"
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image", Path(self.image))
+        if self.format not in ("raw", "qcow2"):
+            raise ValueError(f"image format {self.format!r}: raw or qcow2")
+        if self.bootindex is not None and self.bootindex < 0:
+            raise ValueError(f"bootindex {self.bootindex} < 0")
+
+
+@dataclass(frozen=True)
+class NetDevice:
+    """A virtio-net NIC on a user-mode netdev (``restrict=on``: no way out)."""
+
+    restrict: bool = True
+    mac: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}",
+                                                     self.mac):
+            raise ValueError(f"MAC address {self.mac!r}")
+
+
+@dataclass(frozen=True)
+class ScsiController:
+    """A virtio-scsi controller, optionally with one scsi-hd from an image."""
+
+    image: Path | None = None
+    format: str = "raw"
+
+    def __post_init__(self) -> None:
+        if self.image is not None:
+            object.__setattr__(self, "image", Path(self.image))
+        if self.format not in ("raw", "qcow2"):
+            raise ValueError(f"image format {self.format!r}: raw or qcow2")
+
+
+@dataclass(frozen=True)
+class RngDevice:
+    """A virtio-rng device fed from the host's /dev/urandom."""
+
+    source: Path = Path("/dev/urandom")
+
+
+Device = BlockDevice | NetDevice | ScsiController | RngDevice
+
+DEVICE_NAMES = ("virtio-blk", "virtio-net", "virtio-scsi", "virtio-rng")
+
+
+def parse_devices(names: str, boot_image: Path | None) -> tuple[Device, ...]:
+    """``--devices virtio-blk,virtio-net,...``: the devices, in that order.
+
+    ``virtio-blk`` is the boot disk (``boot_image``, bootindex 0).
+    :raises UsageError: an unknown name, a repeat, or virtio-blk without image.
+    """
+    devices: list[Device] = []
+    seen: set[str] = set()
+    for name in (part.strip() for part in names.split(",")):
+        if not name:
+            continue
+        if name not in DEVICE_NAMES:
+            raise UsageError(f"unknown device {name!r}: one of {', '.join(DEVICE_NAMES)}")
+        if name in seen:
+            raise UsageError(f"device {name} given twice")
+        seen.add(name)
+        if name == "virtio-blk":
+            if boot_image is None:
+                raise UsageError("virtio-blk needs a boot image")
+            devices.append(BlockDevice(boot_image, bootindex=0))
+        elif name == "virtio-net":
+            devices.append(NetDevice())
+        elif name == "virtio-scsi":
+            devices.append(ScsiController())
+        else:
+            devices.append(RngDevice())
+    return tuple(devices)
+
+
+# ------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class SevConfig:
+    """The ``sev-guest`` object: mode, C-bit, reduced physical bits, policy.
+
+    ``cbitpos`` and ``reduced_phys_bits`` must match the host (QMP
+    ``query-sev-capabilities``). ``policy`` defaults to NODBG|NOKS, plus ES
+    for SEV-ES; an explicit policy must agree with the mode about ES.
+    """
+
+    mode: str
+    cbitpos: int
+    reduced_phys_bits: int
+    policy: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sev", "sev-es"):
+            raise ValueError(f"SEV mode {self.mode!r}: sev or sev-es")
+        if not 32 <= self.cbitpos <= 63:
+            raise ValueError(f"cbitpos {self.cbitpos}: not in 32..63")
+        if not 0 <= self.reduced_phys_bits <= 63:
+            raise ValueError(f"reduced-phys-bits {self.reduced_phys_bits}: not in 0..63")
+        if self.policy is not None:
+            if not 0 <= self.policy <= 0xFFFFFFFF:
+                raise ValueError(f"policy {self.policy:#x}: not a u32")
+            if bool(self.policy & POLICY_ES) != (self.mode == "sev-es"):
+                raise ValueError(
+                    f"policy {self.policy:#x}: the ES bit (0x4) must be "
+                    f"{'set' if self.mode == 'sev-es' else 'clear'} for {self.mode}")
+
+    @property
+    def effective_policy(self) -> int:
+        if self.policy is not None:
+            return self.policy
+        base = POLICY_NODBG | POLICY_NOKS
+        return base | POLICY_ES if self.mode == "sev-es" else base
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything that decides QEMU's command line.
+
+    :param code: the firmware's OVMF_CODE.fd (mapped read-only).
+    :param vars_template: OVMF_VARS.fd; each VM runs on its own copy.
+    :param accel: ``tcg`` or ``kvm``.
+    :param sev: the SEV guest, or None for a plain guest (``sev_mode`` "off").
+    :param memory_mib: guest RAM.
+    :param devices: the guest's devices, in PCI order.
+    :param fw_cfg: fw_cfg file name (``opt/...``) to string value.
+    :param debugcon: capture the debug port (0x402) to ``debugcon.log``.
+    :param iommu_platform: ``disable-legacy=on,iommu_platform=on`` on virtio
+        devices; None means "when SEV is on".
+    :param qemu: the QEMU binary (name on PATH or path).
+    :param cpu: ``-cpu`` model; None: ``host`` with SEV, else QEMU's default.
+    :param no_reboot: a guest reset ends QEMU instead of rebooting.
+    :param extra_args: appended to the command line as they are.
+    """
+
+    code: Path
+    vars_template: Path
+    accel: str = "tcg"
+    sev: SevConfig | None = None
+    memory_mib: int = 256
+    smp: int = 1
+    devices: tuple[Device, ...] = ()
+    fw_cfg: Mapping[str, str] = field(default_factory=dict)
+    debugcon: bool = True
+    iommu_platform: bool | None = None
+    qemu: str = "qemu-system-x86_64"
+    cpu: str | None = None
+    no_reboot: bool = False
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", Path(self.code))
+        object.__setattr__(self, "vars_template", Path(self.vars_template))
+        object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        object.__setattr__(self, "fw_cfg", dict(self.fw_cfg))
+        if self.accel not in ACCELS:
+            raise ValueError(f"accel {self.accel!r}: one of {', '.join(ACCELS)}")
+        if self.sev is not None and self.accel != "kvm":
+            raise ValueError("SEV needs accel kvm")
+        if not 32 <= self.memory_mib <= 1024 * 1024:
+            raise ValueError(f"memory {self.memory_mib} MiB: not in 32..1048576")
+        if not 1 <= self.smp <= 288:
+            raise ValueError(f"smp {self.smp}: not in 1..288")
+        for device in self.devices:
+            if not isinstance(device, (BlockDevice, NetDevice, ScsiController, RngDevice)):
+                raise TypeError(f"not a device: {device!r}")
+        boot = [d.bootindex for d in self.devices
+                if isinstance(d, BlockDevice) and d.bootindex is not None]
+        if len(boot) != len(set(boot)):
+            raise ValueError(f"duplicate bootindex in {boot}")
+        for name, value in self.fw_cfg.items():
+            if not name.startswith(FW_CFG_PREFIX) or len(name) > _FW_CFG_NAME_MAX:
+                raise ValueError(f"fw_cfg name {name!r}: must start with "
+                                 f"{FW_CFG_PREFIX!r}, at most {_FW_CFG_NAME_MAX} chars")
+            if not isinstance(value, str):
+                raise TypeError(f"fw_cfg {name}: value must be a string")
+        if not self.qemu:
+            raise ValueError("no QEMU binary")
+
+    @property
+    def sev_mode(self) -> str:
+        return "off" if self.sev is None else self.sev.mode
+
+    @property
+    def virtio_secure(self) -> bool:
+        return self.sev is not None if self.iommu_platform is None else self.iommu_platform
+
+    def resolved(self) -> MachineConfig:
+        """The same config with absolute file paths (for reproduce.sh)."""
+        devices: list[Device] = []
+        for device in self.devices:
+            if isinstance(device, (BlockDevice, ScsiController)) and device.image:
+                device = dataclasses.replace(device, image=device.image.absolute())
+            devices.append(device)
+        return dataclasses.replace(self, code=self.code.absolute(),
+                                   vars_template=self.vars_template.absolute(),
+                                   devices=tuple(devices))
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """Where one QEMU run puts its sockets and logs.
+
+    :param serial_socket: the serial chardev socket (QEMU listens), or None
+        for the serial port on stdio (reproduce.sh).
+    """
+
+    qmp_socket: Path
+    serial_socket: Path | None
+    serial_log: Path
+    debugcon_log: Path
+    vars_copy: Path
+
+
+def build_argv(config: MachineConfig, paths: RuntimePaths, *,
+               paused: bool = True) -> list[str]:
+    """QEMU's argv for ``config`` with ``paths``. Pure: touches no file."""
+    machine = "q35"
+    if config.sev is not None:
+        machine += ",confidential-guest-support=sev0"
+    argv = [config.qemu, "-name", "ebs-harness,debug-threads=on",
+            "-machine", machine, "-accel", config.accel]
+    cpu = config.cpu or ("host" if config.sev is not None else None)
+    if cpu:
+        argv += ["-cpu", cpu]
+    argv += ["-m", str(config.memory_mib), "-smp", str(config.smp),
+             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none"]
+    if config.no_reboot:
+        argv.append("-no-reboot")
+    if config.sev is not None:
+        sev = config.sev
+        argv += ["-object",
+                 (f"sev-guest,id=sev0,cbitpos={sev.cbitpos},"
+                 f"reduced-phys-bits={sev.reduced_phys_bits},"
+                 f"policy={sev.effective_policy:#x}")]
+    argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_comma(config.code)}",
+             "-drive", f"if=pflash,format=raw,unit=1,file={_comma(paths.vars_copy)}"]
+    argv += ["-chardev", f"socket,id=qmp0,path={_comma(paths.qmp_socket)},server=on,wait=off",
+             "-mon", "chardev=qmp0,mode=control"]
+    log = f"logfile={_comma(paths.serial_log)},logappend=off"
+    if paths.serial_socket is not None:
+        argv += ["-chardev", (f"socket,id=serial0,path={_comma(paths.serial_socket)},"
+                             f"server=on,wait=off,{log}")]
+    else:
+        argv += ["-chardev", f"stdio,id=serial0,{log}"]
+    argv += ["-serial", "chardev:serial0"]
+    if config.debugcon:
+        argv += ["-debugcon", f"file:{_comma(paths.debugcon_log)}",
+                 "-global", f"isa-debugcon.iobase={DEBUGCON_IOBASE:#x}"]
+    for name, value in sorted(config.fw_cfg.items()):
+        argv += ["-fw_cfg", f"name={_comma(name)},string={_comma(value)}"]
+    argv += _device_args(config)
+    argv += list(config.extra_args)
+    if paused:
+        argv.append("-S")
+    return argv
+
+
+def _device_args(config: MachineConfig) -> list[str]:
+    secure = ",disable-legacy=on,iommu_platform=on" if config.virtio_secure else ""
+    argv: list[str] = []
+    for index, device in enumerate(config.devices):
+        if isinstance(device, BlockDevice):
+            ro = ",readonly=on" if device.readonly else ""
+            boot = "" if device.bootindex is None else f",bootindex={device.bootindex}"
+            argv += ["-drive", (f"if=none,id=disk{index},format={device.format},"
+                               f"file={_comma(device.image)}{ro}"),
+                     "-device", f"virtio-blk-pci,drive=disk{index},id=blk{index}{boot}{secure}"]
+        elif isinstance(device, NetDevice):
+            restrict = "on" if device.restrict else "off"
+            mac = "" if device.mac is None else f",mac={device.mac}"
+            argv += ["-netdev", f"user,id=net{index},restrict={restrict}",
+                     # romfile= (empty): no iPXE option ROM, the firmware's driver runs
+                     "-device", (f"virtio-net-pci,netdev=net{index},id=nic{index},"
+                                f"romfile={mac}{secure}")]
+        elif isinstance(device, ScsiController):
+            argv += ["-device", f"virtio-scsi-pci,id=scsi{index}{secure}"]
+            if device.image is not None:
+                argv += ["-drive", (f"if=none,id=sdisk{index},format={device.format},"
+                                   f"file={_comma(device.image)}"),
+                         "-device", f"scsi-hd,drive=sdisk{index},bus=scsi{index}.0"]
+        else:
+            argv += ["-object", f"rng-random,id=rng{index},filename={_comma(device.source)}",
+                     "-device", f"virtio-rng-pci,rng=rng{index},id=vrng{index}{secure}"]
+    return argv
+
+
+def reproduce_script(config: MachineConfig, original_vars: Path) -> str:
+    """A shell script that runs ``config``'s QEMU by hand, from its directory."""
+    paths = RuntimePaths(qmp_socket=Path("repro/qmp.sock"), serial_socket=None,
+                         serial_log=Path("repro/serial.log"),
+                         debugcon_log=Path("repro/debugcon.log"),
+                         vars_copy=Path("repro/OVMF_VARS.fd"))
+    argv = build_argv(config, paths, paused=False)
+    lines = [
+        "#!/bin/sh",
+        "# Re-run this VM's QEMU by hand (running, not paused; Ctrl-C ends it).",
+        "# Serial port on this terminal; debug log in repro/debugcon.log;",
+        "# QMP on repro/qmp.sock, e.g.:  qmp-shell repro/qmp.sock",
+        "set -eu",
+        'cd "$(dirname "$0")"',
+        "mkdir -p repro",
+        f"cp {shlex.quote(str(original_vars))} repro/OVMF_VARS.fd",
+        "exec " + " \\\n    ".join(_option_lines(argv)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _option_lines(argv: Sequence[str]) -> list[str]:
+    """Shell-quoted argv, one option with its value per line."""
+    out: list[str] = [shlex.quote(argv[0])]
+    for arg in argv[1:]:
+        quoted = shlex.quote(arg)
+        if not arg.startswith("-") and out[-1].startswith("-") and " " not in out[-1]:
+            out[-1] += " " + quoted
+        else:
+            out.append(quoted)
+    return out
+
+
+# -------------------------------------------------------------- QMP
+
+
+class _Qmp:
+    """A synchronous QMP session on :class:`qemu.qmp.QMPClient`.
+
+    It owns its event loop, so machines do not share state; events queue in
+    the client while no call runs and are collected on the next call.
+    """
+
+    def __init__(self, name: str, transcript: TextIO, logger: logging.Logger) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(name)
+        self._transcript = transcript
+        self._log = logger
+        self.history: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []
+
+    def _run(self, coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
+        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    def _write(self, direction: str, obj: object) -> None:
+        stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+        self._transcript.write(f"{stamp} {direction} {json.dumps(obj, sort_keys=True)}\n")
+        self._transcript.flush()
+
+    def connect(self, path: Path, timeout: float) -> None:
+        self._run(self._client.connect(str(path)), timeout)
+        greeting = self._client.greeting
+        self._write("<-", greeting._asdict() if greeting is not None else None)
+
+    def _collect(self) -> None:
+        for event in self._client.events.clear():
+            self._record(dict(event))
+
+    def _record(self, event: dict[str, Any]) -> None:
+        self._write("<-", event)
+        self.history.append(event)
+        self._pending.append(event)
+        level = logging.INFO if event.get("event") in WATCHED_EVENTS else logging.DEBUG
+        self._log.log(level, "QMP event %s %s", event.get("event"),
+                      json.dumps(event.get("data", {}), sort_keys=True))
+
+    def execute(self, command: str, arguments: Mapping[str, object] | None,
+                timeout: float | None) -> Any:
+        self._write("->", {"execute": command, "arguments": dict(arguments or {})})
+        try:
+            result = self._run(self._client.execute(command, arguments), timeout)
+        except ExecuteError as exc:
+            self._write("<-", {"error": {"class": exc.error_class, "desc": str(exc)}})
+            raise QmpError(f"QMP {command}: {exc.error_class}: {exc}") from exc
+        except TimeoutError as exc:
+            self._write("!!", f"{command}: no reply in {timeout} s")
+            raise QmpError(f"QMP {command}: no reply in {timeout:g} s") from exc
+        except Exception as exc:
+            self._write("!!", f"{command}: {type(exc).__name__}: {exc}")
+            raise QmpError(f"QMP {command}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._collect()
+        self._write("<-", {"return": result})
+        return result
+
+    def take_event(self, names: Iterable[str]) -> dict[str, Any] | None:
+        wanted = set(names)
+        for index, event in enumerate(self._pending):
+            if event.get("event") in wanted:
+                return self._pending.pop(index)
+        return None
+
+    def wait_event(self, names: Sequence[str], timeout: float) -> dict[str, Any]:
+        self._collect()
+        found = self.take_event(names)
+        if found is not None:
+            return found
+
+        async def _wait() -> dict[str, Any]:
+            while True:
+                event = dict(await self._client.events.get())
+                self._record(event)
+                if event.get("event") in names:
+                    return self._pending.pop()
+
+        try:
+            return self._run(_wait(), timeout)
+        except TimeoutError as exc:
+            raise QmpError(f"no QMP event {'/'.join(names)} in {timeout:g} s") from exc
+
+    def close(self) -> None:
+        try:
+            self._run(self._client.disconnect(), 5.0)
+        except Exception as exc:  # noqa: BLE001 - closing; QEMU may be gone
+            self._log.debug("QMP disconnect: %s", exc)
+        finally:
+            self._collect()
+            self._loop.close()
+
+
+# ------------------------------------------------------------ process
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGKILL when its parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:  # the parent died before prctl
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+class QemuMachine:
+    """A QEMU guest: launch, QMP, consoles, memory dump, shutdown.
+
+    A context manager; :meth:`launch` cleans up on any failure and raises
+    :class:`LaunchError`; :meth:`shutdown` is idempotent.
+
+    :param config: what to run.
+    :param artifacts: this VM's artifact directory (created).
+    :param name: the VM's name in logs (child logger ``harness.machine.NAME``).
+    :param launch_timeout: deadline for QEMU to come up on QMP.
+    :param qmp_timeout: default deadline of a QMP command.
+    """
+
+    def __init__(self, config: MachineConfig, artifacts: Path, *, name: str = "vm",
+                 launch_timeout: float = 30.0, qmp_timeout: float = 30.0) -> None:
+        self.config = config.resolved()
+        self.artifacts = Path(artifacts).absolute()
+        self.name = name
+        self.log = LOG.getChild(name)
+        self.launch_timeout = launch_timeout
+        self.qmp_timeout = qmp_timeout
+        self.command: list[str] = []
+        self.process: subprocess.Popen[bytes] | None = None
+        self._qmp: _Qmp | None = None
+        self._transcript: TextIO | None = None
+        self._stderr: Any = None
+        self._sock_dir: Path | None = None
+        self._serial_sock: socket.socket | None = None
+        self._serial: Console | None = None
+        self._debugcon: Console | None = None
+        self._closed = False
+        self.exitcode: int | None = None
+
+    # artifact paths
+    @property
+    def serial_log(self) -> Path:
+        return self.artifacts / "serial.log"
+
+    @property
+    def debugcon_log(self) -> Path:
+        return self.artifacts / "debugcon.log"
+
+    @property
+    def stderr_log(self) -> Path:
+        return self.artifacts / "qemu-stderr.log"
+
+    @property
+    def qmp_log(self) -> Path:
+        return self.artifacts / "qmp.log"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    @property
+    def serial(self) -> Console:
+        if self._serial is None:
+            raise QmpError(f"{self.name}: not launched")
+        return self._serial
+
+    @property
+    def debugcon(self) -> Console:
+        if self._debugcon is None:
+            raise QmpError(f"{self.name}: not launched or debugcon off")
+        return self._debugcon
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every QMP event seen so far."""
+        return [] if self._qmp is None else list(self._qmp.history)
+
+    def __enter__(self) -> Self:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _stderr_text(self) -> str:
+        try:
+            return self.stderr_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _logs(self) -> dict[str, Path]:
+        logs = {"serial.log": self.serial_log}
+        if self.config.debugcon:
+            logs["debugcon.log"] = self.debugcon_log
+        return logs
+
+    # --------------------------------------------------------- launch
+
+    def launch(self, *, start: bool = True) -> None:
+        """Start QEMU paused, connect QMP and the serial port, then ``cont``.
+
+        :param start: send ``cont``; False leaves the guest paused.
+        :raises LaunchError: QEMU did not start, died, or SEV is not on.
+        """
+        if self.process is not None or self._closed:
+            raise LaunchError(f"{self.name}: a QemuMachine launches once")
+        try:
+            self._launch(start)
+        except BaseException as exc:
+            self.shutdown()
+            if isinstance(exc, LaunchError):
+                if not exc.log:
+                    exc.log = self._stderr_text()
+                raise
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
+                raise
+            raise LaunchError(f"launch failed: {type(exc).__name__}: {exc}", self.exitcode,
+                              self.command, self._stderr_text()) from exc
+
+    def _launch(self, start: bool) -> None:
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="ebs-qemu-"))  # mode 0700
+        vars_copy = self.artifacts / "OVMF_VARS.fd"
+        try:
+            shutil.copyfile(self.config.vars_template, vars_copy)
+        except OSError as exc:
+            raise LaunchError(f"cannot copy the firmware VARS {self.config.vars_template}: "
+                              f"{exc.strerror}") from exc
+        paths = RuntimePaths(qmp_socket=self._sock_dir / "qmp.sock",
+                             serial_socket=self._sock_dir / "serial.sock",
+                             serial_log=self.serial_log, debugcon_log=self.debugcon_log,
+                             vars_copy=vars_copy)
+        self.command = build_argv(self.config, paths)
+        (self.artifacts / "cmdline.txt").write_text(shlex.join(self.command) + "\n")
+        script = self.artifacts / "reproduce.sh"
+        script.write_text(reproduce_script(self.config, self.config.vars_template))
+        script.chmod(0o755)
+        for stale in (self.serial_log, self.debugcon_log):
+            stale.unlink(missing_ok=True)
+
+        self._transcript = open(self.qmp_log, "w", encoding="utf-8")  # noqa: SIM115
+        self._stderr = open(self.stderr_log, "wb")  # noqa: SIM115
+        self.log.info("launching: %s", shlex.join(self.command))
+        self.process = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=self._stderr,
+            stderr=subprocess.STDOUT, close_fds=True,
+            preexec_fn=_die_with_parent())  # noqa: PLW1509 - prctl must run in the child
+        deadline = time.monotonic() + self.launch_timeout
+        self._qmp = self._connect_qmp(paths.qmp_socket, deadline)
+        self._serial_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._serial_sock.connect(str(paths.serial_socket))
+        # Both sockets are connected: their names are of no further use.
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
+        self._sock_dir = None
+
+        logs = self._logs()
+        # The console owns the connected socket from here on (and closes it).
+        sock, self._serial_sock = self._serial_sock, None
+        self._serial = serial_console(sock, self.serial_log, self.is_running, self.log,
+                                      logs, self.command)
+        if self.config.debugcon:
+            self._debugcon = debug_console(self.debugcon_log, self.is_running, self.log,
+                                           logs, self.command)
+        if self.config.sev is not None:
+            self._check_sev(self.config.sev)
+        if start:
+            self.qmp("cont")
+
+    def _connect_qmp(self, path: Path, deadline: float) -> _Qmp:
+        assert self.process is not None and self._transcript is not None
+        last: Exception | None = None
+        while True:
+            exitcode = self.process.poll()
+            if exitcode is not None:
+                self.exitcode = exitcode
+                raise LaunchError(f"QEMU exited with status {exitcode}", exitcode,
+                                  self.command, self._stderr_text())
+            if path.exists():
+                qmp = _Qmp(f"{self.name}-qmp", self._transcript, self.log)
+                try:
+                    qmp.connect(path, max(0.1, deadline - time.monotonic()))
+                    return qmp
+                except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                    last = exc
+                    qmp.close()
+            if time.monotonic() > deadline:
+                raise LaunchError(f"QEMU's QMP socket did not answer in "
+                                  f"{self.launch_timeout:g} s ({last})", None,
+                                  self.command, self._stderr_text())
+            time.sleep(0.02)
+
+    def _check_sev(self, sev: SevConfig) -> None:
+        info = self.qmp("query-sev")
+        problem = sev_info_problem(info, sev.effective_policy)
+        if problem:
+            raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command,
+                              self._stderr_text())
+        self.log.info("SEV active: policy %#x, state %s", info["policy"], info.get("state"))
+
+    # ------------------------------------------------------------ QMP
+
+    def qmp(self, command: str, arguments: Mapping[str, object] | None = None, *,
+            timeout: float | None = None) -> Any:
+        """Run a QMP command; its ``return`` value, or :class:`QmpError`."""
+        if self._qmp is None:
+            raise QmpError(f"QMP {command}: {self.name} is not connected")
+        return self._qmp.execute(command, arguments,
+                                 self.qmp_timeout if timeout is None else timeout)
+
+    def wait_event(self, names: str | Sequence[str], timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for (and consume) the next QMP event of one of ``names``."""
+        if self._qmp is None:
+            raise QmpError(f"{self.name} is not connected")
+        wanted = [names] if isinstance(names, str) else list(names)
+        return self._qmp.wait_event(wanted, timeout)
+
+    def status(self) -> str:
+        """The run state from ``query-status`` ("running", "paused", ...)."""
+        return str(self.qmp("query-status")["status"])
+
+    def dump(self, path: Path | None = None, timeout: float = 120.0) -> Path:
+        """Stop the guest and write its memory as an ELF core (``paging=false``).
+
+        The guest stays stopped. :returns: the dump's path.
+        :raises QmpError: the dump failed or missed the deadline.
+        """
+        target = (path or self.artifacts / "memory.elf").absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        self.qmp("stop")
+        # QEMU 7.2: synchronous unless "detach" is given.
+        self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{target}"},
+                 timeout=timeout)
+        self.log.info("memory dump %s (%d bytes) in %.2f s", target,
+                      target.stat().st_size, time.monotonic() - started)
+        return target
+
+    # ------------------------------------------------------- shutdown
+
+    def wait(self, timeout: float) -> int:
+        """Wait for QEMU to exit by itself; its exit status."""
+        if self.process is None:
+            raise QmpError(f"{self.name}: not launched")
+        self.exitcode = self.process.wait(timeout)
+        return self.exitcode
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """QMP ``quit``, wait, then kill; close everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._qmp is not None and self.is_running():
+                try:
+                    self._qmp.execute("quit", None, 3.0)
+                except QmpError as exc:
+                    self.log.debug("quit: %s", exc)
+            if self.process is not None:
+                try:
+                    self.exitcode = self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.log.warning("QEMU %d did not quit in %g s: killing it",
+                                     self.process.pid, timeout)
+                    self.process.kill()
+                    self.exitcode = self.process.wait()
+        finally:
+            if self.process is not None and self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            if self._qmp is not None:
+                self._qmp.close()
+            for console in (self._serial, self._debugcon):
+                if console is not None:
+                    console.close()
+            if self._serial_sock is not None:
+                self._serial_sock.close()
+            for handle in (self._transcript, self._stderr):
+                if handle is not None:
+                    handle.close()
+            if self._sock_dir is not None:
+                shutil.rmtree(self._sock_dir, ignore_errors=True)
+                self._sock_dir = None
+            if self.exitcode is not None:
+                self.log.info("QEMU exited with status %s", self.exitcode)
+
+    def tails(self) -> dict[str, str]:
+        """The last lines of the serial and debug logs."""
+        return {name: tail_lines(path) for name, path in self._logs().items()}
+
+
+def sev_info_problem(info: Mapping[str, Any], policy: int) -> str | None:
+    """Why a ``query-sev`` reply (QAPI ``SevInfo``) is not SEV with ``policy``.
+
+    None when ``enabled`` is true and the policy matches.
+    """
+    if not info.get("enabled"):
+        return "query-sev says enabled=false"
+    got = info.get("policy")
+    if got != policy:
+        shown = f"{got:#x}" if isinstance(got, int) else repr(got)
+        return f"query-sev policy {shown}, expected {policy:#x}"
+    return None

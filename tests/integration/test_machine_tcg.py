@@ -1,0 +1,335 @@
+"""The machine layer on real QEMU under TCG: boots, QMP, dumps, errors, cleanup.
+
+Each boot is a few seconds. The harness's own DEBUG build comes from the
+``ovmf_firmware`` fixture (``--firmware DIR`` to skip the build).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from harness import edk2, guest, host
+from harness.errors import ConsoleTimeout, LaunchError
+from harness.machine import BlockDevice, MachineConfig, QemuMachine, SevConfig
+
+pytestmark = pytest.mark.tcg
+
+STOCK_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+STOCK_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+REPO = Path(__file__).resolve().parents[2]
+MIB = 1024 * 1024
+
+# What OVMF's BDS prints when it boots \EFI\BOOT\BOOTX64.EFI from a disk
+# (edk2 2022.11 DEBUG, MdeModulePkg/Library/UefiBootManagerLib):
+#   [Bds]Booting UEFI Non-Block Boot Device
+#   FSOpen: Open '\EFI\BOOT\BOOTX64.EFI' Success
+#   [Bds] Expand PciRoot(0x0)/Pci(0x1,0x0) -> PciRoot(0x0)/Pci(0x1,0x0)/\EFI\BOOT\BOOTX64.EFI
+BDS_BOOTS_BOOTX64 = r"\[Bds\] Expand \S+ -> \S+/\\EFI\\BOOT\\BOOTX64\.EFI"
+
+
+def stock_config(**kwargs: object) -> MachineConfig:
+    if not STOCK_CODE.is_file():
+        pytest.skip(f"Debian's OVMF is not installed ({STOCK_CODE})")
+    return MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, debugcon=False,
+                         **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def boot_image(ovmf_firmware: edk2.Firmware, tmp_path: Path) -> Path:
+    """A FAT image whose \\EFI\\BOOT\\BOOTX64.EFI is the build's UEFI shell."""
+    shell = ovmf_firmware.module_file("Shell", ".efi")
+    if not shell.is_file():
+        pytest.skip(f"the firmware build has no {shell.name}")
+    return guest.make_fat_image(tmp_path / "boot.img", {guest.BOOT_PATH: shell}, size_mib=8)
+
+
+@pytest.fixture
+def own_config(ovmf_firmware: edk2.Firmware, boot_image: Path,
+               qemu_binary: str) -> MachineConfig:
+    return MachineConfig(code=ovmf_firmware.code, vars_template=ovmf_firmware.vars,
+                         qemu=qemu_binary, accel="tcg",
+                         devices=(BlockDevice(boot_image, bootindex=0),))
+
+
+def qemu_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie is dead, waiting for its reaper
+
+
+# --------------------------------------------------------------- boots
+
+
+def test_stock_ovmf_reaches_uefi_shell(machine_artifacts: Path) -> None:
+    started = time.monotonic()
+    with QemuMachine(stock_config(), machine_artifacts, name="stock") as vm:
+        assert vm.status() == "running"
+        match = vm.serial.expect([r"Press .*ESC.* in \d+ seconds", r"Shell> "], timeout=40)
+        if "ESC" in match.group(0):
+            vm.serial.send("\x1b")  # skip the startup.nsh countdown
+            vm.serial.expect(r"Shell> ", timeout=15)
+        vm.serial.send("reset -s\r")  # the guest powers itself off
+        shutdown = vm.wait_event("SHUTDOWN", timeout=15)
+        assert shutdown["data"] == {"guest": True, "reason": "guest-shutdown"}
+        assert vm.wait(10) == 0
+    elapsed = time.monotonic() - started
+    assert vm.exitcode == 0
+    assert "Shell> " in (machine_artifacts / "serial.log").read_text(errors="replace")
+    assert elapsed < 40
+    for name in ("cmdline.txt", "reproduce.sh", "qmp.log", "serial.log",
+                 "qemu-stderr.log", "OVMF_VARS.fd"):
+        assert (machine_artifacts / name).is_file(), name
+    transcript = (machine_artifacts / "qmp.log").read_text()
+    assert '"execute": "cont"' in transcript and '"guest-shutdown"' in transcript
+    assert os.access(machine_artifacts / "reproduce.sh", os.X_OK)
+
+
+def test_own_build_boots_bootx64(own_config: MachineConfig, machine_artifacts: Path) -> None:
+    with QemuMachine(own_config, machine_artifacts, name="own") as vm:
+        match = vm.debugcon.expect(BDS_BOOTS_BOOTX64, timeout=30)
+        assert match.group(0).endswith("\\EFI\\BOOT\\BOOTX64.EFI")
+        vm.debugcon.expect(r"Loading driver at 0x[0-9A-F]+ EntryPoint=0x[0-9A-F]+ Shell\.efi",
+                           timeout=15)
+        status = vm.qmp("query-status")
+        assert status["status"] == "running" and status["running"] is True
+    log = (machine_artifacts / "debugcon.log").read_text(errors="replace")
+    assert "FSOpen: Open '\\EFI\\BOOT\\BOOTX64.EFI' Success" in log
+
+
+def test_memory_dump_is_an_elf_covering_ram(own_config: MachineConfig,
+                                            machine_artifacts: Path) -> None:
+    with QemuMachine(own_config, machine_artifacts, name="dump") as vm:
+        vm.debugcon.expect(BDS_BOOTS_BOOTX64, timeout=30)
+        started = time.monotonic()
+        path = vm.dump(machine_artifacts / "memory.elf", timeout=60)
+        seconds = time.monotonic() - started
+        assert vm.status() == "paused"
+        stop = vm.wait_event("STOP", timeout=1)
+        assert stop["event"] == "STOP"
+    assert seconds < 30
+    with open(path, "rb") as handle:
+        elf = ELFFile(handle)
+        assert elf.header["e_type"] == "ET_CORE"
+        assert elf.header["e_machine"] == "EM_X86_64"
+        loads = sorted((seg["p_paddr"], seg["p_memsz"]) for seg in elf.iter_segments()
+                       if seg["p_type"] == "PT_LOAD")
+        notes = [seg for seg in elf.iter_segments() if seg["p_type"] == "PT_NOTE"]
+    assert len(notes) == 1
+    assert loads, "no PT_LOAD segments"
+    ram = own_config.memory_mib * MIB
+    for (start, size), (following, _) in itertools.pairwise(loads):
+        assert start + size <= following, "overlapping PT_LOAD segments"
+    assert loads[0][0] == 0
+    assert loads[-1][0] + loads[-1][1] == ram  # 256 MiB on q35: all below 4 GiB
+    assert sum(size for _, size in loads) == ram
+
+
+def test_qmp_events_are_waitable(machine_artifacts: Path) -> None:
+    with QemuMachine(stock_config(), machine_artifacts, name="events") as vm:
+        vm.qmp("stop")
+        assert vm.wait_event(["STOP", "SHUTDOWN"], timeout=5)["event"] == "STOP"
+        assert vm.status() == "paused"
+        vm.qmp("cont")
+        assert vm.wait_event("RESUME", timeout=5)["event"] == "RESUME"
+        vm.qmp("system_reset")
+        assert vm.wait_event("RESET", timeout=5)["data"]["guest"] is False
+        assert [e["event"] for e in vm.events][:2] == ["RESUME", "STOP"]
+    assert vm.exitcode == 0  # shutdown: QMP quit
+    assert vm.events[-1]["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    vm.shutdown()  # idempotent
+    assert '"execute": "quit"' in (machine_artifacts / "qmp.log").read_text()
+
+
+# -------------------------------------------------------------- errors
+
+
+def test_bad_firmware_path_gives_qemus_message(tmp_path: Path,
+                                               machine_artifacts: Path) -> None:
+    config = MachineConfig(code=tmp_path / "no-such-OVMF_CODE.fd",
+                           vars_template=STOCK_VARS, debugcon=False)
+    vm = QemuMachine(config, machine_artifacts, name="badfw")
+    with pytest.raises(LaunchError) as info:
+        vm.launch()
+    err = info.value
+    assert err.exitcode == 1
+    assert "no-such-OVMF_CODE.fd" in err.log and "No such file or directory" in err.log
+    assert "No such file or directory" in str(err)
+    assert err.command[0] == "qemu-system-x86_64"
+    assert not vm.is_running()
+    vm.shutdown()  # idempotent after a failed launch
+
+
+def test_bad_device_option_gives_qemus_message(machine_artifacts: Path) -> None:
+    config = stock_config(extra_args=("-device", "virtio-blk-pci,no-such-property=1"))
+    with pytest.raises(LaunchError) as info, QemuMachine(config, machine_artifacts,
+                                                         name="baddev"):
+        pytest.fail("QEMU started with a bad device option")
+    assert "no-such-property" in info.value.log
+    assert "not found" in str(info.value)  # QEMU: Property '...no-such-property' not found
+
+
+def test_hung_guest_hits_the_deadline_with_log_tails(own_config: MachineConfig,
+                                                     machine_artifacts: Path) -> None:
+    with QemuMachine(own_config, machine_artifacts, name="hung") as vm:
+        vm.debugcon.expect(r"\[Bds\]", timeout=30)  # the log has content to quote
+        started = time.monotonic()
+        with pytest.raises(ConsoleTimeout) as info:
+            vm.debugcon.expect(r"this line never comes", timeout=2)
+        assert 2 <= time.monotonic() - started < 6
+        last_line = (machine_artifacts / "debugcon.log").read_text(
+            errors="replace").rstrip("\n").splitlines()[-1]
+    text = str(info.value)
+    assert text.startswith("timed out after 2 s on debugcon waiting for "
+                           "'this line never comes'")
+    assert "--- last lines of debugcon.log:" in text
+    assert "--- last lines of serial.log:" in text
+    assert "--- command line:" in text and "-debugcon file:" in text
+    assert info.value.tails["debugcon.log"].count("\n") == 39  # 40 lines
+    assert last_line.strip() in info.value.tails["debugcon.log"]
+
+
+def test_sev_on_a_host_without_sev_is_a_launch_error(host_caps: host.HostCaps,
+                                                     machine_artifacts: Path) -> None:
+    if host_caps.sev.available:
+        pytest.skip("this host has SEV: the refusal cannot be shown here")
+    config = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="kvm",
+                           sev=SevConfig("sev", cbitpos=47, reduced_phys_bits=1),
+                           debugcon=False)
+    vm = QemuMachine(config, machine_artifacts, name="nosev")
+    with pytest.raises(LaunchError) as info:
+        vm.launch()
+    assert not vm.is_running()
+    assert info.value.log or "SEV" in str(info.value)  # QEMU's own refusal
+
+
+def test_plain_guest_never_passes_the_sev_check(machine_artifacts: Path) -> None:
+    """The query-sev check that runs after a SEV launch, against a plain
+    TCG guest: QEMU answers enabled=false and the launch must fail."""
+    with (QemuMachine(stock_config(), machine_artifacts, name="plain") as vm,
+          pytest.raises(LaunchError, match="query-sev says enabled=false")):
+        vm._check_sev(SevConfig("sev", cbitpos=47, reduced_phys_bits=1))
+
+
+def test_reproduce_script_reruns_the_same_qemu(own_config: MachineConfig,
+                                               machine_artifacts: Path) -> None:
+    vm = QemuMachine(own_config, machine_artifacts, name="repro")
+    with vm:
+        vm.debugcon.expect(r"SecCoreStartupWithStack", timeout=20)
+    proc = subprocess.run(["timeout", "3", str(machine_artifacts / "reproduce.sh")],
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                          check=False)
+    assert proc.returncode == 124, proc.stderr  # still running when timeout ended it
+    log = (machine_artifacts / "repro" / "debugcon.log").read_text(errors="replace")
+    assert "SecCoreStartupWithStack" in log
+    assert not (machine_artifacts / "repro" / "qmp.sock").exists()  # QEMU removed it
+
+
+# ------------------------------------------------------------- cleanup
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    from harness.machine import MachineConfig, QemuMachine
+    config = MachineConfig(code=Path({code!r}), vars_template=Path({vars!r}), debugcon=False)
+    vm = QemuMachine(config, Path(sys.argv[1]))
+    vm.launch()
+    print("READY", vm.pid, flush=True)
+    time.sleep(600)
+""")
+
+CHILD_PLAIN = textwrap.dedent("""
+    import subprocess, sys, time
+    proc = subprocess.Popen(["qemu-system-x86_64", "-machine", "none", "-nodefaults",
+                             "-display", "none", "-S"])
+    print("READY", proc.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def run_child(script: str, artifacts: Path, tmpdir: Path) -> tuple[subprocess.Popen[str], int]:
+    env = dict(os.environ, TMPDIR=str(tmpdir))
+    child = subprocess.Popen([sys.executable, "-c", script, str(artifacts)], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    line = child.stdout.readline().split()
+    assert line[:1] == ["READY"], line
+    return child, int(line[1])
+
+
+def wait_dead(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not qemu_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_of_the_harness_leaves_no_qemu_and_no_socket(
+        tmp_path: Path, machine_artifacts: Path) -> None:
+    if not STOCK_CODE.is_file():
+        pytest.skip(f"Debian's OVMF is not installed ({STOCK_CODE})")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    script = CHILD.format(repo=str(REPO), code=str(STOCK_CODE), vars=str(STOCK_VARS))
+    child, qemu_pid = run_child(script, machine_artifacts, tmpdir)
+    try:
+        time.sleep(1.0)  # mid-boot: the firmware is running
+        assert qemu_alive(qemu_pid)
+        child.send_signal(signal.SIGKILL)
+        child.wait(5)
+        assert wait_dead(qemu_pid, 5), f"QEMU {qemu_pid} outlived its harness"
+        assert list(tmpdir.iterdir()) == []  # no socket, no private directory
+    finally:
+        if qemu_alive(qemu_pid):
+            os.kill(qemu_pid, signal.SIGKILL)
+
+
+def test_negative_control_plain_popen_qemu_survives(tmp_path: Path) -> None:
+    """Without PR_SET_PDEATHSIG a QEMU outlives its SIGKILLed parent: the
+    test above can fail."""
+    child, qemu_pid = run_child(CHILD_PLAIN, tmp_path, tmp_path)
+    try:
+        child.send_signal(signal.SIGKILL)
+        child.wait(5)
+        assert not wait_dead(qemu_pid, 1.0)
+    finally:
+        os.kill(qemu_pid, signal.SIGKILL)
+        wait_dead(qemu_pid, 5)
+
+
+# ---------------------------------------------------------- host-check
+
+
+def test_host_check_json() -> None:
+    proc = subprocess.run([sys.executable, "-m", "harness", "host-check", "--json"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    caps = json.loads(proc.stdout)
+    assert caps["qemu_version"]
+    assert caps["tcg"]["available"] is True
+    for name in ("kvm", "sev", "sev_es", "snp"):
+        assert isinstance(caps[name]["available"], bool)
+        assert caps[name]["reason"], name
+    if not Path("/dev/kvm").exists():
+        assert caps["kvm"]["available"] is False
+    if caps["kvm"]["available"]:
+        assert "booted firmware" in caps["kvm"]["reason"]
+    if not Path("/dev/sev").exists():
+        assert caps["sev"]["available"] is False
+        assert caps["cbitpos"] is None

@@ -1,0 +1,164 @@
+"""The expect API over a followed file and over a socket (no QEMU)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.console import (
+    Console,
+    FileFollower,
+    debug_console,
+    fd_console,
+    serial_console,
+    tail_lines,
+)
+from harness.errors import ConsoleFailure, ConsoleTimeout
+
+COMMAND = ["qemu-system-x86_64", "-machine", "q35", "-name", "with space"]
+LOGGER = logging.getLogger("harness.machine.testvm")
+
+
+def writer(path: Path, lines: list[str], delay: float = 0.05) -> threading.Thread:
+    def run() -> None:
+        with open(path, "a", encoding="utf-8") as handle:
+            for line in lines:
+                time.sleep(delay)
+                handle.write(line + "\n")
+                handle.flush()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def follow(path: Path, alive: bool = True) -> Console:
+    return debug_console(path, lambda: alive, LOGGER, {"debugcon.log": path}, COMMAND)
+
+
+def test_follows_a_growing_file(tmp_path: Path) -> None:
+    log = tmp_path / "debugcon.log"  # does not exist yet
+    writer(log, ["SecCoreStartupWithStack", ("Loading driver at 0x0000E0C2000 "
+                 "EntryPoint=0x0000E0E1A4F Shell.efi"), "after"])
+    match = follow(log).expect(r"Loading driver at (0x[0-9A-F]+) .* Shell\.efi", timeout=5)
+    assert match.group(1) == "0x0000E0C2000"
+
+
+def test_failure_pattern_fails_at_once(tmp_path: Path) -> None:
+    log = tmp_path / "debugcon.log"
+    writer(log, ["booting", "ASSERT [DxeCore] Foo.c(12): Bar != NULL", "Shell.efi"])
+    started = time.monotonic()
+    with pytest.raises(ConsoleFailure) as info:
+        follow(log).expect("Shell.efi", timeout=20)
+    assert time.monotonic() - started < 5
+    assert info.value.line == "ASSERT [DxeCore] Foo.c(12): Bar != NULL"
+    assert "ASSERT [DxeCore]" in str(info.value)
+
+
+def test_success_before_failure_wins(tmp_path: Path) -> None:
+    log = tmp_path / "debugcon.log"
+    log.write_text("Shell.efi\n!!!! X64 Exception Type - 0E\n")
+    console = follow(log)
+    console.expect("Shell.efi", timeout=2)
+    with pytest.raises(ConsoleFailure, match="X64 Exception"):
+        console.expect("never", timeout=2)
+
+
+def test_no_failure_patterns(tmp_path: Path) -> None:
+    log = tmp_path / "debugcon.log"
+    log.write_text("Kernel panic - not syncing\nok\n")
+    follow(log).expect("ok", failure=(), timeout=2)
+
+
+def test_timeout_names_pattern_and_quotes_tails(tmp_path: Path) -> None:
+    log = tmp_path / "debugcon.log"
+    log.write_text("".join(f"line {n}\n" for n in range(100)))
+    started = time.monotonic()
+    with pytest.raises(ConsoleTimeout) as info:
+        follow(log).expect(r"BdsDxe: loading", timeout=0.5)
+    assert 0.5 <= time.monotonic() - started < 3
+    err = info.value
+    assert err.awaited == "'BdsDxe: loading'"
+    text = str(err)
+    assert text.splitlines()[0] == \
+        "timed out after 0.5 s on debugcon waiting for 'BdsDxe: loading'"
+    assert "line 99" in text and "line 60" in text and "line 59" not in text
+    assert "qemu-system-x86_64 -machine q35 -name 'with space'" in text
+    assert err.tails["debugcon.log"].splitlines()[-1] == "line 99"
+
+
+def test_eof_when_writer_gone(tmp_path: Path) -> None:
+    log = tmp_path / "debugcon.log"
+    log.write_text("partial\n")
+    with pytest.raises(ConsoleTimeout, match="QEMU exited"):
+        follow(log, alive=False).expect("never", timeout=10)
+
+
+def test_lines_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "debugcon.log"
+    log.write_text("first line\r\n\x1b[1mbold\x1b[0m\nlast\n")
+    with caplog.at_level(logging.DEBUG, logger="harness.machine.testvm"):
+        follow(log).expect("last", timeout=2)
+    messages = [r.getMessage() for r in caplog.records
+                if r.name == "harness.machine.testvm.debugcon"]
+    assert messages[:2] == ["debugcon: first line", "debugcon: bold"]
+
+
+def test_serial_console_follows_log_sends_and_drains(tmp_path: Path) -> None:
+    ours, qemu = socket.socketpair()  # qemu: QEMU's end of the chardev socket
+    log = tmp_path / "serial.log"
+    console = serial_console(ours, log, lambda: True, LOGGER, {"serial.log": log}, COMMAND)
+    # QEMU writes every byte to the socket and to the chardev's logfile. A
+    # reader that never drained the socket would block QEMU after ~200 KiB.
+    blob = b"x" * (4 * 1024 * 1024)
+    sender = threading.Thread(target=qemu.sendall, args=(blob,), daemon=True)
+    sender.start()
+    sender.join(10)
+    assert not sender.is_alive(), "the chardev socket was not drained"
+    log.write_bytes(b"\x1b[2J\x1b[01;01HPress ESC in 5 seconds to skip startup.nsh\r\n")
+    console.expect(r"Press .*ESC.* in \d+ seconds", timeout=2)
+    console.send("\x1b")
+    assert qemu.recv(16) == b"\x1b"
+    with open(log, "ab") as handle:
+        handle.write(b"Shell> ")
+    console.expect("Shell> ", timeout=2)
+    with pytest.raises(ConsoleTimeout, match="on serial waiting for 'never'"):
+        console.expect("never", timeout=0.3)
+    console.close()
+    qemu.close()
+
+
+def test_fd_console_over_socket(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    console = fd_console(ours.detach(), LOGGER, {"serial.log": tmp_path / "serial.log"},
+                         COMMAND)
+    theirs.sendall(b"BdsDxe: loading Boot0001\r\n")
+    console.expect(r"BdsDxe: loading (Boot\d+)", timeout=2)
+    console.send("\r")
+    assert theirs.recv(16) == b"\r"
+    console.close()
+    theirs.close()
+
+
+def test_tail_lines(tmp_path: Path) -> None:
+    path = tmp_path / "x.log"
+    path.write_text("".join(f"{n}\n" for n in range(50)))
+    assert tail_lines(path, 3) == "47\n48\n49"
+    assert tail_lines(tmp_path / "missing.log") == ""
+
+
+def test_file_follower_timeout_and_eof(tmp_path: Path) -> None:
+    import pexpect
+
+    alive = [True]
+    spawn = FileFollower(tmp_path / "nothing", lambda: alive[0])
+    with pytest.raises(pexpect.TIMEOUT):
+        spawn.read_nonblocking(100, 0.1)
+    alive[0] = False
+    with pytest.raises(pexpect.EOF):
+        spawn.read_nonblocking(100, 0.1)

@@ -1,0 +1,276 @@
+"""MachineConfig validation and the QEMU argv (TCG, KVM, SEV, SEV-ES)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import host
+from harness.errors import UsageError
+from harness.machine import (
+    POLICY_ES,
+    POLICY_NODBG,
+    POLICY_NOKS,
+    BlockDevice,
+    MachineConfig,
+    NetDevice,
+    RngDevice,
+    RuntimePaths,
+    ScsiController,
+    SevConfig,
+    build_argv,
+    parse_devices,
+    reproduce_script,
+    sev_info_problem,
+)
+
+QMP_DATA = Path(__file__).resolve().parents[1] / "data" / "qmp"
+
+PATHS = RuntimePaths(qmp_socket=Path("/run/x/qmp.sock"),
+                     serial_socket=Path("/run/x/serial.sock"),
+                     serial_log=Path("/art/serial.log"),
+                     debugcon_log=Path("/art/debugcon.log"),
+                     vars_copy=Path("/art/OVMF_VARS.fd"))
+
+ALL_DEVICES = (BlockDevice(Path("/img/boot.img"), bootindex=0), NetDevice(),
+               ScsiController(), RngDevice())
+
+
+def reply(name: str) -> dict[str, object]:
+    data: dict[str, object] = json.loads((QMP_DATA / name).read_text())
+    return data
+
+
+def config(**kwargs: object) -> MachineConfig:
+    base: dict[str, object] = {"code": Path("/fw/OVMF_CODE.fd"),
+                               "vars_template": Path("/fw/OVMF_VARS.fd")}
+    base.update(kwargs)
+    return MachineConfig(**base)  # type: ignore[arg-type]
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == option]
+
+
+def sev_from_caps(mode: str, reply_name: str, policy: int | None = None) -> SevConfig:
+    caps = host.parse_sev_capabilities(reply(reply_name))
+    return SevConfig(mode=mode, cbitpos=caps.cbitpos,
+                     reduced_phys_bits=caps.reduced_phys_bits, policy=policy)
+
+
+# ---------------------------------------------------------------- TCG
+
+
+def test_tcg_argv_basics() -> None:
+    argv = build_argv(config(devices=ALL_DEVICES), PATHS)
+    assert argv[0] == "qemu-system-x86_64"
+    assert option_values(argv, "-accel") == ["tcg"]
+    assert option_values(argv, "-machine") == ["q35"]
+    assert "-cpu" not in argv
+    assert option_values(argv, "-m") == ["256"]
+    assert argv[-1] == "-S"
+    drives = option_values(argv, "-drive")
+    assert "if=pflash,format=raw,unit=0,readonly=on,file=/fw/OVMF_CODE.fd" in drives
+    # the VM runs on its copy of VARS, never on the template
+    assert "if=pflash,format=raw,unit=1,file=/art/OVMF_VARS.fd" in drives
+    assert not any("/fw/OVMF_VARS.fd" in arg for arg in argv)
+    assert ("socket,id=qmp0,path=/run/x/qmp.sock,server=on,wait=off"
+            in option_values(argv, "-chardev"))
+    assert option_values(argv, "-mon") == ["chardev=qmp0,mode=control"]
+    assert option_values(argv, "-serial") == ["chardev:serial0"]
+    assert option_values(argv, "-debugcon") == ["file:/art/debugcon.log"]
+    assert "isa-debugcon.iobase=0x402" in option_values(argv, "-global")
+    assert not any("sev-guest" in arg or "iommu_platform" in arg for arg in argv)
+
+
+def test_devices_argv() -> None:
+    argv = build_argv(config(devices=ALL_DEVICES), PATHS)
+    devices = option_values(argv, "-device")
+    assert "virtio-blk-pci,drive=disk0,id=blk0,bootindex=0" in devices
+    assert "if=none,id=disk0,format=raw,file=/img/boot.img" in option_values(argv, "-drive")
+    assert option_values(argv, "-netdev") == ["user,id=net1,restrict=on"]
+    assert "virtio-net-pci,netdev=net1,id=nic1,romfile=" in devices
+    assert "virtio-scsi-pci,id=scsi2" in devices
+    assert "virtio-rng-pci,rng=rng3,id=vrng3" in devices
+    assert "rng-random,id=rng3,filename=/dev/urandom" in option_values(argv, "-object")
+
+
+def test_fw_cfg_and_comma_escaping() -> None:
+    argv = build_argv(config(
+        code=Path("/odd,dir/OVMF_CODE.fd"),
+        fw_cfg={"opt/org.ebs-harness/ebs-mode": "legacy",
+                "opt/org.ebs-harness/requeue-depth": "2"}), PATHS)
+    assert option_values(argv, "-fw_cfg") == [
+        "name=opt/org.ebs-harness/ebs-mode,string=legacy",
+        "name=opt/org.ebs-harness/requeue-depth,string=2"]
+    assert any(arg.endswith("file=/odd,,dir/OVMF_CODE.fd") for arg in argv)
+
+
+def test_not_paused_and_no_debugcon() -> None:
+    argv = build_argv(config(debugcon=False), PATHS, paused=False)
+    assert "-S" not in argv
+    assert "-debugcon" not in argv
+
+
+# ---------------------------------------------------------------- KVM
+
+
+def test_kvm_argv() -> None:
+    argv = build_argv(config(accel="kvm", qemu="/opt/qemu/bin/qemu-system-x86_64"), PATHS)
+    assert argv[0] == "/opt/qemu/bin/qemu-system-x86_64"
+    assert option_values(argv, "-accel") == ["kvm"]
+    assert "-cpu" not in argv  # QEMU's default model: no host-MSR surprises
+    assert option_values(argv, "-machine") == ["q35"]
+
+
+# ---------------------------------------------------------------- SEV
+
+
+def test_sev_argv_from_query_sev_capabilities() -> None:
+    sev = sev_from_caps("sev", "query-sev-capabilities.json")
+    argv = build_argv(config(accel="kvm", sev=sev, devices=ALL_DEVICES), PATHS)
+    assert option_values(argv, "-machine") == ["q35,confidential-guest-support=sev0"]
+    assert ("sev-guest,id=sev0,cbitpos=47,reduced-phys-bits=5,policy=0x3"
+            in option_values(argv, "-object"))
+    assert option_values(argv, "-cpu") == ["host"]
+    virtio = [d for d in option_values(argv, "-device") if d.startswith("virtio-")]
+    assert len(virtio) == 4
+    assert all(d.endswith(",disable-legacy=on,iommu_platform=on") for d in virtio)
+
+
+def test_sev_es_argv_policy_has_es_bit() -> None:
+    sev = sev_from_caps("sev-es", "query-sev-capabilities-milan.json")
+    assert sev.effective_policy == POLICY_NODBG | POLICY_NOKS | POLICY_ES == 0x7
+    argv = build_argv(config(accel="kvm", sev=sev), PATHS)
+    assert ("sev-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,policy=0x7"
+            in option_values(argv, "-object"))
+
+
+def test_sev_policy_bits() -> None:
+    assert SevConfig("sev", 47, 1).effective_policy == 0x3
+    assert SevConfig("sev", 47, 1).effective_policy & POLICY_ES == 0
+    assert SevConfig("sev", 47, 1, policy=0x1).effective_policy == 0x1
+    assert SevConfig("sev-es", 47, 1, policy=0x5).effective_policy == 0x5
+
+
+@pytest.mark.parametrize(("mode", "policy"), [("sev", 0x7), ("sev-es", 0x3)])
+def test_sev_policy_must_agree_with_mode(mode: str, policy: int) -> None:
+    with pytest.raises(ValueError, match="ES bit"):
+        SevConfig(mode, 47, 1, policy=policy)
+
+
+def test_sev_needs_kvm() -> None:
+    with pytest.raises(ValueError, match="SEV needs accel kvm"):
+        config(accel="tcg", sev=SevConfig("sev", 47, 1))
+
+
+def test_iommu_platform_explicit_without_sev() -> None:
+    argv = build_argv(config(iommu_platform=True, devices=(RngDevice(),)), PATHS)
+    assert option_values(argv, "-device") == [
+        "virtio-rng-pci,rng=rng0,id=vrng0,disable-legacy=on,iommu_platform=on"]
+    assert "-object" in argv and not any("sev-guest" in a for a in argv)
+
+
+@pytest.mark.parametrize("name", ["query-sev-sev.json"])
+def test_query_sev_accepted(name: str) -> None:
+    info = reply(name)["return"]
+    assert isinstance(info, dict)
+    assert sev_info_problem(info, 0x3) is None
+
+
+def test_query_sev_es_accepted() -> None:
+    info = reply("query-sev-sev-es.json")["return"]
+    assert isinstance(info, dict)
+    assert sev_info_problem(info, 0x7) is None
+
+
+def test_query_sev_disabled_refused() -> None:
+    info = reply("query-sev-disabled.json")["return"]
+    assert isinstance(info, dict)
+    assert sev_info_problem(info, 0x3) == "query-sev says enabled=false"
+
+
+def test_query_sev_wrong_policy_refused() -> None:
+    info = reply("query-sev-doc-example.json")["return"]  # enabled, policy 0
+    assert isinstance(info, dict)
+    assert sev_info_problem(info, 0x7) == "query-sev policy 0x0, expected 0x7"
+
+
+# ------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"accel": "hvf"}, "accel"),
+    ({"memory_mib": 8}, "memory"),
+    ({"fw_cfg": {"etc/ebs-mode": "x"}}, "fw_cfg name"),
+    ({"fw_cfg": {"opt/" + "x" * 60: "x"}}, "fw_cfg name"),
+    ({"devices": (BlockDevice(Path("a"), bootindex=0),
+                  BlockDevice(Path("b"), bootindex=0))}, "duplicate bootindex"),
+    ({"qemu": ""}, "no QEMU"),
+])
+def test_config_rejects(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config(**kwargs)
+
+
+def test_sev_config_rejects_bad_cbitpos() -> None:
+    with pytest.raises(ValueError, match="cbitpos"):
+        SevConfig("sev", 7, 1)
+    with pytest.raises(ValueError, match="mode"):
+        SevConfig("snp", 51, 1)
+
+
+def test_device_rejects() -> None:
+    with pytest.raises(ValueError, match="MAC"):
+        NetDevice(mac="nope")
+    with pytest.raises(ValueError, match="format"):
+        BlockDevice(Path("x"), format="vmdk")
+
+
+def test_config_is_frozen() -> None:
+    cfg = config()
+    with pytest.raises(AttributeError):
+        cfg.accel = "kvm"  # type: ignore[misc]
+
+
+# ------------------------------------------------------- reproduce.sh
+
+
+def test_reproduce_script(tmp_path: Path) -> None:
+    cfg = config(devices=(BlockDevice(Path("/img/boot.img"), bootindex=0),)).resolved()
+    script = reproduce_script(cfg, Path("/fw/OVMF_VARS.fd"))
+    path = tmp_path / "reproduce.sh"
+    path.write_text(script)
+    assert subprocess.run(["sh", "-n", str(path)], check=False).returncode == 0
+    assert "cp /fw/OVMF_VARS.fd repro/OVMF_VARS.fd" in script
+    assert "path=repro/qmp.sock,server=on,wait=off" in script
+    assert "stdio,id=serial0" in script
+    assert "file=repro/OVMF_VARS.fd" in script
+    assert "-S" not in script.split()
+    # the script is the same QEMU: everything but the run-time paths agrees
+    argv = build_argv(cfg, PATHS)
+    for option in ("-machine", "-accel", "-m", "-device"):
+        for value in option_values(argv, option):
+            assert value in script
+
+
+# ------------------------------------------------------------ --devices
+
+
+def test_parse_devices_in_order() -> None:
+    devices = parse_devices("virtio-net, virtio-blk,virtio-rng,virtio-scsi", Path("/b.img"))
+    assert devices == (NetDevice(), BlockDevice(Path("/b.img"), bootindex=0), RngDevice(),
+                       ScsiController())
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    ("virtio-gpu", "unknown device"),
+    ("virtio-rng,virtio-rng", "twice"),
+    ("virtio-blk", "needs a boot image"),
+])
+def test_parse_devices_rejects(names: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_devices(names, None)
