@@ -202,7 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except HarnessError as exc:
-        print(f"ebs-harness {args.command}: {exc}", file=sys.stderr)
+        # One line says what went wrong; environment failures (a timeout, a
+        # launch error) may add the log tails that explain it below.
+        first, _, rest = str(exc).partition("\n")
+        print(f"ebs-harness {args.command}: {first}", file=sys.stderr)
+        if rest and exc.exit_status == EXIT_ENVIRONMENT:
+            print(rest, file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print(f"ebs-harness {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,324 @@
+"""The EBS timeline for people: a text table and a self-contained HTML page.
+
+Both show the same rows: sequence number, log line, TPL, the event with
+notification functions symbolized (``Image!function``) and indented by
+nesting, IOMMU events folded into counts, the teardown marked, and the
+violations last. The HTML page draws the timeline as an inline SVG picture
+(handlers as bars on the sequence axis, the teardown as a band, violations
+in red) with no external resources, so it opens from an artifacts directory
+or a CI attachment as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from harness.dump import DumpReport
+from harness.symbols import Symbolizer
+from harness.trace import (
+    IOMMU_EVENTS,
+    DeviceAccess,
+    LogReport,
+    NotifyBegin,
+    NotifyEnd,
+    TeardownBegin,
+    TeardownEnd,
+    TeardownUnmap,
+    TraceEvent,
+    Version,
+)
+
+LOG = logging.getLogger(__name__)
+
+_FOLD_NAMES = {"iommu-map": "map", "iommu-unmap": "unmap", "iommu-alloc": "alloc",
+               "iommu-free": "free"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the timeline.
+
+    :param kind: ``event``, ``fold`` (folded IOMMU events), ``teardown``.
+    :param bad: a violation names one of its sequence numbers.
+    """
+
+    first: int
+    last: int
+    line: int | None
+    tpl: int | None
+    depth: int
+    text: str
+    kind: str
+    bad: bool
+
+    @property
+    def seq_label(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+def _describe(event: TraceEvent, sym: Symbolizer) -> str:
+    if isinstance(event, NotifyBegin):
+        return f"begin {sym.symbolize(event.fn)}"
+    if isinstance(event, NotifyEnd):
+        return f"end   {sym.symbolize(event.fn)}"
+    if isinstance(event, Version):
+        return f"version v={event.v} {event.module}"
+    return event.describe()
+
+
+def timeline_rows(report: LogReport, sym: Symbolizer) -> list[Row]:
+    """The rows of the timeline of ``report``."""
+    bad = {s for v in report.violations for s in v.seqs}
+    events = report.timeline.trace.events
+    rows: list[Row] = []
+    fold: list[TraceEvent] = []
+    depth = 0
+    tpls: list[int] = []
+    in_teardown = False
+
+    def flush() -> None:
+        if not fold:
+            return
+        counts = Counter(_FOLD_NAMES.get(e.name, e.name) for e in fold)
+        if fold[0].name == "teardown-unmap":
+            text = f"{len(fold)} teardown-unmap"
+            kind = "teardown"
+        else:
+            text = "iommu: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+            kind = "fold"
+        rows.append(Row(fold[0].seq, fold[-1].seq, fold[0].line, tpls[-1] if tpls else None,
+                        depth, text, kind, any(e.seq in bad for e in fold)))
+        fold.clear()
+
+    for event in events:
+        foldable = isinstance(event, IOMMU_EVENTS) and not (event.seq in bad)
+        if isinstance(event, TeardownUnmap):
+            if fold and fold[0].name != "teardown-unmap":
+                flush()
+            fold.append(event)
+            continue
+        if foldable:
+            if fold and fold[0].name == "teardown-unmap":
+                flush()
+            fold.append(event)
+            continue
+        flush()
+        if isinstance(event, NotifyEnd):
+            depth = max(depth - 1, 0)
+            tpl = tpls.pop() if tpls else None
+        else:
+            tpl = tpls[-1] if tpls else None
+        if isinstance(event, NotifyBegin):
+            tpl = event.tpl
+        kind = "event"
+        if isinstance(event, TeardownBegin):
+            in_teardown = True
+        if in_teardown or isinstance(event, TeardownEnd):
+            kind = "teardown"
+        rows.append(Row(event.seq, event.seq, event.line, tpl, depth,
+                        _describe(event, sym), kind, event.seq in bad))
+        if isinstance(event, TeardownEnd):
+            in_teardown = False
+        if isinstance(event, NotifyBegin):
+            depth += 1
+            tpls.append(event.tpl)
+    flush()
+    return rows
+
+
+def render_text(report: LogReport, sym: Symbolizer) -> str:
+    trace = report.timeline.trace
+    cfg = trace.config
+    out = [(f"trace: {trace.path} ({trace.lines} lines, {len(trace.events)} EBST lines, "
+            f"{len(report.timeline.attempts)} ExitBootServices call(s))")]
+    if cfg is not None:
+        out.append(f"iommu: scheme={cfg.scheme} emulation={cfg.emulation} "
+                   f"sharedbit={cfg.sharedbit} maphead={cfg.maphead:#x}")
+    out.append("")
+    out.append(f"{'seq':>9} {'line':>6} {'tpl':>3}  event")
+    for row in timeline_rows(report, sym):
+        mark = "!!" if row.bad else ("==" if row.kind == "teardown" else "  ")
+        tpl = "" if row.tpl is None else str(row.tpl)
+        line = "" if row.line is None else str(row.line)
+        out.append(f"{row.seq_label:>9} {line:>6} {tpl:>3}{mark} {'  ' * row.depth}{row.text}")
+    out.append("")
+    for note in report.anomalies:
+        out.append(f"note: {note}")
+    if report.violations:
+        out.append(f"FAIL: {len(report.violations)} violation(s)")
+        for v in report.violations:
+            out.append(f"  {v.check}: {v.detail}")
+    else:
+        out.append("PASS: V1 order, V2 once, V3 quiet, V4 empty all held")
+    return "\n".join(out) + "\n"
+
+
+def render_dump_text(report: DumpReport) -> str:
+    out = [f"dump: {report.path}",
+           f"cr3: {report.cr3:#x}" if report.cr3 is not None else "cr3: (none)",
+           f"mapping list head: {report.maphead:#x}" if report.maphead is not None
+           else "mapping list head: (unknown)"]
+    if report.live is not None:
+        out.append(f"live mappings: {len(report.live.records)}")
+        for r in report.live.records:
+            out.append(f"  MAP_INFO {r.addr:#x} {r.op_name} host {r.crypted:#x} "
+                       f"dev {r.plain:#x} pages {r.pages}")
+    if report.shared is not None:
+        out.append(f"shared ranges: {len(report.shared)}")
+        for s in report.shared[:32]:
+            out.append(f"  paddr {s.paddr:#x} vaddr {s.vaddr:#x} {s.size:#x} bytes")
+    out.append(f"canary hits ({report.scope} scanned): {len(report.canary_hits)}")
+    for h in report.canary_hits[:32]:
+        out.append(f"  paddr {h.paddr:#x}")
+    for note in report.notes:
+        out.append(f"note: {note}")
+    if report.violations:
+        out.append(f"FAIL: {len(report.violations)} violation(s)")
+        for v in report.violations:
+            out.append(f"  {v.check}: {v.detail}")
+    else:
+        out.append("PASS: D1, D2, D3 held (skipped checks are noted above)")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
+.pass { color: #176f2c; font-weight: bold; } .fail { color: #c00; font-weight: bold; }
+table { border-collapse: collapse; font-family: monospace; font-size: 12px; }
+td { padding: 1px 8px; white-space: pre; }
+tr.teardown td { background: #fff1d6; } tr.bad td { background: #ffd9d9; color: #a00; }
+tr.fold td { color: #777; }
+ul.violations li { color: #c00; font-family: monospace; }
+svg text { font-family: monospace; font-size: 11px; }
+"""
+
+
+def _svg(report: LogReport, sym: Symbolizer) -> str:
+    timeline = report.timeline
+    events = timeline.trace.events
+    bad = {s for v in report.violations for s in v.seqs}
+    start = max(timeline.attempts[0].enter.seq - 3, 1)
+    stop = events[-1].seq + 1
+    dispatches = [d for a in timeline.attempts for d in a.dispatches]
+    label_w, width, row_h = 330, 1100, 18
+    top = 40
+    lanes = len(dispatches) + 2
+    height = top + lanes * row_h + 40
+    plot_w = width - label_w - 20
+
+    def x(seq: float) -> float:
+        return label_w + (seq - start) / max(stop - start, 1) * plot_w
+
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+              f'viewBox="0 0 {width} {height}" role="img" aria-label="EBS timeline">'),
+             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fcfcfc"/>']
+    # seq axis
+    axis_y = height - 25
+    parts.append(f'<line x1="{label_w}" y1="{axis_y}" x2="{width - 20}" y2="{axis_y}" '
+                 f'stroke="#444"/>')
+    step = max(1, (stop - start) // 12)
+    for s in range(start, stop + 1, step):
+        parts.append(f'<line x1="{x(s):.1f}" y1="{axis_y}" x2="{x(s):.1f}" y2="{axis_y + 4}" '
+                     f'stroke="#444"/><text x="{x(s):.1f}" y="{axis_y + 16}" '
+                     f'text-anchor="middle">{s}</text>')
+    parts.append(f'<text x="{label_w - 20}" y="{axis_y + 16}" text-anchor="end">seq</text>')
+    # teardown bands
+    for td in timeline.teardowns:
+        x0, x1 = x(td.begin.seq), x(td.last_seq + 1)
+        parts.append(f'<rect x="{x0:.1f}" y="{top - 14}" width="{max(x1 - x0, 3):.1f}" '
+                     f'height="{axis_y - top + 14}" fill="#ffb84d" fill-opacity="0.35" '
+                     f'stroke="#e08a00"><title>teardown seq {td.begin.seq}..{td.last_seq} '
+                     f'scheme={html.escape(td.begin.scheme)}</title></rect>')
+        parts.append(f'<text x="{x0 + 2:.1f}" y="{top - 18}" fill="#b06000">teardown</text>')
+    # EBS enter / exit lines
+    for a in timeline.attempts:
+        for ev, colour in ((a.enter, "#2a5db0"), (a.exit, "#2a5db0" if a.succeeded else "#888")):
+            parts.append(f'<line x1="{x(ev.seq):.1f}" y1="{top - 14}" x2="{x(ev.seq):.1f}" '
+                         f'y2="{axis_y}" stroke="{colour}" stroke-dasharray="4 3"/>')
+            anchor, dx = ("end", -3) if ev is a.exit else ("start", 3)
+            parts.append(f'<text x="{x(ev.seq) + dx:.1f}" y="{top - 2}" fill="{colour}" '
+                         f'text-anchor="{anchor}">{html.escape(ev.name)} {ev.seq}</text>')
+    # handlers
+    for i, d in enumerate(dispatches):
+        y = top + (i + 1) * row_h
+        name = sym.symbolize(d.begin.fn)
+        is_bad = d.begin.seq in bad
+        fill = "#d62728" if is_bad else ("#6a8fd0" if d.begin.tpl <= 8 else "#4cae7a")
+        label = f"{'> ' * d.depth}{name} tpl {d.begin.tpl}"
+        parts.append(f'<text x="{label_w - 8}" y="{y + 12}" text-anchor="end" '
+                     f'fill="{"#c00" if is_bad else "#222"}">{html.escape(label[-48:])}</text>')
+        x0, x1 = x(d.begin.seq), x(d.end.seq + 1)
+        parts.append(f'<rect x="{x0:.1f}" y="{y + 2}" width="{max(x1 - x0, 3):.1f}" '
+                     f'height="{row_h - 4}" rx="3" fill="{fill}"><title>'
+                     f'{html.escape(name)} tpl {d.begin.tpl} seq {d.begin.seq}..{d.end.seq}'
+                     f'</title></rect>')
+    # IOMMU and device events lane
+    y = top + (len(dispatches) + 1) * row_h
+    parts.append(f'<text x="{label_w - 8}" y="{y + 12}" text-anchor="end">iommu / device</text>')
+    for mark in events:
+        if mark.seq < start:
+            continue
+        if isinstance(mark, (DeviceAccess, TeardownUnmap, *IOMMU_EVENTS)):
+            colour = "#d62728" if mark.seq in bad else (
+                "#e08a00" if isinstance(mark, TeardownUnmap) else "#555")
+            cx = x(mark.seq + 0.5)
+            if isinstance(mark, DeviceAccess):
+                parts.append(f'<path d="M{cx:.1f} {y + 2} l6 7 l-6 7 l-6 -7 z" fill="{colour}">'
+                             f'<title>{html.escape(mark.describe())}</title></path>')
+            else:
+                parts.append(f'<rect x="{cx - 1.5:.1f}" y="{y + 3}" width="3" '
+                             f'height="{row_h - 6}" fill="{colour}"><title>'
+                             f'seq {mark.seq} {html.escape(mark.describe())}</title></rect>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def render_html(report: LogReport, sym: Symbolizer) -> str:
+    trace = report.timeline.trace
+    verdict = ('<p class="pass">PASS: V1 order, V2 once, V3 quiet, V4 empty held</p>'
+               if report.passed else
+               f'<p class="fail">FAIL: {len(report.violations)} violation(s)</p>')
+    rows = []
+    for row in timeline_rows(report, sym):
+        cls = "bad" if row.bad else row.kind
+        rows.append(f'<tr class="{cls}"><td>{row.seq_label}</td><td>{row.line or ""}</td>'
+                    f'<td>{"" if row.tpl is None else row.tpl}</td>'
+                    f'<td>{html.escape("  " * row.depth + row.text)}</td></tr>')
+    violations = "".join(f"<li>{html.escape(v.check)}: {html.escape(v.detail)}</li>"
+                         for v in report.violations)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.anomalies)
+    cfg = trace.config
+    cfg_text = (f"scheme={cfg.scheme} emulation={cfg.emulation} sharedbit={cfg.sharedbit} "
+                f"maphead={cfg.maphead:#x}" if cfg else "no iommu-config line")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>EBS timeline: {html.escape(str(trace.path))}</title>
+<style>{_CSS}</style></head>
+<body>
+<h1>ExitBootServices timeline</h1>
+<p>{html.escape(str(trace.path))}: {trace.lines} log lines, {len(trace.events)} trace
+events, {len(report.timeline.attempts)} ExitBootServices call(s); {html.escape(cfg_text)}</p>
+{verdict}
+{_svg(report, sym)}
+<h2>Violations</h2>
+<ul class="violations">{violations or "<li style='color:#176f2c'>none</li>"}</ul>
+{f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
+<h2>Events</h2>
+<table><tr><th>seq</th><th>line</th><th>tpl</th><th>event</th></tr>
+{"".join(rows)}
+</table>
+</body></html>
+"""
+
+
+def summarize(rows: Sequence[Row]) -> Counter[str]:
+    """Row kinds, for tests and logs."""
+    return Counter(r.kind for r in rows)
+

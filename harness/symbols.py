@@ -1,0 +1,273 @@
+"""Addresses in a debug log -> ``Image!function``.
+
+OVMF prints one line per image it loads::
+
+    Loading driver at 0x0001ECC7000 EntryPoint=0x0001ECCA876 IoMmuDxe.efi
+    Loading PEIM at 0x0001FE8A000 EntryPoint=0x0001FEA27DC DxeCore.efi
+
+The build leaves ``modules/<Name>.debug`` (ELF with DWARF) and
+``modules/<Name>.map`` (GNU ld map) in the firmware directory. Symbol values
+in both are RVAs: runtime address = load base + ``st_value``
+(design.md section 7). A module whose ``_ModuleEntryPoint`` RVA disagrees with
+``EntryPoint - base`` in the log belongs to another build: its symbols are
+not used, and addresses in it come out as ``Image+0xoff``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOG = logging.getLogger(__name__)
+
+IMAGE_LOAD_RE = re.compile(
+    r"Loading (?:driver|PEIM) at 0x([0-9A-Fa-f]+) EntryPoint=0x([0-9A-Fa-f]+) "
+    r"([A-Za-z0-9_.\-]+?)\.efi\b")
+
+#: Without symbol files an address this far above the nearest image base is
+#: not attributed to that image.
+MAX_IMAGE_GUESS = 4 << 20
+
+_MAP_SECTION_RE = re.compile(
+    r"^ \.(?:text|data|rodata|bss)(?:\.rel)?(?:\.ro)?(?:\.local)?\.([A-Za-z_][A-Za-z0-9_]*?)"
+    r"(?:\.lto_priv\.\d+|\.part\.\d+|\.constprop\.\d+|\.isra\.\d+)*"
+    r"(?:\s+(0x[0-9a-fA-F]+)\s+(0x[0-9a-fA-F]+)\s+\S.*)?$")
+_COMPILER_SUFFIX_RE = re.compile(r"(?:\.(?:lto_priv|constprop|isra|part|cold)(?:\.\d+)?)+$")
+_MAP_ADDR_RE = re.compile(r"^\s+(0x[0-9a-fA-F]+)\s+(0x[0-9a-fA-F]+)\s+\S")
+
+
+@dataclass(frozen=True)
+class ImageLoad:
+    """One "Loading driver at" line of the log."""
+
+    name: str
+    base: int
+    entry: int
+    line: int
+
+    def __post_init__(self) -> None:
+        if self.entry < self.base:
+            raise ValueError(f"{self.name}: entry {self.entry:#x} below base {self.base:#x}")
+
+
+def parse_image_load(text: str, line: int) -> ImageLoad | None:
+    """The image load on one log line, or None."""
+    match = IMAGE_LOAD_RE.search(text)
+    if match is None:
+        return None
+    base, entry = int(match.group(1), 16), int(match.group(2), 16)
+    if entry < base:
+        return None
+    return ImageLoad(name=match.group(3), base=base, entry=entry, line=line)
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    value: int
+    size: int
+    is_function: bool
+
+
+@dataclass(frozen=True)
+class ModuleSymbols:
+    """The symbols of one module, as RVAs, sorted by value."""
+
+    name: str
+    source: Path
+    symbols: tuple[Symbol, ...]
+    image_size: int | None
+    entry_rva: int | None
+    _values: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_values", tuple(s.value for s in self.symbols))
+
+    def lookup(self, rva: int) -> tuple[Symbol, int] | None:
+        """The function containing ``rva`` and the offset into it."""
+        idx = bisect.bisect_right(self._values, rva) - 1
+        while idx >= 0:
+            sym = self.symbols[idx]
+            if sym.is_function:
+                off = rva - sym.value
+                if sym.size == 0 or off < sym.size:
+                    return sym, off
+                return None
+            idx -= 1
+        return None
+
+    def value_of(self, name: str) -> int | None:
+        for sym in self.symbols:
+            if sym.name == name:
+                return sym.value
+        return None
+
+
+def _load_debug(path: Path, name: str) -> ModuleSymbols:
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    symbols: list[Symbol] = []
+    image_end = 0
+    with path.open("rb") as fh:
+        try:
+            elf = ELFFile(fh)
+            for section in elf.iter_sections():
+                if section["sh_flags"] & 0x2:  # SHF_ALLOC
+                    image_end = max(image_end, section["sh_addr"] + section["sh_size"])
+            symtab = elf.get_section_by_name(".symtab")
+            if symtab is not None:
+                for sym in symtab.iter_symbols():  # type: ignore[attr-defined]
+                    kind = sym["st_info"]["type"]
+                    if kind not in ("STT_FUNC", "STT_OBJECT") or not sym.name:
+                        continue
+                    if sym["st_shndx"] in ("SHN_UNDEF", "SHN_ABS"):
+                        continue
+                    symbols.append(Symbol(sym.name, sym["st_value"], sym["st_size"],
+                                          kind == "STT_FUNC"))
+        except (ELFError, ValueError, KeyError, OSError) as exc:
+            LOG.warning("%s: unreadable symbol file: %s", path, exc)
+            symbols = []
+    symbols.sort(key=lambda s: (s.value, not s.is_function))
+    entry = next((s.value for s in symbols if s.name == "_ModuleEntryPoint"), None)
+    return ModuleSymbols(name, path, tuple(symbols), image_end or None, entry)
+
+
+def parse_map(text: str) -> list[Symbol]:
+    """Function and data symbols of a GNU ld map (``-Map``) as edk2 writes it."""
+    symbols: list[Symbol] = []
+    pending: tuple[str, bool] | None = None
+    for raw in text.splitlines():
+        if pending is not None:
+            match = _MAP_ADDR_RE.match(raw)
+            if match:
+                symbols.append(Symbol(pending[0], int(match.group(1), 16),
+                                      int(match.group(2), 16), pending[1]))
+            pending = None
+            continue
+        match = _MAP_SECTION_RE.match(raw)
+        if not match:
+            continue
+        is_function = raw.startswith(" .text.")
+        if match.group(2):
+            symbols.append(Symbol(match.group(1), int(match.group(2), 16),
+                                  int(match.group(3), 16), is_function))
+        else:
+            pending = (match.group(1), is_function)
+    return symbols
+
+
+def _load_map(path: Path, name: str) -> ModuleSymbols:
+    symbols = parse_map(path.read_text(errors="replace"))
+    symbols.sort(key=lambda s: (s.value, not s.is_function))
+    end = max((s.value + s.size for s in symbols), default=0)
+    entry = next((s.value for s in symbols if s.name == "_ModuleEntryPoint"), None)
+    return ModuleSymbols(name, path, tuple(symbols), end or None, entry)
+
+
+class Symbolizer:
+    """Turns runtime addresses into ``Image!function``, ``Image+0xoff`` or hex.
+
+    :param images: the image loads of the log, in log order.
+    :param firmware_dir: a firmware directory with ``modules/<Name>.debug``
+        or ``.map`` files, or None for image names only.
+    """
+
+    def __init__(self, images: Sequence[ImageLoad], firmware_dir: Path | None = None) -> None:
+        # A later load over the same range replaces an earlier one.
+        self._images = sorted(images, key=lambda i: (i.base, i.line))
+        self._bases = [i.base for i in self._images]
+        self._firmware_dir = firmware_dir
+        self._modules: dict[str, ModuleSymbols | None] = {}
+
+    @property
+    def images(self) -> tuple[ImageLoad, ...]:
+        return tuple(self._images)
+
+    def module(self, name: str) -> ModuleSymbols | None:
+        """The symbols of module ``name`` from the firmware dir, cached."""
+        if name in self._modules:
+            return self._modules[name]
+        result: ModuleSymbols | None = None
+        if self._firmware_dir is not None:
+            debug = self._firmware_dir / "modules" / f"{name}.debug"
+            mapf = self._firmware_dir / "modules" / f"{name}.map"
+            if debug.is_file():
+                result = _load_debug(debug, name)
+            if (result is None or not result.symbols) and mapf.is_file():
+                result = _load_map(mapf, name)
+        self._modules[name] = result
+        return result
+
+    def _usable(self, image: ImageLoad) -> ModuleSymbols | None:
+        mod = self.module(image.name)
+        if mod is None:
+            return None
+        if mod.entry_rva is not None and mod.entry_rva != image.entry - image.base:
+            LOG.warning("%s: _ModuleEntryPoint RVA %#x in %s but %#x in the log: "
+                        "symbols not used", image.name, mod.entry_rva, mod.source,
+                        image.entry - image.base)
+            self._modules[image.name] = None
+            return None
+        return mod
+
+    def image_for(self, addr: int) -> ImageLoad | None:
+        """The most recently loaded image whose range holds ``addr``."""
+        idx = bisect.bisect_right(self._bases, addr) - 1
+        best: ImageLoad | None = None
+        while idx >= 0:
+            image = self._images[idx]
+            mod = self._usable(image)
+            if mod is not None and mod.image_size is not None:
+                limit = mod.image_size
+            else:
+                nxt = bisect.bisect_right(self._bases, image.base)
+                limit = MAX_IMAGE_GUESS
+                if nxt < len(self._bases):
+                    limit = min(limit, self._bases[nxt] - image.base)
+            if addr - image.base < limit and (best is None or image.line > best.line):
+                best = image
+            if image.base + MAX_IMAGE_GUESS < addr:
+                break
+            idx -= 1
+        return best
+
+    def symbolize(self, addr: int) -> str:
+        image = self.image_for(addr)
+        if image is None:
+            return f"{addr:#x}"
+        off = addr - image.base
+        mod = self._usable(image)
+        if mod is not None:
+            hit = mod.lookup(off)
+            if hit is not None:
+                sym, within = hit
+                name = _COMPILER_SUFFIX_RE.sub("", sym.name)
+                return f"{image.name}!{name}" + (f"+{within:#x}" if within else "")
+        return f"{image.name}+{off:#x}"
+
+    def symbol_address(self, image_name: str, symbol: str) -> int | None:
+        """Runtime address of ``symbol`` of the last load of ``image_name``."""
+        loads = [i for i in self._images if i.name == image_name]
+        if not loads:
+            return None
+        image = max(loads, key=lambda i: i.line)
+        mod = self._usable(image)
+        if mod is None:
+            return None
+        rva = mod.value_of(symbol)
+        return None if rva is None else image.base + rva
+
+
+def images_from_lines(lines: Iterable[tuple[int, str]]) -> list[ImageLoad]:
+    """Image loads of ``(line number, text)`` pairs."""
+    out = []
+    for number, text in lines:
+        load = parse_image_load(text, number)
+        if load is not None:
+            out.append(load)
+    return out

@@ -1,0 +1,766 @@
+"""Debug log -> typed trace events -> EBS timeline -> verdicts V1..V4.
+
+The trace lines are specified in ``docs/trace-format.md`` (version 1). The
+parser keeps every ``EBST`` line as a frozen event numbered from 1 in log
+order (``seq``) and every "Loading driver at" line as an image load;
+everything else in the log is ignored. What it refuses, with a
+:class:`~harness.errors.TraceFormatError` naming the line:
+
+- a ``version`` line with another ``v=``;
+- an ``EBST`` line that is not ``EBST <event> key=value ...`` in printable
+  ASCII, has a key twice, or lacks a field its event needs or has a field
+  that is not a number where one is needed (garbage inside a trace line is
+  an error, not a finding: a log that lies about itself cannot be judged);
+- ``notify-end``/``teardown-end`` lines that close nothing, or close the
+  wrong thing;
+- a log that ends before its last ExitBootServices returned or failed.
+
+A final line without its newline (the capture was cut mid-line) is dropped:
+half a field is not evidence. Events the parser does not know are kept as
+plain :class:`TraceEvent` (new events keep the version), as are extra
+fields.
+
+The verdicts (design.md section 4) are computed from the :class:`Timeline`
+by :func:`check_timeline`; each :class:`Violation` names its check, the
+handler (symbolized) and the sequence numbers involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from harness.errors import TraceFormatError
+from harness.symbols import ImageLoad, Symbolizer, parse_image_load
+
+LOG = logging.getLogger(__name__)
+
+TRACE_VERSION = 1
+
+_LEADING_JUNK_RE = re.compile(rb"^(?:\r|\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z])*")
+_EVENT_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
+_KEY_RE = re.compile(r"[a-z][a-z0-9_-]*\Z")
+_INT_RE = re.compile(r"(?:0x[0-9a-fA-F]+|[0-9]+)\Z")
+_MAX_TRACE_LINE = 4096
+_MAX_READ = 64 * 1024
+
+
+# ----------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceEvent:
+    """One ``EBST`` line.
+
+    :param seq: number of the trace line, from 1, in log order.
+    :param line: line number in the log file, from 1.
+    :param name: the event word (``ebs-enter``).
+    :param fields: all ``key=value`` pairs as written.
+    """
+
+    seq: int
+    line: int
+    name: str
+    fields: tuple[tuple[str, str], ...]
+
+    def get(self, key: str) -> str | None:
+        for k, v in self.fields:
+            if k == key:
+                return v
+        return None
+
+    def describe(self) -> str:
+        """The event as the log wrote it, without ``EBST``."""
+        return " ".join([self.name] + [f"{k}={v}" for k, v in self.fields])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Version(TraceEvent):
+    v: int
+    module: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class IommuConfig(TraceEvent):
+    scheme: str
+    emulation: int
+    sharedbit: int
+    maphead: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class IommuRefused(TraceEvent):
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EbsEnter(TraceEvent):
+    mapkey: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotifyBegin(TraceEvent):
+    event: int
+    fn: int
+    ctx: int
+    tpl: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotifyEnd(TraceEvent):
+    event: int
+    fn: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EbsFail(TraceEvent):
+    status: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EbsCallback(TraceEvent):
+    revision: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EbsReturn(TraceEvent):
+    status: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class IommuMap(TraceEvent):
+    map: int
+    op: int
+    host: int
+    dev: int
+    pages: int
+    live: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class IommuUnmap(TraceEvent):
+    map: int
+    op: int
+    host: int
+    dev: int
+    pages: int
+    live: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class IommuAlloc(TraceEvent):
+    host: int
+    pages: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class IommuFree(TraceEvent):
+    host: int
+    pages: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeardownBegin(TraceEvent):
+    scheme: str
+    live: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeardownUnmap(TraceEvent):
+    map: int
+    op: int
+    host: int
+    dev: int
+    pages: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeardownEnd(TraceEvent):
+    unmapped: int
+    live: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceAccess(TraceEvent):
+    module: str
+    kind: str
+    map: int
+    host: int
+    dev: int
+    pages: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdversaryStage(TraceEvent):
+    n: int
+    of: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Probe(TraceEvent):
+    step: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeParked(TraceEvent):
+    pass
+
+
+EVENT_TYPES: dict[str, type[TraceEvent]] = {
+    "version": Version,
+    "iommu-config": IommuConfig,
+    "iommu-refused": IommuRefused,
+    "ebs-enter": EbsEnter,
+    "notify-begin": NotifyBegin,
+    "notify-end": NotifyEnd,
+    "ebs-fail": EbsFail,
+    "ebs-callback": EbsCallback,
+    "ebs-return": EbsReturn,
+    "iommu-map": IommuMap,
+    "iommu-unmap": IommuUnmap,
+    "iommu-alloc": IommuAlloc,
+    "iommu-free": IommuFree,
+    "teardown-begin": TeardownBegin,
+    "teardown-unmap": TeardownUnmap,
+    "teardown-end": TeardownEnd,
+    "device-access": DeviceAccess,
+    "adversary-stage": AdversaryStage,
+    "probe": Probe,
+    "probe-parked": ProbeParked,
+}
+
+_BASE_FIELDS = {f.name for f in dataclasses.fields(TraceEvent)}
+_SCHEMAS: dict[str, tuple[tuple[str, bool], ...]] = {
+    name: tuple((f.name, f.type == "int") for f in dataclasses.fields(cls)
+                if f.name not in _BASE_FIELDS)
+    for name, cls in EVENT_TYPES.items()
+}
+
+#: IOMMU events folded into counts in the timeline; V3 forbids them after a
+#: teardown began (the teardown's own ``teardown-unmap`` lines excepted).
+IOMMU_EVENTS = (IommuMap, IommuUnmap, IommuAlloc, IommuFree)
+
+
+def parse_trace_line(text: str, seq: int, line: int, path: str = "<log>") -> TraceEvent:
+    """One ``EBST`` line (without ``EBST``) -> its typed event."""
+
+    def bad(reason: str) -> TraceFormatError:
+        return TraceFormatError(path, line, reason)
+
+    if len(text) > _MAX_TRACE_LINE:
+        raise bad(f"EBST line longer than {_MAX_TRACE_LINE} characters")
+    if not text.isascii() or not text.isprintable():
+        raise bad("EBST line holds non-printable characters")
+    tokens = text.rstrip(" ").split(" ")
+    name = tokens[0]
+    if not _EVENT_RE.match(name):
+        raise bad(f"EBST line with a malformed event name {name[:40]!r}")
+    fields: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for token in tokens[1:]:
+        key, eq, value = token.partition("=")
+        if not eq or not _KEY_RE.match(key) or not value:
+            raise bad(f"EBST {name}: malformed field {token[:40]!r}")
+        if key in seen:
+            raise bad(f"EBST {name}: field {key!r} given twice")
+        seen.add(key)
+        fields.append((key, value))
+    cls = EVENT_TYPES.get(name, TraceEvent)
+    kwargs: dict[str, Any] = {"seq": seq, "line": line, "name": name, "fields": tuple(fields)}
+    values = dict(fields)
+    for key, is_int in _SCHEMAS.get(name, ()):
+        if key not in values:
+            raise bad(f"EBST {name}: missing field {key!r}")
+        value = values[key]
+        if is_int:
+            if not _INT_RE.match(value):
+                raise bad(f"EBST {name}: field {key}={value[:40]!r} is not a number")
+            kwargs[key] = int(value, 0) if value.startswith("0x") else int(value, 10)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A parsed debug log.
+
+    :param path: where it came from (for messages).
+    :param events: the trace events in log order.
+    :param images: the "Loading driver at" lines.
+    :param lines: number of lines in the log.
+    :param partial_tail: the log's last line had no newline and was dropped.
+    """
+
+    path: str
+    events: tuple[TraceEvent, ...]
+    images: tuple[ImageLoad, ...]
+    lines: int
+    partial_tail: bool
+
+    @property
+    def config(self) -> IommuConfig | None:
+        """The last ``iommu-config`` line, if any."""
+        found = [e for e in self.events if isinstance(e, IommuConfig)]
+        return found[-1] if found else None
+
+    def by_seq(self, seq: int) -> TraceEvent:
+        return self.events[seq - 1]
+
+
+def _split_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes, bool, bool]]:
+    """``(line number, content, complete, cut)`` in bounded memory.
+
+    ``complete``: the line ended with a newline; ``cut``: it was longer than
+    ``_MAX_READ`` bytes and only its start is given.
+    """
+    number = 0
+    while raw := stream.readline(_MAX_READ):
+        number += 1
+        cut = False
+        if not raw.endswith(b"\n") and len(raw) == _MAX_READ:
+            cut = True
+            while (rest := stream.readline(_MAX_READ)) and not rest.endswith(b"\n"):
+                pass
+        yield number, raw.rstrip(b"\r\n"), raw.endswith(b"\n") or cut, cut
+
+
+def parse_log(path: Path | str) -> Trace:
+    """Read a debug log (debug port or serial capture)."""
+    try:
+        with open(path, "rb") as stream:
+            return parse_stream(stream, str(path))
+    except IsADirectoryError as exc:
+        raise TraceFormatError(path, None, "is a directory, not a log") from exc
+    except FileNotFoundError as exc:
+        raise TraceFormatError(path, None, "no such file") from exc
+    except PermissionError as exc:
+        raise TraceFormatError(path, None, "permission denied") from exc
+
+
+def parse_text(text: str, path: str = "<log>") -> Trace:
+    import io
+
+    return parse_stream(io.BytesIO(text.encode("utf-8", "surrogateescape")), path)
+
+
+def parse_stream(stream: BinaryIO, path: str = "<log>") -> Trace:
+    events: list[TraceEvent] = []
+    images: list[ImageLoad] = []
+    lines = 0
+    partial = False
+    versions = 0
+    for number, raw, complete, cut in _split_lines(stream):
+        lines = number
+        body = _LEADING_JUNK_RE.sub(b"", raw, count=1)
+        if body.startswith(b"EBST "):
+            if cut:
+                raise TraceFormatError(path, number, f"EBST line longer than {_MAX_READ} bytes")
+            if not complete:
+                LOG.info("%s:%d: dropping the partial last line", path, number)
+                partial = True
+                continue
+            text = body[5:].decode("latin-1")
+            event = parse_trace_line(text, len(events) + 1, number, path)
+            if isinstance(event, Version):
+                versions += 1
+                if event.v != TRACE_VERSION:
+                    raise TraceFormatError(
+                        path, number, f"trace format version {event.v} (module "
+                        f"{event.module}); this harness reads version {TRACE_VERSION}")
+            events.append(event)
+        elif b"Loading " in body:
+            load = parse_image_load(body.decode("latin-1"), number)
+            if load is not None:
+                images.append(load)
+    if events and not versions:
+        raise TraceFormatError(path, events[0].line,
+                               "EBST lines without a 'version' line: cannot tell the "
+                               "trace format version")
+    return Trace(path, tuple(events), tuple(images), lines, partial)
+
+
+# --------------------------------------------------------------- timeline
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One notification function call (``notify-begin`` .. ``notify-end``).
+
+    :param parent: ``seq`` of the dispatch it is nested in, or None.
+    :param depth: 0 for a dispatch straight from the core.
+    """
+
+    begin: NotifyBegin
+    end: NotifyEnd
+    depth: int
+    parent: int | None
+
+
+@dataclass(frozen=True)
+class Teardown:
+    """The IOMMU teardown (``teardown-begin`` .. ``teardown-end``).
+
+    :param host: the dispatch it ran in (``legacy``: IoMmuDxe's re-signalled
+        handler), or None when the core called it (``callback``).
+    :param end: None when it never ended.
+    """
+
+    begin: TeardownBegin
+    end: TeardownEnd | None
+    unmaps: tuple[TeardownUnmap, ...]
+    host: Dispatch | None
+
+    @property
+    def last_seq(self) -> int:
+        if self.end is not None:
+            return self.end.seq
+        return self.unmaps[-1].seq if self.unmaps else self.begin.seq
+
+
+@dataclass(frozen=True)
+class EbsAttempt:
+    """One ExitBootServices call (``ebs-enter`` .. ``ebs-fail``/``ebs-return``)."""
+
+    index: int
+    enter: EbsEnter
+    exit: EbsFail | EbsReturn
+    dispatches: tuple[Dispatch, ...]
+    teardowns: tuple[Teardown, ...]
+
+    @property
+    def succeeded(self) -> bool:
+        return isinstance(self.exit, EbsReturn)
+
+    def contains(self, seq: int) -> bool:
+        return self.enter.seq <= seq <= self.exit.seq
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The EBS attempts of a trace, with dispatches and teardowns.
+
+    :param stray_teardowns: teardowns outside any ExitBootServices call.
+    """
+
+    trace: Trace
+    attempts: tuple[EbsAttempt, ...]
+    stray_teardowns: tuple[Teardown, ...]
+
+    @property
+    def teardowns(self) -> tuple[Teardown, ...]:
+        out = list(self.stray_teardowns)
+        for attempt in self.attempts:
+            out.extend(attempt.teardowns)
+        return tuple(sorted(out, key=lambda t: t.begin.seq))
+
+    def dispatch_at(self, seq: int) -> Dispatch | None:
+        """The innermost dispatch open at ``seq``."""
+        best: Dispatch | None = None
+        for attempt in self.attempts:
+            for d in attempt.dispatches:
+                if d.begin.seq <= seq <= d.end.seq and (best is None or d.depth > best.depth):
+                    best = d
+        return best
+
+
+def build_timeline(trace: Trace) -> Timeline:
+    """Group the events of ``trace`` into EBS attempts.
+
+    :raises TraceFormatError: unbalanced begin/end lines, or the log ends
+        before the last ExitBootServices returned (or there is none).
+    """
+    path = trace.path
+
+    def bad(event: TraceEvent | None, reason: str) -> TraceFormatError:
+        return TraceFormatError(path, event.line if event else None, reason)
+
+    attempts: list[EbsAttempt] = []
+    stray: list[Teardown] = []
+    enter: EbsEnter | None = None
+    dispatches: list[Dispatch] = []
+    teardowns: list[Teardown] = []
+    stack: list[tuple[NotifyBegin, int | None]] = []
+    open_td: tuple[TeardownBegin, list[TeardownUnmap], NotifyBegin | None] | None = None
+    done_dispatch: dict[int, Dispatch] = {}
+    pending_host: list[tuple[TeardownBegin, TeardownEnd | None,
+                             tuple[TeardownUnmap, ...], NotifyBegin | None]] = []
+
+    def close_teardown(end: TeardownEnd | None) -> None:
+        nonlocal open_td
+        assert open_td is not None
+        begin, unmaps, host = open_td
+        pending_host.append((begin, end, tuple(unmaps), host))
+        open_td = None
+
+    def flush_teardowns(into: list[Teardown]) -> None:
+        for begin, end, unmaps, host in pending_host:
+            host_d = done_dispatch.get(host.seq) if host is not None else None
+            into.append(Teardown(begin, end, unmaps, host_d))
+        pending_host.clear()
+
+    for event in trace.events:
+        if isinstance(event, EbsEnter):
+            if enter is not None:
+                raise bad(event, f"ebs-enter at seq {event.seq} while the ebs-enter "
+                                 f"at seq {enter.seq} has not returned")
+            if open_td is not None:
+                close_teardown(None)
+            flush_teardowns(stray)
+            enter = event
+            dispatches, teardowns, stack = [], [], []
+        elif isinstance(event, NotifyBegin):
+            if enter is None:
+                LOG.debug("%s: notify-begin seq %d outside ExitBootServices", path, event.seq)
+                continue
+            stack.append((event, stack[-1][0].seq if stack else None))
+        elif isinstance(event, NotifyEnd):
+            if enter is None:
+                continue
+            if not stack:
+                raise bad(event, f"notify-end at seq {event.seq} with no notify-begin open")
+            begin, parent = stack[-1]
+            if begin.fn != event.fn or begin.event != event.event:
+                raise bad(event, f"notify-end at seq {event.seq} (fn={event.fn:#x}) does not "
+                                 f"close the notify-begin at seq {begin.seq} "
+                                 f"(fn={begin.fn:#x})")
+            stack.pop()
+            d = Dispatch(begin, event, len(stack), parent)
+            dispatches.append(d)
+            done_dispatch[begin.seq] = d
+        elif isinstance(event, TeardownBegin):
+            if open_td is not None:
+                raise bad(event, f"teardown-begin at seq {event.seq} inside the teardown "
+                                 f"begun at seq {open_td[0].seq}")
+            host = stack[-1][0] if stack else None
+            open_td = (event, [], host)
+        elif isinstance(event, TeardownUnmap):
+            if open_td is None:
+                raise bad(event, f"teardown-unmap at seq {event.seq} outside a teardown")
+            open_td[1].append(event)
+        elif isinstance(event, TeardownEnd):
+            if open_td is None:
+                raise bad(event, f"teardown-end at seq {event.seq} with no teardown-begin")
+            close_teardown(event)
+        elif isinstance(event, (EbsFail, EbsReturn)):
+            if enter is None:
+                raise bad(event, f"{event.name} at seq {event.seq} without ebs-enter")
+            if stack:
+                begin = stack[-1][0]
+                raise bad(event, f"{event.name} at seq {event.seq} while the handler begun "
+                                 f"at seq {begin.seq} (fn={begin.fn:#x}) has not returned")
+            if open_td is not None:
+                close_teardown(None)
+            flush_teardowns(teardowns)
+            dispatches.sort(key=lambda d: d.begin.seq)
+            attempts.append(EbsAttempt(len(attempts) + 1, enter, event,
+                                       tuple(dispatches), tuple(teardowns)))
+            enter = None
+    if enter is not None:
+        raise bad(None, f"log ends at line {trace.lines} before ExitBootServices returned "
+                        f"(ebs-enter at line {enter.line}, seq {enter.seq})")
+    if not attempts:
+        raise bad(None, f"no ExitBootServices call in the log (ends at line {trace.lines}; "
+                        f"{len(trace.events)} EBST lines)")
+    if open_td is not None:
+        close_teardown(None)
+    flush_teardowns(stray)
+    return Timeline(trace, tuple(attempts), tuple(stray))
+
+
+# --------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A failed check.
+
+    :param check: ``V1``..``V4`` (log) or ``D1``..``D3`` (dump).
+    :param detail: one line a firmware engineer can act on.
+    :param seqs: the trace lines involved (for highlighting).
+    """
+
+    check: str
+    detail: str
+    seqs: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[VD][1-4]", self.check):
+            raise ValueError(f"unknown check {self.check!r}")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"check": self.check, "detail": self.detail, "seqs": list(self.seqs)}
+
+
+LOG_CHECKS = ("V1", "V2", "V3", "V4")
+
+
+def live_mappings(events: Iterable[TraceEvent], upto_seq: int | None = None,
+                  anomalies: list[str] | None = None) -> dict[int, IommuMap]:
+    """Replay map/unmap/teardown-unmap up to ``upto_seq`` (inclusive).
+
+    :returns: live mappings by MAP_INFO address.
+    """
+    live: dict[int, IommuMap] = {}
+    for event in events:
+        if upto_seq is not None and event.seq > upto_seq:
+            break
+        if isinstance(event, IommuMap):
+            if anomalies is not None and event.map in live:
+                anomalies.append(f"iommu-map seq {event.seq}: map={event.map:#x} is "
+                                 f"already live since seq {live[event.map].seq}")
+            live[event.map] = event
+        elif (isinstance(event, (IommuUnmap, TeardownUnmap))
+              and live.pop(event.map, None) is None and anomalies is not None):
+            anomalies.append(f"{event.name} seq {event.seq}: map={event.map:#x} was "
+                             f"never mapped in this log")
+    return live
+
+
+def _handler(sym: Symbolizer, begin: NotifyBegin) -> str:
+    return f"{sym.symbolize(begin.fn)} (tpl {begin.tpl}, notify-begin seq {begin.seq})"
+
+
+def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> list[Violation]:
+    """V1..V4 of design.md section 4, in check order."""
+    sym = symbolizer or Symbolizer(timeline.trace.images)
+    events = timeline.trace.events
+    v1: list[Violation] = []
+    v2: list[Violation] = []
+    v3: list[Violation] = []
+    v4: list[Violation] = []
+
+    # Without an iommu-config line and IOMMU events the protocol was never
+    # installed (a plain guest without emulation): V2 does not ask for a teardown.
+    iommu_in_use = timeline.trace.config is not None or any(
+        isinstance(e, IOMMU_EVENTS) for e in events)
+    for td in timeline.stray_teardowns:
+        v2.append(Violation("V2", f"teardown-begin at seq {td.begin.seq} outside any "
+                                  f"ExitBootServices call", (td.begin.seq,)))
+
+    for attempt in timeline.attempts:
+        span = (f"EBS attempt {attempt.index} (ebs-enter seq {attempt.enter.seq} .. "
+                f"{attempt.exit.name} seq {attempt.exit.seq})")
+        # V2 once
+        if not attempt.succeeded:
+            for td in attempt.teardowns:
+                v2.append(Violation("V2", f"failed {span} ran a teardown at seq "
+                                          f"{td.begin.seq}; a failed EBS must not tear down",
+                                    (td.begin.seq, attempt.exit.seq)))
+        elif not attempt.teardowns and not iommu_in_use:
+            pass  # no IOMMU protocol in this boot: nothing to tear down
+        elif len(attempt.teardowns) != 1:
+            seqs = tuple(t.begin.seq for t in attempt.teardowns)
+            at = f" (teardown-begin at seq {', '.join(map(str, seqs))})" if seqs else ""
+            v2.append(Violation("V2", f"successful {span} ran {len(attempt.teardowns)} "
+                                      f"teardowns{at}; expected exactly 1",
+                                (attempt.enter.seq, attempt.exit.seq) + seqs))
+        # V1 order
+        for td in attempt.teardowns:
+            tb = td.begin.seq
+            host = td.host if td.begin.scheme == "legacy" else None
+            for d in attempt.dispatches:
+                if d is host:
+                    continue
+                if d.begin.seq < tb < d.end.seq:
+                    v1.append(Violation(
+                        "V1", f"handler {_handler(sym, d.begin)} was still running at "
+                              f"teardown-begin seq {tb} (it returned at seq {d.end.seq}) in "
+                              f"{span}", (d.begin.seq, tb, d.end.seq)))
+                elif tb < d.begin.seq:
+                    v1.append(Violation(
+                        "V1", f"handler {_handler(sym, d.begin)} began after teardown-begin "
+                              f"seq {tb} in {span}", (tb, d.begin.seq)))
+        # V4 empty
+        for td in attempt.teardowns:
+            if td.end is None:
+                v4.append(Violation("V4", f"teardown begun at seq {td.begin.seq} never ended "
+                                          f"(no teardown-end before {attempt.exit.name} seq "
+                                          f"{attempt.exit.seq})", (td.begin.seq,)))
+                continue
+            replay = live_mappings(events, td.end.seq)
+            if td.end.live != 0:
+                v4.append(Violation("V4", f"teardown-end seq {td.end.seq} reports live="
+                                          f"{td.end.live} mapping(s) left",
+                                    (td.begin.seq, td.end.seq)))
+            elif replay:
+                v4.append(Violation("V4", f"teardown-end seq {td.end.seq} reports live=0 but "
+                                          f"the log leaves {len(replay)} mapping(s) live: "
+                                          + _list_maps(replay), (td.end.seq,)))
+        if attempt.succeeded:
+            replay = live_mappings(events, attempt.exit.seq)
+            if replay:
+                v4.append(Violation("V4", f"{len(replay)} mapping(s) still live at ebs-return "
+                                          f"seq {attempt.exit.seq} of {span}: "
+                                          + _list_maps(replay),
+                                    (attempt.exit.seq,) + tuple(m.seq for m in replay.values())))
+
+    # V3 quiet: from the first teardown-begin to the end of the log.
+    all_td = timeline.teardowns
+    if all_td:
+        first = all_td[0]
+        own = {u.seq for t in all_td for u in t.unmaps}
+        teardown_spans = [(t.begin.seq, t.last_seq) for t in all_td]
+        for event in events[first.begin.seq:]:
+            if not isinstance(event, IOMMU_EVENTS + (DeviceAccess,)) or event.seq in own:
+                continue
+            inside = next((s for s in teardown_spans if s[0] < event.seq <= s[1]), None)
+            running = timeline.dispatch_at(event.seq)
+            if inside is not None and (running is None or running.begin.seq < inside[0]):
+                continue  # the teardown's own Unmap() calls
+            where = (f" in handler {_handler(sym, running.begin)}"
+                     if running is not None else "")
+            what = (f"device-access by {event.module} kind={event.kind}"
+                    if isinstance(event, DeviceAccess) else event.name)
+            addr = f" map={event.get('map')}" if event.get("map") else ""
+            v3.append(Violation("V3", f"{what}{addr} at seq {event.seq}{where}, after "
+                                      f"teardown-begin seq {first.begin.seq}",
+                                (first.begin.seq, event.seq)))
+    return v1 + v2 + v3 + v4
+
+
+def _list_maps(live: dict[int, IommuMap]) -> str:
+    parts = [f"map={m.map:#x} op={m.op} pages={m.pages} (iommu-map seq {m.seq})"
+             for m in list(live.values())[:8]]
+    if len(live) > 8:
+        parts.append(f"and {len(live) - 8} more")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class LogReport:
+    """Everything ``analyze-log`` prints."""
+
+    timeline: Timeline
+    violations: tuple[Violation, ...]
+    anomalies: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+
+def analyze_log(path: Path | str, firmware_dir: Path | None = None
+                ) -> tuple[LogReport, Symbolizer]:
+    """Parse, build the timeline, check V1..V4."""
+    trace = parse_log(path)
+    timeline = build_timeline(trace)
+    sym = Symbolizer(trace.images, firmware_dir)
+    anomalies: list[str] = []
+    live_mappings(trace.events, None, anomalies)
+    if trace.config is None and not any(isinstance(e, IOMMU_EVENTS) for e in trace.events):
+        anomalies.append("no iommu-config line and no IOMMU events: the IOMMU protocol was "
+                         "not installed, so no teardown is expected (V2)")
+    if trace.partial_tail:
+        anomalies.append(f"the last line ({trace.lines}) had no newline and was dropped")
+    violations = check_timeline(timeline, sym)
+    return LogReport(timeline, tuple(violations), tuple(anomalies)), sym
+
+
+def events_of(trace: Trace, kinds: Sequence[type[TraceEvent]]) -> list[TraceEvent]:
+    return [e for e in trace.events if isinstance(e, tuple(kinds))]

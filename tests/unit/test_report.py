@@ -1,0 +1,175 @@
+"""harness.report and the analyze-log / analyze-dump commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from coredump import Core
+
+from harness import cli, report
+from harness.trace import analyze_log
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+FW = DATA / "fw-ref"
+GOOD = DATA / "synthetic-callback-depth2.log"
+BAD = DATA / "synthetic-legacy-depth2.log"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# --------------------------------------------------------------- text
+
+
+def test_text_timeline_folds_iommu_and_marks_teardown() -> None:
+    rep, sym = analyze_log(GOOD, FW)
+    text = report.render_text(rep, sym)
+    assert re.search(r"^\s+\d+-\d+\s+\d+\s+iommu: 1 alloc, 4 map, 3 unmap$", text, re.MULTILINE)
+    assert re.search(r"==\s+teardown-begin scheme=callback", text)
+    assert "begin VirtioBlkDxe!VirtioBlkExitBoot" in text
+    # nested TPL_NOTIFY dispatch is indented one level deeper, with its TPL
+    assert re.search(r"\s16\s+begin DxeCore!CoreExitBootServices", text)
+    assert text.rstrip().endswith("PASS: V1 order, V2 once, V3 quiet, V4 empty all held")
+
+
+def test_text_timeline_lists_violations_last() -> None:
+    rep, sym = analyze_log(BAD, FW)
+    lines = report.render_text(rep, sym).rstrip().splitlines()
+    idx = next(i for i, line in enumerate(lines) if line.startswith("FAIL:"))
+    assert all(re.match(r"  V[1-4]: ", line) for line in lines[idx + 1:])
+    assert any("!!" in line and "device-access" in line for line in lines[:idx])
+
+
+# --------------------------------------------------------------- HTML
+
+
+class _Collect(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_html_is_self_contained_with_svg_bars_and_red_violations(tmp_path: Path) -> None:
+    rep, sym = analyze_log(BAD, FW)
+    page = report.render_html(rep, sym)
+    parser = _Collect()
+    parser.feed(page)
+    tags = [t for t, _ in parser.tags]
+    assert "svg" in tags and "script" not in tags
+    assert not any(a.get("src") or (a.get("href") or "").startswith("http")
+                   for _, a in parser.tags)
+    bars = [a for t, a in parser.tags if t == "rect" and a.get("rx") == "3"]
+    dispatches = sum(len(a.dispatches) for a in rep.timeline.attempts)
+    assert len(bars) == dispatches
+    assert any(a.get("fill") == "#d62728" for a in bars)        # the late adversary stage
+    assert ">teardown<" in page
+    assert page.count('<li>V') == len(rep.violations)
+
+
+def test_html_of_passing_log_has_no_red(tmp_path: Path) -> None:
+    rep, sym = analyze_log(GOOD, FW)
+    page = report.render_html(rep, sym)
+    assert "#d62728" not in page and "PASS" in page
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_analyze_log_pass_and_fail_exit_codes(capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path) -> None:
+    status, out, err = run(capsys, "analyze-log", str(GOOD), "--firmware", str(FW))
+    assert status == 0 and "PASS" in out and err == ""
+    html_file = tmp_path / "t.html"
+    status, out, _ = run(capsys, "analyze-log", str(BAD), "--json", "--html", str(html_file))
+    assert status == 1
+    obj = json.loads(out)
+    assert obj["verdict"] == "fail"
+    assert {v["check"] for v in obj["violations"]} == {"V1", "V3"}
+    assert all(set(v) >= {"check", "detail"} for v in obj["violations"])
+    assert html_file.read_text().startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("EBST version v=1 module=X\nEBST ebs-enter mapkey=0x1\n", "before ExitBootServices returned"),
+    ("EBST version v=9 module=X\n", "trace format version 9"),
+    ("EBST version v=1 module=X\nEBST ebs-enter mapkey=zz\n", ":2: EBST ebs-enter"),
+])
+def test_analyze_log_bad_input_is_exit_2_one_line(capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path, content: str,
+                                                  needle: str) -> None:
+    log = tmp_path / "x.log"
+    log.write_text(content)
+    status, out, err = run(capsys, "analyze-log", str(log), "--json")
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and needle in err and err.startswith("ebs-harness analyze-log: ")
+
+
+def test_analyze_log_missing_file_and_bad_firmware(capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path) -> None:
+    status, _, err = run(capsys, "analyze-log", str(tmp_path / "nope.log"))
+    assert status == 2 and "no such file" in err
+    status, _, err = run(capsys, "analyze-log", str(GOOD), "--firmware", str(tmp_path))
+    assert status == 2 and "no modules/ directory" in err
+
+
+def test_analyze_dump_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from test_dump import CANARY, LOG, guest
+
+    log = tmp_path / "boot.log"
+    log.write_text(LOG)
+    canary = tmp_path / "canary.bin"
+    canary.write_bytes(CANARY)
+    core: Core = guest(records=1, shared=(0x100,), canary_at=(0x100010,))
+    dump = core.write(tmp_path / "d.elf")
+    status, out, _ = run(capsys, "analyze-dump", str(dump), "--log", str(log),
+                         "--canary", str(canary), "--json")
+    assert status == 1
+    obj = json.loads(out)
+    assert obj["verdict"] == "fail"
+    assert {v["check"] for v in obj["violations"]} == {"D1", "D2", "D3"}
+    assert obj["live_mappings"][0]["map"] == "0x6000"
+    assert obj["shared_pages"] == [{"vaddr": "0x100000", "paddr": "0x100000", "bytes": 4096}]
+    assert obj["canary_hits"] == [{"paddr": "0x100010", "shared": True}]
+    good = guest().write(tmp_path / "g.elf")
+    status, out, _ = run(capsys, "analyze-dump", str(good), "--log", str(log),
+                         "--canary", str(canary))
+    assert status == 0 and "PASS" in out
+    (tmp_path / "trunc.elf").write_bytes(good.read_bytes()[:5000])
+    status, out, err = run(capsys, "analyze-dump", str(tmp_path / "trunc.elf"), "--log",
+                           str(log))
+    assert status == 2 and err.count("\n") == 1 and "truncated dump" in err
+
+
+# ------------------------------------------------------ browser rendering
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
+    rep, sym = analyze_log(BAD, FW)
+    page = tmp_path / "timeline.html"
+    page.write_text(report.render_html(rep, sym), encoding="utf-8")
+    shot = tmp_path / "shot.png"
+    profile = tmp_path / "profile"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                    f"--screenshot={shot}", "--window-size=1200,800", page.as_uri()],
+                   check=True, capture_output=True, timeout=60)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1200, 800)
+    assert len(data) > 20_000          # a drawn page, not a blank one
