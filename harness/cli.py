@@ -10,13 +10,16 @@ their ``exit_status`` here, in one place.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness import edk2, host, report, scenario
 from harness.errors import (
     EXIT_ENVIRONMENT,
     EXIT_OK,
@@ -38,7 +41,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from harness import edk2
+
 
     progress = None if args.quiet else edk2.StderrProgress()
     result = edk2.build_firmware(
@@ -130,6 +133,87 @@ def _cmd_analyze_dump(args: argparse.Namespace) -> int:
     return EXIT_OK if result.passed else EXIT_VIOLATION
 
 
+# ----------------------------------------------------------- boot, demo
+
+
+def _firmware_for(args: argparse.Namespace) -> edk2.Firmware:
+    """``--firmware DIR``, else the patched build (built or from the cache)."""
+    if getattr(args, "firmware", None):
+        return edk2.Firmware.load(args.firmware)
+    progress = None if args.quiet else edk2.StderrProgress()
+    return edk2.build_firmware(source=edk2.source_from_option(None), progress=progress).firmware
+
+
+def _artifacts_dir(args: argparse.Namespace, what: str) -> Path:
+    if getattr(args, "artifacts", None):
+        return Path(args.artifacts).absolute()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("artifacts").absolute() / f"{what}-{stamp}"
+
+
+def _print_run(result: scenario.RunResult) -> None:
+    sys.stdout.write(report.render_text(result.log, result.symbolizer))
+    if result.dump is not None:
+        sys.stdout.write("\n" + report.render_dump_text(result.dump))
+    verdict = "PASS" if result.passed else "FAIL: " + ", ".join(sorted(result.failed_checks()))
+    print(f"\n{result.scenario.label()}: {verdict} (parked after {result.park_seconds:.1f} s "
+          f"under {result.accel}; artifacts {result.artifacts}, timeline "
+          f"{result.artifacts / 'timeline.html'})")
+
+
+def _cmd_boot(args: argparse.Namespace) -> int:
+    chosen = scenario.scenario_from_options(vars(args))
+    caps = host.cached_probe(args.qemu)
+    firmware = _firmware_for(args)
+    result = scenario.run_scenario(firmware, chosen, _artifacts_dir(args, chosen.label()),
+                                   caps=caps)
+    if args.json:
+        _print_json(result.as_json())
+    else:
+        _print_run(result)
+    return EXIT_OK if result.passed else EXIT_VIOLATION
+
+
+#: The demo's story: the 2017 scheme against a driver that re-signals twice,
+#: then the new callback against the same driver.
+DEMO = (
+    ("the 2017 scheme: IoMmuDxe re-signals its EBS event to come last",
+     scenario.Scenario(ebs_mode="legacy", requeue_depth=2, dump=True)),
+    ("the new scheme: CoreExitBootServices() calls the IOMMU once all handlers ran",
+     scenario.Scenario(ebs_mode="callback", requeue_depth=2, dump=True)),
+)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    caps = host.cached_probe(args.qemu)
+    accel = host.resolve_accel("auto", caps)
+    mode = ("SEV" if caps.sev.available else
+            f"no SEV here ({caps.sev.reason}): IOMMU emulation mode, shared pages "
+            "marked in the page tables")
+    print(f"ebs-harness demo: {accel.upper()} ({caps.qemu} {caps.qemu_version}); {mode}")
+    firmware = _firmware_for(args)
+    root = _artifacts_dir(args, "demo")
+    results = []
+    for number, (story, chosen) in enumerate(DEMO, 1):
+        if caps.sev.available:
+            chosen = dataclasses.replace(chosen, sev="sev", emulation=False)
+        print(f"\n=== {number}. {chosen.label()}: {story}\n")
+        result = scenario.run_scenario(firmware, chosen, root / chosen.ebs_mode, caps=caps)
+        _print_run(result)
+        results.append(result)
+    legacy, callback = results
+    print("\n=== summary")
+    for result in results:
+        verdict = "pass" if result.passed else "FAIL " + ", ".join(
+            sorted(result.failed_checks(), key=lambda c: (c[0] == "D", c)))
+        print(f"  {result.scenario.label():<20} {verdict}")
+    story_held = not legacy.passed and callback.passed
+    print("  " + ("the 2017 scheme lost the race and the callback won it, as predicted"
+                  if story_held else "UNEXPECTED: the demo's prediction did not hold"))
+    print(f"  artifacts: {root}")
+    return EXIT_OK if story_held else EXIT_VIOLATION
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -177,6 +261,40 @@ def _parser() -> argparse.ArgumentParser:
                        help="D3 scope: auto = shared pages under emulation, else all RAM")
     adump.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     adump.set_defaults(func=_cmd_analyze_dump)
+
+    boot = sub.add_parser("boot", help="boot the probe guest once and judge it")
+    boot.add_argument("--firmware", metavar="DIR",
+                      help="a firmware directory from 'ebs-harness build' (default: build)")
+    boot.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
+                      help="auto: KVM where the host probe proved it, else TCG")
+    boot.add_argument("--sev", choices=("off", "sev", "sev-es"), default="off")
+    boot.add_argument("--devices", default="virtio-blk", metavar="LIST",
+                      help="comma-separated: virtio-blk,virtio-net,virtio-scsi,virtio-rng")
+    boot.add_argument("--ebs-mode", choices=scenario.EBS_MODES, default="callback",
+                      help="the IOMMU teardown scheme (none: no teardown, a negative control)")
+    boot.add_argument("--requeue-depth", type=int, metavar="N",
+                      help="turn on the adversary driver, re-signalling N times")
+    boot.add_argument("--leak-mapping", action="store_true",
+                      help="the probe leaves a mapping holding the canary live")
+    boot.add_argument("--stale-mapkey", action="store_true",
+                      help="the probe first calls EBS with a stale MapKey")
+    boot.add_argument("--dump", action="store_true",
+                      help="dump guest memory once parked and judge D1..D3")
+    boot.add_argument("--artifacts", metavar="DIR",
+                      help="where to keep the run (default artifacts/LABEL-TIME)")
+    boot.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                      help="deadline from QEMU's start to the probe's park")
+    boot.add_argument("--qemu", metavar="BINARY", default="qemu-system-x86_64")
+    boot.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    boot.set_defaults(func=_cmd_boot)
+
+    demo = sub.add_parser("demo", help="the 2017 scheme against the callback, side by side")
+    demo.add_argument("--firmware", metavar="DIR",
+                      help="a firmware directory from 'ebs-harness build' (default: build)")
+    demo.add_argument("--artifacts", metavar="DIR",
+                      help="where to keep the runs (default artifacts/demo-TIME)")
+    demo.add_argument("--qemu", metavar="BINARY", default="qemu-system-x86_64")
+    demo.set_defaults(func=_cmd_demo)
 
     check = sub.add_parser("host-check",
                            help="what this host can run: TCG, KVM, SEV, SEV-ES, SNP")
