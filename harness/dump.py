@@ -643,6 +643,10 @@ def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None =
         hits: list[CanaryHit] = []
         if canary is None:
             notes.append("D3 skipped: no --canary")
+        elif config is None and scope == "auto":
+            notes.append("D3 skipped: no IOMMU in this boot (no iommu-config line), so no "
+                         "memory is shared and a plain guest's memory is all host-readable; "
+                         "use --scan all to scan anyway")
         else:
             canary = canary[:CANARY_NEEDLE]
             if use == "shared":

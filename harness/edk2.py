@@ -243,6 +243,8 @@ class TreeSource:
         shutil.copytree(self.path, dest, symlinks=True,
                         ignore=lambda d, names: [n for n in names
                                                  if Path(d) == self.path and n in TREE_IGNORED])
+        # edksetup.sh writes its tools_def.txt and target.txt into Conf/.
+        (dest / "Conf").mkdir(exist_ok=True)
 
 
 @dataclass(frozen=True)

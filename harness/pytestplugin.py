@@ -27,12 +27,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Generator, Iterator
+import dataclasses
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import edk2, host
+from harness import edk2, host, scenario
+from harness import report as timeline_report
 
 _OPTIONS: list[tuple[str, str, str, str, bool]] = [
     # (option, ini, env, help, is_flag)
@@ -63,6 +65,7 @@ MARKERS = {
 _HOST_CAPS = pytest.StashKey[host.HostCaps]()
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _ARTIFACTS = pytest.StashKey[Path]()
+_RUNS = pytest.StashKey[list[scenario.RunResult]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -151,6 +154,8 @@ def pytest_runtest_makereport(item: pytest.Item,
     item.stash.setdefault(_REPORTS, {})[report.when] = report
     if report.failed and _ARTIFACTS in item.stash:
         report.sections.append(("ebs-harness artifacts", str(item.stash[_ARTIFACTS])))
+    if report.when == "call":
+        _html_extras(item, report)
 
 
 @pytest.fixture(scope="session")
@@ -191,3 +196,50 @@ def machine_artifacts(request: pytest.FixtureRequest,
         print(f"ebs-harness artifacts: {path}")
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------ scenarios
+
+
+@pytest.fixture
+def run_probe(request: pytest.FixtureRequest, ovmf_firmware: edk2.Firmware,
+              host_caps: host.HostCaps, qemu_accel: str, machine_artifacts: Path,
+              record_property: Callable[[str, object], None],
+              ) -> Callable[[scenario.Scenario], scenario.RunResult]:
+    """Boot a :class:`~harness.scenario.Scenario` of the probe guest.
+
+    Records the run in the junit XML (firmware key, accelerator, SEV mode,
+    QEMU version, artifact directory) and keeps its timeline for the HTML
+    report of a failed test.
+    """
+    def run(chosen: scenario.Scenario) -> scenario.RunResult:
+        if chosen.sev == "off" and chosen.accel == "auto":
+            chosen = dataclasses.replace(chosen, accel=qemu_accel)
+        directory = machine_artifacts / chosen.label()
+        record_property("firmware_key", ovmf_firmware.key)
+        record_property("sev_mode", chosen.sev)
+        record_property("qemu_version", host_caps.qemu_version)
+        record_property("artifacts", str(directory))
+        result = scenario.run_scenario(ovmf_firmware, chosen, directory, caps=host_caps)
+        record_property("accel", result.accel)
+        record_property("park_seconds", round(result.park_seconds, 3))
+        request.node.stash.setdefault(_RUNS, []).append(result)
+        return result
+
+    return run
+
+
+def _html_extras(item: pytest.Item, report: pytest.TestReport) -> None:
+    """pytest-html: embed each run's timeline picture in a failed test's row."""
+    runs = item.stash.get(_RUNS, [])
+    if not runs or not report.failed:
+        return
+    try:
+        from pytest_html import extras
+    except ImportError:
+        return
+    found = list(getattr(report, "extras", []))
+    for result in runs:
+        svg = timeline_report.render_svg(result.log, result.symbolizer)
+        found.append(extras.html(f"<p>{result.scenario.label()}: {result.artifacts}</p>{svg}"))
+    report.extras = found  # type: ignore[attr-defined]

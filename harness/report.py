@@ -200,7 +200,7 @@ svg text { font-family: monospace; font-size: 11px; }
 """
 
 
-def _svg(report: LogReport, sym: Symbolizer) -> str:
+def render_svg(report: LogReport, sym: Symbolizer) -> str:
     timeline = report.timeline
     events = timeline.trace.events
     bad = {s for v in report.violations for s in v.seqs}
@@ -306,7 +306,7 @@ def render_html(report: LogReport, sym: Symbolizer) -> str:
 <p>{html.escape(str(trace.path))}: {trace.lines} log lines, {len(trace.events)} trace
 events, {len(report.timeline.attempts)} ExitBootServices call(s); {html.escape(cfg_text)}</p>
 {verdict}
-{_svg(report, sym)}
+{render_svg(report, sym)}
 <h2>Violations</h2>
 <ul class="violations">{violations or "<li style='color:#176f2c'>none</li>"}</ul>
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}

@@ -94,13 +94,15 @@ class Scenario:
     def net(self) -> bool:
         return "virtio-net" in self.devices if self.start_net is None else self.start_net
 
-    def fw_cfg(self) -> dict[str, str]:
-        """The firmware's knobs (see docs/trace-format.md and docs/emulation.md)."""
+    def fw_cfg(self, canary: bytes) -> dict[str, str]:
+        """The firmware's knobs (docs/emulation.md); the adversary driver
+        puts ``canary`` in the buffer it maps."""
         knobs = {f"{FW_CFG}/ebs-mode": self.ebs_mode}
         if self.emulated:
             knobs[f"{FW_CFG}/emulation"] = "1"
         if self.requeue_depth is not None:
             knobs[f"{FW_CFG}/requeue-depth"] = str(self.requeue_depth)
+            knobs[f"{FW_CFG}/canary"] = canary.decode("ascii")
         return knobs
 
     def probe_config(self) -> str:
@@ -125,8 +127,9 @@ class Scenario:
 
 
 def make_canary() -> bytes:
-    """A fresh canary: a recognisable prefix and 48 random bytes, 64 in all."""
-    return b"EBS-CANARY:" + secrets.token_hex(24).encode() + b":" + b"\n" * 4
+    """A fresh canary: a recognisable prefix and 48 random hex digits (ASCII,
+    no comma or space: it also travels as a fw_cfg string)."""
+    return b"EBS-CANARY-" + secrets.token_hex(24).encode()
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ class RunResult:
 
 
 def machine_config(firmware: Firmware, scenario: Scenario, image: Path,
-                   caps: host.HostCaps) -> machine.MachineConfig:
+                   caps: host.HostCaps, canary: bytes) -> machine.MachineConfig:
     """The QEMU guest for ``scenario``: the accelerator and SEV the host proved."""
     return machine.MachineConfig(
         code=firmware.code,
@@ -194,7 +197,10 @@ def machine_config(firmware: Firmware, scenario: Scenario, image: Path,
         sev=host.sev_config(scenario.sev, caps),
         memory_mib=scenario.memory_mib,
         devices=machine.parse_devices(",".join(scenario.devices), image),
-        fw_cfg=scenario.fw_cfg(),
+        fw_cfg=scenario.fw_cfg(canary),
+        # Modern-only virtio with the IOMMU feature: OVMF's legacy virtio
+        # driver never calls PciIo->Map, so nothing would reach the IOMMU.
+        iommu_platform=True if scenario.emulated else None,
         qemu=caps.qemu,
     )
 
@@ -226,7 +232,7 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     caps = caps or host.cached_probe()
     canary = make_canary()
     image = write_guest(firmware, scenario, artifacts, canary)
-    config = machine_config(firmware, scenario, image, caps)
+    config = machine_config(firmware, scenario, image, caps, canary)
     LOG.info("%s: %s under %s", scenario.label(), artifacts, config.accel)
     dump_path: Path | None = None
     with machine.QemuMachine(config, artifacts / "vm", name=scenario.label()) as vm:

@@ -216,6 +216,14 @@ def test_without_emulation_whole_ram_is_host_readable(tmp_path: Path) -> None:
     assert any(n.startswith("D2 skipped") for n in rep.notes)
 
 
+def test_without_iommu_d3_is_skipped_unless_asked(tmp_path: Path) -> None:
+    stock = "EBST version v=1 module=DxeCore\nEBST ebs-enter mapkey=0x1\n"
+    rep = analyze(tmp_path, guest(canary_at=(0x300000,)), stock)
+    assert rep.violations == () and any(n.startswith("D3 skipped") for n in rep.notes)
+    rep = analyze(tmp_path, guest(canary_at=(0x300000,)), stock, scope="all")
+    assert [v.check for v in rep.violations] == ["D3"]
+
+
 def test_maphead_cross_check(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="wrong --firmware"):
         analyze(tmp_path, guest(), maphead_symbol=0x5100)

@@ -225,6 +225,7 @@ def test_tree_source_is_copied_never_modified(fake_edk2: Path, tmp_path: Path) -
     _builder(fake_edk2, tmp_path, series).build()
     assert edk2.TreeSource(fake_edk2).identity() == before
     assert not (fake_edk2 / "Build").exists()
+    assert (_builder(fake_edk2, tmp_path, series).workspace_dir / "tree" / "Conf").is_dir()
     assert "line two" in (fake_edk2 / "OvmfPkg/IoMmuDxe/IoMmuDxe.c").read_text()
 
 

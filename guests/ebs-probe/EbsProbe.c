@@ -1,0 +1,587 @@
+/** @file
+  EbsProbe: the guest payload of the ovmf-ebs-harness.
+
+  Booted as \EFI\BOOT\BOOTX64.EFI from a FAT image on virtio-blk, it
+  1. reads "\ebs-probe.cfg" (key=value lines, see README.md) from its own
+     volume,
+  2. reads the per-run canary file through the file system, so that the data
+     passes through virtio-blk DMA (PciIo->Map -> IOMMU bounce buffers),
+  3. optionally maps a buffer holding the canary bytes on the virtio-blk PciIo
+     and never unmaps it ("DMA in flight", leak-mapping=1),
+  4. optionally starts and initializes every virtio-net SNP, so that their
+     rings stay mapped (start-net=1),
+  5. optionally calls ExitBootServices() with a stale MapKey first, which must
+     fail, then reads the canary again to show that DMA still works
+     (stale-mapkey=1),
+  6. calls GetMemoryMap() + ExitBootServices(), retrying on
+     EFI_INVALID_PARAMETER as the UEFI spec says,
+  7. prints "EBST probe-parked" and parks the CPU with interrupts off.
+
+  Every step prints an "EBST probe ..." trace line (docs/trace-format.md).
+
+  SPDX-License-Identifier: BSD-2-Clause-Patent
+**/
+
+#include <Uefi.h>
+#include <Guid/FileInfo.h>
+#include <IndustryStandard/Pci22.h>
+#include <Library/BaseLib.h>
+#include <Library/BaseMemoryLib.h>
+#include <Library/CpuLib.h>
+#include <Library/DebugLib.h>
+#include <Library/MemoryAllocationLib.h>
+#include <Library/UefiBootServicesTableLib.h>
+#include <Library/UefiLib.h>
+#include <Protocol/DevicePath.h>
+#include <Protocol/LoadedImage.h>
+#include <Protocol/PciIo.h>
+#include <Protocol/SimpleFileSystem.h>
+#include <Protocol/SimpleNetwork.h>
+
+#define PROBE_CONFIG_FILE     L"\\ebs-probe.cfg"
+#define PROBE_DEFAULT_CANARY  "canary.bin"
+#define PROBE_NAME_MAX        128
+#define PROBE_EBS_ATTEMPTS    8
+
+typedef struct {
+  CHAR16     Canary[PROBE_NAME_MAX];
+  BOOLEAN    LeakMapping;
+  BOOLEAN    StartNet;
+  BOOLEAN    StaleMapKey;
+} PROBE_CONFIG;
+
+/**
+  Read a whole file from the root directory of a volume.
+
+  @param[in]  Root    The root directory.
+  @param[in]  Name    The file path.
+  @param[out] Buffer  The file contents, NUL-terminated, from AllocatePool().
+  @param[out] Size    The file size in bytes (without the NUL).
+
+  @retval EFI_SUCCESS  The file was read.
+  @return              An error from the file system or the allocator.
+**/
+STATIC
+EFI_STATUS
+ProbeReadFile (
+  IN  EFI_FILE_PROTOCOL  *Root,
+  IN  CONST CHAR16       *Name,
+  OUT UINT8              **Buffer,
+  OUT UINTN              *Size
+  )
+{
+  EFI_STATUS         Status;
+  EFI_FILE_PROTOCOL  *File;
+  EFI_FILE_INFO      *Info;
+  UINTN              InfoSize;
+  UINTN              ReadSize;
+
+  Status = Root->Open (Root, &File, (CHAR16 *)Name, EFI_FILE_MODE_READ, 0);
+  if (EFI_ERROR (Status)) {
+    return Status;
+  }
+
+  InfoSize = 0;
+  Info     = NULL;
+  Status   = File->GetInfo (File, &gEfiFileInfoGuid, &InfoSize, NULL);
+  if (Status == EFI_BUFFER_TOO_SMALL) {
+    Info = AllocatePool (InfoSize);
+    if (Info == NULL) {
+      Status = EFI_OUT_OF_RESOURCES;
+    } else {
+      Status = File->GetInfo (File, &gEfiFileInfoGuid, &InfoSize, Info);
+    }
+  }
+
+  if (EFI_ERROR (Status)) {
+    goto CloseFile;
+  }
+
+  ReadSize = (UINTN)Info->FileSize;
+  *Buffer  = AllocateZeroPool (ReadSize + 1);
+  if (*Buffer == NULL) {
+    Status = EFI_OUT_OF_RESOURCES;
+    goto CloseFile;
+  }
+
+  Status = File->Read (File, &ReadSize, *Buffer);
+  if (EFI_ERROR (Status)) {
+    FreePool (*Buffer);
+    *Buffer = NULL;
+    goto CloseFile;
+  }
+
+  *Size = ReadSize;
+
+CloseFile:
+  if (Info != NULL) {
+    FreePool (Info);
+  }
+
+  File->Close (File);
+  return Status;
+}
+
+/**
+  Parse "key=value" lines into the configuration. Unknown keys are logged and
+  ignored; '#' starts a comment line.
+
+  @param[in]     Text    The NUL-terminated file contents (modified).
+  @param[in,out] Config  The configuration to update.
+**/
+STATIC
+VOID
+ProbeParseConfig (
+  IN     CHAR8         *Text,
+  IN OUT PROBE_CONFIG  *Config
+  )
+{
+  CHAR8  *Line;
+  CHAR8  *Next;
+  CHAR8  *Value;
+  UINTN  Length;
+
+  for (Line = Text; *Line != '\0'; Line = Next) {
+    for (Next = Line; *Next != '\0' && *Next != '\n'; Next++) {
+    }
+
+    if (*Next == '\n') {
+      *Next++ = '\0';
+    }
+
+    Length = AsciiStrLen (Line);
+    while (Length > 0 && (Line[Length - 1] == '\r' || Line[Length - 1] == ' ')) {
+      Line[--Length] = '\0';
+    }
+
+    if ((Length == 0) || (Line[0] == '#')) {
+      continue;
+    }
+
+    for (Value = Line; *Value != '\0' && *Value != '='; Value++) {
+    }
+
+    if (*Value != '=') {
+      DEBUG ((DEBUG_ERROR, "EbsProbe: ignoring config line \"%a\"\n", Line));
+      continue;
+    }
+
+    *Value++ = '\0';
+    if (AsciiStrCmp (Line, "canary") == 0) {
+      AsciiStrToUnicodeStrS (Value, Config->Canary, PROBE_NAME_MAX);
+    } else if (AsciiStrCmp (Line, "leak-mapping") == 0) {
+      Config->LeakMapping = (BOOLEAN)(AsciiStrCmp (Value, "1") == 0);
+    } else if (AsciiStrCmp (Line, "start-net") == 0) {
+      Config->StartNet = (BOOLEAN)(AsciiStrCmp (Value, "1") == 0);
+    } else if (AsciiStrCmp (Line, "stale-mapkey") == 0) {
+      Config->StaleMapKey = (BOOLEAN)(AsciiStrCmp (Value, "1") == 0);
+    } else {
+      DEBUG ((DEBUG_ERROR, "EbsProbe: unknown config key \"%a\"\n", Line));
+    }
+  }
+}
+
+/**
+  Map a buffer holding the canary bytes for the PCI device behind the boot
+  volume (virtio-blk), and never unmap it: a DMA transfer still in flight at
+  ExitBootServices(). Under an IOMMU the bytes sit in a shared bounce buffer
+  until the teardown scrubs it.
+
+  @param[in] DeviceHandle  The handle of the boot volume.
+  @param[in] Canary        The canary bytes.
+  @param[in] Size          Their number.
+**/
+STATIC
+VOID
+ProbeLeakMapping (
+  IN EFI_HANDLE   DeviceHandle,
+  IN CONST UINT8  *Canary,
+  IN UINTN        Size
+  )
+{
+  EFI_STATUS                Status;
+  EFI_DEVICE_PATH_PROTOCOL  *DevicePath;
+  EFI_HANDLE                PciHandle;
+  EFI_PCI_IO_PROTOCOL       *PciIo;
+  VOID                      *Buffer;
+  UINTN                     Bytes;
+  EFI_PHYSICAL_ADDRESS      DeviceAddress;
+  VOID                      *Mapping;
+
+  Buffer  = NULL;
+  Mapping = NULL;
+  Bytes   = Size;
+  Status  = gBS->HandleProtocol (DeviceHandle, &gEfiDevicePathProtocolGuid, (VOID **)&DevicePath);
+  if (!EFI_ERROR (Status)) {
+    Status = gBS->LocateDevicePath (&gEfiPciIoProtocolGuid, &DevicePath, &PciHandle);
+  }
+
+  if (!EFI_ERROR (Status)) {
+    Status = gBS->HandleProtocol (PciHandle, &gEfiPciIoProtocolGuid, (VOID **)&PciIo);
+  }
+
+  if (!EFI_ERROR (Status)) {
+    Buffer = AllocatePages (EFI_SIZE_TO_PAGES (Size));
+    if (Buffer == NULL) {
+      Status = EFI_OUT_OF_RESOURCES;
+    }
+  }
+
+  if (!EFI_ERROR (Status)) {
+    CopyMem (Buffer, Canary, Size);
+    Status = PciIo->Map (
+                      PciIo,
+                      EfiPciIoOperationBusMasterRead,
+                      Buffer,
+                      &Bytes,
+                      &DeviceAddress,
+                      &Mapping
+                      );
+  }
+
+  if (EFI_ERROR (Status)) {
+    DeviceAddress = 0;
+  }
+
+  DEBUG ((
+    DEBUG_INFO,
+    "EBST probe step=leak map=0x%p host=0x%p dev=0x%Lx bytes=%Lu status=0x%Lx\n",
+    Mapping,
+    Buffer,
+    DeviceAddress,
+    (UINT64)Bytes,
+    (UINT64)Status
+    ));
+}
+
+/**
+  Start and initialize every Simple Network Protocol instance (virtio-net),
+  so that their receive and transmit rings are mapped at ExitBootServices().
+**/
+STATIC
+VOID
+ProbeStartNetwork (
+  VOID
+  )
+{
+  EFI_STATUS                   Status;
+  EFI_HANDLE                   *Handles;
+  UINTN                        Count;
+  UINTN                        Index;
+  UINTN                        Up;
+  EFI_SIMPLE_NETWORK_PROTOCOL  *Snp;
+  EFI_PCI_IO_PROTOCOL          *PciIo;
+  UINT8                        BaseClass;
+
+  //
+  // OVMF's BDS connects only the devices in QEMU's boot order: connect the
+  // network controllers here, so that virtio-net produces its SNP.
+  //
+  Status = gBS->LocateHandleBuffer (ByProtocol, &gEfiPciIoProtocolGuid, NULL, &Count, &Handles);
+  if (!EFI_ERROR (Status)) {
+    for (Index = 0; Index < Count; Index++) {
+      Status = gBS->HandleProtocol (Handles[Index], &gEfiPciIoProtocolGuid, (VOID **)&PciIo);
+      if (EFI_ERROR (Status)) {
+        continue;
+      }
+
+      Status = PciIo->Pci.Read (PciIo, EfiPciIoWidthUint8, PCI_CLASSCODE_OFFSET + 2, 1, &BaseClass);
+      if (!EFI_ERROR (Status) && (BaseClass == PCI_CLASS_NETWORK)) {
+        gBS->ConnectController (Handles[Index], NULL, NULL, TRUE);
+      }
+    }
+
+    FreePool (Handles);
+  }
+
+  Up     = 0;
+  Count  = 0;
+  Status = gBS->LocateHandleBuffer (ByProtocol, &gEfiSimpleNetworkProtocolGuid, NULL, &Count, &Handles);
+  if (EFI_ERROR (Status)) {
+    Count = 0;
+  }
+
+  for (Index = 0; Index < Count; Index++) {
+    Status = gBS->HandleProtocol (Handles[Index], &gEfiSimpleNetworkProtocolGuid, (VOID **)&Snp);
+    if (EFI_ERROR (Status)) {
+      continue;
+    }
+
+    if (Snp->Mode->State == EfiSimpleNetworkStopped) {
+      Snp->Start (Snp);
+    }
+
+    if (Snp->Mode->State == EfiSimpleNetworkStarted) {
+      Snp->Initialize (Snp, 0, 0);
+    }
+
+    if (Snp->Mode->State == EfiSimpleNetworkInitialized) {
+      Up++;
+    }
+  }
+
+  if (Count > 0) {
+    FreePool (Handles);
+  }
+
+  DEBUG ((
+    DEBUG_INFO,
+    "EBST probe step=start-net handles=%Lu initialized=%Lu\n",
+    (UINT64)Count,
+    (UINT64)Up
+    ));
+}
+
+/**
+  Call ExitBootServices() with a MapKey that is stale on purpose: it must fail
+  with EFI_INVALID_PARAMETER, and the IOMMU teardown must not run.
+
+  @param[in] ImageHandle  This image.
+
+  @return  What ExitBootServices() returned.
+**/
+STATIC
+EFI_STATUS
+ProbeStaleExitBootServices (
+  IN EFI_HANDLE  ImageHandle
+  )
+{
+  EFI_STATUS             Status;
+  UINTN                  MapSize;
+  EFI_MEMORY_DESCRIPTOR  *Map;
+  UINTN                  MapKey;
+  UINTN                  DescriptorSize;
+  UINT32                 DescriptorVersion;
+  VOID                   *Page;
+
+  MapSize = 0;
+  MapKey  = 0;
+  Map     = NULL;
+  Status  = gBS->GetMemoryMap (&MapSize, NULL, &MapKey, &DescriptorSize, &DescriptorVersion);
+  if (Status == EFI_BUFFER_TOO_SMALL) {
+    MapSize += 16 * DescriptorSize;
+    Map      = AllocatePool (MapSize);
+    if (Map != NULL) {
+      Status = gBS->GetMemoryMap (&MapSize, Map, &MapKey, &DescriptorSize, &DescriptorVersion);
+    }
+  }
+
+  //
+  // Change the memory map after taking its key, so that the key is stale.
+  //
+  Page = AllocatePages (1);
+  if (Page != NULL) {
+    FreePages (Page, 1);
+  }
+
+  Status = gBS->ExitBootServices (ImageHandle, MapKey);
+  DEBUG ((DEBUG_INFO, "EBST probe step=stale-ebs status=0x%Lx\n", (UINT64)Status));
+  if (!EFI_ERROR (Status)) {
+    return Status;
+  }
+
+  if (Map != NULL) {
+    FreePool (Map);
+  }
+
+  return Status;
+}
+
+/**
+  Exit boot services for good: GetMemoryMap() + ExitBootServices(), retried on
+  EFI_INVALID_PARAMETER as the UEFI spec says (only GetMemoryMap() is called
+  between attempts, into the buffer allocated before the first).
+
+  @param[in] ImageHandle  This image.
+
+  @return  What the last ExitBootServices() returned.
+**/
+STATIC
+EFI_STATUS
+ProbeExitBootServices (
+  IN EFI_HANDLE  ImageHandle
+  )
+{
+  EFI_STATUS             Status;
+  UINTN                  BufferSize;
+  UINTN                  MapSize;
+  EFI_MEMORY_DESCRIPTOR  *Map;
+  UINTN                  MapKey;
+  UINTN                  DescriptorSize;
+  UINT32                 DescriptorVersion;
+  UINTN                  Attempt;
+
+  MapSize = 0;
+  Status  = gBS->GetMemoryMap (&MapSize, NULL, &MapKey, &DescriptorSize, &DescriptorVersion);
+  if (Status != EFI_BUFFER_TOO_SMALL) {
+    return Status;
+  }
+
+  //
+  // Room for the descriptors that this allocation itself adds, and more.
+  //
+  BufferSize = MapSize + 32 * DescriptorSize;
+  Map        = AllocatePool (BufferSize);
+  if (Map == NULL) {
+    return EFI_OUT_OF_RESOURCES;
+  }
+
+  for (Attempt = 1; Attempt <= PROBE_EBS_ATTEMPTS; Attempt++) {
+    MapSize = BufferSize;
+    Status  = gBS->GetMemoryMap (&MapSize, Map, &MapKey, &DescriptorSize, &DescriptorVersion);
+    if (EFI_ERROR (Status)) {
+      return Status;
+    }
+
+    Status = gBS->ExitBootServices (ImageHandle, MapKey);
+    if (Status != EFI_INVALID_PARAMETER) {
+      break;
+    }
+  }
+
+  return Status;
+}
+
+/**
+  Stop here for good, with interrupts off, so that the host can dump guest
+  memory in the state the OS would have found it.
+**/
+STATIC
+VOID
+ProbePark (
+  VOID
+  )
+{
+  DisableInterrupts ();
+  for ( ; ; ) {
+    CpuSleep ();
+  }
+}
+
+/**
+  The entry point.
+
+  @param[in] ImageHandle  This image.
+  @param[in] SystemTable  The system table.
+
+  @return  An error if a step before ExitBootServices() failed; the function
+           does not return after ExitBootServices() has succeeded.
+**/
+EFI_STATUS
+EFIAPI
+EbsProbeMain (
+  IN EFI_HANDLE        ImageHandle,
+  IN EFI_SYSTEM_TABLE  *SystemTable
+  )
+{
+  EFI_STATUS                       Status;
+  EFI_LOADED_IMAGE_PROTOCOL        *LoadedImage;
+  EFI_SIMPLE_FILE_SYSTEM_PROTOCOL  *FileSystem;
+  EFI_FILE_PROTOCOL                *Root;
+  PROBE_CONFIG                     Config;
+  CHAR16                           CanaryPath[PROBE_NAME_MAX + 1];
+  UINT8                            *Text;
+  UINTN                            TextSize;
+  UINT8                            *Canary;
+  UINTN                            CanarySize;
+  UINT8                            *Again;
+  UINTN                            AgainSize;
+  BOOLEAN                          Same;
+
+  DEBUG ((DEBUG_INFO, "EBST version v=1 module=EbsProbe\n"));
+
+  ZeroMem (&Config, sizeof Config);
+  AsciiStrToUnicodeStrS (PROBE_DEFAULT_CANARY, Config.Canary, PROBE_NAME_MAX);
+
+  Status = gBS->HandleProtocol (ImageHandle, &gEfiLoadedImageProtocolGuid, (VOID **)&LoadedImage);
+  if (!EFI_ERROR (Status)) {
+    Status = gBS->HandleProtocol (
+                    LoadedImage->DeviceHandle,
+                    &gEfiSimpleFileSystemProtocolGuid,
+                    (VOID **)&FileSystem
+                    );
+  }
+
+  if (!EFI_ERROR (Status)) {
+    Status = FileSystem->OpenVolume (FileSystem, &Root);
+  }
+
+  if (EFI_ERROR (Status)) {
+    DEBUG ((DEBUG_INFO, "EBST probe step=error what=volume status=0x%Lx\n", (UINT64)Status));
+    return Status;
+  }
+
+  Status = ProbeReadFile (Root, PROBE_CONFIG_FILE, &Text, &TextSize);
+  if (!EFI_ERROR (Status)) {
+    ProbeParseConfig ((CHAR8 *)Text, &Config);
+    FreePool (Text);
+  }
+
+  DEBUG ((
+    DEBUG_INFO,
+    "EBST probe step=config found=%u canary=%s leak-mapping=%u start-net=%u stale-mapkey=%u\n",
+    (UINT32)(EFI_ERROR (Status) ? 0 : 1),
+    Config.Canary,
+    (UINT32)Config.LeakMapping,
+    (UINT32)Config.StartNet,
+    (UINT32)Config.StaleMapKey
+    ));
+
+  CanaryPath[0] = L'\\';
+  StrCpyS (CanaryPath + 1, PROBE_NAME_MAX, Config.Canary);
+  Status = ProbeReadFile (Root, CanaryPath, &Canary, &CanarySize);
+  if (EFI_ERROR (Status)) {
+    DEBUG ((DEBUG_INFO, "EBST probe step=error what=canary status=0x%Lx\n", (UINT64)Status));
+    return Status;
+  }
+
+  DEBUG ((DEBUG_INFO, "EBST probe step=canary-read bytes=%Lu\n", (UINT64)CanarySize));
+
+  if (Config.LeakMapping) {
+    ProbeLeakMapping (LoadedImage->DeviceHandle, Canary, CanarySize);
+  }
+
+  if (Config.StartNet) {
+    ProbeStartNetwork ();
+  }
+
+  if (Config.StaleMapKey) {
+    Status = ProbeStaleExitBootServices (ImageHandle);
+    if (!EFI_ERROR (Status)) {
+      //
+      // The stale key was accepted after all: boot services are gone.
+      //
+      DEBUG ((DEBUG_INFO, "EBST probe-parked\n"));
+      ProbePark ();
+    }
+
+    //
+    // DMA must still work after the failed attempt: read the canary again.
+    //
+    Status = ProbeReadFile (Root, CanaryPath, &Again, &AgainSize);
+    Same   = (BOOLEAN)(!EFI_ERROR (Status) && AgainSize == CanarySize &&
+                       CompareMem (Again, Canary, CanarySize) == 0);
+    DEBUG ((DEBUG_INFO, "EBST probe step=recheck ok=%u\n", (UINT32)(Same ? 1 : 0)));
+    if (!EFI_ERROR (Status)) {
+      FreePool (Again);
+    }
+  }
+
+  Root->Close (Root);
+  DEBUG ((DEBUG_INFO, "EBST probe step=exit-boot-services\n"));
+  Status = ProbeExitBootServices (ImageHandle);
+  if (EFI_ERROR (Status)) {
+    DEBUG ((DEBUG_INFO, "EBST probe step=error what=ebs status=0x%Lx\n", (UINT64)Status));
+    return Status;
+  }
+
+  //
+  // Boot services are gone. DEBUG () only formats into a stack buffer and
+  // writes the debug port (or the serial port in a DEBUG_ON_SERIAL_PORT
+  // build), so it is still safe; nothing else from here on may use a boot
+  // service.
+  //
+  DEBUG ((DEBUG_INFO, "EBST probe-parked\n"));
+  ProbePark ();
+  return EFI_SUCCESS;
+}
