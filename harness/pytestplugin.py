@@ -12,6 +12,7 @@ option                        ini                     environment
 ``--accel auto|tcg|kvm``      ``ebs_accel``           ``EBS_HARNESS_ACCEL``
 ``--qemu BINARY``             ``ebs_qemu``            ``EBS_HARNESS_QEMU``
 ``--keep-artifacts``          ``ebs_keep_artifacts``  ``EBS_HARNESS_KEEP_ARTIFACTS=1``
+``--require CAPS``            ``ebs_require``         ``EBS_HARNESS_REQUIRE``
 ============================  ======================  ==========================
 
 Markers ``tcg``, ``kvm``, ``sev``, ``sev_es`` say what a test needs; the host
@@ -50,9 +51,12 @@ _OPTIONS: list[tuple[str, str, str, str, bool]] = [
      "the QEMU binary (default qemu-system-x86_64), e.g. a newer one for SNP", False),
     ("--keep-artifacts", "ebs_keep_artifacts", "EBS_HARNESS_KEEP_ARTIFACTS",
      "keep every test's VM artifacts (default: only a failed test's)", True),
+    ("--require", "ebs_require", "EBS_HARNESS_REQUIRE",
+     "comma-separated capabilities (tcg,kvm,sev,sev_es) whose absence fails a test "
+     "instead of skipping it: a nightly SEV host that lost SEV is broken", False),
 ]
 
-_METAVARS = {"--accel": "auto|tcg|kvm", "--qemu": "BINARY"}
+_METAVARS = {"--accel": "auto|tcg|kvm", "--qemu": "BINARY", "--require": "CAPS"}
 
 #: marker -> what it needs (registered in pytest_configure).
 MARKERS = {
@@ -140,10 +144,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if not needed:
         return
     caps = session_host_caps(item.config)
+    required = option_value(item.config, "--require")
+    required_names = set(required.split(",")) if isinstance(required, str) else set()
+    unknown = required_names - set(MARKERS)
+    if unknown:
+        raise pytest.UsageError(f"--require {required}: unknown {', '.join(sorted(unknown))}; "
+                                f"one of {', '.join(MARKERS)}")
     for name in needed:
         cap = caps.capability(name)
-        if not cap.available:
-            pytest.skip(f"needs {name}: {cap.reason}")
+        if cap.available:
+            continue
+        if name in required_names:
+            pytest.fail(f"--require {name}, but this host lacks it: {cap.reason}",
+                        pytrace=False)
+        pytest.skip(f"needs {name}: {cap.reason}")
 
 
 @pytest.hookimpl(hookwrapper=True)

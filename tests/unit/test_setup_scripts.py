@@ -55,3 +55,12 @@ def test_missing_without_root_is_one_line_and_exit_3(tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1
     assert "qemu-system-x86" in proc.stderr and "apt-get install qemu-system-x86" in proc.stderr
     assert not (tmp_path / "apt-calls").exists()
+
+
+def test_test_packages_only_with_the_test_flag(tmp_path: Path) -> None:
+    env = _fake_bin(tmp_path, set(_packages()), uid=0)
+    script = REPO / "scripts" / "setup-host"
+    assert subprocess.run([script], env=env, check=False).returncode == 0
+    assert not (tmp_path / "apt-calls").exists()
+    assert subprocess.run([script, "--test"], env=env, check=False).returncode == 0
+    assert (tmp_path / "apt-calls").read_text().splitlines()[1].split()[-1] == "chromium"
