@@ -235,8 +235,8 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     config = machine_config(firmware, scenario, image, caps, canary)
     LOG.info("%s: %s under %s", scenario.label(), artifacts, config.accel)
     dump_path: Path | None = None
+    started = time.monotonic()
     with machine.QemuMachine(config, artifacts / "vm", name=scenario.label()) as vm:
-        started = time.monotonic()
         vm.debugcon.expect(PARKED, failure=[*DEFAULT_FAILURES, PROBE_ERROR],
                            timeout=scenario.timeout)
         park_seconds = time.monotonic() - started
