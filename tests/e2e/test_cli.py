@@ -1,0 +1,105 @@
+"""The command line on real boots: exit statuses and JSON of design.md section 5.
+
+Each test runs ``python -m harness`` as a user would, with the session's
+firmware, and reads back what it printed and left in its artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import edk2
+from harness.host import HostCaps
+
+pytestmark = pytest.mark.tcg
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "harness", "-q", *args], capture_output=True,
+                          text=True, check=False, timeout=timeout)
+
+
+def _boot(firmware: edk2.Firmware, artifacts: Path, *options: str
+          ) -> tuple[subprocess.CompletedProcess[str], dict[str, object]]:
+    proc = _cli("boot", "--firmware", str(firmware.path), "--accel", "tcg", "--dump",
+                "--json", "--artifacts", str(artifacts), *options)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc, json.loads(proc.stdout)
+
+
+def test_boot_callback_exits_0_with_empty_findings(ovmf_firmware: edk2.Firmware,
+                                                   machine_artifacts: Path) -> None:
+    proc, reply = _boot(ovmf_firmware, machine_artifacts, "--requeue-depth", "2",
+                        "--devices", "virtio-blk,virtio-net")
+    assert proc.returncode == 0, reply
+    assert reply["verdict"] == "pass" and reply["violations"] == []
+    assert reply["live_mappings"] == [] and reply["shared_pages"] == []
+    assert reply["canary_hits"] == []
+    assert reply["firmware_key"] == ovmf_firmware.key and reply["accel"] == "tcg"
+    for name in ("probe.img", "canary.bin", "memory.elf", "timeline.html", "result.json",
+                 "vm/debugcon.log", "vm/reproduce.sh", "vm/cmdline.txt", "vm/qmp.log"):
+        assert (machine_artifacts / name).is_file(), name
+
+
+def test_boot_none_with_leak_exits_1_and_analyzers_agree(ovmf_firmware: edk2.Firmware,
+                                                        machine_artifacts: Path) -> None:
+    proc, reply = _boot(ovmf_firmware, machine_artifacts, "--ebs-mode", "none",
+                        "--leak-mapping")
+    assert proc.returncode == 1
+    checks = {v["check"] for v in reply["violations"]}  # type: ignore[union-attr]
+    assert {"V2", "V4", "D1", "D2", "D3"} <= checks
+    assert reply["live_mappings"] and reply["shared_pages"] and reply["canary_hits"]
+
+    log = machine_artifacts / "vm" / "debugcon.log"
+    analyzed = _cli("analyze-log", str(log), "--firmware", str(ovmf_firmware.path), "--json",
+                    "--html", str(machine_artifacts / "again.html"))
+    assert analyzed.returncode == 1
+    assert {v["check"] for v in json.loads(analyzed.stdout)["violations"]} == {"V2", "V4"}
+    assert "<svg" in (machine_artifacts / "again.html").read_text()
+
+    dumped = _cli("analyze-dump", str(machine_artifacts / "memory.elf"), "--log", str(log),
+                  "--firmware", str(ovmf_firmware.path),
+                  "--canary", str(machine_artifacts / "canary.bin"), "--json")
+    assert dumped.returncode == 1
+    found = json.loads(dumped.stdout)
+    assert found["live_mappings"] == reply["live_mappings"]
+    assert found["canary_hits"] == reply["canary_hits"]
+
+
+def test_truncated_dump_and_log_exit_2_with_one_line(ovmf_firmware: edk2.Firmware,
+                                                    machine_artifacts: Path) -> None:
+    _boot(ovmf_firmware, machine_artifacts)
+    dump = machine_artifacts / "memory.elf"
+    cut = machine_artifacts / "cut.elf"
+    cut.write_bytes(dump.read_bytes()[: dump.stat().st_size // 2])
+    log = machine_artifacts / "vm" / "debugcon.log"
+    proc = _cli("analyze-dump", str(cut), "--log", str(log))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "cut.elf" in proc.stderr
+
+    lines = log.read_text().splitlines(keepends=True)
+    ends = next(i for i, line in enumerate(lines) if "EBST ebs-return" in line)
+    short = machine_artifacts / "short.log"
+    short.write_text("".join(lines[:ends]))
+    proc = _cli("analyze-log", str(short))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and f"{ends}" in proc.stderr
+
+
+def test_demo_tells_the_story(ovmf_firmware: edk2.Firmware, machine_artifacts: Path,
+                              host_caps: HostCaps) -> None:
+    proc = _cli("demo", "--firmware", str(ovmf_firmware.path), "--artifacts",
+                str(machine_artifacts))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    if not host_caps.sev.available:
+        assert "emulation mode" in proc.stdout.splitlines()[0]
+    assert "as predicted" in proc.stdout
+    legacy = json.loads((machine_artifacts / "legacy" / "result.json").read_text())
+    callback = json.loads((machine_artifacts / "callback" / "result.json").read_text())
+    assert {v["check"] for v in legacy["violations"]} >= {"V1", "V3", "D1", "D3"}
+    assert callback["verdict"] == "pass"
