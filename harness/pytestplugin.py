@@ -25,10 +25,10 @@ the modules, not here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
-import dataclasses
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
@@ -52,8 +52,8 @@ _OPTIONS: list[tuple[str, str, str, str, bool]] = [
     ("--keep-artifacts", "ebs_keep_artifacts", "EBS_HARNESS_KEEP_ARTIFACTS",
      "keep every test's VM artifacts (default: only a failed test's)", True),
     ("--require", "ebs_require", "EBS_HARNESS_REQUIRE",
-     "comma-separated capabilities (tcg,kvm,sev,sev_es) whose absence fails a test "
-     "instead of skipping it: a nightly SEV host that lost SEV is broken", False),
+     ("comma-separated capabilities (tcg,kvm,sev,sev_es) whose absence fails a test "
+     "instead of skipping it: a nightly SEV host that lost SEV is broken"), False),
 ]
 
 _METAVARS = {"--accel": "auto|tcg|kvm", "--qemu": "BINARY", "--require": "CAPS"}
