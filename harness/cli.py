@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import edk2, host, report, scenario
+from harness import dump, edk2, host, report, scenario, symbols, trace
 from harness.errors import (
     EXIT_ENVIRONMENT,
     EXIT_OK,
@@ -41,8 +41,6 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-
-
     progress = None if args.quiet else edk2.StderrProgress()
     result = edk2.build_firmware(
         source=edk2.source_from_option(args.edk2_src),
@@ -66,8 +64,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_host_check(args: argparse.Namespace) -> int:
-    from harness import host
-
     caps = host.probe(qemu=args.qemu)
     if args.json:
         _print_json(caps.to_json())
@@ -96,8 +92,6 @@ def _firmware_dir(value: str | None) -> Path | None:
 
 
 def _cmd_analyze_log(args: argparse.Namespace) -> int:
-    from harness import report, trace
-
     result, sym = trace.analyze_log(args.log, _firmware_dir(args.firmware))
     if args.html:
         Path(args.html).write_text(report.render_html(result, sym), encoding="utf-8")
@@ -117,8 +111,6 @@ def _cmd_analyze_log(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze_dump(args: argparse.Namespace) -> int:
-    from harness import dump, report, symbols, trace
-
     firmware = _firmware_dir(args.firmware)
     parsed = trace.parse_log(args.log)
     sym = symbols.Symbolizer(parsed.images, firmware)

@@ -652,6 +652,25 @@ class BuildResult:
 
 
 @contextmanager
+def _publishing(final: Path) -> Iterator[Path]:
+    """A temporary directory beside ``final``, renamed to it when the block
+    succeeds and removed when it does not: ``final`` appears whole or not at
+    all. Leftovers of killed earlier attempts are removed first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def _locked(lock_path: Path, progress: Progress, what: str) -> Iterator[None]:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path))
@@ -729,19 +748,9 @@ class Builder:
         with _locked(self._lock(f"src-{final.name}"), self.progress, "the edk2 source"):
             if (final / "tree").is_dir():
                 return final / "tree"
-            final.parent.mkdir(parents=True, exist_ok=True)
-            for stale in final.parent.glob(f".tmp-{final.name}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-            try:
+            with _publishing(final) as tmp:
                 self.source.materialize(tmp / "tree", self.progress)
                 (tmp / "identity").write_text(self.inputs.source_identity + "\n")
-                if final.exists():
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         return final / "tree"
 
     def _workspace(self, pristine: Path) -> Path:
@@ -860,11 +869,7 @@ class Builder:
         """Copy the outputs into a temporary directory, then rename it to the key."""
         out = tree / self.flags.output_dir
         final = self.firmware_dir
-        final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".tmp-{final.name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-        try:
+        with _publishing(final) as tmp:
             for name in ("OVMF_CODE.fd", "OVMF_VARS.fd", "OVMF.fd"):
                 shutil.copy2(out / "FV" / name, tmp / name)
             modules = tmp / "modules"
@@ -884,12 +889,6 @@ class Builder:
                 "modules": len(list(modules.glob("*.efi"))),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.progress.phase("publish", str(final))
 
 

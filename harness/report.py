@@ -30,6 +30,7 @@ from harness.trace import (
     TeardownUnmap,
     TraceEvent,
     Version,
+    Violation,
 )
 
 LOG = logging.getLogger(__name__)
@@ -148,12 +149,7 @@ def render_text(report: LogReport, sym: Symbolizer) -> str:
     out.append("")
     for note in report.anomalies:
         out.append(f"note: {note}")
-    if report.violations:
-        out.append(f"FAIL: {len(report.violations)} violation(s)")
-        for v in report.violations:
-            out.append(f"  {v.check}: {v.detail}")
-    else:
-        out.append("PASS: V1 order, V2 once, V3 quiet, V4 empty all held")
+    out += _verdict_lines(report.violations, "V1 order, V2 once, V3 quiet, V4 empty all held")
     return "\n".join(out) + "\n"
 
 
@@ -176,13 +172,16 @@ def render_dump_text(report: DumpReport) -> str:
         out.append(f"  paddr {h.paddr:#x}")
     for note in report.notes:
         out.append(f"note: {note}")
-    if report.violations:
-        out.append(f"FAIL: {len(report.violations)} violation(s)")
-        for v in report.violations:
-            out.append(f"  {v.check}: {v.detail}")
-    else:
-        out.append("PASS: D1, D2, D3 held (skipped checks are noted above)")
+    out += _verdict_lines(report.violations, "D1, D2, D3 held (skipped checks are noted above)")
     return "\n".join(out) + "\n"
+
+
+def _verdict_lines(violations: Sequence[Violation], held: str) -> list[str]:
+    """``FAIL: N violation(s)`` and one line each, or ``PASS: held``."""
+    if not violations:
+        return [f"PASS: {held}"]
+    return [f"FAIL: {len(violations)} violation(s)",
+            *(f"  {v.check}: {v.detail}" for v in violations)]
 
 
 # ------------------------------------------------------------------- HTML
