@@ -934,6 +934,9 @@ def _kill_group(pgid: object) -> None:
 
 def build_firmware(source: SourceProvider | None = None, *, rebuild: bool = False,
                    progress: Progress | None = None, **kwargs: object) -> BuildResult:
-    """Build (or reuse from the cache) the patched OVMF."""
+    """Build (or reuse from the cache) the patched OVMF; ``seconds`` counts
+    everything, the key's inputs (patches, toolchain versions) included."""
+    start = time.monotonic()
     builder = Builder(source or DebianSource(), progress=progress, **kwargs)  # type: ignore[arg-type]
-    return builder.build(rebuild=rebuild)
+    result = builder.build(rebuild=rebuild)
+    return dataclasses.replace(result, seconds=time.monotonic() - start)
