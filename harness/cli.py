@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import dump, edk2, host, report, scenario, symbols, trace
+from harness import dump, edk2, host, remote, report, scenario, symbols, trace
 from harness.errors import (
     EXIT_ENVIRONMENT,
     EXIT_OK,
@@ -155,15 +155,31 @@ def _print_run(result: scenario.RunResult) -> None:
 
 def _cmd_boot(args: argparse.Namespace) -> int:
     chosen = scenario.scenario_from_options(vars(args))
-    caps = host.cached_probe(args.qemu)
-    firmware = _firmware_for(args)
-    result = scenario.run_scenario(firmware, chosen, _artifacts_dir(args, chosen.label()),
-                                   caps=caps)
+    if args.host:
+        result = _boot_remote(args, chosen)
+    else:
+        caps = host.cached_probe(args.qemu)
+        firmware = _firmware_for(args)
+        result = scenario.run_scenario(firmware, chosen, _artifacts_dir(args, chosen.label()),
+                                       caps=caps)
     if args.json:
         _print_json(result.as_json())
     else:
         _print_run(result)
     return EXIT_OK if result.passed else EXIT_VIOLATION
+
+
+def _boot_remote(args: argparse.Namespace, chosen: scenario.Scenario) -> scenario.RunResult:
+    """``boot --host ssh://...``: QEMU on the remote host, the rest here."""
+    where = remote.RemoteHost.parse(args.host, qemu=args.qemu)
+    session = where.connect()
+    try:
+        caps = remote.remote_caps(session, args.qemu)
+        firmware = _firmware_for(args)
+        return scenario.run_scenario(firmware, chosen, _artifacts_dir(args, chosen.label()),
+                                     caps=caps, launcher=where.launcher(session))
+    finally:
+        session.close()
 
 
 #: The demo's story: the 2017 scheme against a driver that re-signals twice,
@@ -277,6 +293,9 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                       help="deadline from QEMU's start to the probe's park")
     boot.add_argument("--qemu", metavar="BINARY", default="qemu-system-x86_64")
+    boot.add_argument("--host", metavar="ssh://USER@HOST[:PORT]",
+                      help="run QEMU on that host over SSH (host key from ~/.ssh/known_hosts, "
+                           "key from the agent or ~/.ssh/id_*); analysis stays here")
     boot.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     boot.set_defaults(func=_cmd_boot)
 

@@ -101,12 +101,27 @@ class BlockDevice:
 
 @dataclass(frozen=True)
 class NetDevice:
-    """A virtio-net NIC on a user-mode netdev (``restrict=on``: no way out)."""
+    """A virtio-net NIC on a user-mode netdev (``restrict=on``: no way out).
+
+    :param hostfwd: TCP forwards ``(host_port, guest_port)``, the host side
+        on 127.0.0.1 only (they work with ``restrict=on``).
+    :param bootindex: puts the NIC in QEMU's boot order, which OVMF also
+        reads as the list of devices to connect.
+    """
 
     restrict: bool = True
     mac: str | None = None
+    hostfwd: tuple[tuple[int, int], ...] = ()
+    bootindex: int | None = None
 
     def __post_init__(self) -> None:
+        if self.bootindex is not None and self.bootindex < 0:
+            raise ValueError(f"bootindex {self.bootindex} < 0")
+        object.__setattr__(self, "hostfwd", tuple(tuple(f) for f in self.hostfwd))
+        for forward in self.hostfwd:
+            if len(forward) != 2 or not all(isinstance(p, int) and 1 <= p <= 65535
+                                            for p in forward):
+                raise ValueError(f"hostfwd {forward!r}: (host port, guest port) in 1..65535")
         if self.mac is not None and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}",
                                                      self.mac):
             raise ValueError(f"MAC address {self.mac!r}")
@@ -225,6 +240,10 @@ class MachineConfig:
     :param cpu: ``-cpu`` model; None: ``host`` with SEV, else QEMU's default.
     :param no_reboot: a guest reset ends QEMU instead of rebooting.
     :param extra_args: appended to the command line as they are.
+    :param kernel: ``-kernel``: a Linux image the firmware loads from fw_cfg
+        (OVMF's QemuKernelLoaderFsDxe) and starts through its EFI stub.
+    :param initrd: ``-initrd`` (needs ``kernel``).
+    :param append: ``-append``, the kernel command line (needs ``kernel``).
     """
 
     code: Path
@@ -241,9 +260,17 @@ class MachineConfig:
     cpu: str | None = None
     no_reboot: bool = False
     extra_args: tuple[str, ...] = ()
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "code", Path(self.code))
+        for name in ("kernel", "initrd"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.kernel is None and (self.initrd is not None or self.append is not None):
+            raise ValueError("initrd and append need a kernel")
         object.__setattr__(self, "vars_template", Path(self.vars_template))
         object.__setattr__(self, "devices", tuple(self.devices))
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
@@ -260,7 +287,7 @@ class MachineConfig:
             if not isinstance(device, (BlockDevice, NetDevice, ScsiController, RngDevice)):
                 raise TypeError(f"not a device: {device!r}")
         boot = [d.bootindex for d in self.devices
-                if isinstance(d, BlockDevice) and d.bootindex is not None]
+                if isinstance(d, (BlockDevice, NetDevice)) and d.bootindex is not None]
         if len(boot) != len(set(boot)):
             raise ValueError(f"duplicate bootindex in {boot}")
         for name, value in self.fw_cfg.items():
@@ -287,9 +314,11 @@ class MachineConfig:
             if isinstance(device, (BlockDevice, ScsiController)) and device.image:
                 device = dataclasses.replace(device, image=device.image.absolute())
             devices.append(device)
-        return dataclasses.replace(self, code=self.code.absolute(),
-                                   vars_template=self.vars_template.absolute(),
-                                   devices=tuple(devices))
+        return dataclasses.replace(
+            self, code=self.code.absolute(), vars_template=self.vars_template.absolute(),
+            devices=tuple(devices),
+            kernel=None if self.kernel is None else self.kernel.absolute(),
+            initrd=None if self.initrd is None else self.initrd.absolute())
 
 
 @dataclass(frozen=True)
@@ -345,6 +374,12 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
     for name, value in sorted(config.fw_cfg.items()):
         argv += ["-fw_cfg", f"name={_comma(name)},string={_comma(value)}"]
     argv += _device_args(config)
+    if config.kernel is not None:
+        argv += ["-kernel", str(config.kernel)]
+        if config.initrd is not None:
+            argv += ["-initrd", str(config.initrd)]
+        if config.append is not None:
+            argv += ["-append", config.append]
     argv += list(config.extra_args)
     if paused:
         argv.append("-S")
@@ -364,7 +399,10 @@ def _device_args(config: MachineConfig) -> list[str]:
         elif isinstance(device, NetDevice):
             restrict = "on" if device.restrict else "off"
             mac = "" if device.mac is None else f",mac={device.mac}"
-            argv += ["-netdev", f"user,id=net{index},restrict={restrict}",
+            mac += "" if device.bootindex is None else f",bootindex={device.bootindex}"
+            forwards = "".join(f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
+                               for host_port, guest_port in device.hostfwd)
+            argv += ["-netdev", f"user,id=net{index},restrict={restrict}{forwards}",
                      # romfile= (empty): no iPXE option ROM, the firmware's driver runs
                      "-device", (f"virtio-net-pci,netdev=net{index},id=nic{index},"
                                 f"romfile={mac}{secure}")]
@@ -440,8 +478,10 @@ class _Qmp:
         self._transcript.write(f"{stamp} {direction} {json.dumps(obj, sort_keys=True)}\n")
         self._transcript.flush()
 
-    def connect(self, path: Path, timeout: float) -> None:
-        self._run(self._client.connect(str(path)), timeout)
+    def connect(self, path: Path | socket.socket, timeout: float) -> None:
+        """Connect to QMP at a unix socket path, or on a connected socket."""
+        address = path if isinstance(path, socket.socket) else str(path)
+        self._run(self._client.connect(address), timeout)
         greeting = self._client.greeting
         self._write("<-", greeting._asdict() if greeting is not None else None)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import edk2, host, scenario
+from harness import edk2, host, linux, scenario
 from harness import report as timeline_report
 
 _OPTIONS: list[tuple[str, str, str, str, bool]] = [
@@ -117,6 +117,12 @@ def ovmf_firmware(pytestconfig: pytest.Config) -> Iterator[edk2.Firmware]:
         progress=edk2.StderrProgress(),
     )
     yield result.firmware
+
+
+@pytest.fixture(scope="session")
+def linux_image() -> linux.LinuxImage:
+    """The Linux guest (guests/linux): kernel, initramfs, pinned host key (cached)."""
+    return linux.build_image()
 
 
 # ------------------------------------------------- host, markers, artifacts

@@ -20,7 +20,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,10 +223,15 @@ def write_guest(firmware: Firmware, scenario: Scenario, artifacts: Path,
 
 
 def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
-                 caps: host.HostCaps | None = None) -> RunResult:
+                 caps: host.HostCaps | None = None,
+                 launcher: Callable[..., Any] = machine.QemuMachine) -> RunResult:
     """Boot ``scenario`` and judge it. Raises only for the environment
     (:class:`~harness.errors.LaunchError`, a console timeout or failure) or bad
-    input; violations are in the result."""
+    input; violations are in the result.
+
+    :param launcher: makes the machine from ``(config, artifacts, name=)``:
+        :class:`~harness.machine.QemuMachine`, or a remote host's
+        (:meth:`harness.remote.RemoteHost.launcher`)."""
     artifacts = Path(artifacts).absolute()
     artifacts.mkdir(parents=True, exist_ok=True)
     caps = caps or host.cached_probe()
@@ -236,7 +241,7 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     LOG.info("%s: %s under %s", scenario.label(), artifacts, config.accel)
     dump_path: Path | None = None
     started = time.monotonic()
-    with machine.QemuMachine(config, artifacts / "vm", name=scenario.label()) as vm:
+    with launcher(config, artifacts / "vm", name=scenario.label()) as vm:
         vm.debugcon.expect(PARKED, failure=[*DEFAULT_FAILURES, PROBE_ERROR],
                            timeout=scenario.timeout)
         park_seconds = time.monotonic() - started

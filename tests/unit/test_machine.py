@@ -98,6 +98,29 @@ def test_devices_argv() -> None:
     assert "rng-random,id=rng3,filename=/dev/urandom" in option_values(argv, "-object")
 
 
+def test_hostfwd_on_restricted_user_net() -> None:
+    argv = build_argv(config(devices=(NetDevice(hostfwd=((2222, 22), (8080, 80))),)), PATHS)
+    assert option_values(argv, "-netdev") == [
+        "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:8080-:80"]
+
+
+def test_kernel_initrd_append() -> None:
+    argv = build_argv(config(kernel=Path("/g/vmlinuz"), initrd=Path("/g/initrd.img"),
+                             append="console=ttyS0 ebs.authkey=ssh-ed25519:AAAA"), PATHS)
+    assert option_values(argv, "-kernel") == ["/g/vmlinuz"]
+    assert option_values(argv, "-initrd") == ["/g/initrd.img"]
+    # one argv element: QEMU gets the command line whole, spaces and all
+    assert option_values(argv, "-append") == ["console=ttyS0 ebs.authkey=ssh-ed25519:AAAA"]
+    assert "-kernel" not in build_argv(config(), PATHS)
+
+
+def test_kernel_paths_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    resolved = config(kernel=Path("vmlinuz"), initrd=Path("initrd.img")).resolved()
+    assert resolved.kernel == tmp_path / "vmlinuz"
+    assert resolved.initrd == tmp_path / "initrd.img"
+
+
 def test_fw_cfg_and_comma_escaping() -> None:
     argv = build_argv(config(
         code=Path("/odd,dir/OVMF_CODE.fd"),
@@ -210,6 +233,8 @@ def test_query_sev_wrong_policy_refused() -> None:
     ({"devices": (BlockDevice(Path("a"), bootindex=0),
                   BlockDevice(Path("b"), bootindex=0))}, "duplicate bootindex"),
     ({"qemu": ""}, "no QEMU"),
+    ({"initrd": Path("initrd.img")}, "need a kernel"),
+    ({"append": "console=ttyS0"}, "need a kernel"),
 ])
 def test_config_rejects(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -228,6 +253,10 @@ def test_device_rejects() -> None:
         NetDevice(mac="nope")
     with pytest.raises(ValueError, match="format"):
         BlockDevice(Path("x"), format="vmdk")
+    with pytest.raises(ValueError, match="hostfwd"):
+        NetDevice(hostfwd=((0, 22),))
+    with pytest.raises(ValueError, match="hostfwd"):
+        NetDevice(hostfwd=((2222,),))  # type: ignore[arg-type]
 
 
 def test_config_is_frozen() -> None:

@@ -1,0 +1,642 @@
+"""QEMU on another host, over SSH: ``ebs-harness boot --host ssh://user@sevhost``.
+
+For a developer whose laptop has no SEV: the harness stays here (build,
+analysis, verdicts), QEMU runs on the SEV host. :class:`RemoteMachine` has
+the part of :class:`~harness.machine.QemuMachine`'s interface a scenario
+uses, so :func:`harness.scenario.run_scenario` runs unchanged with
+``launcher=RemoteHost.launcher(session)``:
+
+- the inputs (firmware CODE and VARS, disk images, kernel and initrd) are
+  uploaded by SFTP into a fresh ``mktemp -d`` directory on the remote host;
+- the argv is :func:`~harness.machine.build_argv`'s, for the remote paths,
+  plus a second QMP monitor on the remote host's 127.0.0.1 (TCP), reached
+  through an SSH ``direct-tcpip`` channel (the harness speaks QMP with
+  :mod:`qemu.qmp` as for a local QEMU);
+- the serial and debug logs are streamed back as QEMU writes them
+  (``tail -F`` over SSH) into the local artifact directory, where the usual
+  consoles follow them; a memory dump is written remotely and fetched;
+- QEMU dies with the SSH session: its wrapper kills it when the session's
+  stdin reaches EOF, which is what happens when the harness exits or is
+  killed. The remote directory is removed at shutdown.
+
+Host keys are checked (pinned or ``known_hosts``), never added blindly.
+:class:`LocalSshd` runs Debian's OpenSSH server on 127.0.0.1 for the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import select
+import shlex
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Self, TextIO
+from urllib.parse import urlsplit
+
+import paramiko
+
+from harness import host, machine
+from harness.console import Console, FileFollower, debug_console, tail_lines
+from harness.errors import (
+    EnvironmentFailure,
+    GuestCommandError,
+    HarnessError,
+    LaunchError,
+    QmpError,
+    UsageError,
+)
+from harness.ssh import ClientKey, GuestSsh, free_port
+
+LOG = logging.getLogger(__name__)
+
+#: The remote wrapper: runs QEMU, kills it when the SSH session's stdin
+#: closes (the harness went away), exits with QEMU's status.
+WRAPPER = r"""cd "$1" || exit 127
+shift
+exec 3<&0   # an asynchronous list's stdin would be /dev/null
+"$@" </dev/null >qemu-stderr.log 2>&1 &
+q=$!
+echo $q >qemu.pid
+( cat <&3 >/dev/null 2>&1; kill $q 2>/dev/null ) &
+w=$!
+wait $q
+rc=$?
+kill $w 2>/dev/null
+exit $rc
+"""
+
+#: Follows a remote log until QEMU (qemu.pid) has exited.
+TAIL = ('cd {dir} && while [ ! -s qemu.pid ]; do sleep 0.05; done; '
+        'exec tail -c +1 -F --pid="$(cat qemu.pid)" {name} 2>/dev/null')
+
+
+@dataclass(frozen=True)
+class RemoteHost:
+    """Where QEMU runs: ``ssh://[user@]host[:port]``.
+
+    :param known_hosts: checked for the host key (default ~/.ssh/known_hosts).
+    :param host_key: a pinned host key line instead of known_hosts.
+    :param identity: a private key file (default: agent and ~/.ssh/id_*).
+    :param qemu: the QEMU binary on the remote host.
+    """
+
+    host: str
+    user: str = "root"
+    port: int = 22
+    known_hosts: Path | None = None
+    host_key: str | None = None
+    identity: Path | None = None
+    qemu: str = "qemu-system-x86_64"
+
+    def __post_init__(self) -> None:
+        if not self.host or not 1 <= self.port <= 65535:
+            raise UsageError(f"remote host {self.host!r}:{self.port}: not an address")
+
+    @classmethod
+    def parse(cls, url: str, **options: Any) -> RemoteHost:
+        """``ssh://user@host:port`` (user default: the local user's name)."""
+        parts = urlsplit(url)
+        if parts.scheme != "ssh" or not parts.hostname or parts.path not in ("", "/"):
+            raise UsageError(f"--host {url!r}: expected ssh://[user@]host[:port]")
+        try:
+            port = parts.port or 22
+        except ValueError as exc:
+            raise UsageError(f"--host {url!r}: bad port") from exc
+        user = parts.username or os.environ.get("USER") or "root"
+        return cls(host=parts.hostname, user=user, port=port, **options)
+
+    @property
+    def url(self) -> str:
+        return f"ssh://{self.user}@{self.host}:{self.port}"
+
+    def connect(self, timeout: float = 30.0, client_key: ClientKey | None = None) -> GuestSsh:
+        session = GuestSsh(self.host, self.port, user=self.user, host_key=self.host_key,
+                           known_hosts=self.known_hosts, client_key=client_key,
+                           key_filename=self.identity)
+        session.connect(deadline=time.monotonic() + timeout)
+        return session
+
+    def tunnel(self, session: GuestSsh, port: int) -> Callable[[], paramiko.Channel]:
+        """Opens a ``direct-tcpip`` channel to the remote host's 127.0.0.1:``port``
+        (a guest's hostfwd there), for :class:`GuestSsh`'s ``channel``."""
+        def open_channel() -> paramiko.Channel:
+            transport = session.client.get_transport()
+            if transport is None or not transport.is_active():
+                raise paramiko.SSHException(f"the session to {self.url} is closed")
+            return transport.open_channel("direct-tcpip", ("127.0.0.1", port),
+                                          ("127.0.0.1", 0), timeout=10)
+        return open_channel
+
+    def launcher(self, session: GuestSsh) -> Callable[..., RemoteMachine]:
+        """A ``launcher`` for :func:`harness.scenario.run_scenario`."""
+        def launch(config: machine.MachineConfig, artifacts: Path, *,
+                   name: str = "vm") -> RemoteMachine:
+            return RemoteMachine(session, config, artifacts, name=name, qemu=self.qemu)
+        return launch
+
+
+# ---------------------------------------------------------- capabilities
+
+
+def remote_caps(session: GuestSsh, qemu: str = "qemu-system-x86_64") -> host.HostCaps:
+    """What the remote host can run, read over SSH.
+
+    TCG is assumed where QEMU runs; KVM is taken from a usable ``/dev/kvm``
+    (not proven by a firmware boot, unlike the local probe); SEV and SEV-ES
+    come from the same decision as the local probe
+    (:func:`harness.host.sev_verdicts`): the kvm_amd parameters, ``/dev/sev``,
+    the CPU flags and QEMU's ``query-sev-capabilities`` (asked of a
+    ``-machine none`` QEMU on the remote host).
+    """
+    _, out, _ = session.run(f"{shlex.quote(qemu)} --version", timeout=30)
+    version = host.parse_qemu_version(out)
+    tcg = host.Capability(True, f"remote {session.host}: QEMU {version} runs there")
+    rc, _, _ = session.run("test -r /dev/kvm -a -w /dev/kvm", check=False)
+    kvm = host.Capability(rc == 0, f"remote {session.host}: /dev/kvm "
+                          + ("usable (not boot-proven)" if rc == 0 else "missing or not usable"))
+    params: dict[str, bool | None] | None = None
+    _, text, _ = session.run("for p in sev sev_es sev_snp; do printf '%s=' $p; "
+                             "cat /sys/module/kvm_amd/parameters/$p 2>/dev/null || echo; done",
+                             check=False)
+    values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    if any(v.strip() for v in values.values()):
+        params = {name: host.parse_module_flag(v) if v.strip() else None
+                  for name, v in values.items()}
+    dev_sev = session.run("test -e /dev/sev", check=False)[0] == 0
+    _, cpuinfo, _ = session.run("grep -m1 '^flags' /proc/cpuinfo", check=False)
+    flags = host.parse_cpuinfo_flags(cpuinfo)
+    qmp: host.SevCapabilities | str | None = None
+    if kvm.available and dev_sev:
+        qmp = _remote_sev_capabilities(session, qemu)
+    sev, sev_es, snp = host.sev_verdicts(params, dev_sev, None, flags, kvm, qmp, version)
+    cbitpos = qmp.cbitpos if isinstance(qmp, host.SevCapabilities) else None
+    reduced = qmp.reduced_phys_bits if isinstance(qmp, host.SevCapabilities) else None
+    return host.HostCaps(qemu=qemu, qemu_version=version, tcg=tcg, kvm=kvm, sev=sev,
+                         sev_es=sev_es, snp=snp, cbitpos=cbitpos, reduced_phys_bits=reduced)
+
+
+def _remote_sev_capabilities(session: GuestSsh, qemu: str) -> host.SevCapabilities | str:
+    script = ('{"execute": "qmp_capabilities"}\n{"execute": "query-sev-capabilities"}\n'
+              '{"execute": "quit"}\n')
+    rc, out, err = session.run(
+        f"printf %s {shlex.quote(script)} | {shlex.quote(qemu)} -machine none,accel=kvm "
+        "-nodefaults -display none -qmp stdio", timeout=30, check=False)
+    for line in out.splitlines():
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(reply, dict) and isinstance(reply.get("return"), dict) \
+                and "cbitpos" in reply["return"]:
+            return host.parse_sev_capabilities(reply["return"])
+        if isinstance(reply, dict) and "error" in reply:
+            return f"query-sev-capabilities: {reply['error'].get('desc')}"
+    return f"query-sev-capabilities: no answer (QEMU exited {rc}: {err.strip()[:200]})"
+
+
+# ------------------------------------------------------------- machine
+
+
+class _Pump(threading.Thread):
+    """Copies bytes between a local socket and an SSH channel until either closes."""
+
+    def __init__(self, sock: socket.socket, channel: paramiko.Channel) -> None:
+        super().__init__(daemon=True, name="qmp-pump")
+        self.sock = sock
+        self.channel = channel
+
+    def run(self) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([self.sock, self.channel], [], [], 0.5)
+                if self.sock in ready:
+                    data = self.sock.recv(65536)
+                    if not data:
+                        break
+                    self.channel.sendall(data)
+                if self.channel in ready:
+                    data = self.channel.recv(65536)
+                    if not data:
+                        break
+                    self.sock.sendall(data)
+        except OSError as exc:
+            LOG.debug("QMP pump: %s", exc)
+        finally:
+            self.channel.close()
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+
+
+class _Stream(threading.Thread):
+    """Appends what a remote command prints to a local file, as it comes."""
+
+    def __init__(self, channel: paramiko.Channel, path: Path) -> None:
+        super().__init__(daemon=True, name=f"tail-{path.name}")
+        self.channel = channel
+        self.path = path
+
+    def run(self) -> None:
+        with open(self.path, "ab") as out:
+            while True:
+                data = self.channel.recv(65536)
+                if not data:
+                    break
+                out.write(data)
+                out.flush()
+
+
+class RemoteMachine:
+    """A QEMU guest on a remote host; the subset of
+    :class:`~harness.machine.QemuMachine` that scenarios use (context manager,
+    ``qmp``, ``status``, ``dump``, ``debugcon``/``serial`` consoles,
+    ``tails``, ``shutdown``), with the same artifact files locally.
+
+    :param session: a connected SSH session to the remote host.
+    :param qemu: the QEMU binary there (replaces ``config.qemu``).
+    """
+
+    def __init__(self, session: GuestSsh, config: machine.MachineConfig, artifacts: Path, *,
+                 name: str = "vm", qemu: str = "qemu-system-x86_64",
+                 launch_timeout: float = 60.0, qmp_timeout: float = 30.0) -> None:
+        self.session = session
+        self.config = config.resolved()
+        self.artifacts = Path(artifacts).absolute()
+        self.name = name
+        self.log = LOG.getChild(name)
+        self.qemu = qemu
+        self.launch_timeout = launch_timeout
+        self.qmp_timeout = qmp_timeout
+        self.command: list[str] = []
+        self.remote_dir: str | None = None
+        self.exitcode: int | None = None
+        self._channel: paramiko.Channel | None = None
+        self._streams: list[_Stream] = []
+        self._qmp: machine._Qmp | None = None
+        self._transcript: TextIO | None = None
+        self._debugcon: Console | None = None
+        self._serial: Console | None = None
+        self._launched = False
+        self._closed = False
+
+    @property
+    def serial_log(self) -> Path:
+        return self.artifacts / "serial.log"
+
+    @property
+    def debugcon_log(self) -> Path:
+        return self.artifacts / "debugcon.log"
+
+    @property
+    def stderr_log(self) -> Path:
+        return self.artifacts / "qemu-stderr.log"
+
+    @property
+    def qmp_log(self) -> Path:
+        return self.artifacts / "qmp.log"
+
+    @property
+    def debugcon(self) -> Console:
+        if self._debugcon is None:
+            raise QmpError(f"{self.name}: not launched or debugcon off")
+        return self._debugcon
+
+    @property
+    def serial(self) -> Console:
+        if self._serial is None:
+            raise QmpError(f"{self.name}: not launched")
+        return self._serial
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [] if self._qmp is None else list(self._qmp.history)
+
+    def __enter__(self) -> Self:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def is_running(self) -> bool:
+        return self._channel is not None and not self._channel.exit_status_ready()
+
+    def _logs(self) -> dict[str, Path]:
+        logs = {"serial.log": self.serial_log}
+        if self.config.debugcon:
+            logs["debugcon.log"] = self.debugcon_log
+        return logs
+
+    def tails(self) -> dict[str, str]:
+        return {name: tail_lines(path) for name, path in self._logs().items()}
+
+    # ------------------------------------------------------- launch
+
+    def launch(self, *, start: bool = True) -> None:
+        if self._launched:
+            raise LaunchError(f"{self.name}: a RemoteMachine launches once")
+        self._launched = True
+        try:
+            self._launch(start)
+        except BaseException as exc:
+            stderr = self._fetch_stderr()
+            self.shutdown()
+            if isinstance(exc, LaunchError):
+                exc.log = exc.log or stderr
+                raise
+            if not isinstance(exc, Exception):
+                raise
+            raise LaunchError(f"remote launch on {self.session.host} failed: "
+                              f"{type(exc).__name__}: {exc}", self.exitcode, self.command,
+                              stderr) from exc
+
+    def _upload(self, local: Path, name: str) -> str:
+        assert self.remote_dir is not None
+        remote = f"{self.remote_dir}/{name}"
+        self.session.put(local, remote)
+        return remote
+
+    def _launch(self, start: bool) -> None:
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        _, out, _ = self.session.run("mktemp -d /tmp/ebs-harness.XXXXXXXX", timeout=30)
+        self.remote_dir = out.strip()
+        rdir = Path(self.remote_dir)
+        config = self.config
+        shutil.copyfile(config.vars_template, self.artifacts / "OVMF_VARS.fd")
+        code = self._upload(config.code, "OVMF_CODE.fd")
+        vars_copy = self._upload(config.vars_template, "OVMF_VARS.fd")
+        devices: list[machine.Device] = []
+        for index, device in enumerate(config.devices):
+            if isinstance(device, (machine.BlockDevice, machine.ScsiController)) and device.image:
+                remote = self._upload(device.image, f"disk{index}-{device.image.name}")
+                device = replace(device, image=Path(remote))
+            devices.append(device)
+        files: dict[str, Any] = {}
+        for field_name in ("kernel", "initrd"):
+            local = getattr(config, field_name)
+            if local is not None:
+                files[field_name] = Path(self._upload(local, field_name))
+        remote_config = replace(config, code=Path(code), vars_template=Path(vars_copy),
+                                devices=tuple(devices), qemu=self.qemu, **files)
+        paths = machine.RuntimePaths(qmp_socket=rdir / "qmp.sock",
+                                     serial_socket=rdir / "serial.sock",
+                                     serial_log=rdir / "serial.log",
+                                     debugcon_log=rdir / "debugcon.log",
+                                     vars_copy=Path(vars_copy))
+        port = random.randint(20000, 60999)
+        self.command = machine.build_argv(remote_config, paths) + [
+            "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]
+        (self.artifacts / "cmdline.txt").write_text(
+            f"# on {self.session.address}\n{shlex.join(self.command)}\n")
+        for stale in (self.serial_log, self.debugcon_log):
+            stale.unlink(missing_ok=True)
+            stale.touch()
+        transport = self.session.client.get_transport()
+        assert transport is not None
+        self.log.info("launching on %s: %s", self.session.address, shlex.join(self.command))
+        self._channel = transport.open_session(timeout=30)
+        self._channel.exec_command("exec sh -c " + shlex.quote(WRAPPER) + " wrapper "
+                                   + shlex.join([self.remote_dir, *self.command]))
+        for name, local in self._logs().items():
+            channel = transport.open_session(timeout=30)
+            channel.exec_command(TAIL.format(dir=shlex.quote(self.remote_dir), name=name))
+            stream = _Stream(channel, local)
+            stream.start()
+            self._streams.append(stream)
+        self._transcript = open(self.qmp_log, "w", encoding="utf-8")  # noqa: SIM115
+        self._qmp = self._connect_qmp(transport, port, time.monotonic() + self.launch_timeout)
+        logs = self._logs()
+        self._serial = Console("serial", FileFollower(self.serial_log, self.is_running),
+                               self.log, logs, self.command)
+        if config.debugcon:
+            self._debugcon = debug_console(self.debugcon_log, self.is_running, self.log, logs,
+                                           self.command)
+        if config.sev is not None:
+            problem = machine.sev_info_problem(self.qmp("query-sev"),
+                                               config.sev.effective_policy)
+            if problem:
+                raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command)
+        if start:
+            self.qmp("cont")
+
+    def _connect_qmp(self, transport: paramiko.Transport, port: int,
+                     deadline: float) -> machine._Qmp:
+        assert self._transcript is not None
+        last = ""
+        while True:
+            if not self.is_running():
+                assert self._channel is not None
+                self.exitcode = self._channel.recv_exit_status()
+                raise LaunchError(f"remote QEMU exited with status {self.exitcode}",
+                                  self.exitcode, self.command, self._fetch_stderr())
+            try:
+                channel = transport.open_channel("direct-tcpip", ("127.0.0.1", port),
+                                                 ("127.0.0.1", 0), timeout=5)
+                break
+            except (paramiko.ChannelException, paramiko.SSHException) as exc:
+                last = str(exc)
+            if time.monotonic() > deadline:
+                raise LaunchError(f"remote QMP on 127.0.0.1:{port} did not answer in "
+                                  f"{self.launch_timeout:g} s ({last})", None, self.command,
+                                  self._fetch_stderr())
+            time.sleep(0.1)
+        ours, theirs = socket.socketpair()
+        _Pump(theirs, channel).start()
+        qmp = machine._Qmp(f"{self.name}-qmp", self._transcript, self.log)
+        try:
+            qmp.connect(ours, max(1.0, deadline - time.monotonic()))
+        except Exception as exc:
+            qmp.close()
+            raise LaunchError(f"remote QMP: {type(exc).__name__}: {exc}", None,
+                              self.command) from exc
+        return qmp
+
+    def _fetch_stderr(self) -> str:
+        if self.remote_dir is None:
+            return ""
+        try:
+            self.session.get(f"{self.remote_dir}/qemu-stderr.log", self.stderr_log)
+        except (OSError, HarnessError, paramiko.SSHException):
+            return ""
+        return self.stderr_log.read_text(errors="replace")
+
+    # --------------------------------------------------------- QMP
+
+    def qmp(self, command: str, arguments: Mapping[str, object] | None = None, *,
+            timeout: float | None = None) -> Any:
+        if self._qmp is None:
+            raise QmpError(f"QMP {command}: {self.name} is not connected")
+        return self._qmp.execute(command, arguments,
+                                 self.qmp_timeout if timeout is None else timeout)
+
+    def status(self) -> str:
+        return str(self.qmp("query-status")["status"])
+
+    def dump(self, path: Path | None = None, timeout: float = 300.0) -> Path:
+        """Stop the guest, dump its memory on the remote host, fetch it."""
+        assert self.remote_dir is not None
+        target = (path or self.artifacts / "memory.elf").absolute()
+        started = time.monotonic()
+        remote = f"{self.remote_dir}/memory.elf"
+        self.qmp("stop")
+        self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{remote}"},
+                 timeout=timeout)
+        self.session.get(remote, target)
+        self.session.run(f"rm -f {shlex.quote(remote)}", check=False)
+        self.log.info("remote memory dump %s (%d bytes) in %.2f s", target,
+                      target.stat().st_size, time.monotonic() - started)
+        return target
+
+    # ---------------------------------------------------- shutdown
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """QMP ``quit``, wait; else close the session (the wrapper kills
+        QEMU); fetch QEMU's stderr; remove the remote directory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._qmp is not None and self.is_running():
+                try:
+                    self._qmp.execute("quit", None, 3.0)
+                except QmpError as exc:
+                    self.log.debug("quit: %s", exc)
+            if self._channel is not None:
+                deadline = time.monotonic() + timeout
+                while self.is_running() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if self.is_running():
+                    self.log.warning("remote QEMU did not quit in %g s: ending its session",
+                                     timeout)
+                    self._channel.shutdown_write()
+                    deadline = time.monotonic() + timeout
+                    while self.is_running() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                if self._channel.exit_status_ready():
+                    self.exitcode = self._channel.recv_exit_status()
+        finally:
+            if self._channel is not None:
+                self._channel.close()
+            for stream in self._streams:
+                stream.join(timeout=5)
+                stream.channel.close()
+            if self._qmp is not None:
+                self._qmp.close()
+            for console in (self._serial, self._debugcon):
+                if console is not None:
+                    console.close()
+            if self._transcript is not None:
+                self._transcript.close()
+            if self.remote_dir is not None:
+                self._fetch_stderr()
+                try:
+                    self.session.run(f"rm -rf {shlex.quote(self.remote_dir)}", timeout=30,
+                                     check=False)
+                except (OSError, GuestCommandError, paramiko.SSHException) as exc:
+                    self.log.warning("could not remove %s on %s: %s", self.remote_dir,
+                                     self.session.host, exc)
+            if self.exitcode is not None:
+                self.log.info("remote QEMU exited with status %s", self.exitcode)
+
+
+# ------------------------------------------------------------ test sshd
+
+
+class LocalSshd:
+    """Debian's OpenSSH server on 127.0.0.1, its own config, host key and
+    authorized key, for tests of the remote path (needs root, as
+    ``/usr/sbin/sshd`` privilege separation does).
+
+    :param directory: where its config, keys and log go.
+    :param authorized: the public key line allowed to log in (as root).
+    """
+
+    SSHD = Path("/usr/sbin/sshd")
+
+    def __init__(self, directory: Path, authorized: str) -> None:
+        self.directory = Path(directory)
+        self.authorized = authorized
+        self.port = 0
+        self.host_key = ""
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "sshd.log"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.directory / "known_hosts"
+
+    def start(self, timeout: float = 15.0) -> None:
+        if not self.SSHD.is_file():
+            raise EnvironmentFailure(f"{self.SSHD} not found: install Debian's openssh-server")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        key = ClientKey.generate()   # an Ed25519 key in OpenSSH format serves as host key
+        key_file = key.write(self.directory / "ssh_host_ed25519_key")
+        self.host_key = key.public_line
+        (self.directory / "authorized_keys").write_text(self.authorized + "\n")
+        self.port = free_port()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {self.host_key}\n")
+        config = self.directory / "sshd_config"
+        config.write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {key_file}",
+            f"AuthorizedKeysFile {self.directory / 'authorized_keys'}",
+            f"PidFile {self.directory / 'sshd.pid'}", "StrictModes no", "UsePAM no",
+            "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "AllowTcpForwarding yes",
+            "Subsystem sftp internal-sftp", "LogLevel VERBOSE", ""]))
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)   # privilege separation dir
+        self.process = subprocess.Popen(
+            [str(self.SSHD), "-D", "-f", str(config), "-E", str(self.log)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=machine._die_with_parent())  # noqa: PLW1509
+        deadline = time.monotonic() + timeout
+        while not re.search(r"Server listening", _read(self.log)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise EnvironmentFailure(f"sshd did not start: {_read(self.log)[-500:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def remote_qemu_processes(session: GuestSsh, remote_dir: str = "/tmp/ebs-harness.") -> list[str]:
+    """The remote host's QEMU processes whose command line names ``remote_dir``
+    (default: any this harness started there)."""
+    # "[q]emu": the pattern must not match the shell that runs pgrep
+    pattern = shlex.quote(f"[q]emu-system.*{re.escape(remote_dir)}")
+    _, out, _ = session.run(f"pgrep -af {pattern} || true", check=False)
+    return out.splitlines()

@@ -1,0 +1,308 @@
+"""SSH sessions to a guest (paramiko): commands, SFTP, a pinned host key.
+
+The session takes an address, not a QEMU process: the Linux guest's sshd is
+reached through QEMU's user-mode ``hostfwd`` on 127.0.0.1 (see
+:mod:`harness.linux`), but nothing here knows that. The client key is made
+per run (:class:`ClientKey`); the server's host key is known in advance
+and pinned: an unknown or different host key is refused
+(:class:`paramiko.RejectPolicy`), never added blindly.
+
+::
+
+    session = GuestSsh("127.0.0.1", port, host_key="ssh-ed25519 AAAA...",
+                       client_key=ClientKey.generate())
+    session.connect(deadline=time.monotonic() + 90, alive=vm.is_running, tails=vm.tails)
+    rc, out, err = session.run("dmesg", timeout=30)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from harness.errors import (
+    ConsoleTimeout,
+    EnvironmentFailure,
+    GuestCommandError,
+    LaunchError,
+    UsageError,
+)
+
+LOG = logging.getLogger(__name__)
+
+#: How long one connection attempt may take before the next one.
+ATTEMPT_TIMEOUT = 10.0
+RETRY_PAUSE = 1.0
+
+
+class _Silence(logging.Filter):
+    """Drops paramiko's transport tracebacks of attempts that will be retried."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """An Ed25519 key pair made for one run."""
+
+    private_openssh: bytes
+
+    @classmethod
+    def generate(cls) -> ClientKey:
+        key = Ed25519PrivateKey.generate()
+        return cls(key.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.OpenSSH,
+                                     serialization.NoEncryption()))
+
+    @property
+    def pkey(self) -> paramiko.PKey:
+        return paramiko.Ed25519Key.from_private_key(io.StringIO(self.private_openssh.decode()))
+
+    @property
+    def key_type(self) -> str:
+        return "ssh-ed25519"
+
+    @property
+    def public_base64(self) -> str:
+        return str(self.pkey.get_base64())
+
+    @property
+    def public_line(self) -> str:
+        """The ``authorized_keys`` line."""
+        return f"{self.key_type} {self.public_base64}"
+
+    def write(self, path: Path) -> Path:
+        """The private key as an OpenSSH file (0600), for ``ssh -i`` by hand."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_bytes(self.private_openssh)
+        path.with_name(path.name + ".pub").write_text(self.public_line + "\n")
+        return path
+
+
+def parse_public_key(line: str) -> paramiko.PKey:
+    """A ``TYPE BASE64 [comment]`` public key line as a paramiko key."""
+    parts = line.split()
+    if len(parts) < 2:
+        raise UsageError(f"not a public key line: {line!r}")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+        key = paramiko.PKey.from_type_string(parts[0], blob)
+    except (ValueError, paramiko.SSHException) as exc:
+        raise UsageError(f"not a public key line: {line[:40]!r}...: {exc}") from exc
+    if key.get_name() != parts[0]:
+        raise UsageError(f"public key type {parts[0]} does not match its blob")
+    return key
+
+
+class _UnknownHostKey(paramiko.SSHException):  # type: ignore[misc]
+    """The server's host key is not the pinned one nor in known_hosts."""
+
+
+class _Reject(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        raise _UnknownHostKey(f"{hostname}: host key {key.get_name()} "
+                              f"{key.get_base64()[:24]}... is not known")
+
+
+class GuestSsh:
+    """One SSH connection to a guest (or a remote host), host key checked.
+
+    :param host: the address to connect to.
+    :param port: its port.
+    :param host_key: the server's public key line (``ssh-ed25519 AAAA...``),
+        pinned; or None to check ``known_hosts``.
+    :param known_hosts: an OpenSSH known_hosts file (default
+        ``~/.ssh/known_hosts``), used when no ``host_key`` is pinned.
+    :param client_key: our key (the server must have its public half); or
+        None for ``key_filename``, the SSH agent and ``~/.ssh/id_*``.
+    :param key_filename: a private key file.
+    :param user: the login.
+    :param channel: opens the transport's byte stream for each attempt
+        instead of a TCP connection to ``host:port`` (e.g. a ``direct-tcpip``
+        channel of another SSH session: a guest's hostfwd on a remote host).
+    """
+
+    def __init__(self, host: str, port: int = 22, *, host_key: str | None = None,
+                 known_hosts: Path | None = None, client_key: ClientKey | None = None,
+                 key_filename: Path | None = None, user: str = "root",
+                 channel: Callable[[], Any] | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self.client_key = client_key
+        self.key_filename = key_filename
+        self.host_key = None if host_key is None else parse_public_key(host_key)
+        self.known_hosts = known_hosts
+        self.channel = channel
+        self._client: paramiko.SSHClient | None = None
+        self.attempts = 0
+        self.last_error: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    def _host_entry(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def _try_connect(self, timeout: float) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        if self.host_key is not None:
+            client.get_host_keys().add(self._host_entry(), self.host_key.get_name(),
+                                       self.host_key)
+        else:
+            known = self.known_hosts or Path.home() / ".ssh" / "known_hosts"
+            if known.is_file():
+                client.get_host_keys().load(str(known))
+        client.set_missing_host_key_policy(_Reject())
+        own_key = self.client_key is not None or self.key_filename is not None
+        try:
+            sock = None if self.channel is None else self.channel()
+            client.connect(self.host, self.port, username=self.user,
+                           pkey=None if self.client_key is None else self.client_key.pkey,
+                           key_filename=None if self.key_filename is None
+                           else str(self.key_filename),
+                           timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                           allow_agent=not own_key, look_for_keys=not own_key, sock=sock)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def connect(self, deadline: float, *, alive: Callable[[], bool] | None = None,
+                tails: Callable[[], dict[str, str]] | None = None,
+                command: Sequence[str] = ()) -> None:
+        """Retry until sshd answers and lets us in, or ``deadline`` (monotonic).
+
+        A wrong host key fails at once (it will not get better).
+
+        :param alive: False means the guest is gone: stop waiting.
+        :param tails: the guest's log tails, quoted by a timeout.
+        :param command: the guest's command line, quoted by a timeout.
+        :raises ConsoleTimeout: no session by the deadline (``console`` "ssh").
+        :raises LaunchError: ``alive`` said the guest is gone.
+        """
+        transport_log = logging.getLogger("paramiko.transport")
+        silence = _Silence()
+        transport_log.addFilter(silence)
+        try:
+            self._connect(deadline, alive, tails, command)
+        finally:
+            transport_log.removeFilter(silence)
+
+    def _connect(self, deadline: float, alive: Callable[[], bool] | None,
+                 tails: Callable[[], dict[str, str]] | None, command: Sequence[str]) -> None:
+        start = time.monotonic()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConsoleTimeout(
+                    "ssh", f"sshd at {self.address} (last error: {self.last_error or 'none'}, "
+                    f"{self.attempts} attempts)", round(deadline - start, 1),
+                    tails() if tails else {}, command)
+            if alive is not None and not alive():
+                raise LaunchError(f"the guest ended before sshd at {self.address} answered "
+                                  f"(last error: {self.last_error})", None, command,
+                                  "\n".join((tails() if tails else {}).values()))
+            self.attempts += 1
+            try:
+                self._client = self._try_connect(min(ATTEMPT_TIMEOUT, max(1.0, remaining)))
+                LOG.info("ssh %s: connected after %d attempts, %.1f s", self.address,
+                         self.attempts, time.monotonic() - start)
+                return
+            except paramiko.BadHostKeyException as exc:
+                raise UsageError(f"ssh {self.address}: host key mismatch: got "
+                                 f"{exc.key.get_name()} {exc.key.get_base64()[:24]}..., "
+                                 "expected the pinned or known_hosts key") from exc
+            except _UnknownHostKey as exc:
+                raise UsageError(f"ssh {self.address}: {exc} (pin it or add it to "
+                                 "known_hosts)") from exc
+            except paramiko.AuthenticationException as exc:
+                raise EnvironmentFailure(f"ssh {self.address}: authentication failed: "
+                                         f"{exc}") from exc
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                LOG.debug("ssh %s: attempt %d: %s", self.address, self.attempts,
+                          self.last_error)
+            time.sleep(min(RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+
+    @property
+    def client(self) -> paramiko.SSHClient:
+        if self._client is None:
+            raise GuestCommandError("(connect)", -1, "", f"ssh {self.address}: not connected")
+        return self._client
+
+    def run(self, command: str, timeout: float = 60.0, *,
+            check: bool = True) -> tuple[int, str, str]:
+        """Run ``command`` in the guest's shell: ``(status, stdout, stderr)``.
+
+        :raises GuestCommandError: it exited non-zero (with ``check``), or did
+            not finish by ``timeout`` (status -1), with all it printed.
+        """
+        transport = self.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestCommandError(command, -1, "", f"ssh {self.address}: connection lost")
+        channel = transport.open_session(timeout=timeout)
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            channel.exec_command(command)
+            while True:
+                while channel.recv_ready():
+                    out += channel.recv(65536)
+                while channel.recv_stderr_ready():
+                    err += channel.recv_stderr(65536)
+                if (channel.exit_status_ready() and channel.eof_received
+                        and not channel.recv_ready() and not channel.recv_stderr_ready()):
+                    break
+                if time.monotonic() > deadline:
+                    raise GuestCommandError(
+                        command, -1, out.decode(errors="replace"),
+                        err.decode(errors="replace") + f"\n(timed out after {timeout:g} s)")
+                channel.status_event.wait(0.02)
+            status = channel.recv_exit_status()
+        finally:
+            channel.close()
+        stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+        LOG.debug("ssh %s: %r -> %d", self.address, command, status)
+        if check and status != 0:
+            raise GuestCommandError(command, status, stdout, stderr)
+        return status, stdout, stderr
+
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a file to the guest (SFTP)."""
+        with self.client.open_sftp() as sftp:
+            sftp.put(str(local), remote)
+
+    def get(self, remote: str, local: Path) -> Path:
+        """Copy a file from the guest (SFTP)."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with self.client.open_sftp() as sftp:
+            sftp.get(remote, str(local))
+        return local
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

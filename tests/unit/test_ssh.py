@@ -1,0 +1,92 @@
+"""SSH client pieces: keys, host key parsing, the connect deadline, remote URLs."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import time
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from harness import remote, ssh
+from harness.errors import ConsoleTimeout, GuestCommandError, LaunchError, UsageError
+
+
+def test_client_key_round_trips_through_openssh_files(tmp_path: Path) -> None:
+    key = ssh.ClientKey.generate()
+    assert key.public_line.startswith("ssh-ed25519 AAAA")
+    path = key.write(tmp_path / "id_ed25519")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = paramiko.Ed25519Key.from_private_key_file(str(path))
+    assert loaded.get_base64() == key.public_base64
+    assert (tmp_path / "id_ed25519.pub").read_text().strip() == key.public_line
+    assert ssh.ClientKey.generate().public_base64 != key.public_base64
+
+
+def test_parse_public_key() -> None:
+    key = ssh.ClientKey.generate()
+    parsed = ssh.parse_public_key(key.public_line + " comment")
+    assert parsed.get_name() == "ssh-ed25519"
+    assert parsed.get_base64() == key.public_base64
+    for bad in ("", "ssh-ed25519", "ssh-ed25519 !!!notbase64", "ssh-rsa " + key.public_base64):
+        with pytest.raises(UsageError):
+            ssh.parse_public_key(bad)
+
+
+def test_free_port_is_bindable() -> None:
+    port = ssh.free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def _session(port: int) -> ssh.GuestSsh:
+    return ssh.GuestSsh("127.0.0.1", port, host_key=ssh.ClientKey.generate().public_line,
+                        client_key=ssh.ClientKey.generate())
+
+
+def test_connect_deadline_quotes_the_tails() -> None:
+    session = _session(ssh.free_port())   # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ConsoleTimeout) as timeout:
+        session.connect(deadline=started + 2.0, tails=lambda: {"serial.log": "EBSG sshd-skipped"},
+                        command=["qemu-system-x86_64", "-kernel", "vmlinuz"])
+    assert 2.0 <= time.monotonic() - started < 6.0
+    assert timeout.value.console == "ssh"
+    assert session.attempts >= 2
+    assert "ConnectionRefusedError" in str(timeout.value) or "Errno" in str(timeout.value)
+    assert "EBSG sshd-skipped" in str(timeout.value)
+    assert "qemu-system-x86_64 -kernel vmlinuz" in str(timeout.value)
+
+
+def test_connect_stops_when_the_guest_is_gone() -> None:
+    session = _session(ssh.free_port())
+    started = time.monotonic()
+    with pytest.raises(LaunchError, match="ended before sshd"):
+        session.connect(deadline=started + 30, alive=lambda: False,
+                        tails=lambda: {"serial.log": "Kernel panic"})
+    assert time.monotonic() - started < 2
+
+
+def test_run_needs_a_connection() -> None:
+    with pytest.raises(GuestCommandError, match="not connected"):
+        _session(22).run("true")
+
+
+@pytest.mark.parametrize(("url", "host", "user", "port"), [
+    ("ssh://root@sevhost", "sevhost", "root", 22),
+    ("ssh://dev@10.1.2.3:2222", "10.1.2.3", "dev", 2222),
+    ("ssh://dev@sevhost/", "sevhost", "dev", 22),
+])
+def test_remote_host_parse(url: str, host: str, user: str, port: int) -> None:
+    where = remote.RemoteHost.parse(url)
+    assert (where.host, where.user, where.port) == (host, user, port)
+    assert where.url == f"ssh://{user}@{host}:{port}"
+
+
+@pytest.mark.parametrize("url", ["sevhost", "http://sevhost", "ssh://", "ssh://h:99999",
+                                 "ssh://h/some/path"])
+def test_remote_host_parse_rejects(url: str) -> None:
+    with pytest.raises(UsageError):
+        remote.RemoteHost.parse(url)
