@@ -126,16 +126,15 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            alive = self._alive()
+            # Read after asking: what the writer flushed before it died is
+            # still returned, and EOF comes only once that is read too.
             data = self._read_some(size)
             if data:
                 text: str = self._decoder.decode(data, final=False)
                 self._log(text, "read")
                 return text
-            if not self._alive():
-                # One more read: the writer may have flushed just before dying.
-                data = self._read_some(size)
-                if data:
-                    continue
+            if not alive:
                 self.flag_eof = True
                 raise pexpect.EOF(f"{self.path}: the writer exited")
             if deadline is not None and time.monotonic() >= deadline:

@@ -46,7 +46,14 @@ from typing import IO, Protocol
 
 from filelock import FileLock, Timeout
 
-from harness.errors import BuildError, DependencyError, PatchError, SourceError, UsageError
+from harness.errors import (
+    BuildError,
+    DependencyError,
+    EnvironmentFailure,
+    PatchError,
+    SourceError,
+    UsageError,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -309,6 +316,7 @@ def source_from_option(path: str | None) -> SourceProvider:
 
 
 def _run_checked(argv: list[str], cwd: Path, what: str) -> str:
+    """Run a tool of the source step; a failure is the environment's (exit 3)."""
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
@@ -317,7 +325,7 @@ def _run_checked(argv: list[str], cwd: Path, what: str) -> str:
     if proc.returncode != 0:
         output = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         last = output[-1] if output else ""
-        raise SourceError(f"{what} failed (exit {proc.returncode}): {last}")
+        raise EnvironmentFailure(f"{what} failed (exit {proc.returncode}): {last}")
     return proc.stdout
 
 
@@ -339,7 +347,12 @@ def ensure_deb_src(package: str, version: str) -> None:
             f"entry (or run ./run setup) and 'apt-get update'")
     DEB_SRC_FILE.write_text(entries)
     LOG.info("wrote %s", DEB_SRC_FILE)
-    subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=False)
+    update = subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True,
+                            check=False)
+    if update.returncode != 0:
+        last = (update.stderr.strip().splitlines() or [""])[-1]
+        raise DependencyError(f"apt-get update failed after adding {DEB_SRC_FILE} "
+                              f"(exit {update.returncode}): {last}")
     if not _apt_has_source(package, version):
         raise DependencyError(
             f"apt still finds no source package {package}={version} after adding "
@@ -414,8 +427,9 @@ def read_series(directory: Path = SERIES_DIR) -> list[Patch]:
     missing is a :class:`PatchError`.
     """
     series = directory / "series"
-    if not series.exists():
-        return []
+    if not series.is_file():
+        raise PatchError(series, None, None,
+                         "the series file is missing: an empty file means no patches")
     patches: list[Patch] = []
     for number, line in enumerate(series.read_text().splitlines(), 1):
         name = line.split("#", 1)[0].strip()
@@ -436,7 +450,8 @@ def read_overlays(overlays: Mapping[str, Path] = OVERLAYS) -> dict[str, bytes]:
         if not source.is_dir():
             continue
         for file in sorted(source.rglob("*")):
-            if file.is_file() and "__pycache__" not in file.parts:
+            # What the build reads: not the directory's own documentation.
+            if file.is_file() and "__pycache__" not in file.parts and file.suffix != ".md":
                 files[f"{dest}/{file.relative_to(source).as_posix()}"] = file.read_bytes()
     return files
 
@@ -490,10 +505,14 @@ def apply_series(pristine: Path, patches: list[Patch],
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, staging / rel)
         for patch in patches:
-            proc = subprocess.run(
-                ["patch", "-p1", "-F0", "--batch", "--forward", "--no-backup-if-mismatch",
-                 "-r", "-", "-d", str(staging)],
-                input=patch.data, capture_output=True, check=False)
+            try:
+                proc = subprocess.run(
+                    ["patch", "-p1", "-F0", "--batch", "--forward", "--no-backup-if-mismatch",
+                     "-r", "-", "-d", str(staging)],
+                    input=patch.data, capture_output=True, check=False)
+            except FileNotFoundError as exc:
+                raise DependencyError("patch not found: run ./run setup as root "
+                                      "(installs Debian's patch package)") from exc
             if proc.returncode != 0:
                 output = (proc.stdout + proc.stderr).decode("utf-8", "replace")
                 raise _patch_failure(patch, output)
@@ -619,7 +638,7 @@ class Firmware:
         try:
             manifest = json.loads((directory / "manifest.json").read_text())
             key = str(manifest["key"])
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{directory}/manifest.json is unreadable: {exc}") from exc
         return cls(directory, key)
 
@@ -662,9 +681,15 @@ def _publishing(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         yield tmp
+        # A reader of the old directory keeps a whole one until the rename:
+        # move it aside first, never delete it in place.
+        old = None
         if final.exists():
-            shutil.rmtree(final)
+            old = final.with_name(f".tmp-{final.name}-old-{os.getpid()}")
+            os.rename(final, old)
         os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -772,14 +797,18 @@ class Builder:
             # them and start the platform build afresh.
             self.progress.phase("workspace", "an earlier build was interrupted: "
                                              "removing its output")
-            _kill_group(state.get("pgid"))
+            _stop_build(state.get("pgid"), work)
             shutil.rmtree(tree / "Build", ignore_errors=True)
         self.progress.phase("patch", f"{len(self.patches)} patches, "
                                      f"{len(self.overlays)} overlay files")
         desired = apply_series(pristine, self.patches, self.overlays)
-        changed = sync_workspace(tree, pristine, set(state["touched"]), desired)
+        previous = set(state["touched"])
+        # Recorded before writing: a sync cut short must still be undone next time.
+        self._state = {"touched": sorted(previous | set(desired)), "dirty": False, "pgid": None}
+        self._save_state(tree)
+        changed = sync_workspace(tree, pristine, previous, desired)
         LOG.info("workspace %s: %d files changed", tree, len(changed))
-        self._state = {"touched": sorted(desired), "dirty": False, "pgid": None}
+        self._state["touched"] = sorted(desired)
         self._save_state(tree)
         return tree
 
@@ -854,7 +883,7 @@ class Builder:
                     self.progress.phase(step, f"{modules} modules so far")
             status = proc.wait()
         except BaseException:
-            _kill_group(proc.pid)
+            _stop_build(proc.pid, cwd.parent)
             proc.wait()
             raise
         log.flush()
@@ -896,15 +925,29 @@ class Builder:
 KEEP_FIRMWARE = 8
 
 
-def prune_firmware(cache: Path, keep: int, spare: str) -> list[str]:
+#: A firmware directory used this recently may be booting in another
+#: process (readers take no lock): never pruned.
+PRUNE_MIN_AGE_S = 3600.0
+
+
+def prune_firmware(cache: Path, keep: int, spare: str,
+                   min_age: float = PRUNE_MIN_AGE_S) -> list[str]:
     """Remove all but the ``keep`` most recently used firmware directories
-    (never ``spare``, never one whose key a builder holds). :returns: the keys removed."""
+    (never ``spare``, never one used in the last ``min_age`` seconds, never
+    one whose key a builder holds). :returns: the keys removed."""
     root = cache / "firmware"
-    entries = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                     key=lambda d: d.stat().st_mtime, reverse=True)
+    used: dict[Path, float] = {}
+    for directory in root.iterdir():
+        try:
+            if directory.is_dir() and not directory.name.startswith("."):
+                used[directory] = directory.stat().st_mtime
+        except FileNotFoundError:   # pruned by another builder meanwhile
+            continue
+    entries = sorted(used, key=lambda d: used[d], reverse=True)
+    now = time.time()
     removed: list[str] = []
     for directory in entries[keep:]:
-        if directory.name == spare:
+        if directory.name == spare or now - used[directory] < min_age:
             continue
         lock = FileLock(str(cache / "locks" / f"firmware-{directory.name}.lock"))
         try:
@@ -921,15 +964,43 @@ def prune_firmware(cache: Path, keep: int, spare: str) -> list[str]:
     return removed
 
 
-def _kill_group(pgid: object) -> None:
-    """SIGKILL a build's process group, if it is still there."""
+def _group_members(pgid: int, workspace: Path) -> list[int]:
+    """Live processes of group ``pgid`` working inside ``workspace``: a group
+    id saved by a killed build may belong to someone else by now."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] == "Z":
+                continue
+            cwd = Path(os.readlink(stat.parent / "cwd"))
+        except (OSError, ValueError, IndexError):
+            continue
+        if cwd == workspace or workspace in cwd.parents:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _stop_build(pgid: object, workspace: Path, timeout: float = 10.0) -> None:
+    """SIGKILL what is left of a build's process group and wait until it is
+    gone, so that nothing writes into the workspace afterwards."""
     if not isinstance(pgid, int) or pgid <= 1:
         return
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return
-    LOG.warning("killed the leftover build process group %d", pgid)
+    deadline = time.monotonic() + timeout
+    members = _group_members(pgid, workspace)
+    if members:
+        LOG.warning("stopping the leftover build processes %s", members)
+    while members:
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if time.monotonic() > deadline:
+            raise BuildError("workspace", ["kill", *map(str, members)], workspace / "build.log",
+                             f"processes {members} of an earlier build would not die")
+        time.sleep(0.05)
+        members = _group_members(pgid, workspace)
 
 
 def build_firmware(source: SourceProvider | None = None, *, rebuild: bool = False,

@@ -48,7 +48,6 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
@@ -479,7 +478,7 @@ class LinuxBoot:
 class LinuxRun:
     """A running Linux guest and its SSH session."""
 
-    vm: machine.QemuMachine | remote.RemoteMachine
+    vm: machine.GuestMachine
     session: ssh.GuestSsh
     canary: bytes
     canary_image: Path
@@ -572,7 +571,7 @@ def boot_linux(firmware: Firmware, image: LinuxImage, boot: LinuxBoot, artifacts
     (artifacts / "canary.bin").write_bytes(canary)
     client_key = ssh.ClientKey.generate()
     client_key.write(artifacts / "id_ed25519")
-    launcher: Callable[..., Any] = machine.QemuMachine
+    launcher: Callable[..., machine.GuestMachine] = machine.QemuMachine
     channel = None
     if remote_host is None:
         port = ssh.free_port()

@@ -571,11 +571,12 @@ def _die_with_parent() -> Callable[[], None]:
     return preexec
 
 
-class QemuMachine:
-    """A QEMU guest: launch, QMP, consoles, memory dump, shutdown.
-
-    A context manager; :meth:`launch` cleans up on any failure and raises
-    :class:`LaunchError`; :meth:`shutdown` is idempotent.
+class GuestMachine:
+    """What every guest of the harness offers, wherever its QEMU runs: a
+    context manager with artifact paths, the two consoles, QMP and its
+    events. :class:`QemuMachine` runs QEMU here; ``harness.remote`` runs it
+    on another host over SSH. Subclasses provide ``launch``, ``is_running``,
+    ``dump`` and ``shutdown``.
 
     :param config: what to run.
     :param artifacts: this VM's artifact directory (created).
@@ -593,16 +594,12 @@ class QemuMachine:
         self.launch_timeout = launch_timeout
         self.qmp_timeout = qmp_timeout
         self.command: list[str] = []
-        self.process: subprocess.Popen[bytes] | None = None
+        self.exitcode: int | None = None
         self._qmp: _Qmp | None = None
         self._transcript: TextIO | None = None
-        self._stderr: Any = None
-        self._sock_dir: Path | None = None
-        self._serial_sock: socket.socket | None = None
         self._serial: Console | None = None
         self._debugcon: Console | None = None
         self._closed = False
-        self.exitcode: int | None = None
 
     # artifact paths
     @property
@@ -620,10 +617,6 @@ class QemuMachine:
     @property
     def qmp_log(self) -> Path:
         return self.artifacts / "qmp.log"
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
 
     @property
     def serial(self) -> Console:
@@ -649,6 +642,73 @@ class QemuMachine:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
+    def launch(self, *, start: bool = True) -> None:
+        raise NotImplementedError
+
+    def is_running(self) -> bool:
+        raise NotImplementedError
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def dump(self, path: Path | None = None, timeout: float = 120.0) -> Path:
+        raise NotImplementedError
+
+    def _logs(self) -> dict[str, Path]:
+        logs = {"serial.log": self.serial_log}
+        if self.config.debugcon:
+            logs["debugcon.log"] = self.debugcon_log
+        return logs
+
+    def tails(self) -> dict[str, str]:
+        """The last lines of the serial and debug logs."""
+        return {name: tail_lines(path) for name, path in self._logs().items()}
+
+    # ------------------------------------------------------------ QMP
+
+    def qmp(self, command: str, arguments: Mapping[str, object] | None = None, *,
+            timeout: float | None = None) -> Any:
+        """Run a QMP command; its ``return`` value, or :class:`QmpError`."""
+        if self._qmp is None:
+            raise QmpError(f"QMP {command}: {self.name} is not connected")
+        return self._qmp.execute(command, arguments,
+                                 self.qmp_timeout if timeout is None else timeout)
+
+    def wait_event(self, names: str | Sequence[str], timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for (and consume) the next QMP event of one of ``names``."""
+        if self._qmp is None:
+            raise QmpError(f"{self.name} is not connected")
+        wanted = [names] if isinstance(names, str) else list(names)
+        return self._qmp.wait_event(wanted, timeout)
+
+    def status(self) -> str:
+        """The run state from ``query-status`` ("running", "paused", ...)."""
+        return str(self.qmp("query-status")["status"])
+
+
+class QemuMachine(GuestMachine):
+    """A QEMU guest: launch, QMP, consoles, memory dump, shutdown.
+
+    A context manager; :meth:`launch` cleans up on any failure and raises
+    :class:`LaunchError`; :meth:`shutdown` is idempotent.
+
+    :param launch_timeout: deadline for QEMU to come up on QMP (see
+        :class:`GuestMachine` for the other parameters).
+    """
+
+    def __init__(self, config: MachineConfig, artifacts: Path, *, name: str = "vm",
+                 launch_timeout: float = 30.0, qmp_timeout: float = 30.0) -> None:
+        super().__init__(config, artifacts, name=name, launch_timeout=launch_timeout,
+                         qmp_timeout=qmp_timeout)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self._sock_dir: Path | None = None
+        self._serial_sock: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -657,12 +717,6 @@ class QemuMachine:
             return self.stderr_log.read_text(errors="replace")
         except OSError:
             return ""
-
-    def _logs(self) -> dict[str, Path]:
-        logs = {"serial.log": self.serial_log}
-        if self.config.debugcon:
-            logs["debugcon.log"] = self.debugcon_log
-        return logs
 
     # --------------------------------------------------------- launch
 
@@ -767,26 +821,7 @@ class QemuMachine:
                               self._stderr_text())
         self.log.info("SEV active: policy %#x, state %s", info["policy"], info.get("state"))
 
-    # ------------------------------------------------------------ QMP
-
-    def qmp(self, command: str, arguments: Mapping[str, object] | None = None, *,
-            timeout: float | None = None) -> Any:
-        """Run a QMP command; its ``return`` value, or :class:`QmpError`."""
-        if self._qmp is None:
-            raise QmpError(f"QMP {command}: {self.name} is not connected")
-        return self._qmp.execute(command, arguments,
-                                 self.qmp_timeout if timeout is None else timeout)
-
-    def wait_event(self, names: str | Sequence[str], timeout: float = 30.0) -> dict[str, Any]:
-        """Wait for (and consume) the next QMP event of one of ``names``."""
-        if self._qmp is None:
-            raise QmpError(f"{self.name} is not connected")
-        wanted = [names] if isinstance(names, str) else list(names)
-        return self._qmp.wait_event(wanted, timeout)
-
-    def status(self) -> str:
-        """The run state from ``query-status`` ("running", "paused", ...)."""
-        return str(self.qmp("query-status")["status"])
+    # ----------------------------------------------------------- dump
 
     def dump(self, path: Path | None = None, timeout: float = 120.0) -> Path:
         """Stop the guest and write its memory as an ELF core (``paging=false``).
@@ -852,10 +887,6 @@ class QemuMachine:
                 self._sock_dir = None
             if self.exitcode is not None:
                 self.log.info("QEMU exited with status %s", self.exitcode)
-
-    def tails(self) -> dict[str, str]:
-        """The last lines of the serial and debug logs."""
-        return {name: tail_lines(path) for name, path in self._logs().items()}
 
 
 def sev_info_problem(info: Mapping[str, Any], policy: int) -> str | None:

@@ -38,16 +38,16 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Self, TextIO
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import paramiko
 
 from harness import host, machine
-from harness.console import Console, FileFollower, debug_console, tail_lines
+from harness.console import Console, FileFollower, debug_console
 from harness.errors import (
     EnvironmentFailure,
     GuestCommandError,
@@ -257,11 +257,9 @@ class _Stream(threading.Thread):
                 out.flush()
 
 
-class RemoteMachine:
-    """A QEMU guest on a remote host; the subset of
-    :class:`~harness.machine.QemuMachine` that scenarios use (context manager,
-    ``qmp``, ``status``, ``dump``, ``debugcon``/``serial`` consoles,
-    ``tails``, ``shutdown``), with the same artifact files locally.
+class RemoteMachine(machine.GuestMachine):
+    """A QEMU guest on a remote host, with the same artifact files locally
+    as a :class:`~harness.machine.QemuMachine`.
 
     :param session: a connected SSH session to the remote host.
     :param qemu: the QEMU binary there (replaces ``config.qemu``).
@@ -270,76 +268,17 @@ class RemoteMachine:
     def __init__(self, session: GuestSsh, config: machine.MachineConfig, artifacts: Path, *,
                  name: str = "vm", qemu: str = "qemu-system-x86_64",
                  launch_timeout: float = 60.0, qmp_timeout: float = 30.0) -> None:
+        super().__init__(config, artifacts, name=name, launch_timeout=launch_timeout,
+                         qmp_timeout=qmp_timeout)
         self.session = session
-        self.config = config.resolved()
-        self.artifacts = Path(artifacts).absolute()
-        self.name = name
-        self.log = LOG.getChild(name)
         self.qemu = qemu
-        self.launch_timeout = launch_timeout
-        self.qmp_timeout = qmp_timeout
-        self.command: list[str] = []
         self.remote_dir: str | None = None
-        self.exitcode: int | None = None
         self._channel: paramiko.Channel | None = None
         self._streams: list[_Stream] = []
-        self._qmp: machine._Qmp | None = None
-        self._transcript: TextIO | None = None
-        self._debugcon: Console | None = None
-        self._serial: Console | None = None
         self._launched = False
-        self._closed = False
-
-    @property
-    def serial_log(self) -> Path:
-        return self.artifacts / "serial.log"
-
-    @property
-    def debugcon_log(self) -> Path:
-        return self.artifacts / "debugcon.log"
-
-    @property
-    def stderr_log(self) -> Path:
-        return self.artifacts / "qemu-stderr.log"
-
-    @property
-    def qmp_log(self) -> Path:
-        return self.artifacts / "qmp.log"
-
-    @property
-    def debugcon(self) -> Console:
-        if self._debugcon is None:
-            raise QmpError(f"{self.name}: not launched or debugcon off")
-        return self._debugcon
-
-    @property
-    def serial(self) -> Console:
-        if self._serial is None:
-            raise QmpError(f"{self.name}: not launched")
-        return self._serial
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return [] if self._qmp is None else list(self._qmp.history)
-
-    def __enter__(self) -> Self:
-        self.launch()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown()
 
     def is_running(self) -> bool:
         return self._channel is not None and not self._channel.exit_status_ready()
-
-    def _logs(self) -> dict[str, Path]:
-        logs = {"serial.log": self.serial_log}
-        if self.config.debugcon:
-            logs["debugcon.log"] = self.debugcon_log
-        return logs
-
-    def tails(self) -> dict[str, str]:
-        return {name: tail_lines(path) for name, path in self._logs().items()}
 
     # ------------------------------------------------------- launch
 
@@ -471,17 +410,7 @@ class RemoteMachine:
             return ""
         return self.stderr_log.read_text(errors="replace")
 
-    # --------------------------------------------------------- QMP
-
-    def qmp(self, command: str, arguments: Mapping[str, object] | None = None, *,
-            timeout: float | None = None) -> Any:
-        if self._qmp is None:
-            raise QmpError(f"QMP {command}: {self.name} is not connected")
-        return self._qmp.execute(command, arguments,
-                                 self.qmp_timeout if timeout is None else timeout)
-
-    def status(self) -> str:
-        return str(self.qmp("query-status")["status"])
+    # ----------------------------------------------------------- dump
 
     def dump(self, path: Path | None = None, timeout: float = 300.0) -> Path:
         """Stop the guest, dump its memory on the remote host, fetch it."""

@@ -162,3 +162,25 @@ def test_file_follower_timeout_and_eof(tmp_path: Path) -> None:
     alive[0] = False
     with pytest.raises(pexpect.EOF):
         spawn.read_nonblocking(100, 0.1)
+
+
+def test_data_written_just_before_the_writer_died_is_read(tmp_path: Path) -> None:
+    """The writer flushes its last line and exits between the follower's
+    read and its liveness check: the line must still come, then EOF."""
+    import pexpect
+
+    path = tmp_path / "log"
+    path.write_text("first\n")
+
+    def flush_and_die() -> bool:
+        if "parked" not in path.read_text():
+            with open(path, "a") as handle:
+                handle.write("EBST probe-parked\n")
+        return False
+
+    spawn = FileFollower(path, flush_and_die)
+    received = ""
+    with pytest.raises(pexpect.EOF):
+        while True:
+            received += spawn.read_nonblocking(100, 0.1)
+    assert received == "first\nEBST probe-parked\n"

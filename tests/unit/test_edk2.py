@@ -124,6 +124,11 @@ def test_series_reads_order_and_skips_comments(tmp_path: Path) -> None:
     assert [p.name for p in edk2.read_series(directory)] == ["0002-b.patch", "0001-a.patch"]
 
 
+def test_missing_series_file_is_a_patch_error(tmp_path: Path) -> None:
+    with pytest.raises(PatchError, match="series file is missing"):
+        edk2.read_series(tmp_path)
+
+
 def test_series_naming_a_missing_patch_is_a_patch_error(tmp_path: Path) -> None:
     directory = _series(tmp_path / "s", ("0001-a.patch", "a"))
     (directory / "series").write_text("0001-a.patch\n0002-gone.patch\n")
@@ -368,10 +373,30 @@ def test_deb_src_entries_mirror_the_debian_deb_entries(tmp_path: Path) -> None:
 
 def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
     root = tmp_path / "firmware"
-    for age, key in enumerate(["new", "mid", "old", "oldest"]):
+    for age, key in enumerate(["new", "mid", "old", "oldest", "recent"]):
         (root / key).mkdir(parents=True)
-        os.utime(root / key, (time.time() - 100 * age, time.time() - 100 * age))
+        when = time.time() - (100 * age if key != "recent" else 10)
+        os.utime(root / key, (when, when))
     (root / ".tmp-partial-1").mkdir()
-    removed = edk2.prune_firmware(tmp_path, keep=2, spare="oldest")
-    assert removed == ["old"]
-    assert sorted(p.name for p in root.iterdir()) == [".tmp-partial-1", "mid", "new", "oldest"]
+    removed = edk2.prune_firmware(tmp_path, keep=1, spare="oldest", min_age=50)
+    # "recent" is within min_age (it may be booting elsewhere); "oldest" is spared.
+    assert sorted(removed) == ["mid", "old"]
+    assert sorted(p.name for p in root.iterdir()) == [".tmp-partial-1", "new", "oldest", "recent"]
+
+
+def test_a_saved_group_id_of_someone_else_is_not_killed(tmp_path: Path) -> None:
+    """The pgid in state.json may be reused by an unrelated process group:
+    only processes working inside the workspace are stopped."""
+    workspace = tmp_path / "work"
+    (workspace / "tree").mkdir(parents=True)
+    outsider = subprocess.Popen(["sleep", "30"], cwd=tmp_path, start_new_session=True)
+    insider = subprocess.Popen(["sleep", "30"], cwd=workspace / "tree", start_new_session=True)
+    try:
+        edk2._stop_build(outsider.pid, workspace)
+        assert outsider.poll() is None
+        edk2._stop_build(insider.pid, workspace)
+        assert insider.wait(5) == -signal.SIGKILL
+    finally:
+        for proc in (outsider, insider):
+            proc.kill()
+            proc.wait()
