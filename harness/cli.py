@@ -23,7 +23,6 @@ from harness import dump, edk2, host, remote, report, scenario, symbols, trace
 from harness.errors import (
     EXIT_ENVIRONMENT,
     EXIT_OK,
-    EXIT_USAGE,
     EXIT_VIOLATION,
     HarnessError,
     UsageError,
@@ -215,7 +214,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         verdict = "pass" if result.passed else "FAIL " + ", ".join(
             sorted(result.failed_checks(), key=lambda c: (c[0] == "D", c)))
         print(f"  {result.scenario.label():<20} {verdict}")
-    story_held = not legacy.passed and callback.passed
+    # The prediction: the adversary's late stage lands after the 2017
+    # teardown (V1) and touches its device then (V3); the callback holds.
+    story_held = {"V1", "V3"} <= legacy.failed_checks() and callback.passed
     print("  " + ("the 2017 scheme lost the race and the callback won it, as predicted"
                   if story_held else "UNEXPECTED: the demo's prediction did not hold"))
     print(f"  artifacts: {root}")
@@ -342,8 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ebs-harness {args.command}: interrupted", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except OSError as exc:
+        # Paths the user names are checked where they are read (exit 2);
+        # anything else failing here is the machine's.
         print(f"ebs-harness {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, FileNotFoundError) else EXIT_ENVIRONMENT
+        return EXIT_ENVIRONMENT
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ class Segment:
         return self.paddr + self.size
 
 
+CR4_LA57 = 1 << 12   #: 5-level paging
+
+
 @dataclass(frozen=True)
 class CpuState:
     """The parts of QEMUCPUState the analysis uses."""
@@ -626,6 +629,9 @@ def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None =
                          "private; without the IOMMU nothing is shared)")
         elif cr3 is None:
             notes.append("D2 skipped: the dump has no QEMU CPU-state note (no CR3)")
+        elif dump.cpus[0].cr4 & CR4_LA57:
+            notes.append("D2 skipped: the guest uses 5-level paging (CR4.LA57), which the "
+                         "page walker does not read")
         else:
             findings: list[str] = []
             shared = shared_ranges(dump, cr3, sharedbit, findings)

@@ -153,6 +153,9 @@ class BuildFlags:
         ("FD_SIZE_4MB", "TRUE"),
         ("NETWORK_HTTP_BOOT_ENABLE", "FALSE"),
         ("TPM2_ENABLE", "FALSE"),
+        # Patch 0007: the fw_cfg test knobs, EbsAdversaryDxe and EbsProbe
+        # exist only in builds with this define (never in production OVMF).
+        ("EBS_HARNESS_TEST", "TRUE"),
     )
     #: DEBUG_ERROR|WARN|INFO|LOAD|FS|... (0x8000004F): shows the DEBUG_INFO
     #: trace lines, hides the noisy DEBUG_VERBOSE.
@@ -671,7 +674,7 @@ class BuildResult:
 
 
 @contextmanager
-def _publishing(final: Path) -> Iterator[Path]:
+def publishing(final: Path) -> Iterator[Path]:
     """A temporary directory beside ``final``, renamed to it when the block
     succeeds and removed when it does not: ``final`` appears whole or not at
     all. Leftovers of killed earlier attempts are removed first."""
@@ -773,7 +776,7 @@ class Builder:
         with _locked(self._lock(f"src-{final.name}"), self.progress, "the edk2 source"):
             if (final / "tree").is_dir():
                 return final / "tree"
-            with _publishing(final) as tmp:
+            with publishing(final) as tmp:
                 self.source.materialize(tmp / "tree", self.progress)
                 (tmp / "identity").write_text(self.inputs.source_identity + "\n")
         return final / "tree"
@@ -898,7 +901,7 @@ class Builder:
         """Copy the outputs into a temporary directory, then rename it to the key."""
         out = tree / self.flags.output_dir
         final = self.firmware_dir
-        with _publishing(final) as tmp:
+        with publishing(final) as tmp:
             for name in ("OVMF_CODE.fd", "OVMF_VARS.fd", "OVMF.fd"):
                 shutil.copy2(out / "FV" / name, tmp / name)
             modules = tmp / "modules"

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError, UsageError
-from harness.machine import MachineConfig, QemuMachine, SevConfig
+from harness.machine import MachineConfig, QemuMachine, SevConfig, die_with_parent
 
 LOG = logging.getLogger(__name__)
 
@@ -360,14 +360,17 @@ def _qmp_sev_capabilities(qemu: str) -> SevCapabilities | str:
         sock = Path(tmp) / "qmp.sock"
         argv = [qemu, "-machine", "none", "-accel", "kvm", "-nodefaults", "-display", "none",
                 "-qmp", f"unix:{sock},server=on,wait=off"]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        stderr = Path(tmp) / "stderr"
+        with open(stderr, "wb") as err_file:
+            # Like every QEMU of the harness: dies with it, however it dies.
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err_file, preexec_fn=die_with_parent())  # noqa: PLW1509
         try:
             deadline = time.monotonic() + 10
             while not sock.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                    return f"QEMU -machine none -accel kvm did not start: {err.strip()}"
+                    err = stderr.read_text(errors="replace").strip()
+                    return f"QEMU -machine none -accel kvm did not start: {err}"
                 time.sleep(0.05)
             qmp = QEMUMonitorProtocol(str(sock))
             try:

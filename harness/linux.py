@@ -55,7 +55,7 @@ from elftools.elf.elffile import ELFFile
 from filelock import FileLock
 
 from harness import guest, host, machine, remote, scenario, ssh
-from harness.edk2 import REPO_ROOT, Firmware, cache_root
+from harness.edk2 import REPO_ROOT, Firmware, cache_root, publishing
 from harness.errors import DependencyError, EnvironmentFailure, UsageError
 
 LOG = logging.getLogger(__name__)
@@ -220,17 +220,13 @@ def build_image(recipe: Recipe | None = None, *, cache: Path | None = None,
                 LOG.info("Linux guest %s from the cache", key)
                 return image
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=f"build-{key}-", dir=root) as tmp:
-            out = Path(tmp) / "out"
-            out.mkdir()
+        with tempfile.TemporaryDirectory(prefix=f"build-{key}-", dir=root) as tmp, \
+                publishing(target) as out:
             kernel_version = _build(recipe, versions, Path(tmp), out)
             manifest = {"key": key, "kernel_version": kernel_version, "format": RECIPE_FORMAT,
                         "packages": versions, "recipe": recipe.file_digests(),
                         "modules": (out / "modules.txt").read_text().split()}
             (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            out.rename(target)
         LOG.info("Linux guest %s built in %.1f s", key, time.monotonic() - started)
         return LinuxImage.load(target)
 
@@ -580,6 +576,9 @@ def boot_linux(firmware: Firmware, image: LinuxImage, boot: LinuxBoot, artifacts
         _, out, _ = remote_host[1].run(
             "for p in $(shuf -i 20000-60999 -n 20); do ss -Htln sport = :$p | grep -q . "
             "|| { echo $p; break; }; done", timeout=30)
+        if not out.split():
+            raise EnvironmentFailure(f"no free TCP port found on {remote_host[0].url} "
+                                     "for the guest's ssh forward")
         port = int(out.split()[0])
         launcher = remote_host[0].launcher(remote_host[1])
         channel = remote_host[0].tunnel(remote_host[1], port)

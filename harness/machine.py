@@ -557,7 +557,7 @@ class _Qmp:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> Callable[[], None]:
+def die_with_parent() -> Callable[[], None]:
     """A ``preexec_fn``: the child gets SIGKILL when its parent dies."""
     libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getpid()
@@ -768,7 +768,7 @@ class QemuMachine(GuestMachine):
         self.process = subprocess.Popen(
             self.command, stdin=subprocess.DEVNULL, stdout=self._stderr,
             stderr=subprocess.STDOUT, close_fds=True,
-            preexec_fn=_die_with_parent())  # noqa: PLW1509 - prctl must run in the child
+            preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl must run in the child
         deadline = time.monotonic() + self.launch_timeout
         self._qmp = self._connect_qmp(paths.qmp_socket, deadline)
         self._serial_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -846,7 +846,10 @@ class QemuMachine(GuestMachine):
         """Wait for QEMU to exit by itself; its exit status."""
         if self.process is None:
             raise QmpError(f"{self.name}: not launched")
-        self.exitcode = self.process.wait(timeout)
+        try:
+            self.exitcode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise QmpError(f"{self.name}: QEMU still runs after {timeout:g} s") from exc
         return self.exitcode
 
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -160,7 +160,10 @@ def remote_caps(session: GuestSsh, qemu: str = "qemu-system-x86_64") -> host.Hos
     ``-machine none`` QEMU on the remote host).
     """
     _, out, _ = session.run(f"{shlex.quote(qemu)} --version", timeout=30)
-    version = host.parse_qemu_version(out)
+    try:
+        version = host.parse_qemu_version(out)
+    except ValueError as exc:
+        raise EnvironmentFailure(f"remote {session.host}: {qemu} --version: {exc}") from exc
     tcg = host.Capability(True, f"remote {session.host}: QEMU {version} runs there")
     rc, _, _ = session.run("test -r /dev/kvm -a -w /dev/kvm", check=False)
     kvm = host.Capability(rc == 0, f"remote {session.host}: /dev/kvm "
@@ -171,8 +174,12 @@ def remote_caps(session: GuestSsh, qemu: str = "qemu-system-x86_64") -> host.Hos
                              check=False)
     values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     if any(v.strip() for v in values.values()):
-        params = {name: host.parse_module_flag(v) if v.strip() else None
-                  for name, v in values.items()}
+        try:
+            params = {name: host.parse_module_flag(v) if v.strip() else None
+                      for name, v in values.items()}
+        except ValueError as exc:
+            raise EnvironmentFailure(f"remote {session.host}: kvm_amd parameters: "
+                                     f"{exc}") from exc
     dev_sev = session.run("test -e /dev/sev", check=False)[0] == 0
     _, cpuinfo, _ = session.run("grep -m1 '^flags' /proc/cpuinfo", check=False)
     flags = host.parse_cpuinfo_flags(cpuinfo)
@@ -530,7 +537,7 @@ class LocalSshd:
         self.process = subprocess.Popen(
             [str(self.SSHD), "-D", "-f", str(config), "-E", str(self.log)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=machine._die_with_parent())  # noqa: PLW1509
+            preexec_fn=machine.die_with_parent())  # noqa: PLW1509
         deadline = time.monotonic() + timeout
         while not re.search(r"Server listening", _read(self.log)):
             if self.process.poll() is not None or time.monotonic() > deadline:

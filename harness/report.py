@@ -315,9 +315,3 @@ events, {len(report.timeline.attempts)} ExitBootServices call(s); {html.escape(c
 </table>
 </body></html>
 """
-
-
-def summarize(rows: Sequence[Row]) -> Counter[str]:
-    """Row kinds, for tests and logs."""
-    return Counter(r.kind for r in rows)
-

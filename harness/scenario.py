@@ -251,7 +251,7 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     log_report, sym = trace.analyze_log(vm.debugcon_log, firmware.path)
     dump_report = None
     if dump_path is not None:
-        parsed = trace.parse_log(vm.debugcon_log)
+        parsed = log_report.timeline.trace
         dump_report = dumps.analyze_dump(
             dump_path, parsed, maphead_symbol=sym.symbol_address("IoMmuDxe", "mMapInfos"),
             canary=canary)

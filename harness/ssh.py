@@ -263,7 +263,10 @@ class GuestSsh:
         transport = self.client.get_transport()
         if transport is None or not transport.is_active():
             raise GuestCommandError(command, -1, "", f"ssh {self.address}: connection lost")
-        channel = transport.open_session(timeout=timeout)
+        try:
+            channel = transport.open_session(timeout=timeout)
+        except paramiko.SSHException as exc:
+            raise GuestCommandError(command, -1, "", f"ssh {self.address}: {exc}") from exc
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
         try:
@@ -292,14 +295,22 @@ class GuestSsh:
 
     def put(self, local: Path, remote: str) -> None:
         """Copy a file to the guest (SFTP)."""
-        with self.client.open_sftp() as sftp:
-            sftp.put(str(local), remote)
+        try:
+            with self.client.open_sftp() as sftp:
+                sftp.put(str(local), remote)
+        except (paramiko.SSHException, OSError) as exc:
+            raise EnvironmentFailure(f"sftp put {local} -> {self.address}:{remote}: "
+                                     f"{exc}") from exc
 
     def get(self, remote: str, local: Path) -> Path:
         """Copy a file from the guest (SFTP)."""
         local.parent.mkdir(parents=True, exist_ok=True)
-        with self.client.open_sftp() as sftp:
-            sftp.get(remote, str(local))
+        try:
+            with self.client.open_sftp() as sftp:
+                sftp.get(remote, str(local))
+        except (paramiko.SSHException, OSError) as exc:
+            raise EnvironmentFailure(f"sftp get {self.address}:{remote} -> {local}: "
+                                     f"{exc}") from exc
         return local
 
     def close(self) -> None:

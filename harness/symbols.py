@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,13 +261,3 @@ class Symbolizer:
             return None
         rva = mod.value_of(symbol)
         return None if rva is None else image.base + rva
-
-
-def images_from_lines(lines: Iterable[tuple[int, str]]) -> list[ImageLoad]:
-    """Image loads of ``(line number, text)`` pairs."""
-    out = []
-    for number, text in lines:
-        load = parse_image_load(text, number)
-        if load is not None:
-            out.append(load)
-    return out

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -308,9 +308,6 @@ class Trace:
         """The last ``iommu-config`` line, if any."""
         found = [e for e in self.events if isinstance(e, IommuConfig)]
         return found[-1] if found else None
-
-    def by_seq(self, seq: int) -> TraceEvent:
-        return self.events[seq - 1]
 
 
 def _split_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes, bool, bool]]:
@@ -760,7 +757,3 @@ def analyze_log(path: Path | str, firmware_dir: Path | None = None
         anomalies.append(f"the last line ({trace.lines}) had no newline and was dropped")
     violations = check_timeline(timeline, sym)
     return LogReport(timeline, tuple(violations), tuple(anomalies)), sym
-
-
-def events_of(trace: Trace, kinds: Sequence[type[TraceEvent]]) -> list[TraceEvent]:
-    return [e for e in trace.events if isinstance(e, tuple(kinds))]

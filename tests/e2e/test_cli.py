@@ -103,3 +103,21 @@ def test_demo_tells_the_story(ovmf_firmware: edk2.Firmware, machine_artifacts: P
     callback = json.loads((machine_artifacts / "callback" / "result.json").read_text())
     assert {v["check"] for v in legacy["violations"]} >= {"V1", "V3", "D1", "D3"}
     assert callback["verdict"] == "pass"
+
+
+def test_boot_deadline_exits_3_naming_what_was_awaited(ovmf_firmware: edk2.Firmware,
+                                                       machine_artifacts: Path) -> None:
+    """Environment failure: under TCG the probe cannot park within half a second."""
+    proc = _cli("boot", "--firmware", str(ovmf_firmware.path), "--accel", "tcg",
+                "--timeout", "0.5", "--artifacts", str(machine_artifacts))
+    assert proc.returncode == 3 and proc.stdout == ""
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("ebs-harness boot: ") and "probe-parked" in first
+    assert "qemu-system-x86_64" in proc.stderr          # the command line is quoted
+    assert not _qemu_running(machine_artifacts)
+
+
+def _qemu_running(artifacts: Path) -> bool:
+    out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True,
+                         check=False).stdout
+    return str(artifacts) in out

@@ -24,11 +24,11 @@ def note(name: bytes, ntype: int, desc: bytes) -> bytes:
     return struct.pack("<III", len(name0), len(desc), ntype) + pad(name0) + pad(desc)
 
 
-def qemu_cpu_state(cr3: int, rip: int = 0x1E6E1A3D) -> bytes:
+def qemu_cpu_state(cr3: int, rip: int = 0x1E6E1A3D, cr4: int = 0x668) -> bytes:
     regs = [0] * 18
     regs[16] = rip
     segments = b"\0" * (24 * 10)
-    cr = [0x80010033, 0, 0, cr3, 0x668]
+    cr = [0x80010033, 0, 0, cr3, cr4]
     body = struct.pack("<18Q", *regs) + segments + struct.pack("<5Q", *cr) + struct.pack("<Q", 0)
     return struct.pack("<II", 1, 8 + len(body)) + body
 
@@ -39,6 +39,7 @@ class Core:
 
     blocks: dict[int, bytearray] = field(default_factory=dict)
     cr3: int = 0x1000
+    cr4: int = 0x668
     cpus: int = 1
 
     def ram(self, paddr: int, size: int) -> bytearray:
@@ -57,7 +58,7 @@ class Core:
 
     def image(self) -> bytes:
         notes = b"".join(note(b"CORE", 1, b"\0" * PRSTATUS_SIZE)
-                         + note(b"QEMU", 0, qemu_cpu_state(self.cr3))
+                         + note(b"QEMU", 0, qemu_cpu_state(self.cr3, cr4=self.cr4))
                          for _ in range(self.cpus))
         blocks = sorted(self.blocks.items())
         phnum = 1 + len(blocks)

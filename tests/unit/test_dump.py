@@ -224,6 +224,14 @@ def test_without_iommu_d3_is_skipped_unless_asked(tmp_path: Path) -> None:
     assert [v.check for v in rep.violations] == ["D3"]
 
 
+def test_five_level_paging_is_not_walked_as_four(tmp_path: Path) -> None:
+    core = guest(shared=(5,))
+    core.cr4 |= 1 << 12                     # CR4.LA57
+    rep = analyze(tmp_path, core)
+    assert rep.shared is None and "D2" not in {v.check for v in rep.violations}
+    assert any("5-level paging" in n for n in rep.notes)
+
+
 def test_maphead_cross_check(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="wrong --firmware"):
         analyze(tmp_path, guest(), maphead_symbol=0x5100)

@@ -195,20 +195,13 @@ REAL = {  # real captures of the patched firmware (tests/data/make_real_logs.sh)
 
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_real_logs_give_the_design_verdicts(name: str) -> None:
-    path = DATA / name
-    if not path.is_file():
-        pytest.skip(f"{name} not captured yet (tests/data/make_real_logs.sh)")
-    report, _ = analyze_log(path)
+    report, _ = analyze_log(DATA / name)
     assert {v.check for v in report.violations} == REAL[name], \
         [v.detail for v in report.violations]
 
 
 def test_real_logs_symbolize_with_their_builds_symbols() -> None:
-    emu = DATA / "fw-emu"
-    path = DATA / "legacy-depth2.log"
-    if not (emu / "modules").is_dir() or not path.is_file():
-        pytest.skip("fw-emu/ symbols or legacy-depth2.log not captured yet")
-    report, sym = analyze_log(path, emu)
+    report, sym = analyze_log(DATA / "legacy-depth2.log", DATA / "fw-emu")
     (td,) = report.timeline.teardowns
     assert td.host is not None
     assert sym.symbolize(td.host.begin.fn) == "IoMmuDxe!IoMmuUnmapAllMappings"
@@ -219,10 +212,7 @@ def test_real_logs_symbolize_with_their_builds_symbols() -> None:
 
 
 def test_stock_boot_without_iommu_expects_no_teardown() -> None:
-    path = DATA / "stock-noknobs.log"
-    if not path.is_file():
-        pytest.skip("stock-noknobs.log not captured yet")
-    report, _ = analyze_log(path)
+    report, _ = analyze_log(DATA / "stock-noknobs.log")
     assert report.timeline.trace.config is None
     assert any("no teardown is expected" in a for a in report.anomalies)
 
