@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import select
 import shlex
@@ -62,6 +61,27 @@ LOG = logging.getLogger(__name__)
 
 #: The remote wrapper: runs QEMU, kills it when the SSH session's stdin
 #: closes (the harness went away), exits with QEMU's status.
+#: Joins the exec channel's stdin/stdout to QEMU's QMP unix socket: socat
+#: where the host has it, else Python (one of the two is on any QEMU host).
+QMP_BRIDGE = (
+    "if command -v socat >/dev/null; then exec socat - UNIX-CONNECT:{sock}; fi; "
+    "exec python3 -c '"
+    "import os, socket, sys, threading\n"
+    "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+    "def up():\n"
+    "    while True:\n"
+    "        d = os.read(0, 65536)\n"
+    "        if not d:\n"
+    "            s.shutdown(socket.SHUT_WR); return\n"
+    "        s.sendall(d)\n"
+    "threading.Thread(target=up, daemon=True).start()\n"
+    "while True:\n"
+    "    d = s.recv(65536)\n"
+    "    if not d:\n"
+    "        break\n"
+    "    os.write(1, d)\n"
+    "' {sock}"
+)
 WRAPPER = r"""cd "$1" || exit 127
 shift
 exec 3<&0   # an asynchronous list's stdin would be /dev/null
@@ -340,9 +360,7 @@ class RemoteMachine(machine.GuestMachine):
                                      serial_log=rdir / "serial.log",
                                      debugcon_log=rdir / "debugcon.log",
                                      vars_copy=Path(vars_copy))
-        port = random.randint(20000, 60999)
-        self.command = machine.build_argv(remote_config, paths) + [
-            "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]
+        self.command = machine.build_argv(remote_config, paths)
         (self.artifacts / "cmdline.txt").write_text(
             f"# on {self.session.address}\n{shlex.join(self.command)}\n")
         for stale in (self.serial_log, self.debugcon_log):
@@ -361,7 +379,8 @@ class RemoteMachine(machine.GuestMachine):
             stream.start()
             self._streams.append(stream)
         self._transcript = open(self.qmp_log, "w", encoding="utf-8")  # noqa: SIM115
-        self._qmp = self._connect_qmp(transport, port, time.monotonic() + self.launch_timeout)
+        self._qmp = self._connect_qmp(transport, paths.qmp_socket,
+                                      time.monotonic() + self.launch_timeout)
         logs = self._logs()
         self._serial = Console("serial", FileFollower(self.serial_log, self.is_running),
                                self.log, logs, self.command)
@@ -376,27 +395,29 @@ class RemoteMachine(machine.GuestMachine):
         if start:
             self.qmp("cont")
 
-    def _connect_qmp(self, transport: paramiko.Transport, port: int,
+    def _connect_qmp(self, transport: paramiko.Transport, sock: Path,
                      deadline: float) -> machine._Qmp:
+        """QMP through the unix socket in the private (0700) remote directory,
+        bridged over an exec channel: no TCP port another user could reach."""
         assert self._transcript is not None
-        last = ""
         while True:
             if not self.is_running():
                 assert self._channel is not None
                 self.exitcode = self._channel.recv_exit_status()
                 raise LaunchError(f"remote QEMU exited with status {self.exitcode}",
                                   self.exitcode, self.command, self._fetch_stderr())
-            try:
-                channel = transport.open_channel("direct-tcpip", ("127.0.0.1", port),
-                                                 ("127.0.0.1", 0), timeout=5)
+            if self.session.run(f"test -S {shlex.quote(str(sock))}", check=False)[0] == 0:
                 break
-            except (paramiko.ChannelException, paramiko.SSHException) as exc:
-                last = str(exc)
             if time.monotonic() > deadline:
-                raise LaunchError(f"remote QMP on 127.0.0.1:{port} did not answer in "
-                                  f"{self.launch_timeout:g} s ({last})", None, self.command,
+                raise LaunchError(f"remote QMP socket {sock} did not appear in "
+                                  f"{self.launch_timeout:g} s", None, self.command,
                                   self._fetch_stderr())
             time.sleep(0.1)
+        try:
+            channel = transport.open_session(timeout=30)
+            channel.exec_command(QMP_BRIDGE.format(sock=shlex.quote(str(sock))))
+        except paramiko.SSHException as exc:
+            raise LaunchError(f"remote QMP bridge: {exc}", None, self.command) from exc
         ours, theirs = socket.socketpair()
         _Pump(theirs, channel).start()
         qmp = machine._Qmp(f"{self.name}-qmp", self._transcript, self.log)
