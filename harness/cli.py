@@ -45,6 +45,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         source=edk2.source_from_option(args.edk2_src),
         rebuild=args.rebuild,
         progress=progress,
+        flags=edk2.BuildFlags(debug_on_serial=args.debug_on_serial),
     )
     if args.json:
         _print_json({
@@ -245,6 +246,10 @@ def _parser() -> argparse.ArgumentParser:
                             "EBS_HARNESS_EDK2_SRC")
     build.add_argument("--rebuild", action="store_true",
                        help="build even if the cache has this firmware")
+    build.add_argument("--debug-on-serial", action="store_true",
+                       help="the firmware's debug output (and the EBS trace) on the serial "
+                            "port instead of the 0x402 debug port (-D DEBUG_ON_SERIAL_PORT), "
+                            "for labs that capture only the serial console")
     build.add_argument("--json", action="store_true",
                        help="print one JSON object on stdout")
     build.set_defaults(func=_cmd_build)

@@ -658,6 +658,12 @@ class Firmware:
         data: dict[str, object] = json.loads((self.path / "manifest.json").read_text())
         return data
 
+    @property
+    def debug_on_serial(self) -> bool:
+        """Built with ``-D DEBUG_ON_SERIAL_PORT``: the trace is on the serial port."""
+        flags = self.manifest.get("flags")
+        return isinstance(flags, dict) and bool(flags.get("debug_on_serial"))
+
     def module_file(self, name: str, suffix: str) -> Path:
         """``modules/<name><suffix>``, e.g. ``module_file("IoMmuDxe", ".debug")``."""
         return self.path / "modules" / f"{name}{suffix}"

@@ -162,7 +162,8 @@ class RunResult:
 
     @property
     def debug_log(self) -> Path:
-        return self.artifacts / "vm" / "debugcon.log"
+        """The log the trace was read from (debug port, or serial)."""
+        return Path(self.log.timeline.trace.path)
 
     def as_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -243,12 +244,15 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     dump_path: Path | None = None
     started = time.monotonic()
     with launcher(config, artifacts / "vm", name=scenario.label()) as vm:
-        vm.debugcon.expect(PARKED, failure=[*DEFAULT_FAILURES, PROBE_ERROR],
+        # The firmware writes its debug log, and so the trace, to one port.
+        console, log = ((vm.serial, vm.serial_log) if firmware.debug_on_serial
+                        else (vm.debugcon, vm.debugcon_log))
+        console.expect(PARKED, failure=[*DEFAULT_FAILURES, PROBE_ERROR],
                            timeout=scenario.timeout)
         park_seconds = time.monotonic() - started
         if scenario.dump:
             dump_path = vm.dump(artifacts / "memory.elf")
-    log_report, sym = trace.analyze_log(vm.debugcon_log, firmware.path)
+    log_report, sym = trace.analyze_log(log, firmware.path)
     dump_report = None
     if dump_path is not None:
         parsed = log_report.timeline.trace
