@@ -664,6 +664,16 @@ class GuestMachine:
         """The last lines of the serial and debug logs."""
         return {name: tail_lines(path) for name, path in self._logs().items()}
 
+    def _close_io(self) -> None:
+        """Close QMP, the consoles and the QMP transcript (shutdown's common part)."""
+        if self._qmp is not None:
+            self._qmp.close()
+        for console in (self._serial, self._debugcon):
+            if console is not None:
+                console.close()
+        if self._transcript is not None:
+            self._transcript.close()
+
     # ------------------------------------------------------------ QMP
 
     def qmp(self, command: str, arguments: Mapping[str, object] | None = None, *,
@@ -875,16 +885,11 @@ class QemuMachine(GuestMachine):
             if self.process is not None and self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()
-            if self._qmp is not None:
-                self._qmp.close()
-            for console in (self._serial, self._debugcon):
-                if console is not None:
-                    console.close()
+            self._close_io()
             if self._serial_sock is not None:
                 self._serial_sock.close()
-            for handle in (self._transcript, self._stderr):
-                if handle is not None:
-                    handle.close()
+            if self._stderr is not None:
+                self._stderr.close()
             if self._sock_dir is not None:
                 shutil.rmtree(self._sock_dir, ignore_errors=True)
                 self._sock_dir = None

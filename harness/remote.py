@@ -488,13 +488,7 @@ class RemoteMachine(machine.GuestMachine):
             for stream in self._streams:
                 stream.join(timeout=5)
                 stream.channel.close()
-            if self._qmp is not None:
-                self._qmp.close()
-            for console in (self._serial, self._debugcon):
-                if console is not None:
-                    console.close()
-            if self._transcript is not None:
-                self._transcript.close()
+            self._close_io()
             if self.remote_dir is not None:
                 self._fetch_stderr()
                 try:
