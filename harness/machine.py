@@ -664,6 +664,14 @@ class GuestMachine:
         """The last lines of the serial and debug logs."""
         return {name: tail_lines(path) for name, path in self._logs().items()}
 
+    def _request_quit(self) -> None:
+        """Ask QEMU to quit over QMP (it may be gone already)."""
+        if self._qmp is not None and self.is_running():
+            try:
+                self._qmp.execute("quit", None, 3.0)
+            except QmpError as exc:
+                self.log.debug("quit: %s", exc)
+
     def _close_io(self) -> None:
         """Close QMP, the consoles and the QMP transcript (shutdown's common part)."""
         if self._qmp is not None:
@@ -868,11 +876,7 @@ class QemuMachine(GuestMachine):
             return
         self._closed = True
         try:
-            if self._qmp is not None and self.is_running():
-                try:
-                    self._qmp.execute("quit", None, 3.0)
-                except QmpError as exc:
-                    self.log.debug("quit: %s", exc)
+            self._request_quit()
             if self.process is not None:
                 try:
                     self.exitcode = self.process.wait(timeout)

@@ -52,7 +52,6 @@ from harness.errors import (
     GuestCommandError,
     HarnessError,
     LaunchError,
-    QmpError,
     UsageError,
 )
 from harness.ssh import ClientKey, GuestSsh, free_port
@@ -464,11 +463,7 @@ class RemoteMachine(machine.GuestMachine):
             return
         self._closed = True
         try:
-            if self._qmp is not None and self.is_running():
-                try:
-                    self._qmp.execute("quit", None, 3.0)
-                except QmpError as exc:
-                    self.log.debug("quit: %s", exc)
+            self._request_quit()
             if self._channel is not None:
                 deadline = time.monotonic() + timeout
                 while self.is_running() and time.monotonic() < deadline:
