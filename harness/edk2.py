@@ -773,7 +773,9 @@ class Builder:
                 tree = self._workspace(pristine)
                 seconds = self._build(tree)
                 self._publish(tree, seconds)
-        prune_firmware(self.cache, keep=KEEP_FIRMWARE, spare=key)
+        prune(self.cache, "firmware", KEEP["firmware"], spare=key)
+        prune(self.cache, "work", KEEP["work"], spare=self.inputs.workspace_id)
+        prune(self.cache, "src", KEEP["src"], spare=self.pristine_dir.name)
         return BuildResult(Firmware.load(self.firmware_dir), False, time.monotonic() - start)
 
     def _pristine(self) -> Path:
@@ -781,6 +783,7 @@ class Builder:
         final = self.pristine_dir
         with _locked(self._lock(f"src-{final.name}"), self.progress, "the edk2 source"):
             if (final / "tree").is_dir():
+                os.utime(final)             # most recently used: pruned last
                 return final / "tree"
             with publishing(final) as tmp:
                 self.source.materialize(tmp / "tree", self.progress)
@@ -799,6 +802,7 @@ class Builder:
             shutil.copytree(pristine, tree, symlinks=True)
             state_file.write_text(json.dumps({"touched": [], "dirty": False}))
             (work / "ready").touch()
+        os.utime(work)                      # most recently used: pruned last
         state = json.loads(state_file.read_text())
         if state.get("dirty"):
             # An earlier build was killed: its processes may still run, and its
@@ -930,23 +934,24 @@ class Builder:
         self.progress.phase("publish", str(final))
 
 
-#: Firmware directories kept in the cache; older ones (by last use) go.
-KEEP_FIRMWARE = 8
+#: How many of each kind of cache directory are kept; older ones (by last
+#: use) go. A workspace is ~700 MB, a pristine tree ~170 MB, a firmware ~110 MB.
+KEEP = {"firmware": 8, "work": 2, "src": 2}
 
-
-#: A firmware directory used this recently may be booting in another
-#: process (readers take no lock): never pruned.
+#: A directory used this recently may be in use in another process (a
+#: firmware booting, readers take no lock): never pruned.
 PRUNE_MIN_AGE_S = 3600.0
 
 
-def prune_firmware(cache: Path, keep: int, spare: str,
-                   min_age: float = PRUNE_MIN_AGE_S) -> list[str]:
-    """Remove all but the ``keep`` most recently used firmware directories
-    (never ``spare``, never one used in the last ``min_age`` seconds, never
-    one whose key a builder holds). :returns: the keys removed."""
-    root = cache / "firmware"
+def prune(cache: Path, kind: str, keep: int, spare: str,
+          min_age: float = PRUNE_MIN_AGE_S) -> list[str]:
+    """Remove all but the ``keep`` most recently used directories of
+    ``cache/kind`` (``firmware``, ``work`` or ``src``): never ``spare``, never
+    one used in the last ``min_age`` seconds, never one whose lock another
+    builder holds. :returns: the names removed."""
+    root = cache / kind
     used: dict[Path, float] = {}
-    for directory in root.iterdir():
+    for directory in root.iterdir() if root.is_dir() else []:
         try:
             if directory.is_dir() and not directory.name.startswith("."):
                 used[directory] = directory.stat().st_mtime
@@ -958,7 +963,7 @@ def prune_firmware(cache: Path, keep: int, spare: str,
     for directory in entries[keep:]:
         if directory.name == spare or now - used[directory] < min_age:
             continue
-        lock = FileLock(str(cache / "locks" / f"firmware-{directory.name}.lock"))
+        lock = FileLock(str(cache / "locks" / f"{kind}-{directory.name}.lock"))
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -969,7 +974,7 @@ def prune_firmware(cache: Path, keep: int, spare: str,
         finally:
             lock.release()
     if removed:
-        LOG.info("pruned %d old firmware builds: %s", len(removed), ", ".join(removed))
+        LOG.info("pruned %d old %s directories: %s", len(removed), kind, ", ".join(removed))
     return removed
 
 

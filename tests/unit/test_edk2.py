@@ -372,13 +372,14 @@ def test_deb_src_entries_mirror_the_debian_deb_entries(tmp_path: Path) -> None:
 
 
 def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    """Firmware here; workspaces and pristine trees go the same way."""
     root = tmp_path / "firmware"
     for age, key in enumerate(["new", "mid", "old", "oldest", "recent"]):
         (root / key).mkdir(parents=True)
         when = time.time() - (100 * age if key != "recent" else 10)
         os.utime(root / key, (when, when))
     (root / ".tmp-partial-1").mkdir()
-    removed = edk2.prune_firmware(tmp_path, keep=1, spare="oldest", min_age=50)
+    removed = edk2.prune(tmp_path, "firmware", keep=1, spare="oldest", min_age=50)
     # "recent" is within min_age (it may be booting elsewhere); "oldest" is spared.
     assert sorted(removed) == ["mid", "old"]
     assert sorted(p.name for p in root.iterdir()) == [".tmp-partial-1", "new", "oldest", "recent"]
