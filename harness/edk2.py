@@ -49,11 +49,11 @@ from filelock import FileLock, Timeout
 from harness.errors import (
     BuildError,
     DependencyError,
-    EnvironmentFailure,
     PatchError,
     SourceError,
     UsageError,
 )
+from harness.tools import run_tool
 
 LOG = logging.getLogger(__name__)
 
@@ -282,9 +282,9 @@ class DebianSource:
         progress.phase("fetch", f"apt-get source {DEBIAN_PACKAGE}={self.version}")
         self.downloads.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.downloads, prefix=".fetch-") as tmp:
-            _run_checked(["apt-get", "source", "--download-only", "-q",
-                          f"{DEBIAN_PACKAGE}={self.version}"], cwd=Path(tmp),
-                         what=f"apt-get source {DEBIAN_PACKAGE}={self.version}")
+            run_tool(["apt-get", "source", "--download-only", "-q",
+                      f"{DEBIAN_PACKAGE}={self.version}"], cwd=Path(tmp),
+                     what=f"apt-get source {DEBIAN_PACKAGE}={self.version}")
             for item in Path(tmp).iterdir():
                 os.replace(item, self.downloads / item.name)
 
@@ -297,13 +297,13 @@ class DebianSource:
         if actual != self.orig_sha256:
             raise SourceError(f"{orig}: sha256 {actual} is not the expected {self.orig_sha256}")
         progress.phase("extract", f"dpkg-source -x {self.dsc.name}")
-        _run_checked(["dpkg-source", "-x", str(self.dsc), str(dest)],
-                     cwd=self.downloads, what="dpkg-source -x")
+        run_tool(["dpkg-source", "-x", str(self.dsc), str(dest)],
+                 cwd=self.downloads, what="dpkg-source -x")
         for name, why in DEBIAN_REVERSED_PATCHES.items():
             patch = dest / "debian" / "patches" / name
             LOG.info("reversing Debian patch %s: %s", name, why)
-            _run_checked(["patch", "-R", "-p1", "-F0", "--batch", "-i", str(patch)],
-                         cwd=dest, what=f"reversing Debian patch {name}")
+            run_tool(["patch", "-R", "-p1", "-F0", "--batch", "-i", str(patch)],
+                     cwd=dest, what=f"reversing Debian patch {name}")
 
     def materialize(self, dest: Path, progress: Progress) -> None:
         self.fetch(progress)
@@ -316,20 +316,6 @@ def source_from_option(path: str | None) -> SourceProvider:
     if path:
         return TreeSource(Path(path).expanduser().resolve())
     return DebianSource()
-
-
-def _run_checked(argv: list[str], cwd: Path, what: str) -> str:
-    """Run a tool of the source step; a failure is the environment's (exit 3)."""
-    try:
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError as exc:
-        raise DependencyError(f"{argv[0]} not found (needed for {what}): "
-                              "run ./run setup as root") from exc
-    if proc.returncode != 0:
-        output = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-        last = output[-1] if output else ""
-        raise EnvironmentFailure(f"{what} failed (exit {proc.returncode}): {last}")
-    return proc.stdout
 
 
 DEB_SRC_FILE = Path("/etc/apt/sources.list.d/ebs-harness-src.sources")

@@ -8,12 +8,11 @@ it directly when the disk has ``bootindex=0``: no shell, no countdown.
 from __future__ import annotations
 
 import logging
-import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
-from harness.errors import DependencyError, EnvironmentFailure
+from harness.tools import run_tool
 
 LOG = logging.getLogger(__name__)
 
@@ -21,15 +20,8 @@ BOOT_PATH = "EFI/BOOT/BOOTX64.EFI"
 
 
 def _mtool(argv: list[str]) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                              env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"})
-    except FileNotFoundError as exc:
-        raise DependencyError(
-            f"{argv[0]} not found: install Debian's mtools package") from exc
-    if proc.returncode != 0:
-        raise EnvironmentFailure(
-            f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
+    run_tool(argv, env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"},
+             hint="install Debian's mtools package")
 
 
 def make_fat_image(path: Path, files: Mapping[str, bytes | Path],

@@ -57,6 +57,7 @@ from filelock import FileLock
 from harness import guest, host, machine, remote, scenario, ssh
 from harness.edk2 import REPO_ROOT, Firmware, cache_root, publishing
 from harness.errors import DependencyError, EnvironmentFailure, UsageError
+from harness.tools import run_tool
 
 LOG = logging.getLogger(__name__)
 
@@ -231,27 +232,15 @@ def build_image(recipe: Recipe | None = None, *, cache: Path | None = None,
         return LinuxImage.load(target)
 
 
-def _run(argv: Sequence[str], cwd: Path | None = None,
-         env: Mapping[str, str] | None = None) -> str:
-    try:
-        proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True,
-                              check=False, env=None if env is None else dict(env))
-    except FileNotFoundError as exc:
-        raise DependencyError(f"{argv[0]} not found") from exc
-    if proc.returncode != 0:
-        raise EnvironmentFailure(f"{' '.join(argv)} exited {proc.returncode}: "
-                                 f"{proc.stderr.strip()[-500:]}")
-    return proc.stdout
-
-
 def _build(recipe: Recipe, versions: Mapping[str, str], work: Path, out: Path) -> str:
     debs = work / "debs"
     debs.mkdir()
     LOG.info("downloading %s", ", ".join(f"{p}={v}" for p, v in versions.items()))
-    _run(["apt-get", "download", "-q", *(f"{p}={v}" for p, v in versions.items())], cwd=debs)
+    run_tool(["apt-get", "download", "-q", *(f"{p}={v}" for p, v in versions.items())],
+             cwd=debs)
     staging = work / "staging"
     for deb in sorted(debs.glob("*.deb")):
-        _run(["dpkg-deb", "-x", str(deb), str(staging)])
+        run_tool(["dpkg-deb", "-x", str(deb), str(staging)])
     kernels = sorted((staging / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
         raise EnvironmentFailure(f"expected one vmlinuz in the kernel package, found {kernels}")
@@ -280,8 +269,8 @@ def _build(recipe: Recipe, versions: Mapping[str, str], work: Path, out: Path) -
     dropbearkey = staging / "usr" / "bin" / "dropbearkey"
     env = {"PATH": "/usr/bin:/bin",
            "LD_LIBRARY_PATH": str(staging / "usr" / "lib" / "x86_64-linux-gnu")}
-    _run([str(dropbearkey), "-t", "ed25519", "-f", str(host_key)], env=env)
-    public = _run([str(dropbearkey), "-y", "-f", str(host_key)], env=env)
+    run_tool([str(dropbearkey), "-t", "ed25519", "-f", str(host_key)], env=env)
+    public = run_tool([str(dropbearkey), "-y", "-f", str(host_key)], env=env)
     line = next((ln for ln in public.splitlines() if ln.startswith("ssh-ed25519 ")), None)
     if line is None:
         raise EnvironmentFailure(f"dropbearkey -y printed no ssh-ed25519 key: {public!r}")
