@@ -449,7 +449,8 @@ class LinuxBoot:
     def scenario(self) -> scenario.Scenario:
         """The firmware side as a probe Scenario (for its fw_cfg knobs)."""
         return scenario.Scenario(ebs_mode=self.ebs_mode, devices=("virtio-blk", "virtio-net"),
-                                 emulation=self.emulation, accel=self.accel, sev=self.sev)
+                                 emulation=self.emulation, accel=self.accel, sev=self.sev,
+                                 memory_mib=self.memory_mib)
 
     def kernel_cmdline(self, client_key: ssh.ClientKey) -> str:
         words = ["console=ttyS0", "panic=-1", "rdinit=/init",
@@ -513,24 +514,14 @@ def write_esp(path: Path, firmware: Firmware, image: LinuxImage, cmdline: str) -
 
 def machine_config(firmware: Firmware, boot: LinuxBoot, esp: Path, canary_image: Path,
                    ssh_port: int, caps: host.HostCaps, canary: bytes) -> machine.MachineConfig:
-    chosen = boot.scenario()
-    return machine.MachineConfig(
-        code=firmware.code,
-        vars_template=firmware.vars,
-        accel=host.resolve_accel(boot.accel, caps),
-        sev=host.sev_config(boot.sev, caps),
-        memory_mib=boot.memory_mib,
-        # All three in QEMU's boot order, which OVMF's BDS also reads as the
-        # list of devices to connect: its virtio drivers map through the IOMMU
-        # before EBS, and their EBS handlers reset the devices.
-        devices=(machine.BlockDevice(esp, bootindex=0),
-                 machine.BlockDevice(canary_image, bootindex=1, readonly=True),
-                 machine.NetDevice(hostfwd=((ssh_port, 22),), bootindex=2)),
-        fw_cfg=chosen.fw_cfg(canary),
-        iommu_platform=True if chosen.emulated else None,
-        qemu=caps.qemu,
-        no_reboot=True,
-    )
+    # All three in QEMU's boot order, which OVMF's BDS also reads as the list
+    # of devices to connect: its virtio drivers map through the IOMMU before
+    # EBS, and their EBS handlers reset the devices.
+    devices = (machine.BlockDevice(esp, bootindex=0),
+               machine.BlockDevice(canary_image, bootindex=1, readonly=True),
+               machine.NetDevice(hostfwd=((ssh_port, 22),), bootindex=2))
+    return scenario.machine_config(firmware, boot.scenario(), devices, caps, canary,
+                                   no_reboot=True)
 
 
 @contextlib.contextmanager

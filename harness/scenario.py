@@ -188,21 +188,24 @@ class RunResult:
         return data
 
 
-def machine_config(firmware: Firmware, scenario: Scenario, image: Path,
-                   caps: host.HostCaps, canary: bytes) -> machine.MachineConfig:
-    """The QEMU guest for ``scenario``: the accelerator and SEV the host proved."""
+def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machine.Device, ...],
+                   caps: host.HostCaps, canary: bytes, *,
+                   no_reboot: bool = False) -> machine.MachineConfig:
+    """The QEMU guest for ``scenario`` with ``devices``: the accelerator and
+    SEV the host proved, the firmware's knobs."""
     return machine.MachineConfig(
         code=firmware.code,
         vars_template=firmware.vars,
         accel=host.resolve_accel(scenario.accel, caps),
         sev=host.sev_config(scenario.sev, caps),
         memory_mib=scenario.memory_mib,
-        devices=machine.parse_devices(",".join(scenario.devices), image),
+        devices=devices,
         fw_cfg=scenario.fw_cfg(canary),
         # Modern-only virtio with the IOMMU feature: OVMF's legacy virtio
         # driver never calls PciIo->Map, so nothing would reach the IOMMU.
         iommu_platform=True if scenario.emulated else None,
         qemu=caps.qemu,
+        no_reboot=no_reboot,
     )
 
 
@@ -239,7 +242,9 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     caps = caps or host.cached_probe()
     canary = make_canary()
     image = write_guest(firmware, scenario, artifacts, canary)
-    config = machine_config(firmware, scenario, image, caps, canary)
+    config = machine_config(firmware, scenario,
+                            machine.parse_devices(",".join(scenario.devices), image),
+                            caps, canary)
     LOG.info("%s: %s under %s", scenario.label(), artifacts, config.accel)
     dump_path: Path | None = None
     started = time.monotonic()
