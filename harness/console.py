@@ -40,7 +40,7 @@ import pexpect
 import pexpect.fdpexpect
 import pexpect.spawnbase
 
-from harness.errors import ConsoleFailure, ConsoleTimeout
+from harness.errors import ConsoleFailure, ConsoleTimeout, UsageError
 
 LOG = logging.getLogger(__name__)
 
@@ -238,6 +238,9 @@ class Console:
         """Write ``text`` to the console (the guest's serial input)."""
         if self._link is not None:
             self._link.send(text.encode())
+        elif isinstance(self._spawn, FileFollower):
+            raise UsageError(f"{self.name}: this guest's serial port takes no input "
+                             "(MachineConfig serial_input=False)")
         else:
             self._spawn.send(text)
 
@@ -283,12 +286,13 @@ class ChardevLink:
         self._thread.join(timeout=5)
 
 
-def serial_console(sock: socket.socket, log: Path, alive: Callable[[], bool],
+def serial_console(sock: socket.socket | None, log: Path, alive: Callable[[], bool],
                    logger: logging.Logger, logs: Mapping[str, Path],
                    command: Sequence[str]) -> Console:
-    """The serial console: expect on the chardev's ``log``, input to ``sock``."""
+    """The serial console: expect on the chardev's ``log``, input to ``sock``
+    (None: a port that takes no input)."""
     return Console("serial", FileFollower(log, alive), logger, logs, command,
-                   link=ChardevLink(sock))
+                   link=None if sock is None else ChardevLink(sock))
 
 
 def fd_console(fd: int, logger: logging.Logger, logs: Mapping[str, Path],

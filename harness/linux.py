@@ -520,8 +520,9 @@ def machine_config(firmware: Firmware, boot: LinuxBoot, esp: Path, canary_image:
     devices = (machine.BlockDevice(esp, bootindex=0),
                machine.BlockDevice(canary_image, bootindex=1, readonly=True),
                machine.NetDevice(hostfwd=((ssh_port, 22),), bootindex=2))
+    # The harness types into the firmware shell: the serial port takes input.
     return scenario.machine_config(firmware, boot.scenario(), devices, caps, canary,
-                                   no_reboot=True)
+                                   no_reboot=True, serial_input=True)
 
 
 @contextlib.contextmanager

@@ -239,6 +239,10 @@ class MachineConfig:
     :param qemu: the QEMU binary (name on PATH or path).
     :param cpu: ``-cpu`` model; None: ``host`` with SEV, else QEMU's default.
     :param no_reboot: a guest reset ends QEMU instead of rebooting.
+    :param serial_input: the serial port takes input (a socket chardev the
+        harness writes to). Without it the port is a plain file chardev: QEMU
+        7.2's socket chardev can write a byte twice to its logfile when the
+        socket is momentarily full, which corrupts a trace read from serial.
     :param extra_args: appended to the command line as they are.
     :param kernel: ``-kernel``: a Linux image the firmware loads from fw_cfg
         (OVMF's QemuKernelLoaderFsDxe) and starts through its EFI stub.
@@ -259,6 +263,7 @@ class MachineConfig:
     qemu: str = "qemu-system-x86_64"
     cpu: str | None = None
     no_reboot: bool = False
+    serial_input: bool = True
     extra_args: tuple[str, ...] = ()
     kernel: Path | None = None
     initrd: Path | None = None
@@ -362,7 +367,9 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
     argv += ["-chardev", f"socket,id=qmp0,path={_comma(paths.qmp_socket)},server=on,wait=off",
              "-mon", "chardev=qmp0,mode=control"]
     log = f"logfile={_comma(paths.serial_log)},logappend=off"
-    if paths.serial_socket is not None:
+    if paths.serial_socket is not None and not config.serial_input:
+        argv += ["-chardev", f"file,id=serial0,path={_comma(paths.serial_log)}"]
+    elif paths.serial_socket is not None:
         argv += ["-chardev", (f"socket,id=serial0,path={_comma(paths.serial_socket)},"
                              f"server=on,wait=off,{log}")]
     else:
@@ -789,8 +796,9 @@ class QemuMachine(GuestMachine):
             preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl must run in the child
         deadline = time.monotonic() + self.launch_timeout
         self._qmp = self._connect_qmp(paths.qmp_socket, deadline)
-        self._serial_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._serial_sock.connect(str(paths.serial_socket))
+        if self.config.serial_input:
+            self._serial_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._serial_sock.connect(str(paths.serial_socket))
         # Both sockets are connected: their names are of no further use.
         shutil.rmtree(self._sock_dir, ignore_errors=True)
         self._sock_dir = None

@@ -189,8 +189,8 @@ class RunResult:
 
 
 def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machine.Device, ...],
-                   caps: host.HostCaps, canary: bytes, *,
-                   no_reboot: bool = False) -> machine.MachineConfig:
+                   caps: host.HostCaps, canary: bytes, *, no_reboot: bool = False,
+                   serial_input: bool = False) -> machine.MachineConfig:
     """The QEMU guest for ``scenario`` with ``devices``: the accelerator and
     SEV the host proved, the firmware's knobs."""
     return machine.MachineConfig(
@@ -206,6 +206,8 @@ def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machin
         iommu_platform=True if scenario.emulated else None,
         qemu=caps.qemu,
         no_reboot=no_reboot,
+        # The probe reads no console: a plain file keeps a serial trace intact.
+        serial_input=serial_input,
     )
 
 

@@ -184,3 +184,13 @@ def test_data_written_just_before_the_writer_died_is_read(tmp_path: Path) -> Non
         while True:
             received += spawn.read_nonblocking(100, 0.1)
     assert received == "first\nEBST probe-parked\n"
+
+
+def test_serial_port_without_input_refuses_to_send(tmp_path: Path) -> None:
+    from harness.console import serial_console
+    from harness.errors import UsageError
+
+    console = serial_console(None, tmp_path / "serial.log", lambda: True, LOGGER,
+                             {}, ["qemu-system-x86_64"])
+    with pytest.raises(UsageError, match="takes no input"):
+        console.send("\x1b")

@@ -86,6 +86,15 @@ def test_tcg_argv_basics() -> None:
     assert not any("sev-guest" in arg or "iommu_platform" in arg for arg in argv)
 
 
+def test_serial_without_input_is_a_plain_file() -> None:
+    with_input = option_values(build_argv(config(), PATHS), "-chardev")
+    assert any(c.startswith("socket,id=serial0,path=/run/x/serial.sock") and
+               "logfile=/art/serial.log" in c for c in with_input)
+    without = option_values(build_argv(config(serial_input=False), PATHS), "-chardev")
+    assert "file,id=serial0,path=/art/serial.log" in without
+    assert not any("serial.sock" in c or "logfile=" in c for c in without)
+
+
 def test_devices_argv() -> None:
     argv = build_argv(config(devices=ALL_DEVICES), PATHS)
     devices = option_values(argv, "-device")
