@@ -1,16 +1,20 @@
 """ovmf-ebs-harness: build a patched OVMF, boot it under QEMU, and judge
 whether the IOMMU teardown at ExitBootServices came after every EBS handler.
 
-Modules, in the order data flows through them:
+Packages, in the order data flows through them:
 
-- :mod:`harness.edk2`    edk2 source, patch series, cached firmware builds
-- :mod:`harness.host`    what this host can run (TCG, KVM, SEV, SEV-ES)
-- :mod:`harness.machine` a QEMU process and its QMP connection
-- :mod:`harness.console` expect over serial and debug logs
-- :mod:`harness.guest`   per-run guest images (FAT image, canary)
-- :mod:`harness.trace`   debug log -> EBS timeline -> verdicts
-- :mod:`harness.dump`    QEMU ELF core -> page tables, mapping list, canary
-- :mod:`harness.cli`     the ``ebs-harness`` command
+- :mod:`harness.build`     cached builds: the patched firmware (``edk2``)
+- :mod:`harness.vm`        QEMU machines, their consoles, the host probe,
+                           guest images, QEMU on another host over SSH
+- :mod:`harness.analysis`  debug log -> EBS timeline -> verdicts, symbols,
+                           memory dumps, text and HTML reports; it imports
+                           nothing from :mod:`harness.vm`
+
+On top of them: :mod:`harness.scenario` (one boot of the probe guest, from
+firmware to verdicts), :mod:`harness.linux` (the Linux guest),
+:mod:`harness.cli` (the ``ebs-harness`` command) and
+:mod:`harness.pytestplugin`; :mod:`harness.errors` holds the exception tree
+and :mod:`harness.tools` runs host tools.
 """
 
 __version__ = "0.1.0"

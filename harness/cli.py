@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import dump, edk2, host, remote, report, scenario, symbols, trace
+from harness import scenario
+from harness.analysis import dump, report, symbols, trace
+from harness.build import cache, edk2, qemu
 from harness.errors import (
     EXIT_ENVIRONMENT,
     EXIT_OK,
@@ -27,6 +29,7 @@ from harness.errors import (
     HarnessError,
     UsageError,
 )
+from harness.vm import host, remote
 
 LOG = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    progress = None if args.quiet else edk2.StderrProgress()
+    progress = None if args.quiet else cache.StderrProgress()
     result = edk2.build_firmware(
         source=edk2.source_from_option(args.edk2_src),
         rebuild=args.rebuild,
@@ -60,20 +63,41 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_build_qemu(args: argparse.Namespace) -> int:
+    result = _build_qemu(args, rebuild=args.rebuild)
+    if args.json:
+        _print_json({
+            "qemu": str(result.qemu.binary),
+            "qemu_dir": str(result.qemu.path),
+            "cache_hit": result.cache_hit,
+            "key": result.qemu.key,
+            "seconds": round(result.seconds, 3),
+        })
+    else:
+        what = "cache hit" if result.cache_hit else "built"
+        print(f"{result.qemu.binary} ({what}, {result.seconds:.1f} s)")
+    return EXIT_OK
+
+
+def _build_qemu(args: argparse.Namespace, rebuild: bool = False) -> qemu.QemuBuildResult:
+    progress = None if args.quiet else cache.StderrProgress()
+    return qemu.build_qemu(rebuild=rebuild, progress=progress)
+
+
 # ----------------------------------------------------------- host-check
 
 
 def _cmd_host_check(args: argparse.Namespace) -> int:
-    caps = host.probe(qemu=args.qemu)
+    caps = host.probe(qemu=args.qemu or host.DEFAULT_QEMU)
     if args.json:
         _print_json(caps.to_json())
     else:
         print(f"QEMU     {caps.qemu} {caps.qemu_version}")
-        for name in ("tcg", "kvm", "sev", "sev_es", "snp"):
+        for name in host.CAPABILITIES:
             cap = caps.capability(name)
-            print(f"{name:8} {'yes' if cap.available else 'no ':3}  {cap.reason}")
+            print(f"{name:12} {'yes' if cap.available else 'no ':3}  {cap.reason}")
         if caps.cbitpos is not None:
-            print(f"SEV      cbitpos {caps.cbitpos}, "
+            print(f"{'SEV':12} cbitpos {caps.cbitpos}, "
                   f"reduced-phys-bits {caps.reduced_phys_bits}")
     # Usable when at least one accelerator runs firmware.
     return EXIT_OK if caps.tcg.available or caps.kvm.available else EXIT_ENVIRONMENT
@@ -103,6 +127,7 @@ def _cmd_analyze_log(args: argparse.Namespace) -> int:
                            "succeeded": a.succeeded,
                            "teardowns": [t.begin.seq for t in a.teardowns]}
                           for a in result.timeline.attempts],
+            "findings": [f.as_json() for f in result.findings],
             "notes": list(result.anomalies),
         })
     else:
@@ -117,7 +142,7 @@ def _cmd_analyze_dump(args: argparse.Namespace) -> int:
     maphead_symbol = sym.symbol_address("IoMmuDxe", "mMapInfos") if firmware else None
     canary = dump.load_canary(args.canary) if args.canary else None
     result = dump.analyze_dump(args.dump, parsed, maphead_symbol=maphead_symbol,
-                               canary=canary, scope=args.scan)
+                               canary=canary, scope=args.scan, encrypted=args.encrypted)
     if args.json:
         _print_json(result.as_json())
     else:
@@ -132,7 +157,7 @@ def _firmware_for(args: argparse.Namespace) -> edk2.Firmware:
     """``--firmware DIR``, else the patched build (built or from the cache)."""
     if getattr(args, "firmware", None):
         return edk2.Firmware.load(args.firmware)
-    progress = None if args.quiet else edk2.StderrProgress()
+    progress = None if args.quiet else cache.StderrProgress()
     return edk2.build_firmware(source=edk2.source_from_option(None), progress=progress).firmware
 
 
@@ -153,12 +178,26 @@ def _print_run(result: scenario.RunResult) -> None:
           f"{result.artifacts / 'timeline.html'})")
 
 
+def _qemu_for(args: argparse.Namespace, sev: str) -> str:
+    """``--qemu``; else for ``--sev emulated`` the harness's QEMU (built or
+    from the cache), else the system's."""
+    if args.qemu:
+        return str(args.qemu)
+    if sev == "emulated":
+        return str(_build_qemu(args).qemu.binary)
+    return host.DEFAULT_QEMU
+
+
 def _cmd_boot(args: argparse.Namespace) -> int:
     chosen = scenario.scenario_from_options(vars(args))
     if args.host:
+        if chosen.sev == "emulated":
+            raise UsageError("--sev emulated runs on this host (the harness's QEMU under "
+                             "TCG), not with --host")
         result = _boot_remote(args, chosen)
     else:
-        caps = host.cached_probe(args.qemu)
+        caps = host.cached_probe(_qemu_for(args, chosen.sev))
+        scenario.check_host(chosen, caps)       # before a possibly long firmware build
         firmware = _firmware_for(args)
         result = scenario.run_scenario(firmware, chosen, _artifacts_dir(args, chosen.label()),
                                        caps=caps)
@@ -171,10 +210,11 @@ def _cmd_boot(args: argparse.Namespace) -> int:
 
 def _boot_remote(args: argparse.Namespace, chosen: scenario.Scenario) -> scenario.RunResult:
     """``boot --host ssh://...``: QEMU on the remote host, the rest here."""
-    where = remote.RemoteHost.parse(args.host, qemu=args.qemu)
+    qemu_binary = args.qemu or host.DEFAULT_QEMU
+    where = remote.RemoteHost.parse(args.host, qemu=qemu_binary)
     session = where.connect()
     try:
-        caps = remote.remote_caps(session, args.qemu)
+        caps = remote.remote_caps(session, qemu_binary)
         firmware = _firmware_for(args)
         return scenario.run_scenario(firmware, chosen, _artifacts_dir(args, chosen.label()),
                                      caps=caps, launcher=where.launcher(session))
@@ -192,19 +232,40 @@ DEMO = (
 )
 
 
+def _demo_platform(args: argparse.Namespace) -> tuple[host.HostCaps, str, str]:
+    """The demo's QEMU capabilities, SEV mode and a line saying why: real SEV
+    where the host has it, else the emulated SEV of the harness's QEMU, else
+    (that QEMU could not be had) the IOMMU emulation mode."""
+    system = host.cached_probe(args.qemu or host.DEFAULT_QEMU)
+    if system.sev.available:
+        return system, "sev", "AMD SEV (real encryption)"
+    if args.qemu:
+        caps = system
+    else:
+        try:
+            caps = host.cached_probe(str(_build_qemu(args).qemu.binary))
+        except HarnessError as exc:
+            first = str(exc).splitlines()[0]
+            return system, "off", (f"no SEV here, and the harness's QEMU could not be built "
+                                   f"({first}): IOMMU emulation mode instead")
+    if caps.sev_emulated.available:
+        return caps, "emulated", (f"no SEV here ({system.sev.reason}): emulated SEV on the "
+                                  "harness's QEMU, OVMF on its real SEV code path (memory in "
+                                  "plaintext)")
+    return caps, "off", (f"no SEV here, and {caps.sev_emulated.reason}: IOMMU emulation "
+                         "mode instead")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    caps = host.cached_probe(args.qemu)
-    accel = host.resolve_accel("auto", caps)
-    mode = ("SEV" if caps.sev.available else
-            f"no SEV here ({caps.sev.reason}): IOMMU emulation mode, shared pages "
-            "marked in the page tables")
-    print(f"ebs-harness demo: {accel.upper()} ({caps.qemu} {caps.qemu_version}); {mode}")
+    caps, sev, why = _demo_platform(args)
+    accel = "tcg" if sev == "emulated" else host.resolve_accel("auto", caps)
+    print(f"ebs-harness demo: {accel.upper()} ({caps.qemu} {caps.qemu_version}); {why}")
     firmware = _firmware_for(args)
     root = _artifacts_dir(args, "demo")
     results = []
     for number, (story, chosen) in enumerate(DEMO, 1):
-        if caps.sev.available:
-            chosen = dataclasses.replace(chosen, sev="sev", emulation=False)
+        if sev != "off":
+            chosen = dataclasses.replace(chosen, sev=sev, emulation=False)
         print(f"\n=== {number}. {chosen.label()}: {story}\n")
         result = scenario.run_scenario(firmware, chosen, root / chosen.ebs_mode, caps=caps)
         _print_run(result)
@@ -214,12 +275,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for result in results:
         verdict = "pass" if result.passed else "FAIL " + ", ".join(
             sorted(result.failed_checks(), key=lambda c: (c[0] == "D", c)))
-        print(f"  {result.scenario.label():<20} {verdict}")
+        print(f"  {result.scenario.label():<32} {verdict}")
     # The prediction: the adversary's late stage lands after the 2017
     # teardown (V1) and touches its device then (V3); the callback holds.
     story_held = {"V1", "V3"} <= legacy.failed_checks() and callback.passed
     print("  " + ("the 2017 scheme lost the race and the callback won it, as predicted"
                   if story_held else "UNEXPECTED: the demo's prediction did not hold"))
+    # C2 by other drivers: facts about them, the same under both schemes.
+    for finding in sorted({f.culprit for r in results for f in r.log.findings}):
+        print(f"  finding (C2, not a failed verdict): {finding} allocates or frees memory "
+              "after the memory map was terminated")
     print(f"  artifacts: {root}")
     return EXIT_OK if story_held else EXIT_VIOLATION
 
@@ -254,6 +319,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="print one JSON object on stdout")
     build.set_defaults(func=_cmd_build)
 
+    bqemu = sub.add_parser("build-qemu",
+                           help="build (or reuse) the harness's QEMU, with the emulated SEV")
+    bqemu.add_argument("--rebuild", action="store_true",
+                       help="build even if the cache has this QEMU")
+    bqemu.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    bqemu.set_defaults(func=_cmd_build_qemu)
+
     alog = sub.add_parser("analyze-log", help="EBS timeline and verdicts V1..V4 of a debug log")
     alog.add_argument("log", metavar="LOG", help="debug-port or serial log of a boot")
     alog.add_argument("--firmware", metavar="DIR",
@@ -272,7 +344,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="firmware dir; cross-checks maphead with IoMmuDxe's mMapInfos")
     adump.add_argument("--canary", metavar="FILE", help="the run's canary file (D3)")
     adump.add_argument("--scan", choices=("auto", "shared", "all"), default="auto",
-                       help="D3 scope: auto = shared pages under emulation, else all RAM")
+                       help="D3 scope: auto = the shared pages where they are known (SEV's "
+                            "C-bit, the emulation's bit 52), else all RAM")
+    adump.add_argument("--encrypted", action="store_true",
+                       help="the dump is of a real SEV guest: private memory is ciphertext "
+                            "(D1 and D2 are skipped, D3 scans all RAM)")
     adump.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     adump.set_defaults(func=_cmd_analyze_dump)
 
@@ -281,7 +357,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="a firmware directory from 'ebs-harness build' (default: build)")
     boot.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
                       help="auto: KVM where the host probe proved it, else TCG")
-    boot.add_argument("--sev", choices=("off", "sev", "sev-es"), default="off")
+    boot.add_argument("--sev", choices=scenario.SEV_MODES, default="off",
+                      help="sev, sev-es: a SEV guest under KVM (a SEV host); emulated: the "
+                           "harness's QEMU emulates SEV under TCG (built on first use)")
     boot.add_argument("--devices", default="virtio-blk", metavar="LIST",
                       help="comma-separated: virtio-blk,virtio-net,virtio-scsi,virtio-rng")
     boot.add_argument("--ebs-mode", choices=scenario.EBS_MODES, default="callback",
@@ -298,7 +376,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to keep the run (default artifacts/LABEL-TIME)")
     boot.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                       help="deadline from QEMU's start to the probe's park")
-    boot.add_argument("--qemu", metavar="BINARY", default="qemu-system-x86_64")
+    boot.add_argument("--qemu", metavar="BINARY",
+                      help="the QEMU to run (default: qemu-system-x86_64; with --sev "
+                           "emulated, the harness's QEMU)")
     boot.add_argument("--host", metavar="ssh://USER@HOST[:PORT]",
                       help="run QEMU on that host over SSH (host key from ~/.ssh/known_hosts, "
                            "key from the agent or ~/.ssh/id_*); analysis stays here")
@@ -310,12 +390,14 @@ def _parser() -> argparse.ArgumentParser:
                       help="a firmware directory from 'ebs-harness build' (default: build)")
     demo.add_argument("--artifacts", metavar="DIR",
                       help="where to keep the runs (default artifacts/demo-TIME)")
-    demo.add_argument("--qemu", metavar="BINARY", default="qemu-system-x86_64")
+    demo.add_argument("--qemu", metavar="BINARY",
+                      help="the QEMU to run (default: the harness's QEMU for emulated SEV "
+                           "where the host has no SEV)")
     demo.set_defaults(func=_cmd_demo)
 
     check = sub.add_parser("host-check",
                            help="what this host can run: TCG, KVM, SEV, SEV-ES, SNP")
-    check.add_argument("--qemu", metavar="BINARY", default="qemu-system-x86_64",
+    check.add_argument("--qemu", metavar="BINARY",
                        help="the QEMU to probe (default: qemu-system-x86_64)")
     check.add_argument("--json", action="store_true",
                        help="print one JSON object on stdout")

@@ -26,7 +26,7 @@ ExitBootServices, the same patched path the probe exercises, after the
 firmware really drove the virtio disks and NIC (guests/linux/README.md says
 why not QEMU's ``-kernel``). The per-run SSH key travels on the kernel
 command line (``ebs.authkey=TYPE:BASE64``); sshd is reached through a
-``hostfwd`` on 127.0.0.1 (:mod:`harness.ssh`).
+``hostfwd`` on 127.0.0.1 (:mod:`harness.vm.ssh`).
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 from filelock import FileLock
 
-from harness import guest, host, machine, remote, scenario, ssh
-from harness.edk2 import REPO_ROOT, Firmware, cache_root, publishing
+from harness import scenario
+from harness.build.cache import cache_root, publishing
+from harness.build.edk2 import REPO_ROOT, Firmware
 from harness.errors import DependencyError, EnvironmentFailure, UsageError
 from harness.tools import run_tool
+from harness.vm import guest, host, machine, remote, ssh
 
 LOG = logging.getLogger(__name__)
 
@@ -532,9 +534,9 @@ def boot_linux(firmware: Firmware, image: LinuxImage, boot: LinuxBoot, artifacts
                ) -> Iterator[LinuxRun]:
     """Boot the Linux guest and yield it once SSH answers; QEMU ends on exit.
 
-    :param remote_host: run QEMU on that host (:mod:`harness.remote`) and
+    :param remote_host: run QEMU on that host (:mod:`harness.vm.remote`) and
         reach the guest's sshd through the session (``caps`` should then be
-        :func:`harness.remote.remote_caps`).
+        :func:`harness.vm.remote.remote_caps`).
     :raises ConsoleTimeout: sshd did not answer by ``boot.ssh_timeout`` (the
         error quotes the serial and debug log tails); QEMU is gone by then.
     """

@@ -16,7 +16,7 @@ option                        ini                     environment
 ============================  ======================  ==========================
 
 Markers ``tcg``, ``kvm``, ``sev``, ``sev_es`` say what a test needs; the host
-probe (:mod:`harness.host`, once per session) decides, and a test whose
+probe (:mod:`harness.vm.host`, once per session) decides, and a test whose
 capability is missing is skipped with the probe's reason.
 
 Fixtures build objects from :mod:`harness` and clean up; the logic lives in
@@ -34,8 +34,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import edk2, host, linux, scenario
-from harness import report as timeline_report
+from harness import linux, scenario
+from harness.analysis import report as timeline_report
+from harness.build import cache, edk2, qemu
+from harness.vm import host
 
 _OPTIONS: list[tuple[str, str, str, str, bool]] = [
     # (option, ini, env, help, is_flag)
@@ -64,9 +66,12 @@ MARKERS = {
     "kvm": "the test needs usable KVM (proven by booting firmware; skipped otherwise)",
     "sev": "the test needs an AMD SEV host (kvm_amd sev=1, /dev/sev, QEMU sev-guest)",
     "sev_es": "the test needs an AMD SEV-ES host (kvm_amd sev_es=1 on top of SEV)",
+    "sev_emulated": ("the test runs under the emulated SEV of the harness's QEMU (built once "
+                     "per session, cached); a QEMU without it fails the test"),
 }
 
 _HOST_CAPS = pytest.StashKey[host.HostCaps]()
+_EMULATED_CAPS = pytest.StashKey[host.HostCaps]()
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _ARTIFACTS = pytest.StashKey[Path]()
 _RUNS = pytest.StashKey[list[scenario.RunResult]]()
@@ -114,7 +119,7 @@ def ovmf_firmware(pytestconfig: pytest.Config) -> Iterator[edk2.Firmware]:
     result = edk2.build_firmware(
         source=edk2.source_from_option(src if isinstance(src, str) else None),
         rebuild=bool(option_value(pytestconfig, "--rebuild")),
-        progress=edk2.StderrProgress(),
+        progress=cache.StderrProgress(),
     )
     yield result.firmware
 
@@ -145,8 +150,25 @@ def session_host_caps(config: pytest.Config) -> host.HostCaps:
     return config.stash[_HOST_CAPS]
 
 
+def session_emulated_caps(config: pytest.Config) -> host.HostCaps:
+    """The harness's QEMU (built or from the cache) and its probe, once per session."""
+    if _EMULATED_CAPS not in config.stash:
+        built = qemu.build_qemu(progress=cache.StderrProgress())
+        config.stash[_EMULATED_CAPS] = host.cached_probe(str(built.qemu.binary))
+    return config.stash[_EMULATED_CAPS]
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     needed = [name for name in MARKERS if item.get_closest_marker(name) is not None]
+    if not needed:
+        return
+    if "sev_emulated" in needed:
+        needed.remove("sev_emulated")
+        emulated = session_emulated_caps(item.config).sev_emulated
+        if not emulated.available:
+            # The session built this QEMU itself: no emulation is a bug, not a host's lack.
+            pytest.fail(f"the harness's QEMU has no emulated SEV: {emulated.reason}",
+                        pytrace=False)
     if not needed:
         return
     caps = session_host_caps(item.config)
@@ -180,7 +202,7 @@ def pytest_runtest_makereport(item: pytest.Item,
 
 @pytest.fixture(scope="session")
 def host_caps(pytestconfig: pytest.Config) -> host.HostCaps:
-    """What this host can run (:class:`harness.host.HostCaps`), probed once."""
+    """What this host can run (:class:`harness.vm.host.HostCaps`), probed once."""
     return session_host_caps(pytestconfig)
 
 
@@ -233,14 +255,18 @@ def run_probe(request: pytest.FixtureRequest, ovmf_firmware: edk2.Firmware,
     report of a failed test.
     """
     def run(chosen: scenario.Scenario) -> scenario.RunResult:
-        if chosen.sev == "off" and chosen.accel == "auto":
+        caps = host_caps
+        if chosen.sev == "emulated":
+            caps = session_emulated_caps(request.config)
+        elif chosen.sev == "off" and chosen.accel == "auto":
             chosen = dataclasses.replace(chosen, accel=qemu_accel)
         directory = machine_artifacts / chosen.label()
         record_property("firmware_key", ovmf_firmware.key)
         record_property("sev_mode", chosen.sev)
-        record_property("qemu_version", host_caps.qemu_version)
+        record_property("qemu", caps.qemu)
+        record_property("qemu_version", caps.qemu_version)
         record_property("artifacts", str(directory))
-        result = scenario.run_scenario(ovmf_firmware, chosen, directory, caps=host_caps)
+        result = scenario.run_scenario(ovmf_firmware, chosen, directory, caps=caps)
         record_property("accel", result.accel)
         record_property("park_seconds", round(result.park_seconds, 3))
         request.node.stash.setdefault(_RUNS, []).append(result)

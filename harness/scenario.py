@@ -3,7 +3,7 @@
 A :class:`Scenario` says what to boot (teardown scheme, adversary depth,
 devices, probe options, accelerator, SEV mode); :func:`run_scenario` writes
 the per-run FAT image with a fresh canary, boots it through
-:class:`~harness.machine.QemuMachine`, waits for the probe's
+:class:`~harness.vm.machine.QemuMachine`, waits for the probe's
 ``EBST probe-parked`` line, dumps memory when asked, and judges the debug log
 (V1..V4) and the dump (D1..D3). What it leaves in the artifact directory::
 
@@ -25,15 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import dump as dumps
-from harness import guest, host, machine, report, symbols, trace
-from harness.console import DEFAULT_FAILURES
-from harness.edk2 import Firmware
+from harness.analysis import dump as dumps
+from harness.analysis import report, symbols, trace
+from harness.build.edk2 import Firmware
 from harness.errors import UsageError
+from harness.vm import guest, host, machine
+from harness.vm.console import DEFAULT_FAILURES
 
 LOG = logging.getLogger(__name__)
 
 EBS_MODES = ("callback", "legacy", "none")
+SEV_MODES = machine.SEV_MODES
 FW_CFG = "opt/org.ebs-harness"
 PARKED = r"EBST probe-parked"
 #: The probe gives up before EBS: no park will come.
@@ -54,7 +56,8 @@ class Scenario:
         virtio-net is among the devices).
     :param emulation: IOMMU emulation mode (default: when SEV is off).
     :param accel: ``auto``, ``tcg`` or ``kvm``.
-    :param sev: ``off``, ``sev`` or ``sev-es``.
+    :param sev: ``off``, ``sev``, ``sev-es`` (KVM on a SEV host) or
+        ``emulated`` (TCG on the harness's QEMU, ``docs/emulated-sev.md``).
     :param dump: take a memory dump once the probe parked.
     :param memory_mib: guest RAM.
     :param timeout: seconds from QEMU's start to the park.
@@ -81,8 +84,12 @@ class Scenario:
             raise UsageError(f"--requeue-depth {self.requeue_depth}: not in 0..64")
         if "virtio-blk" not in self.devices:
             raise UsageError("--devices must include virtio-blk: the probe boots from it")
+        if self.sev not in machine.SEV_MODES:
+            raise UsageError(f"--sev {self.sev!r}: one of {', '.join(machine.SEV_MODES)}")
         if self.emulation and self.sev != "off":
             raise UsageError("emulation mode is for guests without SEV")
+        if self.sev == "emulated" and self.accel == "kvm":
+            raise UsageError("--sev emulated runs under TCG: drop --accel kvm")
         if self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout}: must be positive")
 
@@ -122,7 +129,7 @@ class Scenario:
         parts += [name for name, on in (("leak", self.leak_mapping),
                                         ("stale", self.stale_mapkey)) if on]
         if self.sev != "off":
-            parts.append(self.sev)
+            parts.append("emulated-sev" if self.sev == "emulated" else self.sev)
         return "-".join(parts)
 
 
@@ -178,6 +185,7 @@ class RunResult:
             "firmware_key": self.firmware_key,
             "park_seconds": round(self.park_seconds, 3),
             "artifacts": str(self.artifacts),
+            "findings": [f.as_json() for f in self.log.findings],
             "notes": list(self.log.anomalies),
         }
         if self.dump is not None:
@@ -193,11 +201,12 @@ def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machin
                    serial_input: bool = False) -> machine.MachineConfig:
     """The QEMU guest for ``scenario`` with ``devices``: the accelerator and
     SEV the host proved, the firmware's knobs."""
+    sev = host.sev_config(scenario.sev, caps)
     return machine.MachineConfig(
         code=firmware.code,
         vars_template=firmware.vars,
-        accel=host.resolve_accel(scenario.accel, caps),
-        sev=host.sev_config(scenario.sev, caps),
+        accel=sev.accel if sev is not None else host.resolve_accel(scenario.accel, caps),
+        sev=sev,
         memory_mib=scenario.memory_mib,
         devices=devices,
         fw_cfg=scenario.fw_cfg(canary),
@@ -209,6 +218,15 @@ def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machin
         # The probe reads no console: a plain file keeps a serial trace intact.
         serial_input=serial_input,
     )
+
+
+def check_host(scenario: Scenario, caps: host.HostCaps) -> None:
+    """Raise the :class:`~harness.errors.UsageError` ``scenario`` would meet on
+    a host with ``caps`` (an accelerator or SEV mode it lacks), before any
+    build starts."""
+    sev = host.sev_config(scenario.sev, caps)
+    if sev is None:
+        host.resolve_accel(scenario.accel, caps)
 
 
 def write_guest(firmware: Firmware, scenario: Scenario, artifacts: Path,
@@ -237,8 +255,8 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     input; violations are in the result.
 
     :param launcher: makes the machine from ``(config, artifacts, name=)``:
-        :class:`~harness.machine.QemuMachine`, or a remote host's
-        (:meth:`harness.remote.RemoteHost.launcher`)."""
+        :class:`~harness.vm.machine.QemuMachine`, or a remote host's
+        (:meth:`harness.vm.remote.RemoteHost.launcher`)."""
     artifacts = Path(artifacts).absolute()
     artifacts.mkdir(parents=True, exist_ok=True)
     caps = caps or host.cached_probe()
@@ -263,9 +281,11 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     dump_report = None
     if dump_path is not None:
         parsed = log_report.timeline.trace
+        sev = config.sev
         dump_report = dumps.analyze_dump(
             dump_path, parsed, maphead_symbol=sym.symbol_address("IoMmuDxe", "mMapInfos"),
-            canary=canary)
+            canary=canary, cbit=sev.cbit_mask if sev is not None else None,
+            encrypted=sev is not None and not sev.emulated)
     result = RunResult(scenario, artifacts, config.accel, caps.qemu_version, firmware.key,
                        park_seconds, log_report, sym, dump_report)
     (artifacts / "timeline.html").write_text(report.render_html(log_report, sym),

@@ -2,6 +2,8 @@
   EbsProbe: the guest payload of the ovmf-ebs-harness.
 
   Booted as \EFI\BOOT\BOOTX64.EFI from a FAT image on virtio-blk, it
+  0. reports the memory encryption the platform offers, as the guest sees
+     it: CPUID 0x8000001F and, where that leaf says SEV, the SEV_STATUS MSR,
   1. reads "\ebs-probe.cfg" (key=value lines, see README.md) from its own
      volume,
   2. reads the per-run canary file through the file system, so that the data
@@ -442,6 +444,55 @@ ProbeExitBootServices (
   return Status;
 }
 
+#define PROBE_CPUID_MAX_EXTENDED  0x80000000
+#define PROBE_CPUID_MEM_ENCRYPT   0x8000001F
+#define PROBE_CPUID_SEV_BIT       BIT1
+#define PROBE_MSR_SEV_STATUS      0xC0010131
+
+/**
+  Print the memory encryption the platform offers, as this guest sees it:
+  CPUID 0x8000001F EAX/EBX (SEV bit, C-bit position, physical address bits
+  lost) and, only where that leaf says SEV (the MSR does not exist on other
+  processors), the SEV_STATUS MSR.
+**/
+STATIC
+VOID
+ProbeReportCpu (
+  VOID
+  )
+{
+  UINT32  MaxLeaf;
+  UINT32  Eax;
+  UINT32  Ebx;
+  UINT64  SevStatus;
+  UINT32  HaveMsr;
+
+  AsmCpuid (PROBE_CPUID_MAX_EXTENDED, &MaxLeaf, NULL, NULL, NULL);
+  Eax = 0;
+  Ebx = 0;
+  if (MaxLeaf >= PROBE_CPUID_MEM_ENCRYPT) {
+    AsmCpuid (PROBE_CPUID_MEM_ENCRYPT, &Eax, &Ebx, NULL, NULL);
+  }
+
+  SevStatus = 0;
+  HaveMsr   = 0;
+  if ((Eax & PROBE_CPUID_SEV_BIT) != 0) {
+    SevStatus = AsmReadMsr64 (PROBE_MSR_SEV_STATUS);
+    HaveMsr   = 1;
+  }
+
+  DEBUG ((
+    DEBUG_INFO,
+    "EBST probe step=cpu max-leaf=0x%x leaf-eax=0x%x leaf-ebx=0x%x cbitpos=%u sev-msr=%u sev-status=0x%Lx\n",
+    MaxLeaf,
+    Eax,
+    Ebx,
+    Ebx & 0x3F,
+    HaveMsr,
+    SevStatus
+    ));
+}
+
 /**
   Stop here for good, with interrupts off, so that the host can dump guest
   memory in the state the OS would have found it.
@@ -489,6 +540,7 @@ EbsProbeMain (
   BOOLEAN                          Same;
 
   DEBUG ((DEBUG_INFO, "EBST version v=1 module=EbsProbe\n"));
+  ProbeReportCpu ();
 
   ZeroMem (&Config, sizeof Config);
   AsciiStrToUnicodeStrS (PROBE_DEFAULT_CANARY, Config.Canary, PROBE_NAME_MAX);

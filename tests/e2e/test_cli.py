@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import edk2
-from harness.host import HostCaps
+from harness.build import edk2
+from harness.vm.host import HostCaps
 
 pytestmark = pytest.mark.tcg
 
@@ -93,16 +93,35 @@ def test_truncated_dump_and_log_exit_2_with_one_line(ovmf_firmware: edk2.Firmwar
 
 def test_demo_tells_the_story(ovmf_firmware: edk2.Firmware, machine_artifacts: Path,
                               host_caps: HostCaps) -> None:
+    """Without SEV hardware the demo runs on the emulated SEV of the harness's
+    QEMU (built, or from the cache), so OVMF takes its real SEV path."""
     proc = _cli("demo", "--firmware", str(ovmf_firmware.path), "--artifacts",
                 str(machine_artifacts))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-    if not host_caps.sev.available:
-        assert "emulation mode" in proc.stdout.splitlines()[0]
+    mode = "sev" if host_caps.sev.available else "emulated"
+    if mode == "emulated":
+        assert "emulated SEV on the harness's QEMU" in proc.stdout.splitlines()[0]
     assert "as predicted" in proc.stdout
+    assert ("finding (C2, not a failed verdict): EbsAdversaryDxe!AdversaryStage allocates"
+            in proc.stdout)
     legacy = json.loads((machine_artifacts / "legacy" / "result.json").read_text())
     callback = json.loads((machine_artifacts / "callback" / "result.json").read_text())
-    assert {v["check"] for v in legacy["violations"]} >= {"V1", "V3", "D1", "D3"}
+    assert legacy["sev"] == callback["sev"] == mode
+    assert {v["check"] for v in legacy["violations"]} >= {"V1", "V3", "D3"}
     assert callback["verdict"] == "pass"
+
+
+def test_demo_falls_back_with_one_line_on_a_qemu_without_the_emulation(
+        ovmf_firmware: edk2.Firmware, machine_artifacts: Path, host_caps: HostCaps) -> None:
+    if host_caps.sev.available:
+        pytest.skip("a SEV host runs the demo on real SEV")
+    proc = _cli("demo", "--firmware", str(ovmf_firmware.path), "--qemu", host_caps.qemu,
+                "--artifacts", str(machine_artifacts))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert "has no emulated SEV" in first and "IOMMU emulation mode instead" in first
+    assert json.loads((machine_artifacts / "callback" / "result.json").read_text())["sev"] \
+        == "off"
 
 
 def test_boot_deadline_exits_3_naming_what_was_awaited(ovmf_firmware: edk2.Firmware,

@@ -21,9 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import edk2, host, linux, trace
+from harness import linux
+from harness.analysis import trace
+from harness.build import edk2
 from harness.errors import ConsoleTimeout, GuestCommandError
 from harness.linux import LinuxBoot, LinuxImage, LinuxRun
+from harness.vm import host
 
 #: Issue 7: boot-to-SSH-ready under TCG.
 READY_BUDGET_S = 90.0

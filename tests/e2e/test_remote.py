@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, edk2, host, linux, remote, trace
+from harness import cli, linux
+from harness.analysis import trace
+from harness.build import edk2
 from harness.errors import UsageError
 from harness.scenario import RunResult, Scenario, run_scenario
-from harness.ssh import ClientKey, GuestSsh
+from harness.vm import host, remote
+from harness.vm.ssh import ClientKey, GuestSsh
 
 pytestmark = [
     pytest.mark.tcg,
@@ -102,7 +105,7 @@ def test_remote_caps_agree_with_the_local_probe(session: GuestSsh,
 def test_remote_qemu_dies_with_the_session(ovmf_firmware: edk2.Firmware,
                                            where: remote.RemoteHost, client_key: ClientKey,
                                            session: GuestSsh, machine_artifacts: Path) -> None:
-    from harness.machine import MachineConfig
+    from harness.vm.machine import MachineConfig
 
     doomed = where.connect(client_key=client_key)
     config = MachineConfig(code=ovmf_firmware.code, vars_template=ovmf_firmware.vars,

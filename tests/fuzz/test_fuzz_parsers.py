@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from harness.dump import QemuDump, shared_ranges, walk_map_list, walk_page_tables
+from harness.analysis.dump import QemuDump, shared_ranges, walk_map_list, walk_page_tables
+from harness.analysis.trace import build_timeline, check_timeline, parse_text
 from harness.errors import DumpFormatError, TraceFormatError
-from harness.trace import build_timeline, check_timeline, parse_text
 
 pytestmark = pytest.mark.fuzz
 

@@ -13,7 +13,8 @@ import sys
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from harness import edk2
+from harness.build import edk2
+from harness.build.series import read_series
 
 pytestmark = pytest.mark.build
 
@@ -37,7 +38,7 @@ def test_iommu_module_and_symbols(ovmf_firmware: edk2.Firmware) -> None:
 def test_manifest_records_inputs(ovmf_firmware: edk2.Firmware) -> None:
     manifest = ovmf_firmware.manifest
     assert manifest["key"] == ovmf_firmware.key == ovmf_firmware.path.name
-    series = edk2.read_series()
+    series = read_series(edk2.SERIES_DIR)
     assert [name for name, _ in manifest["patches"]] == [p.name for p in series]  # type: ignore[union-attr]
     assert str(manifest["source"]).startswith(("debian:edk2=", "tree:"))
     assert "gcc" in str(manifest["toolchain"])

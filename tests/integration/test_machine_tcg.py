@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from harness import edk2, guest, host
+from harness.build import edk2
 from harness.errors import ConsoleTimeout, LaunchError
-from harness.machine import BlockDevice, MachineConfig, QemuMachine, SevConfig
+from harness.vm import guest, host
+from harness.vm.machine import BlockDevice, MachineConfig, QemuMachine, SevConfig
 
 pytestmark = pytest.mark.tcg
 
@@ -244,7 +245,7 @@ CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from harness.machine import MachineConfig, QemuMachine
+    from harness.vm.machine import MachineConfig, QemuMachine
     config = MachineConfig(code=Path({code!r}), vars_template=Path({vars!r}), debugcon=False)
     vm = QemuMachine(config, Path(sys.argv[1]))
     vm.launch()

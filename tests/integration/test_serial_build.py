@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import edk2, host
+from harness.build import cache, edk2
 from harness.scenario import Scenario, run_scenario
+from harness.vm import host
 
 pytestmark = [pytest.mark.build, pytest.mark.tcg]
 
@@ -22,7 +23,7 @@ def serial_firmware(pytestconfig: pytest.Config) -> edk2.Firmware:
     if pytestconfig.getoption("firmware"):
         pytest.skip("--firmware: the serial variant is built from source, not given")
     return edk2.build_firmware(flags=edk2.BuildFlags(debug_on_serial=True),
-                               progress=edk2.StderrProgress()).firmware
+                               progress=cache.StderrProgress()).firmware
 
 
 def test_manifest_records_the_serial_flag(serial_firmware: edk2.Firmware,

@@ -1,7 +1,7 @@
 """Write small memory dumps in the format of QEMU's ``dump-guest-memory``.
 
 Written from QEMU 7.2 ``dump/dump.c`` and ``target/i386/arch_dump.c`` (not
-from harness.dump, which reads them): ELF64 header, program headers at 64,
+from harness.analysis.dump, which reads them): ELF64 header, program headers at 64,
 one PT_NOTE (a ``CORE`` NT_PRSTATUS and a ``QEMU`` QEMUCPUState note per
 CPU), then one PT_LOAD per RAM block, ``p_paddr`` the guest-physical address.
 A real dump of a 512 MiB TCG guest has the same layout (checked with

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.console import (
+from harness.errors import ConsoleFailure, ConsoleTimeout
+from harness.vm.console import (
     Console,
     FileFollower,
     debug_console,
@@ -18,10 +19,9 @@ from harness.console import (
     serial_console,
     tail_lines,
 )
-from harness.errors import ConsoleFailure, ConsoleTimeout
 
 COMMAND = ["qemu-system-x86_64", "-machine", "q35", "-name", "with space"]
-LOGGER = logging.getLogger("harness.machine.testvm")
+LOGGER = logging.getLogger("harness.vm.machine.testvm")
 
 
 def writer(path: Path, lines: list[str], delay: float = 0.05) -> threading.Thread:
@@ -102,10 +102,10 @@ def test_eof_when_writer_gone(tmp_path: Path) -> None:
 def test_lines_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     log = tmp_path / "debugcon.log"
     log.write_text("first line\r\n\x1b[1mbold\x1b[0m\nlast\n")
-    with caplog.at_level(logging.DEBUG, logger="harness.machine.testvm"):
+    with caplog.at_level(logging.DEBUG, logger="harness.vm.machine.testvm"):
         follow(log).expect("last", timeout=2)
     messages = [r.getMessage() for r in caplog.records
-                if r.name == "harness.machine.testvm.debugcon"]
+                if r.name == "harness.vm.machine.testvm.debugcon"]
     assert messages[:2] == ["debugcon: first line", "debugcon: bold"]
 
 
@@ -187,8 +187,8 @@ def test_data_written_just_before_the_writer_died_is_read(tmp_path: Path) -> Non
 
 
 def test_serial_port_without_input_refuses_to_send(tmp_path: Path) -> None:
-    from harness.console import serial_console
     from harness.errors import UsageError
+    from harness.vm.console import serial_console
 
     console = serial_console(None, tmp_path / "serial.log", lambda: True, LOGGER,
                              {}, ["qemu-system-x86_64"])

@@ -1,4 +1,4 @@
-"""harness.dump on small dumps in QEMU's format, written by the tests.
+"""harness.analysis.dump on small dumps in QEMU's format, written by the tests.
 
 Each dump is a guest with identity page tables (a 4K-page table for the
 first 2 MiB, a 2M page, a 1G page), the IoMmuDxe list head, and optionally
@@ -14,16 +14,19 @@ from pathlib import Path
 import pytest
 from coredump import PAGE, Core, map_info
 
-from harness.dump import (
+from harness.analysis.dump import (
     QemuDump,
+    SharedRange,
     analyze_dump,
     load_canary,
     shared_ranges,
+    split_by_design,
+    unencrypted_ranges,
     walk_map_list,
     walk_page_tables,
 )
+from harness.analysis.trace import parse_text
 from harness.errors import DumpFormatError, UsageError
-from harness.trace import parse_text
 
 P, RW = 0x1, 0x2
 PS = 0x80
@@ -210,7 +213,7 @@ def test_shared_2m_page_partly_outside_ram_is_scanned_where_present(tmp_path: Pa
 
 def test_without_emulation_whole_ram_is_host_readable(tmp_path: Path) -> None:
     log = LOG.replace("emulation=1 sharedbit=52", "emulation=0 sharedbit=0")
-    rep = analyze(tmp_path, guest(canary_at=(0x300000,)), log)
+    rep = analyze(tmp_path, guest(canary_at=(0x300000,)), log, encrypted=True)
     assert rep.scope == "all" and rep.shared is None
     assert [v.check for v in rep.violations] == ["D3"]
     assert any(n.startswith("D2 skipped") for n in rep.notes)
@@ -302,3 +305,97 @@ def test_missing_and_directory(tmp_path: Path) -> None:
         QemuDump(tmp_path / "nope")
     with pytest.raises(DumpFormatError, match="not a regular file"):
         QemuDump(tmp_path)
+
+
+# ------------------------------------------------------------- SEV's C-bit
+
+CBIT = 1 << 47
+SEV_LOG = """SEV is enabled (mask 0x800000000000)
+EBST version v=1 module=IoMmuDxe
+EBST iommu-config scheme=callback emulation=0 sharedbit=0 maphead=0x5000
+EBST ebs-enter mapkey=0x1
+EBST ebs-return status=0x0
+"""
+
+
+def sev_guest(shared: tuple[int, ...] = (), canary_at: tuple[int, ...] = ()) -> Core:
+    """The same guest as a SEV guest sees it: the C-bit in CR3, in every table
+    pointer and in every leaf but those of shared pages; the legacy window
+    0xA0000..1 MiB shared, as OVMF leaves it."""
+    core = guest(canary_at=canary_at)
+    core.cr3 = 0x1000 | CBIT
+    for table, count in ((0x1000, 1), (0x2000, 2), (0x3000, 2), (0x3000 + 8 * 128, 1)):
+        for i in range(count):
+            entry = struct.unpack("<Q", core.blocks[0][table + 8 * i:table + 8 * i + 8])[0]
+            core.u64(table + 8 * i, entry | CBIT)
+    for i in range(512):
+        private = not (0xA0 <= i < 0x100 or i in shared)
+        core.u64(0x4000 + 8 * i, i * PAGE | P | RW | (CBIT if private else 0))
+    return core
+
+
+def test_sev_guest_shares_only_by_design(tmp_path: Path) -> None:
+    rep = analyze(tmp_path, sev_guest(canary_at=(0x300000,)), SEV_LOG)
+    assert rep.violations == () and rep.scope == "shared" and rep.shared == ()
+    assert [(r.paddr, r.size) for r, _ in rep.by_design] == [(0xA0000, 0x60000)]
+    assert rep.as_json()["shared_pages"] == []
+    assert rep.as_json()["shared_by_design"][0]["paddr"] == "0xa0000"  # type: ignore[index]
+    by_design = [n for n in rep.notes if "shared by design" in n]
+    assert by_design and "96 page(s) at 0xa0000" in by_design[0]
+    assert any("emulation-only evidence" in n for n in rep.notes)
+
+
+def test_sev_d2_negative_control_a_page_with_the_cbit_clear(tmp_path: Path) -> None:
+    rep = analyze(tmp_path, sev_guest(shared=(0x120,), canary_at=(0x120010,)), SEV_LOG)
+    assert sorted({v.check for v in rep.violations}) == ["D2", "D3"]
+    d2 = next(v for v in rep.violations if v.check == "D2")
+    assert "1 page(s) in 1 range(s) still shared (C-bit 47 clear): 0x120000+0x1000" == d2.detail
+    assert [h.paddr for h in rep.canary_hits] == [0x120010]
+
+
+def test_sev_canary_in_the_shared_legacy_window_is_a_leak(tmp_path: Path) -> None:
+    """Shared by design is no excuse for D3: the host can read it."""
+    rep = analyze(tmp_path, sev_guest(canary_at=(0xC0000,)), SEV_LOG)
+    assert [v.check for v in rep.violations] == ["D3"]
+
+
+def test_sev_cbit_comes_from_the_log_or_the_caller(tmp_path: Path) -> None:
+    without = SEV_LOG.replace("SEV is enabled (mask 0x800000000000)\n", "")
+    rep = analyze(tmp_path, sev_guest(shared=(0x120,)), without)
+    assert rep.shared is None, "no SEV line, no cbit: D2 cannot be judged"
+    rep = analyze(tmp_path, sev_guest(shared=(0x120,)), without, cbit=CBIT)
+    assert [v.check for v in rep.violations] == ["D2"]
+
+
+def test_sev_walk_strips_the_cbit_from_table_addresses(tmp_path: Path) -> None:
+    path = sev_guest().write(tmp_path / "dump.elf")
+    with QemuDump(path) as dump:
+        findings: list[str] = []
+        leaves = list(walk_page_tables(dump, 0x1000 | CBIT, findings, cbit=CBIT))
+        assert findings == [] and {leaf.paddr for leaf in leaves if leaf.size == PAGE} == \
+            {i * PAGE for i in range(512)}
+        # Negative control: read as an address bit, it sends the walk outside RAM.
+        blind: list[str] = []
+        assert list(walk_page_tables(dump, 0x1000 | CBIT, blind)) == []
+        assert blind and "not in the dump" in blind[0]
+
+
+def test_real_sev_dump_is_ciphertext_so_only_d3_is_judged(tmp_path: Path) -> None:
+    rep = analyze(tmp_path, sev_guest(shared=(0x120,), canary_at=(0x300000,)), SEV_LOG,
+                  encrypted=True)
+    assert [v.check for v in rep.violations] == ["D3"] and rep.scope == "all"
+    assert rep.live is None and rep.shared is None
+    assert any(n.startswith("D1 skipped: under real SEV") for n in rep.notes)
+    assert any(n.startswith("D2 skipped: under real SEV") for n in rep.notes)
+
+
+def test_split_by_design_cuts_ranges_at_the_window() -> None:
+    judged, by_design = split_by_design([SharedRange(0x9F000, 0x9F000, 0x62000)])
+    assert [(r.paddr, r.size) for r in judged] == [(0x9F000, 0x1000), (0x100000, 0x1000)]
+    assert [(r.paddr, r.size) for r, _ in by_design] == [(0xA0000, 0x60000)]
+
+
+def test_unencrypted_ranges_refuses_a_bad_mask(tmp_path: Path) -> None:
+    path = sev_guest().write(tmp_path / "dump.elf")
+    with QemuDump(path) as dump, pytest.raises(UsageError, match="not one bit"):
+        unencrypted_ranges(dump, 0x1000, 3 << 46)

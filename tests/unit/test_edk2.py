@@ -1,4 +1,4 @@
-"""harness.edk2: cache keys, the patch series, sources and the build cache.
+"""harness.build.edk2: cache keys, the patch series, sources and the build cache.
 
 The Builder tests run the real pipeline (copy, patch, BaseTools make, build,
 publish, locks) on a tiny fake edk2 tree whose ``build`` command writes the
@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import edk2
+from harness.build import cache, edk2
+from harness.build import series as patch_series
+from harness.build.debian import DebianSourcePackage
 from harness.cli import main
-from harness.errors import PatchError, SourceError
+from harness.errors import BuildError, PatchError, SourceError, UsageError
 
 FAKE_BUILD = r"""#!/bin/bash
 # Fake edk2 'build': writes what OvmfPkgX64 writes, from the tree's sources.
@@ -112,28 +114,28 @@ def test_key_changes_with_overlay_and_compiler(fake_edk2: Path) -> None:
     source = edk2.TreeSource(fake_edk2)
     flags = edk2.BuildFlags()
     tools = {"gcc": "gcc 12.2.0", "nasm": "2.16", "iasl": "20200925"}
-    base = edk2.build_inputs(source, [], {"EbsProbe/a.c": b"x"}, flags, tools).key
-    assert edk2.build_inputs(source, [], {"EbsProbe/a.c": b"y"}, flags, tools).key != base
+    base = cache.build_inputs(edk2.Builder.RECIPE, source, [], {"EbsProbe/a.c": b"x"}, flags, tools).key
+    assert cache.build_inputs(edk2.Builder.RECIPE, source, [], {"EbsProbe/a.c": b"y"}, flags, tools).key != base
     newer = dict(tools, gcc="gcc 13.1.0")
-    assert edk2.build_inputs(source, [], {"EbsProbe/a.c": b"x"}, flags, newer).key != base
+    assert cache.build_inputs(edk2.Builder.RECIPE, source, [], {"EbsProbe/a.c": b"x"}, flags, newer).key != base
 
 
 def test_series_reads_order_and_skips_comments(tmp_path: Path) -> None:
     directory = _series(tmp_path / "s", ("0002-b.patch", "b"), ("0001-a.patch", "a"))
     (directory / "series").write_text("# comment\n0002-b.patch\n\n0001-a.patch  # why\n")
-    assert [p.name for p in edk2.read_series(directory)] == ["0002-b.patch", "0001-a.patch"]
+    assert [p.name for p in patch_series.read_series(directory)] == ["0002-b.patch", "0001-a.patch"]
 
 
 def test_missing_series_file_is_a_patch_error(tmp_path: Path) -> None:
     with pytest.raises(PatchError, match="series file is missing"):
-        edk2.read_series(tmp_path)
+        patch_series.read_series(tmp_path)
 
 
 def test_series_naming_a_missing_patch_is_a_patch_error(tmp_path: Path) -> None:
     directory = _series(tmp_path / "s", ("0001-a.patch", "a"))
     (directory / "series").write_text("0001-a.patch\n0002-gone.patch\n")
     with pytest.raises(PatchError, match=r"0002-gone.patch.*series:2"):
-        edk2.read_series(directory)
+        patch_series.read_series(directory)
 
 
 # ------------------------------------------------------------- patches
@@ -143,9 +145,9 @@ def test_corrupt_patch_names_patch_file_and_hunk(fake_edk2: Path, tmp_path: Path
     good = _patch("line two", "line 2")
     bad = _patch("line TWO that is not there", "line X")
     series = _series(tmp_path / "s", ("0001-good.patch", good), ("0002-bad.patch", bad))
-    patches = edk2.read_series(series)
+    patches = patch_series.read_series(series)
     with pytest.raises(PatchError) as caught:
-        edk2.apply_series(fake_edk2, patches, {})
+        patch_series.apply_series(fake_edk2, patches, {})
     error = caught.value
     assert error.patch.name == "0002-bad.patch"
     assert error.target == "OvmfPkg/IoMmuDxe/IoMmuDxe.c"
@@ -157,19 +159,19 @@ def test_garbage_patch_is_a_patch_error(fake_edk2: Path, tmp_path: Path) -> None
     text = _patch("line two", "line 2").replace("@@ -1,3 +1,3 @@", "@@ -1,3 +1,3 @@\n?garbage")
     series = _series(tmp_path / "s", ("0001-garbage.patch", text))
     with pytest.raises(PatchError, match="0001-garbage.patch"):
-        edk2.apply_series(fake_edk2, edk2.read_series(series), {})
+        patch_series.apply_series(fake_edk2, patch_series.read_series(series), {})
 
 
 def test_failed_patch_leaves_the_workspace_untouched(fake_edk2: Path, tmp_path: Path) -> None:
     good = _series(tmp_path / "good", ("0001-a.patch", _patch("line two", "line 2")))
-    _builder(fake_edk2, tmp_path, good).build()
+    _builder(fake_edk2, tmp_path, good).firmware()
     builder = _builder(fake_edk2, tmp_path, good)
     workspace_file = builder.workspace_dir / "tree" / "OvmfPkg/IoMmuDxe/IoMmuDxe.c"
     before = workspace_file.read_bytes()
     bad = _series(tmp_path / "bad", ("0001-a.patch", _patch("line two", "line 2")),
                   ("0002-b.patch", _patch("no such line", "x")))
     with pytest.raises(PatchError):
-        _builder(fake_edk2, tmp_path, bad).build()
+        _builder(fake_edk2, tmp_path, bad).firmware()
     assert workspace_file.read_bytes() == before
 
 
@@ -179,20 +181,20 @@ def test_workspace_writes_only_changed_files(fake_edk2: Path, tmp_path: Path) ->
         "@@ -1 +1 @@\n-untouched\n+touched\n")
     series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")),
                      ("0002-b.patch", other_patch))
-    _builder(fake_edk2, tmp_path, series).build()
+    _builder(fake_edk2, tmp_path, series).firmware()
     tree = _builder(fake_edk2, tmp_path, series).workspace_dir / "tree"
     other = tree / "OvmfPkg" / "Other.c"
     assert other.read_text() == "touched\n"
     mtime = other.stat().st_mtime_ns
     # Edit patch 1 only: Other.c keeps its bytes and its mtime.
     (series / "0001-a.patch").write_text(_patch("line two", "line II"))
-    result = _builder(fake_edk2, tmp_path, series).build()
+    result = _builder(fake_edk2, tmp_path, series).firmware()
     assert not result.cache_hit
     assert other.stat().st_mtime_ns == mtime
     assert (tree / "OvmfPkg/IoMmuDxe/IoMmuDxe.c").read_text() == "line one\nline II\nline three\n"
     # Drop patch 2: Other.c goes back to pristine.
     (series / "series").write_text("0001-a.patch\n")
-    _builder(fake_edk2, tmp_path, series).build()
+    _builder(fake_edk2, tmp_path, series).firmware()
     assert other.read_text() == "untouched\n"
 
 
@@ -204,9 +206,10 @@ def test_wrong_tarball_checksum_is_refused(tmp_path: Path) -> None:
     downloads.mkdir()
     (downloads / edk2.DEBIAN_ORIG).write_bytes(b"not the edk2 tarball")
     (downloads / f"edk2_{edk2.DEBIAN_VERSION}.dsc").write_text("Format: 3.0 (quilt)\n")
-    source = edk2.DebianSource(downloads=downloads)
+    source = DebianSourcePackage(edk2.DEBIAN_PACKAGE, edk2.DEBIAN_VERSION, edk2.DEBIAN_RELEASE,
+                                 edk2.DEBIAN_ORIG, edk2.DEBIAN_ORIG_SHA256, downloads=downloads)
     with pytest.raises(SourceError, match="sha256 .* is not the expected 64257dd8"):
-        source.extract(tmp_path / "tree", edk2.StderrProgress())
+        source.extract(tmp_path / "tree", cache.StderrProgress())
     assert not (tmp_path / "tree").exists()
 
 
@@ -227,7 +230,7 @@ def test_cli_bad_edk2_src_exits_2_with_one_line(tmp_path: Path,
 def test_tree_source_is_copied_never_modified(fake_edk2: Path, tmp_path: Path) -> None:
     series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")))
     before = edk2.TreeSource(fake_edk2).identity()
-    _builder(fake_edk2, tmp_path, series).build()
+    _builder(fake_edk2, tmp_path, series).firmware()
     assert edk2.TreeSource(fake_edk2).identity() == before
     assert not (fake_edk2 / "Build").exists()
     assert (_builder(fake_edk2, tmp_path, series).workspace_dir / "tree" / "Conf").is_dir()
@@ -239,7 +242,7 @@ def test_tree_source_is_copied_never_modified(fake_edk2: Path, tmp_path: Path) -
 
 def test_build_publishes_outputs_and_manifest_then_hits(fake_edk2: Path, tmp_path: Path) -> None:
     series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")))
-    first = _builder(fake_edk2, tmp_path, series).build()
+    first = _builder(fake_edk2, tmp_path, series).firmware()
     assert not first.cache_hit
     firmware = first.firmware
     assert firmware.code.read_text() == "line one\nline 2\nline three\n"
@@ -247,26 +250,26 @@ def test_build_publishes_outputs_and_manifest_then_hits(fake_edk2: Path, tmp_pat
         assert firmware.module_file("IoMmuDxe", suffix).is_file()
     manifest = firmware.manifest
     assert manifest["key"] == firmware.key
-    assert manifest["patches"] == [["0001-a.patch", edk2._sha256_bytes(
+    assert manifest["patches"] == [["0001-a.patch", cache.sha256_bytes(
         (series / "0001-a.patch").read_bytes())]]
     assert "gcc" in manifest["toolchain"]  # type: ignore[operator]
     assert (firmware.path / "build.log").read_text().count("Building ...") == 1
-    second = _builder(fake_edk2, tmp_path, series).build()
+    second = _builder(fake_edk2, tmp_path, series).firmware()
     assert second.cache_hit and second.firmware == firmware
 
 
 def test_rebuild_builds_again(fake_edk2: Path, tmp_path: Path) -> None:
     series = _series(tmp_path / "s")
-    _builder(fake_edk2, tmp_path, series).build()
-    assert not _builder(fake_edk2, tmp_path, series).build(rebuild=True).cache_hit
+    _builder(fake_edk2, tmp_path, series).firmware()
+    assert not _builder(fake_edk2, tmp_path, series).firmware(rebuild=True).cache_hit
     calls = (tmp_path / "cache" / "work").glob("*/build-calls")
     assert sum(len(f.read_text().splitlines()) for f in calls) == 2
 
 
 def test_compile_error_is_a_build_error_with_log(fake_edk2: Path, tmp_path: Path) -> None:
     series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "BROKEN")))
-    with pytest.raises(edk2.BuildError) as caught:
-        _builder(fake_edk2, tmp_path, series).build()
+    with pytest.raises(BuildError) as caught:
+        _builder(fake_edk2, tmp_path, series).firmware()
     assert caught.value.step == "OVMF"
     assert "error: BROKEN" in caught.value.tail
     assert caught.value.log.is_file()
@@ -277,9 +280,9 @@ def _build_in_child(fake_edk2: Path, tmp_path: Path, series: Path, env: dict[str
         subprocess.Popen[bytes]:
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from harness import edk2
+        from harness.build import edk2
         edk2.Builder(edk2.TreeSource(Path({str(fake_edk2)!r})), series_dir=Path({str(series)!r}),
-                     overlays={{}}, cache=Path({str(tmp_path / 'cache')!r}), jobs=1).build()
+                     overlays={{}}, cache=Path({str(tmp_path / 'cache')!r}), jobs=1).firmware()
         """)
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env})
 
@@ -315,7 +318,7 @@ def test_killed_build_is_not_reused(fake_edk2: Path, tmp_path: Path) -> None:
     assert not builder.firmware_dir.exists()
     state = json.loads((builder.workspace_dir / "state.json").read_text())
     assert state["dirty"] and state["pgid"]
-    result = builder.build()
+    result = builder.firmware()
     assert not result.cache_hit
     assert result.firmware.code.read_text() == "line one\nline 2\nline three\n"
     deadline = time.monotonic() + 5           # the orphaned build was stopped
@@ -338,7 +341,7 @@ def test_concurrent_builders_build_once(fake_edk2: Path, tmp_path: Path) -> None
 
 def test_firmware_load_refuses_a_non_firmware_dir(tmp_path: Path) -> None:
     (tmp_path / "OVMF_CODE.fd").write_bytes(b"")
-    with pytest.raises(edk2.UsageError, match="OVMF_VARS.fd, manifest.json missing"):
+    with pytest.raises(UsageError, match="OVMF_VARS.fd, manifest.json missing"):
         edk2.Firmware.load(tmp_path)
 
 
@@ -350,27 +353,6 @@ def test_build_flags_argv_has_debug_level_and_serial_option() -> None:
     assert "gEfiMdePkgTokenSpaceGuid.PcdDebugPrintErrorLevel=0x8000004f" in argv
 
 
-def test_deb_src_entries_mirror_the_debian_deb_entries(tmp_path: Path) -> None:
-    lists = tmp_path / "sources.list.d"
-    lists.mkdir()
-    (lists / "debian.sources").write_text(
-        "Types: deb\n# a comment\nURIs: http://deb.debian.org/debian\n"
-        "Suites: bookworm bookworm-updates\nComponents: main\n"
-        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
-        "Types: deb\nURIs: https://example.org/other\nSuites: stable\nComponents: main\n")
-    (tmp_path / "sources.list").write_text(
-        "deb http://mirror.example/debian bookworm main contrib\n# deb-src x\n")
-    text = edk2._deb_src_entries(tmp_path)
-    stanzas = text.strip().split("\n\n")
-    assert len(stanzas) == 2
-    assert stanzas[0].splitlines()[0] == "Types: deb-src"
-    assert "Suites: bookworm bookworm-updates" in stanzas[0]
-    assert "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" in stanzas[0]
-    assert "URIs: http://mirror.example/debian" in stanzas[1]
-    assert "Components: main contrib" in stanzas[1]
-    assert "example.org/other" not in text
-
-
 def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
     """Firmware here; workspaces and pristine trees go the same way."""
     root = tmp_path / "firmware"
@@ -379,7 +361,7 @@ def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
         when = time.time() - (100 * age if key != "recent" else 10)
         os.utime(root / key, (when, when))
     (root / ".tmp-partial-1").mkdir()
-    removed = edk2.prune(tmp_path, "firmware", keep=1, spare="oldest", min_age=50)
+    removed = cache.prune(tmp_path, "firmware", keep=1, spare="oldest", min_age=50)
     # "recent" is within min_age (it may be booting elsewhere); "oldest" is spared.
     assert sorted(removed) == ["mid", "old"]
     assert sorted(p.name for p in root.iterdir()) == [".tmp-partial-1", "new", "oldest", "recent"]
@@ -393,9 +375,9 @@ def test_a_saved_group_id_of_someone_else_is_not_killed(tmp_path: Path) -> None:
     outsider = subprocess.Popen(["sleep", "30"], cwd=tmp_path, start_new_session=True)
     insider = subprocess.Popen(["sleep", "30"], cwd=workspace / "tree", start_new_session=True)
     try:
-        edk2._stop_build(outsider.pid, workspace)
+        cache.stop_build(outsider.pid, workspace)
         assert outsider.poll() is None
-        edk2._stop_build(insider.pid, workspace)
+        cache.stop_build(insider.pid, workspace)
         assert insider.wait(5) == -signal.SIGKILL
     finally:
         for proc in (outsider, insider):

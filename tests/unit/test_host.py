@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import host
 from harness.errors import UsageError
-from harness.host import Capability, HostCaps
+from harness.vm import host
+from harness.vm.host import Capability, HostCaps
 
 QMP_DATA = Path(__file__).resolve().parents[1] / "data" / "qmp"
 
@@ -256,10 +256,11 @@ def test_sev_from_cpuinfo_flags(tmp_path: Path) -> None:
 # ------------------------------------------------------------ result
 
 
-def caps(kvm: Capability) -> HostCaps:
+def caps(kvm: Capability, **kwargs: object) -> HostCaps:
     no = Capability(False, "no")
     return HostCaps(qemu="/usr/bin/qemu-system-x86_64", qemu_version="7.2.22",
-                    tcg=YES, kvm=kvm, sev=no, sev_es=no, snp=no)
+                    tcg=YES, kvm=kvm, sev=no, sev_es=no, snp=no,
+                    **kwargs)  # type: ignore[arg-type]
 
 
 def test_resolve_accel() -> None:
@@ -297,7 +298,39 @@ def test_sev_config_from_caps() -> None:
     assert (config.cbitpos, config.reduced_phys_bits, config.effective_policy) == (51, 1, 0x3)
     with pytest.raises(UsageError, match="sev-es: not available here: kvm_amd sev_es=N"):
         host.sev_config("sev-es", sev_host)
-    with pytest.raises(UsageError, match="off, sev or sev-es"):
+    with pytest.raises(UsageError, match="off, sev, sev-es or emulated"):
         host.sev_config("snp", sev_host)
     with pytest.raises(UsageError, match="not available here"):
         host.sev_config("sev", caps(NO_KVM))
+
+
+def test_emulated_sev_from_caps() -> None:
+    emulated = HostCaps(qemu="ours", qemu_version="7.2.22", tcg=YES, kvm=NO_KVM, sev=NO_KVM,
+                        sev_es=NO_KVM, snp=NO_KVM, sev_emulated=YES, emulated_cbitpos=47,
+                        emulated_reduced_phys_bits=1)
+    config = host.sev_config("emulated", emulated)
+    assert config is not None and config.emulated and config.accel == "tcg"
+    assert (config.cbitpos, config.reduced_phys_bits, config.effective_policy) == (47, 1, 0x3)
+    with pytest.raises(UsageError, match="--sev emulated: not available: no emulation here"):
+        host.sev_config("emulated", caps(NO_KVM, sev_emulated=Capability(False,
+                                                                          "no emulation here")))
+
+
+def test_emulated_sev_verdict() -> None:
+    """From query-sev-capabilities under TCG, as the harness's QEMU answers it
+    (recorded) and as Debian's QEMU refuses it."""
+    ours = host.parse_sev_capabilities(json.loads(
+        (QMP_DATA / "query-sev-capabilities-emulated.json").read_text()))
+    assert ours.emulated and (ours.cbitpos, ours.reduced_phys_bits) == (47, 1)
+    cap = host.emulated_sev_verdict(YES, ours, "ours", "7.2.22")
+    assert cap.available and "sev-emulated-guest, cbitpos 47" in cap.reason
+    debian = host.emulated_sev_verdict(YES, "GenericError: KVM not enabled",
+                                       "/usr/bin/qemu-system-x86_64", "7.2.22")
+    assert not debian.available
+    assert "has no emulated SEV (query-sev-capabilities under TCG: GenericError: KVM not " \
+           "enabled); the harness's QEMU has it: ebs-harness build-qemu" in debian.reason
+    real = host.parse_sev_capabilities(json.loads((QMP_DATA / "query-sev-capabilities.json")
+                                                  .read_text()))
+    assert not real.emulated
+    assert not host.emulated_sev_verdict(YES, real, "q", "7.2.22").available
+    assert host.emulated_sev_verdict(NO_KVM, ours, "q", "7.2.22").reason.startswith("needs TCG")

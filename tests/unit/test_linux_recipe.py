@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import edk2, linux, ssh
+from harness import linux
+from harness.build import edk2
 from harness.errors import DependencyError, EnvironmentFailure, UsageError
+from harness.vm import ssh
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "linux"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import host
 from harness.errors import UsageError
-from harness.machine import (
+from harness.vm import host
+from harness.vm.machine import (
     POLICY_ES,
     POLICY_NODBG,
     POLICY_NOKS,
@@ -194,9 +194,27 @@ def test_sev_policy_must_agree_with_mode(mode: str, policy: int) -> None:
         SevConfig(mode, 47, 1, policy=policy)
 
 
-def test_sev_needs_kvm() -> None:
-    with pytest.raises(ValueError, match="SEV needs accel kvm"):
+def test_sev_needs_kvm_and_emulated_sev_tcg() -> None:
+    with pytest.raises(ValueError, match="SEV mode sev needs accel kvm"):
         config(accel="tcg", sev=SevConfig("sev", 47, 1))
+    with pytest.raises(ValueError, match="SEV mode emulated needs accel tcg"):
+        config(accel="kvm", sev=SevConfig("emulated", 47, 1))
+
+
+def test_emulated_sev_argv() -> None:
+    argv = build_argv(config(accel="tcg", sev=SevConfig("emulated", 47, 1),
+                             devices=(RngDevice(),)), PATHS)
+    assert "q35,confidential-guest-support=sev0" in argv
+    assert "sev-emulated-guest,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x3" in argv
+    assert "-cpu" not in argv, "TCG's default CPU, not -cpu host"
+    assert any("disable-legacy=on,iommu_platform=on" in arg for arg in argv)
+
+
+def test_emulated_sev_is_plain_sev_and_reduces_bits() -> None:
+    with pytest.raises(ValueError, match="ES bit .* must be clear for emulated"):
+        SevConfig("emulated", 47, 1, policy=0x7)
+    with pytest.raises(ValueError, match="reduced-phys-bits 0: not in 1..63"):
+        SevConfig("sev", 47, 0)
 
 
 def test_iommu_platform_explicit_without_sev() -> None:
@@ -312,3 +330,16 @@ def test_parse_devices_in_order() -> None:
 def test_parse_devices_rejects(names: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse_devices(names, None)
+
+
+@pytest.mark.parametrize("name", ["query-sev-emulated-paused.json",
+                                  "query-sev-emulated-running.json"])
+def test_query_sev_of_an_emulated_guest(name: str) -> None:
+    """Recorded from the harness's QEMU: accepted as emulated SEV, refused as
+    real SEV; and a real SEV reply (no emulated mark) refused as emulated."""
+    info = json.loads((QMP_DATA / name).read_text())["return"]
+    assert sev_info_problem(info, 0x3, emulated=True) is None
+    assert sev_info_problem(info, 0x3) == ("query-sev says the SEV is emulated "
+                                           "(sev-emulated-guest), not real")
+    real = json.loads((QMP_DATA / "query-sev-sev.json").read_text())["return"]
+    assert sev_info_problem(real, 0x3, emulated=True) == "query-sev does not say emulated=true"

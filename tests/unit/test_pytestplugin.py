@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.host import HostCaps
+from harness.vm.host import HostCaps
 
 SEV_TEST = """
 import pytest

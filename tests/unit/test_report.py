@@ -1,4 +1,4 @@
-"""harness.report and the analyze-log / analyze-dump commands."""
+"""harness.analysis.report and the analyze-log / analyze-dump commands."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from coredump import Core
 
-from harness import cli, report
-from harness.trace import analyze_log
+from harness import cli
+from harness.analysis import report
+from harness.analysis.trace import analyze_log
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 FW = DATA / "fw-ref"

@@ -10,8 +10,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from harness import remote, ssh
 from harness.errors import ConsoleTimeout, GuestCommandError, LaunchError, UsageError
+from harness.vm import remote, ssh
 
 
 def test_client_key_round_trips_through_openssh_files(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""harness.trace and harness.symbols on trimmed real logs and logs derived from them.
+"""harness.analysis.trace and harness.analysis.symbols on trimmed real logs and logs derived from them.
 
 The logs come from tests/data/ (see its README.md): real OVMF boot output
 with trace lines. Negative controls are derived from a passing log by small
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import trace
-from harness.errors import TraceFormatError
-from harness.symbols import ImageLoad, Symbolizer, parse_image_load, parse_map
-from harness.trace import (
+from harness.analysis import trace
+from harness.analysis.symbols import ImageLoad, Symbolizer, parse_image_load, parse_map
+from harness.analysis.trace import (
     EbsEnter,
     IommuMap,
     NotifyBegin,
@@ -25,6 +24,7 @@ from harness.trace import (
     check_timeline,
     parse_text,
 )
+from harness.errors import TraceFormatError
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 FW = DATA / "fw-ref"
@@ -351,3 +351,88 @@ def test_parse_map_sections() -> None:
     got = {(s.name, s.value, s.size, s.is_function) for s in parse_map(text)}
     assert got == {("IoMmuMap", 0x3161, 0x3B5, True), ("mMapInfos", 0x57B0, 0x10, False),
                    ("Short", 0x100, 0x10, True)}
+
+
+# ------------------------------------------------- the ExitBootServices contract
+
+SEV_LOG = DATA / "emulated-sev-callback-depth2.log"
+PCD_LOG = DATA / "emulated-sev-pcd-in-teardown.log"
+MEMBER = "IoMmuDxe!IoMmuExitBootServices"
+
+
+def _contract(text: str, fw: str = "fw-sev") -> trace.LogReport:
+    path = Path("/dev/null")
+    parsed = parse_text(text, str(path))
+    timeline = build_timeline(parsed)
+    sym = Symbolizer(parsed.images, DATA / fw)
+    contract = trace.check_contract(timeline, sym)
+    return trace.LogReport(timeline,
+                           tuple(check_timeline(timeline, sym)) + contract.violations,
+                           contract.notes, contract.findings, contract.judged)
+
+
+def test_sev_callback_log_holds_the_contract_and_names_other_drivers() -> None:
+    report = _contract(SEV_LOG.read_text(encoding="latin-1"))
+    assert report.contract_judged and report.violations == ()
+    culprits = [f.culprit for f in report.findings]
+    assert set(culprits) == {"BdsDxe!UnregisterAtExitBootServices",
+                             "EbsAdversaryDxe!AdversaryStage"}
+    adversary = next(f for f in report.findings if f.culprit.startswith("EbsAdversaryDxe"))
+    assert adversary.check == "C2"
+    assert "allocate-pool of 0x40 bytes" in adversary.detail
+    assert "from IoMmuDxe!IoMmuMap" in adversary.detail
+
+
+def test_pcd_in_teardown_fails_c1_and_c3_naming_the_member() -> None:
+    """The real log of the negative-control firmware variant under emulated SEV."""
+    report = _contract(PCD_LOG.read_text(encoding="latin-1"), "fw-sev-pcd")
+    assert {v.check for v in report.violations} == {"C1", "C3"}
+    c1, = (v for v in report.violations if v.check == "C1")
+    assert c1.culprit == MEMBER
+    assert re.search(r"ints=1\): RestoreTPL\(4\) from PcdDxe!GetWorker\S* in the IOMMU "
+                     rf"ExitBootServices\(\) member {MEMBER}", c1.detail)
+    c3 = [v for v in report.violations if v.check == "C3"]
+    assert len(c3) >= 2 and all(v.culprit == MEMBER for v in c3)
+    assert any("RaiseTPL(16) from PcdDxe!EfiAcquireLock" in v.detail for v in c3)
+
+
+def test_c1_negative_control_interrupts_on_at_return() -> None:
+    text = SEV_LOG.read_text(encoding="latin-1").replace(" ints=0\n", " ints=1\n")
+    report = _contract(text)
+    assert [v.check for v in report.violations] == ["C1"]
+    assert report.violations[0].culprit == "", "no RestoreTPL after ints-off to blame"
+
+
+def _insert_after(text: str, anchor: str, line: str) -> str:
+    index = text.index(anchor) + len(anchor)
+    index = text.index("\n", index) + 1
+    return text[:index] + line + text[index:]
+
+
+def test_c2_c3_negative_control_allocation_in_the_member() -> None:
+    text = _insert_after(SEV_LOG.read_text(encoding="latin-1"), "EBST ebs-callback ",
+                         "EBST mem-call op=allocate-pool caller=0x0 addr=0x1000 size=0x40 "
+                         "status=0x0\n")
+    report = _contract(text)
+    assert sorted(v.check for v in report.violations) == ["C2", "C3"]
+    assert all(v.culprit == MEMBER for v in report.violations)
+
+
+def test_c2_negative_control_the_core_allocates() -> None:
+    text = _insert_after(SEV_LOG.read_text(encoding="latin-1"), "EBST ints-off",
+                         "EBST mem-call op=free-pages caller=0x0 addr=0x1000 size=0x1000 "
+                         "status=0x0\n")
+    report = _contract(text)
+    assert [(v.check, v.culprit) for v in report.violations] == [("C2", "DxeCore")]
+
+
+def test_logs_without_the_contract_lines_are_not_judged() -> None:
+    report, _ = analyze_log(CALLBACK, FW)
+    assert not report.contract_judged
+    assert not any(v.check.startswith("C") for v in report.violations)
+    assert any(n.startswith("C1..C3 not judged") for n in report.anomalies)
+
+
+def test_sev_mask_comes_from_platformpei() -> None:
+    assert trace.parse_log(SEV_LOG).sev_mask == 1 << 47
+    assert trace.parse_log(CALLBACK).sev_mask is None

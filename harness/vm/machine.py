@@ -48,15 +48,18 @@ from typing import Any, Self, TextIO, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from harness.console import Console, debug_console, serial_console, tail_lines
 from harness.errors import LaunchError, QmpError, UsageError
+from harness.vm.console import Console, debug_console, serial_console, tail_lines
 
 LOG = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 ACCELS = ("tcg", "kvm")
-SEV_MODES = ("off", "sev", "sev-es")
+#: ``emulated``: the harness's QEMU (``ebs-harness build-qemu``) gives a TCG
+#: guest the platform side of plain SEV (``sev-emulated-guest``), with memory
+#: in plaintext.
+SEV_MODES = ("off", "sev", "sev-es", "emulated")
 
 # SEV guest policy bits (AMD SEV API specification, "Guest Policy").
 POLICY_NODBG = 0x01     #: debugging of the guest is disallowed
@@ -187,11 +190,13 @@ def parse_devices(names: str, boot_image: Path | None) -> tuple[Device, ...]:
 
 @dataclass(frozen=True)
 class SevConfig:
-    """The ``sev-guest`` object: mode, C-bit, reduced physical bits, policy.
+    """The SEV object: mode, C-bit, reduced physical bits, policy.
 
+    ``sev`` and ``sev-es`` are QEMU's ``sev-guest`` under KVM, whose
     ``cbitpos`` and ``reduced_phys_bits`` must match the host (QMP
-    ``query-sev-capabilities``). ``policy`` defaults to NODBG|NOKS, plus ES
-    for SEV-ES; an explicit policy must agree with the mode about ES.
+    ``query-sev-capabilities``); ``emulated`` is ``sev-emulated-guest`` under
+    TCG (plain SEV only). ``policy`` defaults to NODBG|NOKS, plus ES for
+    SEV-ES; an explicit policy must agree with the mode about ES.
     """
 
     mode: str
@@ -200,12 +205,13 @@ class SevConfig:
     policy: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("sev", "sev-es"):
-            raise ValueError(f"SEV mode {self.mode!r}: sev or sev-es")
+        if self.mode not in ("sev", "sev-es", "emulated"):
+            raise ValueError(f"SEV mode {self.mode!r}: sev, sev-es or emulated")
         if not 32 <= self.cbitpos <= 63:
             raise ValueError(f"cbitpos {self.cbitpos}: not in 32..63")
-        if not 0 <= self.reduced_phys_bits <= 63:
-            raise ValueError(f"reduced-phys-bits {self.reduced_phys_bits}: not in 0..63")
+        if not 1 <= self.reduced_phys_bits <= 63:
+            # QEMU's sev-guest refuses 0 ("it should be >=1"), as does ours.
+            raise ValueError(f"reduced-phys-bits {self.reduced_phys_bits}: not in 1..63")
         if self.policy is not None:
             if not 0 <= self.policy <= 0xFFFFFFFF:
                 raise ValueError(f"policy {self.policy:#x}: not a u32")
@@ -215,11 +221,28 @@ class SevConfig:
                     f"{'set' if self.mode == 'sev-es' else 'clear'} for {self.mode}")
 
     @property
+    def emulated(self) -> bool:
+        return self.mode == "emulated"
+
+    @property
+    def accel(self) -> str:
+        """The accelerator this mode runs under."""
+        return "tcg" if self.emulated else "kvm"
+
+    @property
+    def qom_type(self) -> str:
+        return "sev-emulated-guest" if self.emulated else "sev-guest"
+
+    @property
     def effective_policy(self) -> int:
         if self.policy is not None:
             return self.policy
         base = POLICY_NODBG | POLICY_NOKS
         return base | POLICY_ES if self.mode == "sev-es" else base
+
+    @property
+    def cbit_mask(self) -> int:
+        return 1 << self.cbitpos
 
 
 @dataclass(frozen=True)
@@ -282,8 +305,8 @@ class MachineConfig:
         object.__setattr__(self, "fw_cfg", dict(self.fw_cfg))
         if self.accel not in ACCELS:
             raise ValueError(f"accel {self.accel!r}: one of {', '.join(ACCELS)}")
-        if self.sev is not None and self.accel != "kvm":
-            raise ValueError("SEV needs accel kvm")
+        if self.sev is not None and self.accel != self.sev.accel:
+            raise ValueError(f"SEV mode {self.sev.mode} needs accel {self.sev.accel}")
         if not 32 <= self.memory_mib <= 1024 * 1024:
             raise ValueError(f"memory {self.memory_mib} MiB: not in 32..1048576")
         if not 1 <= self.smp <= 288:
@@ -349,7 +372,8 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
         machine += ",confidential-guest-support=sev0"
     argv = [config.qemu, "-name", "ebs-harness,debug-threads=on",
             "-machine", machine, "-accel", config.accel]
-    cpu = config.cpu or ("host" if config.sev is not None else None)
+    cpu = config.cpu or ("host" if config.sev is not None and not config.sev.emulated
+                         else None)
     if cpu:
         argv += ["-cpu", cpu]
     argv += ["-m", str(config.memory_mib), "-smp", str(config.smp),
@@ -359,7 +383,7 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
     if config.sev is not None:
         sev = config.sev
         argv += ["-object",
-                 (f"sev-guest,id=sev0,cbitpos={sev.cbitpos},"
+                 (f"{sev.qom_type},id=sev0,cbitpos={sev.cbitpos},"
                  f"reduced-phys-bits={sev.reduced_phys_bits},"
                  f"policy={sev.effective_policy:#x}")]
     argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_comma(config.code)}",
@@ -581,13 +605,13 @@ def die_with_parent() -> Callable[[], None]:
 class GuestMachine:
     """What every guest of the harness offers, wherever its QEMU runs: a
     context manager with artifact paths, the two consoles, QMP and its
-    events. :class:`QemuMachine` runs QEMU here; ``harness.remote`` runs it
+    events. :class:`QemuMachine` runs QEMU here; ``harness.vm.remote`` runs it
     on another host over SSH. Subclasses provide ``launch``, ``is_running``,
     ``dump`` and ``shutdown``.
 
     :param config: what to run.
     :param artifacts: this VM's artifact directory (created).
-    :param name: the VM's name in logs (child logger ``harness.machine.NAME``).
+    :param name: the VM's name in logs (child logger ``harness.vm.machine.NAME``).
     :param launch_timeout: deadline for QEMU to come up on QMP.
     :param qmp_timeout: default deadline of a QMP command.
     """
@@ -841,7 +865,7 @@ class QemuMachine(GuestMachine):
 
     def _check_sev(self, sev: SevConfig) -> None:
         info = self.qmp("query-sev")
-        problem = sev_info_problem(info, sev.effective_policy)
+        problem = sev_info_problem(info, sev.effective_policy, emulated=sev.emulated)
         if problem:
             raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command,
                               self._stderr_text())
@@ -909,10 +933,14 @@ class QemuMachine(GuestMachine):
                 self.log.info("QEMU exited with status %s", self.exitcode)
 
 
-def sev_info_problem(info: Mapping[str, Any], policy: int) -> str | None:
+def sev_info_problem(info: Mapping[str, Any], policy: int, *,
+                     emulated: bool = False) -> str | None:
     """Why a ``query-sev`` reply (QAPI ``SevInfo``) is not SEV with ``policy``.
 
-    None when ``enabled`` is true and the policy matches.
+    None when ``enabled`` is true, the policy matches, and the reply's
+    ``emulated`` mark (the harness's QEMU; absent in other QEMUs, meaning
+    false) is what was asked: a real SEV test never runs on an emulation, and
+    an emulated one never on a plain guest.
     """
     if not info.get("enabled"):
         return "query-sev says enabled=false"
@@ -920,4 +948,8 @@ def sev_info_problem(info: Mapping[str, Any], policy: int) -> str | None:
     if got != policy:
         shown = f"{got:#x}" if isinstance(got, int) else repr(got)
         return f"query-sev policy {shown}, expected {policy:#x}"
+    is_emulated = bool(info.get("emulated", False))
+    if is_emulated != emulated:
+        return ("query-sev says the SEV is emulated (sev-emulated-guest), not real"
+                if is_emulated else "query-sev does not say emulated=true")
     return None

@@ -17,17 +17,20 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from harness.dump import DumpReport
-from harness.symbols import Symbolizer
-from harness.trace import (
+from harness.analysis.dump import DumpReport
+from harness.analysis.symbols import Symbolizer
+from harness.analysis.trace import (
     IOMMU_EVENTS,
     DeviceAccess,
+    EbsCallback,
     LogReport,
+    MemCall,
     NotifyBegin,
     NotifyEnd,
     TeardownBegin,
     TeardownEnd,
     TeardownUnmap,
+    TplChange,
     TraceEvent,
     Version,
     Violation,
@@ -35,8 +38,26 @@ from harness.trace import (
 
 LOG = logging.getLogger(__name__)
 
+def held(report: LogReport) -> str:
+    """The checks a passing log held (C1..C3 only where the trace had their lines)."""
+    text = "V1 order, V2 once, V3 quiet, V4 empty"
+    if report.contract_judged:
+        text += ", C1 interrupts off, C2 no allocation, C3 hook enters no boot service"
+    return text
+
 _FOLD_NAMES = {"iommu-map": "map", "iommu-unmap": "unmap", "iommu-alloc": "alloc",
                "iommu-free": "free"}
+
+
+def _fold_kind(event: TraceEvent) -> str | None:
+    """How consecutive events of a kind are folded into one row, or None."""
+    if isinstance(event, TeardownUnmap):
+        return "teardown"
+    if isinstance(event, IOMMU_EVENTS):
+        return "iommu"
+    if isinstance(event, TplChange):
+        return "tpl"
+    return None
 
 
 @dataclass(frozen=True)
@@ -68,6 +89,13 @@ def _describe(event: TraceEvent, sym: Symbolizer) -> str:
         return f"end   {sym.symbolize(event.fn)}"
     if isinstance(event, Version):
         return f"version v={event.v} {event.module}"
+    if isinstance(event, MemCall):
+        return (f"mem-call {event.op} {event.size:#x} bytes at {event.addr:#x} from "
+                f"{sym.symbolize(event.caller)}")
+    if isinstance(event, TplChange):
+        return f"tpl-change {event.op} {event.tpl} from {sym.symbolize(event.caller)}"
+    if isinstance(event, EbsCallback) and event.get("fn"):
+        return f"ebs-callback {sym.symbolize(int(event.get('fn') or '0', 16))}"
     return event.describe()
 
 
@@ -84,26 +112,25 @@ def timeline_rows(report: LogReport, sym: Symbolizer) -> list[Row]:
     def flush() -> None:
         if not fold:
             return
-        counts = Counter(_FOLD_NAMES.get(e.name, e.name) for e in fold)
-        if fold[0].name == "teardown-unmap":
+        counts = Counter(_FOLD_NAMES.get(e.get("op") or e.name, e.get("op") or e.name)
+                         if isinstance(e, TplChange) else _FOLD_NAMES.get(e.name, e.name)
+                         for e in fold)
+        kind_of_fold = _fold_kind(fold[0])
+        if kind_of_fold == "teardown":
             text = f"{len(fold)} teardown-unmap"
             kind = "teardown"
         else:
-            text = "iommu: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+            what = "tpl-change" if kind_of_fold == "tpl" else "iommu"
+            text = f"{what}: " + ", ".join(f"{n} {k}" for k, n in counts.items())
             kind = "fold"
         rows.append(Row(fold[0].seq, fold[-1].seq, fold[0].line, tpls[-1] if tpls else None,
                         depth, text, kind, any(e.seq in bad for e in fold)))
         fold.clear()
 
     for event in events:
-        foldable = isinstance(event, IOMMU_EVENTS) and not (event.seq in bad)
-        if isinstance(event, TeardownUnmap):
-            if fold and fold[0].name != "teardown-unmap":
-                flush()
-            fold.append(event)
-            continue
-        if foldable:
-            if fold and fold[0].name == "teardown-unmap":
+        kind_of_fold = _fold_kind(event)
+        if kind_of_fold is not None and (kind_of_fold == "teardown" or event.seq not in bad):
+            if fold and _fold_kind(fold[0]) != kind_of_fold:
                 flush()
             fold.append(event)
             continue
@@ -149,7 +176,10 @@ def render_text(report: LogReport, sym: Symbolizer) -> str:
     out.append("")
     for note in report.anomalies:
         out.append(f"note: {note}")
-    out += _verdict_lines(report.violations, "V1 order, V2 once, V3 quiet, V4 empty all held")
+    for finding in report.findings:
+        out.append(f"finding ({finding.check}, another driver, not a failed verdict): "
+                   f"{finding.detail}")
+    out += _verdict_lines(report.violations, f"{held(report)} all held")
     return "\n".join(out) + "\n"
 
 
@@ -167,6 +197,8 @@ def render_dump_text(report: DumpReport) -> str:
         out.append(f"shared ranges: {len(report.shared)}")
         for s in report.shared[:32]:
             out.append(f"  paddr {s.paddr:#x} vaddr {s.vaddr:#x} {s.size:#x} bytes")
+    for rng, why in report.by_design:
+        out.append(f"shared by design: paddr {rng.paddr:#x} {rng.size:#x} bytes: {why}")
     out.append(f"canary hits ({report.scope} scanned): {len(report.canary_hits)}")
     for h in report.canary_hits[:32]:
         out.append(f"  paddr {h.paddr:#x}")
@@ -281,7 +313,7 @@ def render_svg(report: LogReport, sym: Symbolizer) -> str:
 
 def render_html(report: LogReport, sym: Symbolizer) -> str:
     trace = report.timeline.trace
-    verdict = ('<p class="pass">PASS: V1 order, V2 once, V3 quiet, V4 empty held</p>'
+    verdict = (f'<p class="pass">PASS: {held(report)} held</p>'
                if report.passed else
                f'<p class="fail">FAIL: {len(report.violations)} violation(s)</p>')
     rows = []
@@ -293,6 +325,8 @@ def render_html(report: LogReport, sym: Symbolizer) -> str:
     violations = "".join(f"<li>{html.escape(v.check)}: {html.escape(v.detail)}</li>"
                          for v in report.violations)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.anomalies)
+    findings = "".join(f"<li>{html.escape(f.check)}: {html.escape(f.detail)}</li>"
+                       for f in report.findings)
     cfg = trace.config
     cfg_text = (f"scheme={cfg.scheme} emulation={cfg.emulation} sharedbit={cfg.sharedbit} "
                 f"maphead={cfg.maphead:#x}" if cfg else "no iommu-config line")
@@ -308,6 +342,8 @@ events, {len(report.timeline.attempts)} ExitBootServices call(s); {html.escape(c
 {render_svg(report, sym)}
 <h2>Violations</h2>
 <ul class="violations">{violations or "<li style='color:#176f2c'>none</li>"}</ul>
+{f"<h2>Findings about other drivers (not failed verdicts)</h2><ul>{findings}</ul>"
+   if findings else ""}
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
 <h2>Events</h2>
 <table><tr><th>seq</th><th>line</th><th>tpl</th><th>event</th></tr>

@@ -2,13 +2,13 @@
 
 For a developer whose laptop has no SEV: the harness stays here (build,
 analysis, verdicts), QEMU runs on the SEV host. :class:`RemoteMachine` has
-the part of :class:`~harness.machine.QemuMachine`'s interface a scenario
+the part of :class:`~harness.vm.machine.QemuMachine`'s interface a scenario
 uses, so :func:`harness.scenario.run_scenario` runs unchanged with
 ``launcher=RemoteHost.launcher(session)``:
 
 - the inputs (firmware CODE and VARS, disk images, kernel and initrd) are
   uploaded by SFTP into a fresh ``mktemp -d`` directory on the remote host;
-- the argv is :func:`~harness.machine.build_argv`'s, for the remote paths,
+- the argv is :func:`~harness.vm.machine.build_argv`'s, for the remote paths,
   plus a second QMP monitor on the remote host's 127.0.0.1 (TCP), reached
   through an SSH ``direct-tcpip`` channel (the harness speaks QMP with
   :mod:`qemu.qmp` as for a local QEMU);
@@ -45,8 +45,6 @@ from urllib.parse import urlsplit
 
 import paramiko
 
-from harness import host, machine
-from harness.console import Console, FileFollower, debug_console
 from harness.errors import (
     EnvironmentFailure,
     GuestCommandError,
@@ -54,7 +52,9 @@ from harness.errors import (
     LaunchError,
     UsageError,
 )
-from harness.ssh import ClientKey, GuestSsh, free_port
+from harness.vm import host, machine
+from harness.vm.console import Console, FileFollower, debug_console
+from harness.vm.ssh import ClientKey, GuestSsh, free_port
 
 LOG = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def remote_caps(session: GuestSsh, qemu: str = "qemu-system-x86_64") -> host.Hos
     TCG is assumed where QEMU runs; KVM is taken from a usable ``/dev/kvm``
     (not proven by a firmware boot, unlike the local probe); SEV and SEV-ES
     come from the same decision as the local probe
-    (:func:`harness.host.sev_verdicts`): the kvm_amd parameters, ``/dev/sev``,
+    (:func:`harness.vm.host.sev_verdicts`): the kvm_amd parameters, ``/dev/sev``,
     the CPU flags and QEMU's ``query-sev-capabilities`` (asked of a
     ``-machine none`` QEMU on the remote host).
     """
@@ -285,7 +285,7 @@ class _Stream(threading.Thread):
 
 class RemoteMachine(machine.GuestMachine):
     """A QEMU guest on a remote host, with the same artifact files locally
-    as a :class:`~harness.machine.QemuMachine`.
+    as a :class:`~harness.vm.machine.QemuMachine`.
 
     :param session: a connected SSH session to the remote host.
     :param qemu: the QEMU binary there (replaces ``config.qemu``).
@@ -388,7 +388,8 @@ class RemoteMachine(machine.GuestMachine):
                                            self.command)
         if config.sev is not None:
             problem = machine.sev_info_problem(self.qmp("query-sev"),
-                                               config.sev.effective_policy)
+                                               config.sev.effective_policy,
+                                               emulated=config.sev.emulated)
             if problem:
                 raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command)
         if start:

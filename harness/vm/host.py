@@ -7,6 +7,9 @@ Every capability is proven, not assumed, and comes with its reason:
   ``/dev/kvm`` can exist and still be useless for firmware (a paravirtual KVM
   that cannot emulate real-mode code stops the guest with "KVM internal
   error ... emulation failure"), so a ``stat`` proves nothing.
+- **emulated SEV**: QEMU under TCG answers ``query-sev-capabilities`` with
+  ``"emulated": true`` (the harness's QEMU, ``ebs-harness build-qemu``, has
+  ``sev-emulated-guest``; other QEMUs refuse the command without KVM).
 - **SEV / SEV-ES / SNP**: the ``kvm_amd`` module parameters ``sev``,
   ``sev_es``, ``sev_snp`` (``Y``/``N`` or ``1``/``0``), ``/dev/sev``, CPUID
   leaf 0x8000001F (``/dev/cpu/0/cpuid``, else the ``sev``/``sev_es``/
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError, UsageError
-from harness.machine import MachineConfig, QemuMachine, SevConfig, die_with_parent
+from harness.vm.machine import MachineConfig, QemuMachine, SevConfig, die_with_parent
 
 LOG = logging.getLogger(__name__)
 
@@ -151,10 +154,14 @@ def parse_cpuinfo_flags(text: str) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class SevCapabilities:
-    """QMP ``query-sev-capabilities`` (QAPI ``SevCapability``), the parts used."""
+    """QMP ``query-sev-capabilities`` (QAPI ``SevCapability``), the parts used.
+
+    :param emulated: the harness's QEMU under TCG: SEV can only be emulated.
+    """
 
     cbitpos: int
     reduced_phys_bits: int
+    emulated: bool = False
 
 
 def parse_sev_capabilities(reply: Mapping[str, Any]) -> SevCapabilities:
@@ -170,7 +177,8 @@ def parse_sev_capabilities(reply: Mapping[str, Any]) -> SevCapabilities:
     if not isinstance(cbitpos, int) or not isinstance(reduced, int):
         raise ValueError(  # noqa: TRY004 - a bad reply, as above
             f"cbitpos/reduced-phys-bits are not integers: {reply!r}")
-    return SevCapabilities(cbitpos=cbitpos, reduced_phys_bits=reduced)
+    return SevCapabilities(cbitpos=cbitpos, reduced_phys_bits=reduced,
+                           emulated=body.get("emulated") is True)
 
 
 def parse_qemu_version(text: str) -> str:
@@ -258,6 +266,8 @@ def sev_verdicts(params: Mapping[str, bool | None] | None, dev_sev: bool,
 
 # ------------------------------------------------------------ result
 
+CAPABILITIES = ("tcg", "kvm", "sev", "sev_es", "snp", "sev_emulated")
+
 
 @dataclass(frozen=True)
 class HostCaps:
@@ -272,10 +282,14 @@ class HostCaps:
     snp: Capability
     cbitpos: int | None = None
     reduced_phys_bits: int | None = None
+    sev_emulated: Capability = Capability(False, "not probed")
+    emulated_cbitpos: int | None = None
+    emulated_reduced_phys_bits: int | None = None
 
     def capability(self, name: str) -> Capability:
-        """By marker name: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``."""
-        if name not in ("tcg", "kvm", "sev", "sev_es", "snp"):
+        """By marker name: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``,
+        ``sev_emulated``."""
+        if name not in CAPABILITIES:
             raise KeyError(name)
         value: Capability = getattr(self, name)
         return value
@@ -288,13 +302,20 @@ class HostCaps:
 
 
 def sev_config(mode: str, caps: HostCaps, policy: int | None = None) -> SevConfig | None:
-    """``--sev off|sev|sev-es`` as a :class:`~harness.machine.SevConfig` with
-    the host's C-bit and reduced-phys-bits; a mode the host lacks is a usage
-    error naming the reason (a SEV test never runs a plain guest)."""
+    """``--sev off|sev|sev-es|emulated`` as a
+    :class:`~harness.vm.machine.SevConfig` with the host's (or the
+    emulation's) C-bit and reduced-phys-bits; a mode the host lacks is a
+    usage error naming the reason (a SEV test never runs a plain guest)."""
     if mode == "off":
         return None
+    if mode == "emulated":
+        if not caps.sev_emulated.available:
+            raise UsageError(f"--sev emulated: not available: {caps.sev_emulated.reason}")
+        assert caps.emulated_cbitpos is not None and caps.emulated_reduced_phys_bits is not None
+        return SevConfig(mode=mode, cbitpos=caps.emulated_cbitpos,
+                         reduced_phys_bits=caps.emulated_reduced_phys_bits, policy=policy)
     if mode not in ("sev", "sev-es"):
-        raise UsageError(f"--sev {mode!r}: off, sev or sev-es")
+        raise UsageError(f"--sev {mode!r}: off, sev, sev-es or emulated")
     cap = caps.sev if mode == "sev" else caps.sev_es
     if not cap.available:
         raise UsageError(f"--sev {mode}: not available here: {cap.reason}")
@@ -352,13 +373,13 @@ def _boot_probe(qemu: str, accel: str, code: Path, vars_template: Path,
             return Capability(False, f"QEMU failed under {accel}: {why}")
 
 
-def _qmp_sev_capabilities(qemu: str) -> SevCapabilities | str:
-    """``query-sev-capabilities`` from a bare KVM QEMU (``-machine none``)."""
+def _qmp_sev_capabilities(qemu: str, accel: str = "kvm") -> SevCapabilities | str:
+    """``query-sev-capabilities`` from a bare QEMU (``-machine none``) under ``accel``."""
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
     with tempfile.TemporaryDirectory(prefix="ebs-probe-sev-") as tmp:
         sock = Path(tmp) / "qmp.sock"
-        argv = [qemu, "-machine", "none", "-accel", "kvm", "-nodefaults", "-display", "none",
+        argv = [qemu, "-machine", "none", "-accel", accel, "-nodefaults", "-display", "none",
                 "-qmp", f"unix:{sock},server=on,wait=off"]
         stderr = Path(tmp) / "stderr"
         with open(stderr, "wb") as err_file:
@@ -370,7 +391,7 @@ def _qmp_sev_capabilities(qemu: str) -> SevCapabilities | str:
             while not sock.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
                     err = stderr.read_text(errors="replace").strip()
-                    return f"QEMU -machine none -accel kvm did not start: {err}"
+                    return f"QEMU -machine none -accel {accel} did not start: {err}"
                 time.sleep(0.05)
             qmp = QEMUMonitorProtocol(str(sock))
             try:
@@ -388,6 +409,22 @@ def _qmp_sev_capabilities(qemu: str) -> SevCapabilities | str:
             proc.wait()
 
 
+def emulated_sev_verdict(tcg: Capability, qmp: SevCapabilities | str, qemu: str,
+                         version: str) -> Capability:
+    """Emulated SEV from TCG's proof and ``query-sev-capabilities`` under TCG
+    (a pure decision)."""
+    if not tcg.available:
+        return Capability(False, f"needs TCG: {tcg.reason}")
+    if isinstance(qmp, SevCapabilities) and qmp.emulated:
+        return Capability(True, f"QEMU {version} emulates SEV under TCG (sev-emulated-guest, "
+                                f"cbitpos {qmp.cbitpos}, reduced-phys-bits "
+                                f"{qmp.reduced_phys_bits})")
+    why = qmp if isinstance(qmp, str) else "its answer has no emulated=true"
+    return Capability(False, f"{qemu} (QEMU {version}) has no emulated SEV "
+                             f"(query-sev-capabilities under TCG: {why}); the harness's QEMU "
+                             "has it: ebs-harness build-qemu")
+
+
 def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
           code: Path = STOCK_CODE, vars_template: Path = STOCK_VARS,
           kvm_timeout: float = 10.0, tcg_settle: float = 1.0) -> HostCaps:
@@ -396,7 +433,7 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
     if path is None:
         missing = Capability(False, f"QEMU {qemu!r} not found")
         return HostCaps(qemu=qemu, qemu_version="", tcg=missing, kvm=missing,
-                        sev=missing, sev_es=missing, snp=missing)
+                        sev=missing, sev_es=missing, snp=missing, sev_emulated=missing)
     out = subprocess.run([path, "--version"], capture_output=True, text=True,
                          check=False).stdout
     try:
@@ -404,7 +441,7 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
     except ValueError as exc:
         bad = Capability(False, str(exc))
         return HostCaps(qemu=path, qemu_version="", tcg=bad, kvm=bad, sev=bad,
-                        sev_es=bad, snp=bad)
+                        sev_es=bad, snp=bad, sev_emulated=bad)
 
     if not code.is_file() or not vars_template.is_file():
         nofw = f"no firmware to boot ({code}; install Debian's ovmf)"
@@ -432,11 +469,17 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
     if params and params.get("sev") and dev_sev and kvm.available:
         qmp = _qmp_sev_capabilities(path)
     sev, sev_es, snp = sev_verdicts(params, dev_sev, cpuid, flags, kvm, qmp, version)
+    emulation = _qmp_sev_capabilities(path, "tcg") if tcg.available else "TCG is not usable"
+    sev_emulated = emulated_sev_verdict(tcg, emulation, path, version)
+    emulated = emulation if isinstance(emulation, SevCapabilities) and sev_emulated else None
     caps = HostCaps(
         qemu=path, qemu_version=version, tcg=tcg, kvm=kvm, sev=sev, sev_es=sev_es,
         snp=snp,
         cbitpos=qmp.cbitpos if isinstance(qmp, SevCapabilities) else None,
-        reduced_phys_bits=qmp.reduced_phys_bits if isinstance(qmp, SevCapabilities) else None)
+        reduced_phys_bits=qmp.reduced_phys_bits if isinstance(qmp, SevCapabilities) else None,
+        sev_emulated=sev_emulated,
+        emulated_cbitpos=emulated.cbitpos if emulated else None,
+        emulated_reduced_phys_bits=emulated.reduced_phys_bits if emulated else None)
     LOG.info("host: %s", caps)
     return caps
 

@@ -11,11 +11,21 @@ with one line. Problems inside guest memory (a page table pointing outside
 RAM, a cyclic mapping list) are findings, not errors: they are what the
 checks are looking for.
 
-Checks (design.md section 4): D1 no live MAP_INFO records on the mapping
-list, D2 no page left shared by IoMmuDxe (emulation: leaf entries with the
-software bit ``sharedbit``), D3 no canary in host-readable memory (the
-shared pages under emulation, all of RAM otherwise: under SEV the host reads
-plaintext exactly where the guest shares).
+Checks: D1 no live MAP_INFO records on the mapping list; D2 no page left
+shared; D3 no canary in host-readable memory. What "shared" and
+"host-readable" mean depends on the guest:
+
+- **emulated SEV** (the harness's QEMU; memory is plaintext): a RAM page is
+  shared when its leaf page-table entry has the C-bit clear, exactly as
+  hardware decides what the host may read. D2 lists every such page except
+  those shared by design (:data:`SHARED_BY_DESIGN`, each with its reason);
+  D3 scans every shared page.
+- **IOMMU emulation mode** (no SEV): leaf entries with the software bit
+  ``sharedbit``; D3 scans those pages.
+- **real SEV** (the dump is ciphertext for private pages): the page tables and
+  the mapping list are private, so D1 and D2 are skipped with a note and the
+  trace's V4 carries the live-mapping evidence; D3 scans all of RAM, since the
+  host reads plaintext exactly where the guest shares.
 """
 
 from __future__ import annotations
@@ -32,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from harness.analysis.trace import IommuMap, Trace, TraceEvent, Violation, live_mappings
 from harness.errors import DumpFormatError, UsageError
-from harness.trace import IommuMap, Trace, TraceEvent, Violation, live_mappings
 
 LOG = logging.getLogger(__name__)
 
@@ -48,9 +58,19 @@ QEMU_CPU_STATE_MIN = 432          # through cr[5]
 CR_OFFSET = 8 + 18 * 8 + 10 * 24  # cr[0] in QEMUCPUState
 
 PAGE = 4096
+MIB = 1 << 20
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 ADDR_MASK_2M = 0x000F_FFFF_FFE0_0000
 ADDR_MASK_1G = 0x000F_FFFF_C000_0000
+
+#: RAM a SEV guest shares on purpose: ``(start, end, why)``. Pages here are
+#: reported in the notes, never as a D2 violation; D3 still scans them.
+SHARED_BY_DESIGN: tuple[tuple[int, int, str], ...] = (
+    (0xA0000, MIB, ("the legacy VGA and option-ROM window: OVMF's PlatformInitLib "
+                    "reports 0xA0000..1 MiB as MMIO, and AmdSevDxe clears the C-bit of "
+                    "every MMIO range")),
+)
+
 MAX_TABLES = 1 << 16              # 256 MiB of page tables
 MAX_LIST_ENTRIES = 1 << 16
 
@@ -365,8 +385,11 @@ def _canonical(vaddr: int) -> int:
 
 
 def walk_page_tables(dump: QemuDump, cr3: int, findings: list[str] | None = None,
-                     max_tables: int = MAX_TABLES) -> Iterator[Leaf]:
+                     max_tables: int = MAX_TABLES, cbit: int = 0) -> Iterator[Leaf]:
     """Every present leaf of the 4-level tables at ``cr3`` (4K, 2M, 1G pages).
+
+    :param cbit: a SEV guest's C-bit mask (``1 << cbitpos``): an attribute of
+        the entry, stripped from every address (CR3 included), as the MMU does.
 
     Problems (a table outside the dump, a table referenced twice, too many
     tables) go to ``findings`` and the branch is skipped: the walk always
@@ -375,7 +398,8 @@ def walk_page_tables(dump: QemuDump, cr3: int, findings: list[str] | None = None
     notes = findings if findings is not None else []
     seen: set[int] = set()
     sizes = {3: 1 << 30, 2: 1 << 21, 1: PAGE}
-    masks = {3: ADDR_MASK_1G, 2: ADDR_MASK_2M}
+    address = ADDR_MASK & ~cbit
+    masks = {3: ADDR_MASK_1G & ~cbit, 2: ADDR_MASK_2M & ~cbit}
 
     def table(paddr: int, level: int, vbase: int) -> Iterator[Leaf]:
         if paddr in seen:
@@ -397,13 +421,13 @@ def walk_page_tables(dump: QemuDump, cr3: int, findings: list[str] | None = None
                 continue
             vaddr = vbase | (i << (12 + 9 * (level - 1)))
             if level == 1:
-                yield Leaf(_canonical(vaddr), entry & ADDR_MASK, PAGE, entry, 1)
+                yield Leaf(_canonical(vaddr), entry & address, PAGE, entry, 1)
             elif level in (2, 3) and entry & 0x80:
                 yield Leaf(_canonical(vaddr), entry & masks[level], sizes[level], entry, level)
             else:
-                yield from table(entry & ADDR_MASK, level - 1, vaddr)
+                yield from table(entry & address, level - 1, vaddr)
 
-    yield from table(cr3 & ADDR_MASK, 4, 0)
+    yield from table(cr3 & address, 4, 0)
 
 
 @dataclass(frozen=True)
@@ -435,6 +459,56 @@ def shared_ranges(dump: QemuDump, cr3: int, sharedbit: int,
         else:
             out.append(SharedRange(leaf.vaddr, leaf.paddr, leaf.size))
     return out
+
+
+def unencrypted_ranges(dump: QemuDump, cr3: int, cbit: int,
+                       findings: list[str] | None = None) -> list[SharedRange]:
+    """The RAM a SEV guest shares: leaves whose entry has the C-bit (mask
+    ``cbit``) clear, clipped to the dump's RAM (MMIO is shared too, but holds
+    no guest data), merged where contiguous. Each physical page is counted
+    once, however many virtual addresses map it."""
+    if cbit == 0 or cbit & (cbit - 1) or not (1 << 32) <= cbit <= (1 << 51):
+        raise UsageError(f"C-bit mask {cbit:#x} is not one bit in 32..51")
+    pieces: set[tuple[int, int]] = set()
+    for leaf in walk_page_tables(dump, cr3, findings, cbit=cbit):
+        if leaf.entry & cbit:
+            continue
+        for _, size, paddr in dump.file_ranges([(leaf.paddr, leaf.size)]):
+            pieces.add((paddr, size))
+    out: list[SharedRange] = []
+    for paddr, size in sorted(pieces):
+        if out and out[-1].paddr + out[-1].size >= paddr:
+            last = out[-1]
+            end = max(last.paddr + last.size, paddr + size)
+            out[-1] = SharedRange(last.vaddr, last.paddr, end - last.paddr)
+        else:
+            out.append(SharedRange(paddr, paddr, size))
+    return out
+
+
+def split_by_design(ranges: Sequence[SharedRange]
+                    ) -> tuple[list[SharedRange], list[tuple[SharedRange, str]]]:
+    """``ranges`` cut at :data:`SHARED_BY_DESIGN`: what is left to judge, and
+    the pieces shared by design with their reason."""
+    judged: list[SharedRange] = []
+    by_design: list[tuple[SharedRange, str]] = []
+    for rng in ranges:
+        todo = [(rng.paddr, rng.paddr + rng.size)]
+        for start, end, why in SHARED_BY_DESIGN:
+            rest = []
+            for lo, hi in todo:
+                if hi <= start or lo >= end:
+                    rest.append((lo, hi))
+                    continue
+                by_design.append((SharedRange(max(lo, start), max(lo, start),
+                                              min(hi, end) - max(lo, start)), why))
+                if lo < start:
+                    rest.append((lo, start))
+                if hi > end:
+                    rest.append((end, hi))
+            todo = rest
+        judged += [SharedRange(lo, lo, hi - lo) for lo, hi in todo]
+    return judged, by_design
 
 
 # ------------------------------------------------------------ mapping list
@@ -525,6 +599,9 @@ class CanaryHit:
 class DumpReport:
     """What ``analyze-dump`` found.
 
+    :param shared: the shared RAM D2 judges (None: not walked).
+    :param by_design: shared RAM that D2 does not judge, with the reason
+        (:data:`SHARED_BY_DESIGN`); D3 scans it with ``shared``.
     :param scope: what D3 scanned: ``shared`` pages or ``all`` RAM.
     :param notes: checks skipped and why, findings that are not violations.
     """
@@ -538,6 +615,7 @@ class DumpReport:
     scope: str
     violations: tuple[Violation, ...]
     notes: tuple[str, ...]
+    by_design: tuple[tuple[SharedRange, str], ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -554,6 +632,7 @@ class DumpReport:
                 "host": f"{r.crypted:#x}", "dev": f"{r.plain:#x}"} for r in recs],
             "shared_pages": ([s.as_json() for s in self.shared]
                              if self.shared is not None else None),
+            "shared_by_design": [{**r.as_json(), "why": why} for r, why in self.by_design],
             "canary_hits": [h.as_json() for h in self.canary_hits],
             "scan_scope": self.scope,
             "cr3": f"{self.cr3:#x}" if self.cr3 is not None else None,
@@ -583,18 +662,26 @@ def _fmt_ranges(ranges: Sequence[SharedRange], limit: int = 8) -> str:
 
 
 def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None = None,
-                 canary: bytes | None = None, scope: str = "auto") -> DumpReport:
+                 canary: bytes | None = None, scope: str = "auto", cbit: int | None = None,
+                 encrypted: bool = False) -> DumpReport:
     """D1..D3 on the dump at ``path``, with the boot's trace for its layout.
 
     :param maphead_symbol: mMapInfos' runtime address from the symbols, if known.
-    :param scope: ``auto`` (shared pages under emulation, else all RAM),
-        ``shared`` or ``all``.
+    :param scope: ``auto`` (the shared pages where they are known, else all
+        RAM), ``shared`` or ``all``.
+    :param cbit: the SEV C-bit mask; default: from the log's "SEV is enabled
+        (mask 0x...)" line.
+    :param encrypted: the dump is of a real SEV guest: private memory is
+        ciphertext (D1 and D2 are skipped, D3 scans all RAM).
     """
     if scope not in ("auto", "shared", "all"):
         raise UsageError(f"scan scope {scope!r}: use auto, shared or all")
     config = trace.config
     emulation = config is not None and config.emulation == 1
     sharedbit = config.sharedbit if config is not None and config.sharedbit else 52
+    if cbit is None:
+        cbit = trace.sev_mask
+    sev = cbit is not None and not emulation
     notes: list[str] = []
     violations: list[Violation] = []
     maphead = resolve_maphead(trace, maphead_symbol)
@@ -604,11 +691,18 @@ def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None =
         cr3 = dump.cpus[0].cr3 if dump.cpus else None
         # D1
         walk: ListWalk | None = None
-        if maphead is None:
+        if encrypted:
+            notes.append("D1 skipped: under real SEV the mapping list is in private memory, "
+                         "which the dump holds as ciphertext; V4 (the trace) is the "
+                         "live-mapping evidence")
+        elif maphead is None:
             notes.append("D1 skipped: no maphead in the log (no iommu-config line) and no "
                          "IoMmuDxe symbols (--firmware)")
         else:
             walk = walk_map_list(dump, maphead)
+            if sev:
+                notes.append("D1 reads the mapping list in plaintext memory: "
+                             "emulation-only evidence (under real SEV it is ciphertext)")
             for rec in walk.records:
                 ev: TraceEvent | None = by_map.get(rec.addr)
                 origin = f" (iommu-map seq {ev.seq})" if ev is not None else ""
@@ -624,9 +718,13 @@ def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None =
                              f"list is empty")
         # D2
         shared: list[SharedRange] | None = None
-        if not emulation:
-            notes.append("D2 skipped: not in emulation mode (under SEV the page tables are "
-                         "private; without the IOMMU nothing is shared)")
+        by_design: list[tuple[SharedRange, str]] = []
+        if encrypted:
+            notes.append("D2 skipped: under real SEV the page tables are private (ciphertext "
+                         "in the dump)")
+        elif not emulation and not sev:
+            notes.append("D2 skipped: neither SEV nor the IOMMU emulation mode: nothing is "
+                         "shared")
         elif cr3 is None:
             notes.append("D2 skipped: the dump has no QEMU CPU-state note (no CR3)")
         elif dump.cpus[0].cr4 & CR4_LA57:
@@ -634,22 +732,33 @@ def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None =
                          "page walker does not read")
         else:
             findings: list[str] = []
-            shared = shared_ranges(dump, cr3, sharedbit, findings)
+            if emulation:
+                shared = shared_ranges(dump, cr3, sharedbit, findings)
+                what = f"bit {sharedbit}"
+            else:
+                assert cbit is not None
+                shared, by_design = split_by_design(unencrypted_ranges(dump, cr3, cbit,
+                                                                       findings))
+                for rng, why in by_design:
+                    notes.append(f"D2: {rng.size // PAGE} page(s) at {rng.paddr:#x} shared by "
+                                 f"design: {why}")
+                what = f"C-bit {cbit.bit_length() - 1} clear"
             notes.extend(f"page walk: {f}" for f in findings[:20])
             if shared:
                 total = sum(r.size for r in shared)
                 violations.append(Violation(
                     "D2", f"{total // PAGE} page(s) in {len(shared)} range(s) still shared "
-                          f"(bit {sharedbit}): {_fmt_ranges(shared)}"))
+                          f"({what}): {_fmt_ranges(shared)}"))
         # D3
-        use = scope if scope != "auto" else ("shared" if emulation else "all")
+        use = scope if scope != "auto" else ("all" if encrypted or shared is None
+                                             else "shared")
         if use == "shared" and shared is None:
             notes.append("D3 scans all RAM: the shared-page set is unknown")
             use = "all"
         hits: list[CanaryHit] = []
         if canary is None:
             notes.append("D3 skipped: no --canary")
-        elif config is None and scope == "auto":
+        elif config is None and not sev and scope == "auto":
             notes.append("D3 skipped: no IOMMU in this boot (no iommu-config line), so no "
                          "memory is shared and a plain guest's memory is all host-readable; "
                          "use --scan all to scan anyway")
@@ -657,7 +766,9 @@ def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None =
             canary = canary[:CANARY_NEEDLE]
             if use == "shared":
                 assert shared is not None
-                found = dump.scan(canary, [(r.paddr, r.size) for r in shared]) if shared else []
+                readable = [(r.paddr, r.size) for r in shared]
+                readable += [(r.paddr, r.size) for r, _ in by_design]
+                found = dump.scan(canary, readable) if readable else []
                 hits = [CanaryHit(a, True) for a in found]
                 elsewhere = len(dump.scan(canary)) - len(found)
                 if elsewhere:
@@ -672,7 +783,7 @@ def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None =
                 violations.append(Violation("D3", f"and {len(hits) - 8} more canary hits"))
     return DumpReport(str(path), cr3, maphead, walk,
                       tuple(shared) if shared is not None else None, tuple(hits), use,
-                      tuple(violations), tuple(notes))
+                      tuple(violations), tuple(notes), tuple(by_design))
 
 
 def load_canary(path: Path | str) -> bytes:

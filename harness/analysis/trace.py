@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from harness.analysis.symbols import ImageLoad, Symbolizer, parse_image_load
 from harness.errors import TraceFormatError
-from harness.symbols import ImageLoad, Symbolizer, parse_image_load
 
 LOG = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ _LEADING_JUNK_RE = re.compile(rb"^(?:\r|\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-
 _EVENT_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
 _KEY_RE = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _INT_RE = re.compile(r"(?:0x[0-9a-fA-F]+|[0-9]+)\Z")
+#: PlatformPei (OvmfPkg AmdSev.c) under SEV: "SEV is enabled (mask 0x800000000000)".
+_SEV_MASK_RE = re.compile(rb"^SEV is enabled \(mask 0x([0-9a-fA-F]{1,16})\)")
 _MAX_TRACE_LINE = 4096
 _MAX_READ = 64 * 1024
 
@@ -202,6 +204,41 @@ class AdversaryStage(TraceEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class MemmapTerminated(TraceEvent):
+    """ExitBootServices() terminated the memory map: no allocations from here."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntsOff(TraceEvent):
+    """The core disabled interrupts, after every notification function."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EbsCallbackEnd(TraceEvent):
+    """The IOMMU protocol's ExitBootServices() member returned."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TplChange(TraceEvent):
+    """A RaiseTPL()/RestoreTPL() boot service call during ExitBootServices()."""
+
+    op: str
+    tpl: int
+    caller: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemCall(TraceEvent):
+    """A memory allocation service call after the memory map was terminated."""
+
+    op: str
+    caller: int
+    addr: int
+    size: int
+    status: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Probe(TraceEvent):
     step: str
 
@@ -232,6 +269,11 @@ EVENT_TYPES: dict[str, type[TraceEvent]] = {
     "adversary-stage": AdversaryStage,
     "probe": Probe,
     "probe-parked": ProbeParked,
+    "memmap-terminated": MemmapTerminated,
+    "ints-off": IntsOff,
+    "ebs-callback-end": EbsCallbackEnd,
+    "tpl-change": TplChange,
+    "mem-call": MemCall,
 }
 
 _BASE_FIELDS = {f.name for f in dataclasses.fields(TraceEvent)}
@@ -295,6 +337,8 @@ class Trace:
     :param images: the "Loading driver at" lines.
     :param lines: number of lines in the log.
     :param partial_tail: the log's last line had no newline and was dropped.
+    :param sev_mask: the C-bit mask from PlatformPei's "SEV is enabled (mask
+        0x...)" line, when the firmware ran with SEV.
     """
 
     path: str
@@ -302,6 +346,7 @@ class Trace:
     images: tuple[ImageLoad, ...]
     lines: int
     partial_tail: bool
+    sev_mask: int | None = None
 
     @property
     def config(self) -> IommuConfig | None:
@@ -352,6 +397,7 @@ def parse_stream(stream: BinaryIO, path: str = "<log>") -> Trace:
     lines = 0
     partial = False
     versions = 0
+    sev_mask: int | None = None
     for number, raw, complete, cut in _split_lines(stream):
         lines = number
         body = _LEADING_JUNK_RE.sub(b"", raw, count=1)
@@ -375,11 +421,13 @@ def parse_stream(stream: BinaryIO, path: str = "<log>") -> Trace:
             load = parse_image_load(body.decode("latin-1"), number)
             if load is not None:
                 images.append(load)
+        elif b"SEV is enabled" in body and (found := _SEV_MASK_RE.search(body)):
+            sev_mask = int(found.group(1), 16)
     if events and not versions:
         raise TraceFormatError(path, events[0].line,
                                "EBST lines without a 'version' line: cannot tell the "
                                "trace format version")
-    return Trace(path, tuple(events), tuple(images), lines, partial)
+    return Trace(path, tuple(events), tuple(images), lines, partial, sev_mask)
 
 
 # --------------------------------------------------------------- timeline
@@ -580,21 +628,31 @@ class Violation:
     :param check: ``V1``..``V4`` (log) or ``D1``..``D3`` (dump).
     :param detail: one line a firmware engineer can act on.
     :param seqs: the trace lines involved (for highlighting).
+    :param culprit: who broke the rule, where a check names one: the handler
+        (``Image!function``), the IOMMU member, or the DXE core.
     """
 
     check: str
     detail: str
     seqs: tuple[int, ...] = ()
+    culprit: str = ""
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[VD][1-4]", self.check):
+        if not re.fullmatch(r"[VD][1-4]|C[1-3]", self.check):
             raise ValueError(f"unknown check {self.check!r}")
 
     def as_json(self) -> dict[str, Any]:
-        return {"check": self.check, "detail": self.detail, "seqs": list(self.seqs)}
+        data: dict[str, Any] = {"check": self.check, "detail": self.detail,
+                                "seqs": list(self.seqs)}
+        if self.culprit:
+            data["culprit"] = self.culprit
+        return data
 
 
-LOG_CHECKS = ("V1", "V2", "V3", "V4")
+LOG_CHECKS = ("V1", "V2", "V3", "V4", "C1", "C2", "C3")
+
+#: TPL_HIGH_LEVEL: restoring any TPL below it enables interrupts.
+TPL_HIGH_LEVEL = 31
 
 
 def live_mappings(events: Iterable[TraceEvent], upto_seq: int | None = None,
@@ -721,6 +779,140 @@ def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> 
     return v1 + v2 + v3 + v4
 
 
+@dataclass(frozen=True)
+class Contract:
+    """The ExitBootServices contract checks C1..C3 of one log.
+
+    :param violations: C1, C3, and C2 by the core or the IOMMU driver.
+    :param findings: C2 by another driver's notification function: a fact
+        about that driver, reported but not a failed verdict.
+    :param notes: what could not be judged, and why.
+    """
+
+    violations: tuple[Violation, ...]
+    findings: tuple[Violation, ...]
+    notes: tuple[str, ...]
+    judged: bool = True
+
+
+def _hook_spans(events: tuple[TraceEvent, ...], attempt: EbsAttempt
+                ) -> list[tuple[EbsCallback, int]]:
+    """The IOMMU member's calls in ``attempt``: its ``ebs-callback`` line and
+    the seq where it returned (``ebs-callback-end``, else the attempt's end)."""
+    spans: list[tuple[EbsCallback, int]] = []
+    for event in events[attempt.enter.seq - 1:attempt.exit.seq]:
+        if isinstance(event, EbsCallback):
+            spans.append((event, attempt.exit.seq))
+        elif isinstance(event, EbsCallbackEnd) and spans:
+            spans[-1] = (spans[-1][0], event.seq)
+    return spans
+
+
+CORE = "the DXE core (outside any notification function)"
+
+
+def _iommu_member(span: tuple[EbsCallback, int], sym: Symbolizer) -> str:
+    fn = span[0].get("fn")
+    name = sym.symbolize(int(fn, 16)) if fn else "(address not traced)"
+    return f"the IOMMU ExitBootServices() member {name} (ebs-callback seq {span[0].seq})"
+
+
+def _contract_context(seq: int, hooks: list[tuple[EbsCallback, int]], timeline: Timeline,
+                      sym: Symbolizer) -> tuple[str, str, bool]:
+    """Where the event at ``seq`` ran, its culprit (``Image!function`` or
+    ``DxeCore``), and whether that is the system under test (the core or the
+    IOMMU driver) rather than another driver."""
+    for hook in hooks:
+        if hook[0].seq < seq < hook[1]:
+            fn = hook[0].get("fn")
+            culprit = sym.symbolize(int(fn, 16)) if fn else "IoMmuDxe"
+            return _iommu_member(hook, sym), culprit, True
+    running = timeline.dispatch_at(seq)
+    if running is None:
+        return CORE, "DxeCore", True
+    image = sym.image_for(running.begin.fn)
+    owner_is_iommu = image is not None and image.name == "IoMmuDxe"
+    return (f"handler {_handler(sym, running.begin)}", sym.symbolize(running.begin.fn),
+            owner_is_iommu)
+
+
+def check_contract(timeline: Timeline, symbolizer: Symbolizer | None = None) -> Contract:
+    """C1..C3 from the core's own trace: interrupts off at a successful
+    ExitBootServices() return (C1), no memory allocated or freed after the
+    memory map was terminated (C2), no boot service entered by the IOMMU
+    protocol's ExitBootServices() member (C3). Each names the culprit: the
+    caller of the service, and the handler (or the IOMMU member, or the core)
+    it ran in."""
+    sym = symbolizer or Symbolizer(timeline.trace.images)
+    events = timeline.trace.events
+    violations: list[Violation] = []
+    findings: list[Violation] = []
+    notes: list[str] = []
+    instrumented = any(isinstance(e, (MemmapTerminated, IntsOff)) for e in events)
+    if not instrumented:
+        notes.append("C1..C3 not judged: the trace has no memmap-terminated or ints-off "
+                     "line (a firmware without the contract trace)")
+        return Contract((), (), tuple(notes), judged=False)
+
+    for attempt in timeline.attempts:
+        if not attempt.succeeded:
+            continue
+        hooks = _hook_spans(events, attempt)
+        span_events = events[attempt.enter.seq - 1:attempt.exit.seq]
+
+        def context(seq: int, hooks: list[tuple[EbsCallback, int]] = hooks
+                    ) -> tuple[str, str, bool]:
+            return _contract_context(seq, hooks, timeline, sym)
+
+        # C3: the IOMMU member enters no boot service.
+        for event in span_events:
+            if not isinstance(event, (TplChange, MemCall)):
+                continue
+            for hook in hooks:
+                if hook[0].seq < event.seq < hook[1]:
+                    what = (f"{'RaiseTPL' if event.op == 'raise' else 'RestoreTPL'}"
+                            f"({event.tpl})" if isinstance(event, TplChange)
+                            else f"a memory service ({event.op})")
+                    where, culprit, _ = context(event.seq)
+                    violations.append(Violation(
+                        "C3", f"{where} entered {what} from "
+                              f"{sym.symbolize(event.caller)} at seq {event.seq}; it may "
+                              f"call no boot service", (hook[0].seq, event.seq), culprit))
+        # C2: nothing allocated or freed once the memory map is terminated.
+        for event in span_events:
+            if not isinstance(event, MemCall):
+                continue
+            where, culprit, under_test = context(event.seq)
+            size = f" of {event.size:#x} bytes" if event.size else ""
+            detail = (f"{event.op}{size} at {event.addr:#x} (status {event.status:#x}) from "
+                      f"{sym.symbolize(event.caller)} in {where}, at seq {event.seq}, after "
+                      f"the memory map was terminated")
+            (violations if under_test else findings).append(
+                Violation("C2", detail, (event.seq,), culprit))
+        # C1: interrupts are disabled when ExitBootServices() returns success.
+        ints = attempt.exit.get("ints")
+        if ints is None:
+            notes.append(f"C1 not judged for ebs-return seq {attempt.exit.seq}: no ints= field")
+        elif ints != "0":
+            off = [e for e in span_events if isinstance(e, IntsOff)]
+            after = off[-1].seq if off else attempt.enter.seq
+            enabling = [e for e in span_events if isinstance(e, TplChange)
+                        and e.op == "restore" and e.tpl < TPL_HIGH_LEVEL and e.seq > after]
+            how, who = "", ""
+            if enabling:
+                last = enabling[-1]
+                where, who, _ = context(last.seq)
+                how = (f": RestoreTPL({last.tpl}) from {sym.symbolize(last.caller)} in "
+                       f"{where} turned them back on at seq {last.seq}")
+            violations.append(Violation(
+                "C1", f"interrupts were enabled when ExitBootServices() returned success "
+                      f"(ebs-return seq {attempt.exit.seq} ints={ints}){how}",
+                (attempt.exit.seq,) + tuple(e.seq for e in enabling[-1:]), who))
+    order = {"C1": 0, "C2": 1, "C3": 2}
+    violations.sort(key=lambda v: order[v.check])
+    return Contract(tuple(violations), tuple(findings), tuple(notes))
+
+
 def _list_maps(live: dict[int, IommuMap]) -> str:
     parts = [f"map={m.map:#x} op={m.op} pages={m.pages} (iommu-map seq {m.seq})"
              for m in list(live.values())[:8]]
@@ -731,11 +923,18 @@ def _list_maps(live: dict[int, IommuMap]) -> str:
 
 @dataclass(frozen=True)
 class LogReport:
-    """Everything ``analyze-log`` prints."""
+    """Everything ``analyze-log`` prints.
+
+    :param findings: facts about other drivers (C2 by their notification
+        functions), reported but not failed verdicts.
+    :param contract_judged: the trace had the lines C1..C3 need.
+    """
 
     timeline: Timeline
     violations: tuple[Violation, ...]
     anomalies: tuple[str, ...]
+    findings: tuple[Violation, ...] = ()
+    contract_judged: bool = False
 
     @property
     def passed(self) -> bool:
@@ -756,4 +955,7 @@ def analyze_log(path: Path | str, firmware_dir: Path | None = None
     if trace.partial_tail:
         anomalies.append(f"the last line ({trace.lines}) had no newline and was dropped")
     violations = check_timeline(timeline, sym)
-    return LogReport(timeline, tuple(violations), tuple(anomalies)), sym
+    contract = check_contract(timeline, sym)
+    anomalies.extend(contract.notes)
+    return LogReport(timeline, tuple(violations) + contract.violations, tuple(anomalies),
+                     contract.findings, contract.judged), sym

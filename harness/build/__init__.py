@@ -1,0 +1,1 @@
+"""Cached builds from source: the patched OVMF (:mod:`harness.build.edk2`)."""

@@ -1,0 +1,254 @@
+"""Debian source packages, fetched through an apt configuration of our own.
+
+The harness builds from Debian's source packages (edk2, QEMU), each pinned to
+a version and to the sha256 of its upstream tarball. It never writes the
+host's apt configuration: it reads the Debian ``deb`` entries the host has
+(mirror URIs and signing keys) from ``/etc/apt``, and keeps under the cache
+(``apt/``) a ``sources.list`` of ``deb-src`` lines for the releases it needs,
+with package lists and archives of its own; ``apt-get`` runs with
+``-o Dir::...`` options pointing there. What is checked on the way:
+
+- apt checks the ``.dsc`` against the Sources index of a signed Release file;
+- ``dpkg-source -x`` checks every tarball against the ``.dsc``;
+- the harness checks the pinned sha256 of the upstream tarball.
+
+Downloaded files stay in the cache's ``downloads/``; a second fetch of the
+same version reads nothing from the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from debian.deb822 import Deb822
+from filelock import FileLock
+
+from harness.build.cache import Progress, cache_root, sha256_file
+from harness.errors import DependencyError, SourceError
+from harness.tools import run_tool
+
+LOG = logging.getLogger(__name__)
+
+ETC_APT = Path("/etc/apt")
+
+#: A one-line ``deb [options] URI suite components`` entry.
+_ONE_LINE = re.compile(r"^\s*deb\s+(?:\[(?P<options>[^\]]*)\]\s+)?(?P<uri>\S+)\s+\S+")
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A Debian archive the host's apt uses: its URI and signing key.
+
+    :param security: the security archive (suites ``RELEASE-security``).
+    """
+
+    uri: str
+    signed_by: str | None = None
+
+    @property
+    def security(self) -> bool:
+        return self.uri.rstrip("/").endswith("-security")
+
+    def suites(self, release: str) -> tuple[str, ...]:
+        """The suites of ``release`` this archive serves."""
+        if self.security:
+            return (f"{release}-security",)
+        return (release, f"{release}-updates")
+
+
+def host_mirrors(etc_apt: Path = ETC_APT) -> list[Mirror]:
+    """The Debian archives of the host's ``deb`` entries (deb822 ``.sources``
+    files and the one-line ``sources.list``), in order, each once."""
+    found: list[Mirror] = []
+
+    def add(uri: str, signed_by: str | None) -> None:
+        if "debian" not in uri:
+            return
+        mirror = Mirror(uri.rstrip("/"), signed_by)
+        if all(m.uri != mirror.uri for m in found):
+            found.append(mirror)
+
+    parts = etc_apt / "sources.list.d"
+    for file in sorted(parts.glob("*.sources")) if parts.is_dir() else []:
+        with open(file, encoding="utf-8") as handle:
+            for stanza in Deb822.iter_paragraphs(handle):
+                if "deb" not in stanza.get("Types", "").split():
+                    continue
+                if stanza.get("Enabled", "yes").strip().lower() == "no":
+                    continue
+                for uri in stanza.get("URIs", "").split():
+                    add(uri, stanza.get("Signed-By") or None)
+    legacy = etc_apt / "sources.list"
+    if legacy.is_file():
+        for line in legacy.read_text().splitlines():
+            match = _ONE_LINE.match(line)
+            if match:
+                options = dict(opt.partition("=")[::2]
+                               for opt in (match.group("options") or "").split())
+                add(match.group("uri"), options.get("signed-by") or None)
+    return found
+
+
+class PrivateApt:
+    """``apt-get`` on a configuration of our own under ``root``.
+
+    :param mirrors: the archives to ask (default: the host's, from
+        :func:`host_mirrors`).
+    """
+
+    def __init__(self, root: Path, mirrors: Sequence[Mirror] | None = None) -> None:
+        self.root = root
+        self._mirrors = list(mirrors) if mirrors is not None else None
+
+    @property
+    def mirrors(self) -> list[Mirror]:
+        if self._mirrors is None:
+            self._mirrors = host_mirrors()
+        if not self._mirrors:
+            raise DependencyError(f"apt has no Debian archive in {ETC_APT}: add a 'deb' "
+                                  "entry for deb.debian.org (or a mirror) and retry")
+        return self._mirrors
+
+    def sources_list(self, releases: Sequence[str]) -> str:
+        """``deb-src`` lines for ``releases`` on every mirror."""
+        lines = []
+        for mirror in self.mirrors:
+            options = f"[signed-by={mirror.signed_by}] " if mirror.signed_by else ""
+            for release in releases:
+                for suite in mirror.suites(release):
+                    lines.append(f"deb-src {options}{mirror.uri} {suite} main")
+        return "\n".join(lines) + "\n"
+
+    def options(self) -> list[str]:
+        """The ``-o`` options that point apt at this configuration."""
+        opts = {
+            "Dir::Etc::SourceList": self.root / "sources.list",
+            "Dir::Etc::SourceParts": self.root / "sources.list.d",
+            "Dir::State::Lists": self.root / "lists",
+            "Dir::Cache::Archives": self.root / "archives",
+            "Dir::Cache::pkgcache": "",
+            "Dir::Cache::srcpkgcache": "",
+        }
+        argv: list[str] = []
+        for name, value in opts.items():
+            argv += ["-o", f"{name}={value}"]
+        if os.geteuid() == 0:
+            # apt's download sandbox user cannot write into our cache.
+            argv += ["-o", "APT::Sandbox::User=root"]
+        return argv
+
+    def _prepare(self, releases: Sequence[str]) -> bool:
+        """Write the sources list; True when it changed (the lists are stale)."""
+        for sub in ("sources.list.d", "lists/partial", "archives/partial"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        wanted = set(releases)
+        listed = self.root / "releases"
+        if listed.is_file():
+            wanted |= set(listed.read_text().split())
+        text = self.sources_list(sorted(wanted))
+        path = self.root / "sources.list"
+        if path.is_file() and path.read_text() == text:
+            return False
+        path.write_text(text)
+        listed.write_text("\n".join(sorted(wanted)) + "\n")
+        return True
+
+    def has_source(self, package: str, version: str) -> bool:
+        proc = subprocess.run(["apt-cache", *self.options(), "showsrc", package],
+                              capture_output=True, text=True, check=False)
+        return f"\nVersion: {version}\n" in f"\n{proc.stdout}"
+
+    def update(self) -> None:
+        run_tool(["apt-get", *self.options(), "-q", "update"],
+                 what="apt-get update (the harness's own source lists)")
+
+    def download_source(self, package: str, version: str, release: str, dest: Path,
+                        progress: Progress) -> None:
+        """``apt-get source --download-only package=version`` into ``dest``.
+
+        :raises DependencyError: no archive of the host's has that version.
+        """
+        spec = f"{package}={version}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / "lock")):
+            stale = self._prepare([release])
+            if stale or not self.has_source(package, version):
+                progress.phase("fetch", f"apt-get update ({', '.join(self._release_suites(release))})")
+                self.update()
+            if not self.has_source(package, version):
+                raise DependencyError(
+                    f"no Debian archive of this host ({', '.join(m.uri for m in self.mirrors)}) "
+                    f"has the source package {spec} ({release})")
+            progress.phase("fetch", f"apt-get source {spec}")
+            dest.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
+                run_tool(["apt-get", *self.options(), "source", "--download-only", "-q",
+                          spec], cwd=Path(tmp), what=f"apt-get source {spec}")
+                for item in Path(tmp).iterdir():
+                    os.replace(item, dest / item.name)
+
+    def _release_suites(self, release: str) -> list[str]:
+        return [suite for mirror in self.mirrors for suite in mirror.suites(release)]
+
+    def command(self, *args: str) -> str:
+        """An ``apt-get`` command line on this configuration, for messages."""
+        return shlex.join(["apt-get", *self.options(), *args])
+
+
+@dataclass(frozen=True)
+class DebianSourcePackage:
+    """One Debian source package, pinned.
+
+    :param package: the source package name (``qemu``).
+    :param version: its Debian version, epoch included (``1:7.2+dfsg-7+deb12u18``).
+    :param release: the Debian release that has it (``bookworm``).
+    :param orig: the upstream tarball's file name.
+    :param orig_sha256: its sha256.
+    """
+
+    package: str
+    version: str
+    release: str
+    orig: str
+    orig_sha256: str
+    downloads: Path = field(default_factory=lambda: cache_root() / "downloads")
+    apt_root: Path = field(default_factory=lambda: cache_root() / "apt")
+
+    def identity(self) -> str:
+        return f"debian:{self.package}={self.version}:orig-sha256={self.orig_sha256}"
+
+    @property
+    def dsc(self) -> Path:
+        return self.downloads / f"{self.package}_{self.version.split(':')[-1]}.dsc"
+
+    def fetch(self, progress: Progress) -> None:
+        """Download the package into ``downloads/`` unless it is there already."""
+        if self.dsc.exists() and (self.downloads / self.orig).exists():
+            return
+        PrivateApt(self.apt_root).download_source(self.package, self.version, self.release,
+                                                  self.downloads, progress)
+
+    def extract(self, dest: Path, progress: Progress) -> None:
+        """Check the upstream tarball, then ``dpkg-source -x`` (which applies
+        Debian's own patches and checks every file against the ``.dsc``)."""
+        orig = self.downloads / self.orig
+        if not orig.exists():
+            raise SourceError(f"{orig} is missing: the source package was not fetched")
+        actual = sha256_file(orig)
+        if actual != self.orig_sha256:
+            raise SourceError(f"{orig}: sha256 {actual} is not the expected {self.orig_sha256}")
+        progress.phase("extract", f"dpkg-source -x {self.dsc.name}")
+        run_tool(["dpkg-source", "-x", str(self.dsc), str(dest)],
+                 cwd=self.downloads, what="dpkg-source -x")
+
+    def materialize(self, dest: Path, progress: Progress) -> None:
+        self.fetch(progress)
+        self.extract(dest, progress)

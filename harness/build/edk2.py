@@ -1,0 +1,393 @@
+"""The patched OVMF: edk2 from Debian's source package (or a tree of the
+user's), the series in ``ovmf-patches/``, a DEBUG build, cached by key.
+
+The engine (:mod:`harness.build.cache`) does the caching, locking and
+publishing; this module is the recipe: which source, which patches and
+overlays, the ``build`` command line, and what a firmware directory holds::
+
+    OVMF_CODE.fd  OVMF_VARS.fd  OVMF.fd
+    modules/<Module>.efi|.debug|.map     every module (symbols for the analysis)
+    build.log  manifest.json             (source identity, patch hashes, flags,
+                                          toolchain versions, build seconds)
+
+The key hashes the source identity, every patch's and overlay file's bytes,
+the build flags and the gcc/nasm/iasl versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from harness.build.cache import (
+    CachedBuilder,
+    Progress,
+    SourceProvider,
+    as_flag_dict,
+    counter,
+    tool_versions,
+)
+from harness.build.debian import DebianSourcePackage
+from harness.errors import SourceError, UsageError
+from harness.tools import run_tool
+
+LOG = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERIES_DIR = REPO_ROOT / "ovmf-patches"
+#: Directories of this repository copied into the edk2 workspace, keyed
+#: like patches: workspace path -> repository path.
+OVERLAYS: Mapping[str, Path] = {"EbsProbe": REPO_ROOT / "guests" / "ebs-probe"}
+
+DEBIAN_PACKAGE = "edk2"
+DEBIAN_VERSION = "2022.11-6+deb12u2"
+DEBIAN_RELEASE = "bookworm"
+DEBIAN_ORIG = "edk2_2022.11.orig.tar.xz"
+DEBIAN_ORIG_SHA256 = "64257dd8a2778c969b8a869cd3b6eda2db2a346bfcf24dc729859745968f1fd6"
+#: Debian patches reversed after extraction, with why.
+DEBIAN_REVERSED_PATCHES = {
+    "Disable-the-Shell-when-SecureBoot-is-enabled.patch":
+        "makes Shell.inf need SecureBootVariableLib, which a non-secure-boot "
+        "OvmfPkgX64 build does not provide",
+}
+
+#: The files that make a directory an edk2 tree we can build OVMF from.
+EDK2_MARKERS = ("edksetup.sh", "MdePkg/MdePkg.dec", "OvmfPkg/OvmfPkgX64.dsc",
+                "BaseTools/Makefile")
+
+#: Never copied from a user's tree, never part of its identity.
+TREE_IGNORED = ("Build", ".git", "Conf")
+
+PYTHON_FOR_EDK2 = "/usr/bin/python3"
+
+
+# ---------------------------------------------------------- build flags
+
+
+@dataclass(frozen=True)
+class BuildFlags:
+    """What the OVMF build is asked for; part of the cache key."""
+
+    platform: str = "OvmfPkg/OvmfPkgX64.dsc"
+    arch: str = "X64"
+    toolchain: str = "GCC5"
+    target: str = "DEBUG"
+    defines: tuple[tuple[str, str], ...] = (
+        ("FD_SIZE_4MB", "TRUE"),
+        ("NETWORK_HTTP_BOOT_ENABLE", "FALSE"),
+        ("TPM2_ENABLE", "FALSE"),
+        # Patch 0007: the fw_cfg test knobs, EbsAdversaryDxe and EbsProbe
+        # exist only in builds with this define (never in production OVMF).
+        ("EBS_HARNESS_TEST", "TRUE"),
+    )
+    #: DEBUG_ERROR|WARN|INFO|LOAD|FS|... (0x8000004F): shows the DEBUG_INFO
+    #: trace lines, hides the noisy DEBUG_VERBOSE.
+    debug_level: int = 0x8000004F
+    #: Debug output on the serial port instead of the 0x402 debug port.
+    debug_on_serial: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target not in ("DEBUG", "NOOPT"):
+            raise UsageError(f"build target {self.target} prints no trace: use DEBUG or NOOPT")
+        for name, value in self.defines:
+            if not re.fullmatch(r"[A-Z0-9_]+", name) or " " in value:
+                raise UsageError(f"bad build define {name}={value}")
+
+    @property
+    def output_dir(self) -> str:
+        """``Build/OvmfX64/DEBUG_GCC5``, relative to the workspace."""
+        return f"Build/Ovmf{self.arch}/{self.target}_{self.toolchain}"
+
+    def argv(self, jobs: int) -> list[str]:
+        argv = ["build", "-p", self.platform, "-a", self.arch, "-t", self.toolchain,
+                "-b", self.target, "-n", str(jobs)]
+        defines = dict(self.defines)
+        if self.debug_on_serial:
+            defines["DEBUG_ON_SERIAL_PORT"] = "TRUE"
+        for name, value in sorted(defines.items()):
+            argv += ["-D", f"{name}={value}"]
+        argv += ["--pcd", f"gEfiMdePkgTokenSpaceGuid.PcdDebugPrintErrorLevel={self.debug_level:#x}"]
+        return argv
+
+    def as_dict(self) -> dict[str, object]:
+        return as_flag_dict(self)
+
+    def workspace_dict(self) -> dict[str, object]:
+        """The flags that shape a workspace: everything but the series."""
+        return self.as_dict()
+
+
+# -------------------------------------------------------------- sources
+
+
+def is_edk2_tree(path: Path) -> str | None:
+    """None if ``path`` is an edk2 tree we can build, else why not."""
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    for marker in EDK2_MARKERS:
+        if not (path / marker).exists():
+            return f"{path} is not an edk2 tree: {marker} is missing"
+    return None
+
+
+@dataclass(frozen=True)
+class TreeSource:
+    """An existing edk2 tree of the user's (``--edk2-src``). Copied, never modified."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        why = is_edk2_tree(self.path)
+        if why:
+            raise SourceError(why)
+
+    def _files(self) -> Iterator[Path]:
+        for root, dirs, files in os.walk(self.path):
+            if Path(root) == self.path:
+                dirs[:] = [d for d in dirs if d not in TREE_IGNORED]
+            dirs.sort()
+            for name in sorted(files):
+                yield Path(root) / name
+
+    def identity(self) -> str:
+        """The tree's path plus a hash of every file's name, size and mtime."""
+        digest = hashlib.sha256()
+        for file in self._files():
+            try:
+                stat = file.lstat()
+            except FileNotFoundError:
+                continue
+            rel = file.relative_to(self.path)
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return f"tree:{self.path.resolve()}:{digest.hexdigest()}"
+
+    def materialize(self, dest: Path, progress: Progress) -> None:
+        progress.phase("copy", f"{self.path} -> {dest}")
+        shutil.copytree(self.path, dest, symlinks=True,
+                        ignore=lambda d, names: [n for n in names
+                                                 if Path(d) == self.path and n in TREE_IGNORED])
+        # edksetup.sh writes its tools_def.txt and target.txt into Conf/.
+        (dest / "Conf").mkdir(exist_ok=True)
+
+
+@dataclass(frozen=True)
+class DebianSource:
+    """Debian's ``edk2`` source package, pinned to a version and checksum,
+    with the Debian patches that break a non-secure-boot build reversed."""
+
+    package: DebianSourcePackage = dataclasses.field(default_factory=lambda: DebianSourcePackage(
+        DEBIAN_PACKAGE, DEBIAN_VERSION, DEBIAN_RELEASE, DEBIAN_ORIG, DEBIAN_ORIG_SHA256))
+
+    def identity(self) -> str:
+        reversed_ = ",".join(sorted(DEBIAN_REVERSED_PATCHES))
+        return f"{self.package.identity()}:reversed={reversed_}"
+
+    def materialize(self, dest: Path, progress: Progress) -> None:
+        self.package.materialize(dest, progress)
+        for name, why in DEBIAN_REVERSED_PATCHES.items():
+            patch = dest / "debian" / "patches" / name
+            LOG.info("reversing Debian patch %s: %s", name, why)
+            run_tool(["patch", "-R", "-p1", "-F0", "--batch", "-i", str(patch)],
+                     cwd=dest, what=f"reversing Debian patch {name}")
+
+
+def source_from_option(path: str | None) -> SourceProvider:
+    """``--edk2-src DIR`` / ``EBS_HARNESS_EDK2_SRC``, else Debian's package."""
+    path = path or os.environ.get("EBS_HARNESS_EDK2_SRC") or None
+    if path:
+        return TreeSource(Path(path).expanduser().resolve())
+    return DebianSource()
+
+
+def toolchain_versions() -> dict[str, str]:
+    """The versions of the tools whose output lands in the firmware."""
+    return tool_versions({"gcc": ["gcc", "--version"], "nasm": ["nasm", "-v"],
+                          "iasl": ["iasl", "-v"]},
+                         "run ./run setup as root (installs build-essential, nasm, "
+                         "acpica-tools)")
+
+
+# -------------------------------------------------------------- firmware
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """A built firmware directory (see the module docstring for its layout)."""
+
+    path: Path
+    key: str
+
+    REQUIRED = ("OVMF_CODE.fd", "OVMF_VARS.fd", "manifest.json")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Firmware:
+        """A firmware directory made by ``ebs-harness build``; UsageError if it is not one."""
+        directory = Path(path).expanduser().resolve()
+        missing = [name for name in cls.REQUIRED if not (directory / name).is_file()]
+        if missing:
+            raise UsageError(f"{directory} is not a firmware directory from "
+                             f"'ebs-harness build': {', '.join(missing)} missing")
+        try:
+            manifest = json.loads((directory / "manifest.json").read_text())
+            key = str(manifest["key"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{directory}/manifest.json is unreadable: {exc}") from exc
+        return cls(directory, key)
+
+    @property
+    def code(self) -> Path:
+        return self.path / "OVMF_CODE.fd"
+
+    @property
+    def vars(self) -> Path:
+        return self.path / "OVMF_VARS.fd"
+
+    @property
+    def manifest(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads((self.path / "manifest.json").read_text())
+        return data
+
+    @property
+    def debug_on_serial(self) -> bool:
+        """Built with ``-D DEBUG_ON_SERIAL_PORT``: the trace is on the serial port."""
+        flags = self.manifest.get("flags")
+        return isinstance(flags, dict) and bool(flags.get("debug_on_serial"))
+
+    def module_file(self, name: str, suffix: str) -> Path:
+        """``modules/<name><suffix>``, e.g. ``module_file("IoMmuDxe", ".debug")``."""
+        return self.path / "modules" / f"{name}{suffix}"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    firmware: Firmware
+    cache_hit: bool
+    seconds: float
+
+
+# ----------------------------------------------------------------- build
+
+
+class Builder(CachedBuilder):
+    """Builds OVMF for one set of inputs under one cache root."""
+
+    RECIPE: ClassVar[str] = "edk2-ovmf/1"
+    PUBLISHED: ClassVar[str] = "firmware"
+    WORK: ClassVar[str] = "work"
+    SRC: ClassVar[str] = "src"
+    #: A workspace is ~700 MB, a pristine tree ~170 MB, a firmware ~110 MB.
+    KEEP: ClassVar[Mapping[str, int]] = {"published": 8, "work": 2, "src": 2}
+
+    def __init__(self, source: SourceProvider, *, flags: BuildFlags | None = None,
+                 series_dir: Path | None = SERIES_DIR,
+                 overlays: Mapping[str, Path] = OVERLAYS, cache: Path | None = None,
+                 jobs: int | None = None, progress: Progress | None = None,
+                 extra_patches: Sequence[Path] = ()) -> None:
+        self.flags: BuildFlags = flags or BuildFlags()
+        super().__init__(source, flags=self.flags, series_dir=series_dir, overlays=overlays,
+                         toolchain=toolchain_versions(), cache=cache, jobs=jobs,
+                         progress=progress, extra_patches=extra_patches)
+
+    @property
+    def firmware_dir(self) -> Path:
+        return self.published_dir
+
+    def firmware(self, rebuild: bool = False) -> BuildResult:
+        published = self.build(rebuild)
+        return BuildResult(Firmware.load(published.path), published.cache_hit,
+                           published.seconds)
+
+    def _env(self, tree: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "WORKSPACE": str(tree),
+            "EDK_TOOLS_PATH": str(tree / "BaseTools"),
+            "PYTHON_COMMAND": PYTHON_FOR_EDK2,
+            "PACKAGES_PATH": str(tree),
+        })
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+        env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":")
+                               if ".venv" not in p and "pyenv" not in p)
+        return env
+
+    def _compile(self, tree: Path) -> float:
+        start = time.monotonic()
+        log_path = tree.parent / "build.log"
+        env = self._env(tree)
+        with open(log_path, "w") as log:
+            stamp = tree.parent / "basetools-built"
+            if not stamp.exists():
+                self.progress.phase("BaseTools", f"make -C BaseTools -j{self.jobs}")
+                self._stream(["make", "-C", "BaseTools", f"-j{self.jobs}"], tree, env, log,
+                             "BaseTools")
+                stamp.touch()
+            argv = self.flags.argv(self.jobs)
+            self.progress.phase("OVMF", " ".join(argv))
+            # edksetup.sh reads "$@": source it with no arguments.
+            script = 'argv=("$@"); set --; . ./edksetup.sh && exec "${argv[@]}"'
+            self._stream(["bash", "-c", script, "edk2-build", *argv], tree, env, log, "OVMF",
+                         counter(r"^Building \.\.\. ", "modules"))
+        seconds = time.monotonic() - start
+        self.progress.phase("OVMF", f"built in {seconds:.0f} s")
+        return seconds
+
+    def _publish_into(self, tree: Path, tmp: Path) -> None:
+        out = tree / self.flags.output_dir
+        for name in ("OVMF_CODE.fd", "OVMF_VARS.fd", "OVMF.fd"):
+            shutil.copy2(out / "FV" / name, tmp / name)
+        modules = tmp / "modules"
+        modules.mkdir()
+        arch = out / self.flags.arch
+        for file in sorted(arch.glob("*.efi")) + sorted(arch.glob("*.debug")):
+            shutil.copy2(file, modules / file.name)
+        for mapfile in sorted(arch.glob("**/DEBUG/*.map")):
+            shutil.copy2(mapfile, modules / mapfile.name)
+
+    def _manifest_extra(self) -> dict[str, object]:
+        modules = self.workspace_dir / "tree" / self.flags.output_dir / self.flags.arch
+        return {"build_argv": self.flags.argv(self.jobs),
+                "modules": len(list(modules.glob("*.efi")))}
+
+    def _discard_partial(self, tree: Path) -> None:
+        # edk2's build has no notion of a half-written object: build afresh.
+        shutil.rmtree(tree / "Build", ignore_errors=True)
+
+
+#: Test variants of the firmware: a patch applied on top of the series, each a
+#: negative control that some check must catch (tests/data/firmware-variants/).
+VARIANTS_DIR = REPO_ROOT / "tests" / "data" / "firmware-variants"
+
+
+def build_unpatched(progress: Progress | None = None) -> BuildResult:
+    """The baseline as Debian ships it, a DEBUG build without the series, the
+    probe or the test define (so in a workspace of its own): a control that
+    stock OVMF takes the SEV path the harness emulates."""
+    defines = tuple(d for d in BuildFlags().defines if d[0] != "EBS_HARNESS_TEST")
+    return Builder(DebianSource(), flags=BuildFlags(defines=defines), series_dir=None,
+                   overlays={}, progress=progress).firmware()
+
+
+def build_variant(patch: Path, progress: Progress | None = None) -> BuildResult:
+    """The patched firmware with one test variant ``patch`` on top."""
+    return Builder(DebianSource(), extra_patches=(patch,), progress=progress).firmware()
+
+
+def build_firmware(source: SourceProvider | None = None, *, rebuild: bool = False,
+                   progress: Progress | None = None, **kwargs: object) -> BuildResult:
+    """Build (or reuse from the cache) the patched OVMF; ``seconds`` counts
+    everything, the key's inputs (patches, toolchain versions) included."""
+    start = time.monotonic()
+    builder = Builder(source or DebianSource(), progress=progress, **kwargs)  # type: ignore[arg-type]
+    result = builder.firmware(rebuild=rebuild)
+    return dataclasses.replace(result, seconds=time.monotonic() - start)

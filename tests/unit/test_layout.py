@@ -1,0 +1,51 @@
+"""The package's layering: data flows build -> vm -> analysis -> report, and
+the analysis layer judges logs and dumps without knowing how they were made."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import harness
+
+PACKAGE = Path(harness.__file__).parent
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def _offenders(layer: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for path in sorted((PACKAGE / layer).glob("*.py")):
+        bad = sorted(name for name in _imports(path) if name.startswith(forbidden))
+        if bad:
+            out[path.name] = bad
+    return out
+
+
+def test_analysis_imports_nothing_from_vm_or_build() -> None:
+    assert _offenders("analysis", ("harness.vm", "harness.build", "harness.scenario",
+                                   "harness.cli", "harness.linux")) == {}
+
+
+def test_vm_does_not_judge() -> None:
+    assert _offenders("vm", ("harness.analysis", "harness.scenario", "harness.cli")) == {}
+
+
+def test_build_needs_no_machine() -> None:
+    assert _offenders("build", ("harness.vm", "harness.analysis", "harness.scenario")) == {}
+
+
+def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
+    """Negative control: the scanner finds an import written either way."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("from harness.vm import machine\nimport harness.vm.host\n")
+    assert {"harness.vm.machine", "harness.vm.host"} <= _imports(sample)
