@@ -425,7 +425,8 @@ class LinuxBoot:
 
     :param ebs_mode: the IOMMU's teardown scheme (fw_cfg ``ebs-mode``).
     :param emulation: IOMMU emulation mode (default: when SEV is off).
-    :param sev: ``off``, ``sev`` or ``sev-es``.
+    :param sev: ``off``, ``sev``, ``sev-es`` or ``emulated`` (the harness's QEMU:
+        pass its ``caps``).
     :param accel: ``auto``, ``tcg`` or ``kvm``.
     :param memory_mib: guest RAM.
     :param start_sshd: False boots a guest whose init skips dropbear
@@ -600,5 +601,6 @@ def dmesg_problems(text: str) -> list[str]:
 
 SEV_ACTIVE = {
     "sev": "Memory Encryption Features active: AMD SEV",
+    "emulated": "Memory Encryption Features active: AMD SEV",
     "sev-es": "Memory Encryption Features active: AMD SEV SEV-ES",
 }

@@ -41,6 +41,10 @@ PARKED = r"EBST probe-parked"
 #: The probe gives up before EBS: no park will come.
 PROBE_ERROR = r"EBST probe step=error[^\r\n]*"
 CANARY_FILE = "canary.bin"
+#: Said of every boot in IoMmuDxe's emulation mode.
+EMULATION_MODE_NOTE = ("IoMmuDxe's emulation mode (page-table bit 52): the teardown ran, but "
+                       "not the code that ships under SEV (MemEncryptSevLib, the "
+                       "confidential-computing PCD); --sev emulated runs that path")
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,9 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
         if scenario.dump:
             dump_path = vm.dump(artifacts / "memory.elf")
     log_report, sym = trace.analyze_log(log, firmware.path)
+    if scenario.emulated:
+        log_report = dataclasses.replace(
+            log_report, anomalies=(*log_report.anomalies, EMULATION_MODE_NOTE))
     dump_report = None
     if dump_path is not None:
         parsed = log_report.timeline.trace

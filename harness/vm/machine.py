@@ -72,6 +72,11 @@ POLICY_SEV = 0x20       #: the guest must not be sent to a non-SEV platform
 #: QMP events logged and kept for :meth:`QemuMachine.wait_event`.
 WATCHED_EVENTS = ("SHUTDOWN", "STOP", "RESUME", "RESET", "GUEST_PANICKED")
 
+#: The CPU of an emulated-SEV guest: TCG's default model, plus RDRAND, which
+#: every SEV-capable processor has and Linux's early SEV code uses (its
+#: C-bit check, sev_verify_cbit, draws a random value with it).
+EMULATED_SEV_CPU = "qemu64,+rdrand"
+
 DEBUGCON_IOBASE = 0x402
 FW_CFG_PREFIX = "opt/"
 _FW_CFG_NAME_MAX = 55   # FW_CFG_MAX_FILE_PATH (56) with its NUL
@@ -260,7 +265,8 @@ class MachineConfig:
     :param iommu_platform: ``disable-legacy=on,iommu_platform=on`` on virtio
         devices; None means "when SEV is on".
     :param qemu: the QEMU binary (name on PATH or path).
-    :param cpu: ``-cpu`` model; None: ``host`` with SEV, else QEMU's default.
+    :param cpu: ``-cpu`` model; None: ``host`` with SEV, :data:`EMULATED_SEV_CPU`
+        with emulated SEV, else QEMU's default.
     :param no_reboot: a guest reset ends QEMU instead of rebooting.
     :param serial_input: the serial port takes input (a socket chardev the
         harness writes to). Without it the port is a plain file chardev: QEMU
@@ -372,8 +378,9 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
         machine += ",confidential-guest-support=sev0"
     argv = [config.qemu, "-name", "ebs-harness,debug-threads=on",
             "-machine", machine, "-accel", config.accel]
-    cpu = config.cpu or ("host" if config.sev is not None and not config.sev.emulated
-                         else None)
+    cpu = config.cpu
+    if cpu is None and config.sev is not None:
+        cpu = EMULATED_SEV_CPU if config.sev.emulated else "host"
     if cpu:
         argv += ["-cpu", cpu]
     argv += ["-m", str(config.memory_mib), "-smp", str(config.smp),
@@ -734,6 +741,21 @@ class GuestMachine:
         """The run state from ``query-status`` ("running", "paused", ...)."""
         return str(self.qmp("query-status")["status"])
 
+    def _stderr_text(self) -> str:
+        """QEMU's output so far, for errors (where the machine keeps it)."""
+        return ""
+
+    def _check_sev(self, sev: SevConfig, state: str) -> None:
+        """``query-sev`` must say SEV is on as ``sev`` asks, in launch ``state``."""
+        info = self.qmp("query-sev")
+        problem = sev_info_problem(info, sev.effective_policy, emulated=sev.emulated,
+                                   state=state)
+        if problem:
+            raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command,
+                              self._stderr_text())
+        self.log.info("SEV active: policy %#x, state %s%s", info["policy"], info.get("state"),
+                      " (emulated)" if sev.emulated else "")
+
 
 class QemuMachine(GuestMachine):
     """A QEMU guest: launch, QMP, consoles, memory dump, shutdown.
@@ -836,9 +858,11 @@ class QemuMachine(GuestMachine):
             self._debugcon = debug_console(self.debugcon_log, self.is_running, self.log,
                                            logs, self.command)
         if self.config.sev is not None:
-            self._check_sev(self.config.sev)
+            self._check_sev(self.config.sev, SEV_STATE_PAUSED)
         if start:
             self.qmp("cont")
+            if self.config.sev is not None:
+                self._check_sev(self.config.sev, SEV_STATE_RUNNING)
 
     def _connect_qmp(self, path: Path, deadline: float) -> _Qmp:
         assert self.process is not None and self._transcript is not None
@@ -862,14 +886,6 @@ class QemuMachine(GuestMachine):
                                   f"{self.launch_timeout:g} s ({last})", None,
                                   self.command, self._stderr_text())
             time.sleep(0.02)
-
-    def _check_sev(self, sev: SevConfig) -> None:
-        info = self.qmp("query-sev")
-        problem = sev_info_problem(info, sev.effective_policy, emulated=sev.emulated)
-        if problem:
-            raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command,
-                              self._stderr_text())
-        self.log.info("SEV active: policy %#x, state %s", info["policy"], info.get("state"))
 
     # ----------------------------------------------------------- dump
 
@@ -933,17 +949,28 @@ class QemuMachine(GuestMachine):
                 self.log.info("QEMU exited with status %s", self.exitcode)
 
 
-def sev_info_problem(info: Mapping[str, Any], policy: int, *,
-                     emulated: bool = False) -> str | None:
+#: ``query-sev`` ``state`` before ``cont`` and after: QEMU 7.2 measures the
+#: launch when the machine is created (``sev_launch_get_measure``:
+#: launch-secret) and finishes it when the guest first runs
+#: (``sev_launch_finish``: running); the emulated SEV keeps the same states.
+SEV_STATE_PAUSED = "launch-secret"
+SEV_STATE_RUNNING = "running"
+
+
+def sev_info_problem(info: Mapping[str, Any], policy: int, *, emulated: bool = False,
+                     state: str | None = None) -> str | None:
     """Why a ``query-sev`` reply (QAPI ``SevInfo``) is not SEV with ``policy``.
 
-    None when ``enabled`` is true, the policy matches, and the reply's
-    ``emulated`` mark (the harness's QEMU; absent in other QEMUs, meaning
-    false) is what was asked: a real SEV test never runs on an emulation, and
-    an emulated one never on a plain guest.
+    None when ``enabled`` is true, the policy matches, the launch is in
+    ``state`` (when given), and the reply's ``emulated`` mark (the harness's
+    QEMU; absent in other QEMUs, meaning false) is what was asked: a real SEV
+    test never runs on an emulation, and an emulated one never on a plain
+    guest.
     """
     if not info.get("enabled"):
         return "query-sev says enabled=false"
+    if state is not None and info.get("state") != state:
+        return f"query-sev state {info.get('state')!r}, expected {state!r}"
     got = info.get("policy")
     if got != policy:
         shown = f"{got:#x}" if isinstance(got, int) else repr(got)

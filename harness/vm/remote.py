@@ -387,13 +387,11 @@ class RemoteMachine(machine.GuestMachine):
             self._debugcon = debug_console(self.debugcon_log, self.is_running, self.log, logs,
                                            self.command)
         if config.sev is not None:
-            problem = machine.sev_info_problem(self.qmp("query-sev"),
-                                               config.sev.effective_policy,
-                                               emulated=config.sev.emulated)
-            if problem:
-                raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command)
+            self._check_sev(config.sev, machine.SEV_STATE_PAUSED)
         if start:
             self.qmp("cont")
+            if config.sev is not None:
+                self._check_sev(config.sev, machine.SEV_STATE_RUNNING)
 
     def _connect_qmp(self, transport: paramiko.Transport, sock: Path,
                      deadline: float) -> machine._Qmp:

@@ -26,6 +26,7 @@ from harness.analysis import trace
 from harness.build import edk2
 from harness.errors import ConsoleTimeout, GuestCommandError
 from harness.linux import LinuxBoot, LinuxImage, LinuxRun
+from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
 
 #: Issue 7: boot-to-SSH-ready under TCG.
@@ -174,3 +175,33 @@ def test_guest_reports_memory_encryption(ovmf_firmware: edk2.Firmware, linux_ima
     assert linux.dmesg_problems(dmesg) == []
     report, _ = trace.analyze_log(run.debug_log, ovmf_firmware.path)
     assert report.violations == ()
+
+
+@pytest.mark.sev_emulated
+def test_guest_under_emulated_sev(ovmf_firmware: edk2.Firmware, linux_image: LinuxImage,
+                                  pytestconfig: pytest.Config, machine_artifacts: Path,
+                                  record_property: Callable[[str, object], None]) -> None:
+    """Linux takes its SEV path on the harness's QEMU: it reports AMD SEV,
+    does all DMA through its bounce buffers (SWIOTLB with memory encryption),
+    and the disk and the network still work; the firmware's trace of the
+    boot, EBS contract included, passes."""
+    caps = session_emulated_caps(pytestconfig)
+    boot = LinuxBoot(ebs_mode="callback", sev="emulated")
+    with linux.boot_linux(ovmf_firmware, linux_image, boot, machine_artifacts,
+                          caps=caps) as run:
+        record_property("ssh_ready_seconds", round(run.ready_seconds, 1))
+        _, dmesg, _ = run.session.run("dmesg")
+        _, canary, _ = run.session.run(f"dd if=/dev/vdb bs={len(run.canary)} count=1 "
+                                       "2>/dev/null")
+        expected = hashlib.sha256(run.canary_image.read_bytes()).hexdigest()
+        _, whole, _ = run.session.run("sha256sum /dev/vdb")
+        _, ping, _ = run.session.run(f"ping -c 2 -W 5 {linux.GATEWAY}", timeout=30)
+    assert linux.SEV_ACTIVE["emulated"] in dmesg
+    assert "Memory encryption is active and system is using DMA bounce buffers" in dmesg
+    assert canary.encode() == run.canary and whole.split()[0] == expected
+    assert " 0% packet loss" in ping
+    assert linux.dmesg_problems(dmesg) == []
+    report, _ = trace.analyze_log(run.debug_log, ovmf_firmware.path)
+    assert report.contract_judged and report.violations == (), \
+        [v.as_json() for v in report.violations]
+    assert report.timeline.trace.sev_mask == 1 << 47

@@ -22,7 +22,13 @@ from elftools.elf.elffile import ELFFile
 from harness.build import edk2
 from harness.errors import ConsoleTimeout, LaunchError
 from harness.vm import guest, host
-from harness.vm.machine import BlockDevice, MachineConfig, QemuMachine, SevConfig
+from harness.vm.machine import (
+    SEV_STATE_PAUSED,
+    BlockDevice,
+    MachineConfig,
+    QemuMachine,
+    SevConfig,
+)
 
 pytestmark = pytest.mark.tcg
 
@@ -221,7 +227,7 @@ def test_plain_guest_never_passes_the_sev_check(machine_artifacts: Path) -> None
     TCG guest: QEMU answers enabled=false and the launch must fail."""
     with (QemuMachine(stock_config(), machine_artifacts, name="plain") as vm,
           pytest.raises(LaunchError, match="query-sev says enabled=false")):
-        vm._check_sev(SevConfig("sev", cbitpos=47, reduced_phys_bits=1))
+        vm._check_sev(SevConfig("sev", cbitpos=47, reduced_phys_bits=1), SEV_STATE_PAUSED)
 
 
 def test_reproduce_script_reruns_the_same_qemu(own_config: MachineConfig,

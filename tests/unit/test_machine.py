@@ -14,6 +14,8 @@ from harness.vm.machine import (
     POLICY_ES,
     POLICY_NODBG,
     POLICY_NOKS,
+    SEV_STATE_PAUSED,
+    SEV_STATE_RUNNING,
     BlockDevice,
     MachineConfig,
     NetDevice,
@@ -206,7 +208,7 @@ def test_emulated_sev_argv() -> None:
                              devices=(RngDevice(),)), PATHS)
     assert "q35,confidential-guest-support=sev0" in argv
     assert "sev-emulated-guest,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x3" in argv
-    assert "-cpu" not in argv, "TCG's default CPU, not -cpu host"
+    assert argv[argv.index("-cpu") + 1] == "qemu64,+rdrand", "TCG's CPU with RDRAND, not host"
     assert any("disable-legacy=on,iommu_platform=on" in arg for arg in argv)
 
 
@@ -343,3 +345,16 @@ def test_query_sev_of_an_emulated_guest(name: str) -> None:
                                            "(sev-emulated-guest), not real")
     real = json.loads((QMP_DATA / "query-sev-sev.json").read_text())["return"]
     assert sev_info_problem(real, 0x3, emulated=True) == "query-sev does not say emulated=true"
+
+
+def test_query_sev_state_is_checked_before_and_after_cont() -> None:
+    """Recorded from the harness's QEMU: launch-secret while paused after
+    machine creation, running after ``cont``; the other way round is refused."""
+    paused = json.loads((QMP_DATA / "query-sev-emulated-paused.json").read_text())["return"]
+    running = json.loads((QMP_DATA / "query-sev-emulated-running.json").read_text())["return"]
+    assert sev_info_problem(paused, 0x3, emulated=True, state=SEV_STATE_PAUSED) is None
+    assert sev_info_problem(running, 0x3, emulated=True, state=SEV_STATE_RUNNING) is None
+    assert sev_info_problem(paused, 0x3, emulated=True, state=SEV_STATE_RUNNING) == \
+        "query-sev state 'launch-secret', expected 'running'"
+    real = json.loads((QMP_DATA / "query-sev-sev.json").read_text())["return"]
+    assert sev_info_problem(real, 0x3, state=SEV_STATE_PAUSED) is None
