@@ -1,10 +1,12 @@
-"""The ``ebs-harness`` command (design.md section 5).
+"""The ``ebs-harness`` command (the README's Usage and Exit statuses are its contract).
 
 Exit status: 0 every verdict held; 1 a verdict failed; 2 bad input or usage
 (one line on stderr); 3 the environment failed (QEMU would not start, a
-timeout, a missing tool). Each sub-command is a ``_cmd_*`` function that
-returns the status; errors from :mod:`harness.errors` become one line and
-their ``exit_status`` here, in one place.
+timeout, a missing tool); 4 an internal error (a bug of ours: one line naming
+the file that holds the traceback), never 1; 130 interrupted. Each
+sub-command is a ``_cmd_*`` function that returns the status; errors from
+:mod:`harness.errors` become one line and their ``exit_status`` here, in one
+place.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +28,8 @@ from harness.analysis import dump, report, symbols, trace
 from harness.build import cache, edk2, qemu
 from harness.errors import (
     EXIT_ENVIRONMENT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_VIOLATION,
     HarnessError,
@@ -50,33 +56,26 @@ def _cmd_build(args: argparse.Namespace) -> int:
         progress=progress,
         flags=edk2.BuildFlags(debug_on_serial=args.debug_on_serial),
     )
+    return _print_build(args, result.firmware.path, {"firmware_dir": str(result.firmware.path)},
+                        result.firmware.key, result.cache_hit, result.seconds)
+
+
+def _print_build(args: argparse.Namespace, path: Path, fields: dict[str, str], key: str,
+                 cache_hit: bool, seconds: float) -> int:
+    """What ``build`` and ``build-qemu`` print: ``path (built, 12.3 s)``, or JSON."""
     if args.json:
-        _print_json({
-            "firmware_dir": str(result.firmware.path),
-            "cache_hit": result.cache_hit,
-            "key": result.firmware.key,
-            "seconds": round(result.seconds, 3),
-        })
+        _print_json({**fields, "cache_hit": cache_hit, "key": key,
+                     "seconds": round(seconds, 3)})
     else:
-        what = "cache hit" if result.cache_hit else "built"
-        print(f"{result.firmware.path} ({what}, {result.seconds:.1f} s)")
+        print(f"{path} ({'cache hit' if cache_hit else 'built'}, {seconds:.1f} s)")
     return EXIT_OK
 
 
 def _cmd_build_qemu(args: argparse.Namespace) -> int:
     result = _build_qemu(args, rebuild=args.rebuild)
-    if args.json:
-        _print_json({
-            "qemu": str(result.qemu.binary),
-            "qemu_dir": str(result.qemu.path),
-            "cache_hit": result.cache_hit,
-            "key": result.qemu.key,
-            "seconds": round(result.seconds, 3),
-        })
-    else:
-        what = "cache hit" if result.cache_hit else "built"
-        print(f"{result.qemu.binary} ({what}, {result.seconds:.1f} s)")
-    return EXIT_OK
+    return _print_build(args, result.qemu.binary, {"qemu": str(result.qemu.binary),
+                                                   "qemu_dir": str(result.qemu.path)},
+                        result.qemu.key, result.cache_hit, result.seconds)
 
 
 def _build_qemu(args: argparse.Namespace, rebuild: bool = False) -> qemu.QemuBuildResult:
@@ -428,12 +427,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_status
     except KeyboardInterrupt:
         print(f"ebs-harness {args.command}: interrupted", file=sys.stderr)
-        return EXIT_ENVIRONMENT
+        return EXIT_INTERRUPTED
     except OSError as exc:
         # Paths the user names are checked where they are read (exit 2);
         # anything else failing here is the machine's.
         print(f"ebs-harness {args.command}: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: say where, never exit 1
+        saved = _save_traceback(args.command)
+        print(f"ebs-harness {args.command}: internal error ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else 'no message'}); a bug of "
+              f"ebs-harness, traceback in {saved}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _save_traceback(command: str) -> Path:
+    """Write the current exception's traceback where the user will find it:
+    ``EBS_HARNESS_CACHE/crashes/`` (the cache root, else the system's temp
+    directory)."""
+    import traceback
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for directory in (cache.cache_root() / "crashes", Path(tempfile.gettempdir())):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / f"ebs-harness-{command}-{stamp}-{os.getpid()}.txt"
+            path.write_text(f"ebs-harness {command}: {' '.join(sys.argv)}\n\n"
+                            + traceback.format_exc())
+            return path
+        except OSError:
+            continue
+    return Path("(nowhere: no writable directory)")
 
 
 if __name__ == "__main__":

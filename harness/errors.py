@@ -30,6 +30,9 @@ EXIT_OK = 0
 EXIT_VIOLATION = 1
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
+#: A bug of the harness's own: never 1, which says the firmware broke a rule.
+EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130
 
 
 class HarnessError(Exception):

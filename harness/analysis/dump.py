@@ -1,7 +1,7 @@
 """QEMU memory dumps -> page tables, the IoMmuDxe mapping list, canary hits.
 
 The dump is what QMP ``dump-guest-memory`` writes with ``paging=false``
-(design.md section 7): an ELF64 core with one ``PT_NOTE`` (``CORE``
+(QEMU 7.2, ``dump/dump.c``): an ELF64 core with one ``PT_NOTE`` (``CORE``
 NT_PRSTATUS and ``QEMU`` QEMUCPUState notes per CPU) and one ``PT_LOAD``
 per RAM block, ``p_paddr`` the guest-physical address. The file is read
 through ``mmap``, so memory use does not grow with the dump; every offset
@@ -516,7 +516,7 @@ def split_by_design(ranges: Sequence[SharedRange]
 
 @dataclass(frozen=True)
 class MapRecord:
-    """A MAP_INFO on the IoMmuDxe list (design.md section 7)."""
+    """A MAP_INFO on the IoMmuDxe list, as edk2 2022.11's ``AmdSevIoMmu.c`` lays it out."""
 
     addr: int
     operation: int

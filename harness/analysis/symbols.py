@@ -7,8 +7,8 @@ OVMF prints one line per image it loads::
 
 The build leaves ``modules/<Name>.debug`` (ELF with DWARF) and
 ``modules/<Name>.map`` (GNU ld map) in the firmware directory. Symbol values
-in both are RVAs: runtime address = load base + ``st_value``
-(design.md section 7). A module whose ``_ModuleEntryPoint`` RVA disagrees with
+in both are RVAs: runtime address = load base + ``st_value`` (the
+base of the log's "Loading driver at" line). A module whose ``_ModuleEntryPoint`` RVA disagrees with
 ``EntryPoint - base`` in the log belongs to another build: its symbols are
 not used, and addresses in it come out as ``Image+0xoff``.
 """

@@ -20,7 +20,7 @@ half a field is not evidence. Events the parser does not know are kept as
 plain :class:`TraceEvent` (new events keep the version), as are extra
 fields.
 
-The verdicts (design.md section 4) are computed from the :class:`Timeline`
+The verdicts (the README's verdict table) are computed from the :class:`Timeline`
 by :func:`check_timeline`; each :class:`Violation` names its check, the
 handler (symbolized) and the sequence numbers involved.
 """
@@ -682,7 +682,7 @@ def _handler(sym: Symbolizer, begin: NotifyBegin) -> str:
 
 
 def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> list[Violation]:
-    """V1..V4 of design.md section 4, in check order."""
+    """V1..V4 (the README's verdict table), in check order."""
     sym = symbolizer or Symbolizer(timeline.trace.images)
     events = timeline.trace.events
     v1: list[Violation] = []

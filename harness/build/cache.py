@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, ClassVar, Protocol
+from typing import IO, ClassVar, Protocol, Self
 
 from filelock import FileLock, Timeout
 
@@ -62,7 +62,7 @@ from harness.build.series import (
     read_series,
     sync_workspace,
 )
-from harness.errors import BuildError, DependencyError
+from harness.errors import BuildError, DependencyError, UsageError
 
 LOG = logging.getLogger(__name__)
 
@@ -332,6 +332,43 @@ def stop_build(pgid: object, workspace: Path, timeout: float = 10.0) -> None:
                              f"processes {members} of an earlier build would not die")
         time.sleep(0.05)
         members = _group_members(pgid, workspace)
+
+
+# ------------------------------------------------------------ published
+
+
+@dataclass(frozen=True)
+class PublishedDir:
+    """A directory a recipe published: its path and key, read back from its
+    ``manifest.json``. Subclasses name the files that make one whole."""
+
+    path: Path
+    key: str
+
+    #: Files that must exist, relative to the directory.
+    REQUIRED: ClassVar[tuple[str, ...]] = ("manifest.json",)
+    #: What the directory is, and which command makes it, for errors.
+    WHAT: ClassVar[str] = "build directory"
+    MADE_BY: ClassVar[str] = "ebs-harness"
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """The directory at ``path``; UsageError if it is not a whole one."""
+        directory = Path(path).expanduser().resolve()
+        missing = [name for name in cls.REQUIRED if not (directory / name).is_file()]
+        if missing:
+            raise UsageError(f"{directory} is not a {cls.WHAT} from '{cls.MADE_BY}': "
+                             f"{', '.join(missing)} missing")
+        try:
+            key = str(json.loads((directory / "manifest.json").read_text())["key"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{directory}/manifest.json is unreadable: {exc}") from exc
+        return cls(directory, key)
+
+    @property
+    def manifest(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads((self.path / "manifest.json").read_text())
+        return data
 
 
 # -------------------------------------------------------------- builder

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -32,6 +31,7 @@ from typing import ClassVar
 from harness.build.cache import (
     CachedBuilder,
     Progress,
+    PublishedDir,
     SourceProvider,
     as_flag_dict,
     counter,
@@ -221,28 +221,12 @@ def toolchain_versions() -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class Firmware:
+class Firmware(PublishedDir):
     """A built firmware directory (see the module docstring for its layout)."""
 
-    path: Path
-    key: str
-
-    REQUIRED = ("OVMF_CODE.fd", "OVMF_VARS.fd", "manifest.json")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Firmware:
-        """A firmware directory made by ``ebs-harness build``; UsageError if it is not one."""
-        directory = Path(path).expanduser().resolve()
-        missing = [name for name in cls.REQUIRED if not (directory / name).is_file()]
-        if missing:
-            raise UsageError(f"{directory} is not a firmware directory from "
-                             f"'ebs-harness build': {', '.join(missing)} missing")
-        try:
-            manifest = json.loads((directory / "manifest.json").read_text())
-            key = str(manifest["key"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{directory}/manifest.json is unreadable: {exc}") from exc
-        return cls(directory, key)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("OVMF_CODE.fd", "OVMF_VARS.fd", "manifest.json")
+    WHAT: ClassVar[str] = "firmware directory"
+    MADE_BY: ClassVar[str] = "ebs-harness build"
 
     @property
     def code(self) -> Path:
@@ -251,11 +235,6 @@ class Firmware:
     @property
     def vars(self) -> Path:
         return self.path / "OVMF_VARS.fd"
-
-    @property
-    def manifest(self) -> dict[str, object]:
-        data: dict[str, object] = json.loads((self.path / "manifest.json").read_text())
-        return data
 
     @property
     def debug_on_serial(self) -> bool:

@@ -20,7 +20,6 @@ binary links (glib, pixman, slirp).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ from typing import ClassVar
 from harness.build.cache import (
     CachedBuilder,
     Progress,
+    PublishedDir,
     SourceProvider,
     as_flag_dict,
     tool_versions,
@@ -121,35 +121,16 @@ def debian_source() -> DebianSourcePackage:
 
 
 @dataclass(frozen=True)
-class QemuBuild:
+class QemuBuild(PublishedDir):
     """A built QEMU directory (see the module docstring for its layout)."""
 
-    path: Path
-    key: str
-
-    @classmethod
-    def load(cls, path: str | Path) -> QemuBuild:
-        """A directory made by ``ebs-harness build-qemu``; UsageError if it is not one."""
-        directory = Path(path).expanduser().resolve()
-        missing = [name for name in (f"bin/{BINARY}", "manifest.json")
-                   if not (directory / name).is_file()]
-        if missing:
-            raise UsageError(f"{directory} is not a QEMU directory from "
-                             f"'ebs-harness build-qemu': {', '.join(missing)} missing")
-        try:
-            key = str(json.loads((directory / "manifest.json").read_text())["key"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{directory}/manifest.json is unreadable: {exc}") from exc
-        return cls(directory, key)
+    REQUIRED: ClassVar[tuple[str, ...]] = (f"bin/{BINARY}", "manifest.json")
+    WHAT: ClassVar[str] = "QEMU directory"
+    MADE_BY: ClassVar[str] = "ebs-harness build-qemu"
 
     @property
     def binary(self) -> Path:
         return self.path / "bin" / BINARY
-
-    @property
-    def manifest(self) -> dict[str, object]:
-        data: dict[str, object] = json.loads((self.path / "manifest.json").read_text())
-        return data
 
 
 @dataclass(frozen=True)
@@ -232,6 +213,7 @@ def build_qemu(*, rebuild: bool = False, progress: Progress | None = None,
     """Build (or reuse from the cache) the harness's QEMU; ``seconds`` counts
     everything, the key's inputs included."""
     start = time.monotonic()
-    builder = QemuBuilder(progress=progress, **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("series_dir", SERIES_DIR)
+    builder = QemuBuilder(debian_source(), progress=progress, **kwargs)  # type: ignore[arg-type]
     result = builder.qemu(rebuild=rebuild)
     return dataclasses.replace(result, seconds=time.monotonic() - start)

@@ -5,7 +5,7 @@ Each log is ``base/ovmf-stock-boot.log`` (a trimmed real boot log of the stock
 edk2 2022.11 DEBUG build: real "Loading driver at" lines, so real addresses
 that symbolize against that build) with ``EBST`` lines of trace format v1
 inserted where the patched firmware prints them, and an EBS sequence at the
-end that follows design.md section 4 (TPL_CALLBACK FIFO queue, re-signalled
+end that follows the DXE core's dispatch rules (TPL_CALLBACK FIFO queue, re-signalled
 events appended at its tail). Run it from anywhere; it rewrites the
 ``synthetic-*.log`` files next to it and nothing else.
 """

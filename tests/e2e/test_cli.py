@@ -1,4 +1,4 @@
-"""The command line on real boots: exit statuses and JSON of design.md section 5.
+"""The command line on real boots: exit statuses and JSON as the README promises them.
 
 Each test runs ``python -m harness`` as a user would, with the session's
 firmware, and reads back what it printed and left in its artifacts.
@@ -140,3 +140,30 @@ def _qemu_running(artifacts: Path) -> bool:
     out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True,
                          check=False).stdout
     return str(artifacts) in out
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (("--sev", "bogus"), "argument --sev: invalid choice: 'bogus'"),
+    (("--sev", "emulated", "--accel", "kvm"), "--sev emulated runs under TCG: drop --accel kvm"),
+    (("--sev", "emulated", "--host", "ssh://nobody@127.0.0.1"),
+     "--sev emulated runs on this host"),
+], ids=["unknown-mode", "with-kvm", "with-host"])
+def test_boot_bad_sev_options_exit_2_with_one_line(options: tuple[str, ...],
+                                                   message: str) -> None:
+    proc = _cli("boot", *options)
+    assert proc.returncode == 2 and proc.stdout == ""
+    # the last line says what is wrong (argparse puts its usage above it)
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_boot_emulated_on_a_qemu_without_the_emulation_exits_2_before_any_build(
+        host_caps: HostCaps, tmp_path: Path) -> None:
+    """Debian's QEMU asked for --sev emulated: one line saying why, exit 2,
+    before the firmware is even looked at (a firmware path that does not
+    exist would otherwise be the error)."""
+    proc = _cli("boot", "--sev", "emulated", "--qemu", host_caps.qemu, "--firmware",
+                str(tmp_path / "no-such-firmware"))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("ebs-harness boot: --sev emulated: not available: ")
+    assert "has no emulated SEV" in proc.stderr and "build-qemu" in proc.stderr

@@ -81,6 +81,6 @@ class Core:
 
 def map_info(addr: int, flink: int, blink: int, op: int = 1, pages: int = 1,
              crypted: int = 0, plain: int = 0, signature: bytes = b"MAP_INFO") -> bytes:
-    """A 64-byte MAP_INFO (design.md section 7) as IoMmuDxe lays it out."""
+    """A 64-byte MAP_INFO as IoMmuDxe (edk2 2022.11 ``AmdSevIoMmu.c``) lays it out."""
     return struct.pack("<8sQQI4xQQQQ", signature, flink, blink, op, pages * PAGE, pages,
                        crypted, plain)

@@ -13,7 +13,7 @@ import pytest
 from coredump import Core
 
 from harness import cli
-from harness.analysis import report
+from harness.analysis import report, trace
 from harness.analysis.trace import analyze_log
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -174,3 +174,33 @@ def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1200, 800)
     assert len(data) > 20_000          # a drawn page, not a blank one
+
+
+def test_a_bug_of_ours_exits_4_naming_the_traceback(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Never 1 (a firmware violation): an unexpected exception is exit 4, one
+    line, the traceback kept in the cache's crashes/ directory."""
+    monkeypatch.setenv("EBS_HARNESS_CACHE", str(tmp_path))
+
+    def broken(*_args: object, **_kwargs: object) -> object:
+        raise RuntimeError("an internal inconsistency")
+
+    monkeypatch.setattr(trace, "analyze_log", broken)
+    status = cli.main(["analyze-log", str(DATA / "callback-depth2.log")])
+    err = capsys.readouterr().err
+    assert status == 4 and err.count("\n") == 1
+    assert err.startswith("ebs-harness analyze-log: internal error (RuntimeError: an internal "
+                          "inconsistency); a bug of ebs-harness, traceback in ")
+    saved = Path(err.rsplit("traceback in ", 1)[1].strip())
+    assert saved.parent == tmp_path / "crashes" and "Traceback" in saved.read_text()
+
+
+def test_interrupted_exits_130(monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(*_args: object, **_kwargs: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trace, "analyze_log", interrupted)
+    assert cli.main(["analyze-log", str(DATA / "callback-depth2.log")]) == 130
+    assert capsys.readouterr().err == "ebs-harness analyze-log: interrupted\n"
