@@ -98,6 +98,8 @@ def _cmd_host_check(args: argparse.Namespace) -> int:
         if caps.cbitpos is not None:
             print(f"{'SEV':12} cbitpos {caps.cbitpos}, "
                   f"reduced-phys-bits {caps.reduced_phys_bits}")
+        print(f"{'memlock':12} {'yes' if caps.memlock.available else 'no ':3}  "
+              f"{caps.memlock.reason}")
     # Usable when at least one accelerator runs firmware.
     return EXIT_OK if caps.tcg.available or caps.kvm.available else EXIT_ENVIRONMENT
 

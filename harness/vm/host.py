@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError, UsageError
+from harness.vm import limits
 from harness.vm.machine import MachineConfig, QemuMachine, SevConfig, die_with_parent
 
 LOG = logging.getLogger(__name__)
@@ -285,6 +286,9 @@ class HostCaps:
     sev_emulated: Capability = Capability(False, "not probed")
     emulated_cbitpos: int | None = None
     emulated_reduced_phys_bits: int | None = None
+    #: Whether this user may lock the memory of the largest SEV guest the
+    #: suite boots (KVM pins a SEV guest's RAM).
+    memlock: Capability = Capability(False, "not probed")
 
     def capability(self, name: str) -> Capability:
         """By marker name: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``,
@@ -342,13 +346,16 @@ def resolve_accel(option: str, caps: HostCaps) -> str:
 
 
 def _boot_probe(qemu: str, accel: str, code: Path, vars_template: Path,
-                need_output: bool, timeout: float) -> Capability:
-    """Run the firmware under ``accel``; proven by serial output, or (when
+                need_output: bool, timeout: float, sev: SevConfig | None = None) -> Capability:
+    """Run the firmware under ``accel`` (as a ``sev`` guest when given: the
+    launch checks ``query-sev``); proven by serial output, or (when
     ``need_output`` is false) by running ``timeout`` seconds without error."""
     config = MachineConfig(code=code, vars_template=vars_template, accel=accel,
-                           qemu=qemu, debugcon=False, memory_mib=128)
-    with tempfile.TemporaryDirectory(prefix=f"ebs-probe-{accel}-") as tmp:
-        vm = QemuMachine(config, Path(tmp), name=f"probe-{accel}", launch_timeout=15)
+                           qemu=qemu, debugcon=False, memory_mib=128, sev=sev,
+                           serial_input=False)
+    what = accel if sev is None else sev.mode
+    with tempfile.TemporaryDirectory(prefix=f"ebs-probe-{what}-") as tmp:
+        vm = QemuMachine(config, Path(tmp), name=f"probe-{what}", launch_timeout=15)
         started = time.monotonic()
         try:
             with vm:
@@ -407,6 +414,26 @@ def _qmp_sev_capabilities(qemu: str, accel: str = "kvm") -> SevCapabilities | st
         finally:
             proc.kill()
             proc.wait()
+
+
+#: The largest guest the suite boots under SEV (the Linux guest), whose
+#: memory KVM must be allowed to pin.
+LARGEST_SEV_GUEST_MIB = 512
+
+
+def sev_proven(claimed: Capability, memlock: str | None, boot: Capability | None
+               ) -> Capability:
+    """SEV (or SEV-ES) as the parameters and QMP claim it, then as this host
+    can really launch it: within the locked-memory limit, and a guest booted
+    (a pure decision). ``boot`` None: not tried (the claim already failed)."""
+    if not claimed.available:
+        return claimed
+    if memlock is not None:
+        return Capability(False, memlock)
+    if boot is None or not boot.available:
+        why = boot.reason if boot is not None else "not tried"
+        return Capability(False, f"{claimed.reason}, but a guest did not boot: {why}")
+    return Capability(True, f"{claimed.reason}; {boot.reason}")
 
 
 def emulated_sev_verdict(tcg: Capability, qmp: SevCapabilities | str, qemu: str,
@@ -469,6 +496,22 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
     if params and params.get("sev") and dev_sev and kvm.available:
         qmp = _qmp_sev_capabilities(path)
     sev, sev_es, snp = sev_verdicts(params, dev_sev, cpuid, flags, kvm, qmp, version)
+    memlock = limits.memlock_problem(limits.current(),
+                                     limits.sev_memlock_bytes(LARGEST_SEV_GUEST_MIB))
+    memlock_cap = Capability(memlock is None, memlock or (
+        f"{limits.current().describe()}: enough for SEV guests of {LARGEST_SEV_GUEST_MIB} MiB"))
+    if isinstance(qmp, SevCapabilities) and (sev.available or sev_es.available):
+        # Claimed: now launch it, as the nightly's first guest would.
+        boots: dict[str, Capability | None] = {}
+        for mode, claimed in (("sev", sev), ("sev-es", sev_es)):
+            boots[mode] = None
+            if claimed.available and memlock is None:
+                boots[mode] = _boot_probe(
+                    path, "kvm", code, vars_template, need_output=True, timeout=kvm_timeout,
+                    sev=SevConfig(mode, qmp.cbitpos, qmp.reduced_phys_bits))
+        sev = sev_proven(sev, memlock, boots["sev"])
+        sev_es = (sev_proven(sev_es, memlock, boots["sev-es"]) if sev.available
+                  else Capability(False, f"needs SEV: {sev.reason}"))
     emulation = _qmp_sev_capabilities(path, "tcg") if tcg.available else "TCG is not usable"
     sev_emulated = emulated_sev_verdict(tcg, emulation, path, version)
     emulated = emulation if isinstance(emulation, SevCapabilities) and sev_emulated else None
@@ -479,7 +522,8 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
         reduced_phys_bits=qmp.reduced_phys_bits if isinstance(qmp, SevCapabilities) else None,
         sev_emulated=sev_emulated,
         emulated_cbitpos=emulated.cbitpos if emulated else None,
-        emulated_reduced_phys_bits=emulated.reduced_phys_bits if emulated else None)
+        emulated_reduced_phys_bits=emulated.reduced_phys_bits if emulated else None,
+        memlock=memlock_cap)
     LOG.info("host: %s", caps)
     return caps
 

@@ -49,6 +49,7 @@ from typing import Any, Self, TextIO, TypeVar
 from qemu.qmp import ExecuteError, QMPClient
 
 from harness.errors import LaunchError, QmpError, UsageError
+from harness.vm import limits
 from harness.vm.console import Console, debug_console, serial_console, tail_lines
 
 LOG = logging.getLogger(__name__)
@@ -833,6 +834,10 @@ class QemuMachine(GuestMachine):
         for stale in (self.serial_log, self.debugcon_log):
             stale.unlink(missing_ok=True)
 
+        if self.config.sev is not None and not self.config.sev.emulated:
+            problem = limits.ensure_memlock(limits.sev_memlock_bytes(self.config.memory_mib))
+            if problem:
+                raise LaunchError(problem, None, self.command)
         self._transcript = open(self.qmp_log, "w", encoding="utf-8")  # noqa: SIM115
         self._stderr = open(self.stderr_log, "wb")  # noqa: SIM115
         self.log.info("launching: %s", shlex.join(self.command))
@@ -871,8 +876,11 @@ class QemuMachine(GuestMachine):
             exitcode = self.process.poll()
             if exitcode is not None:
                 self.exitcode = exitcode
-                raise LaunchError(f"QEMU exited with status {exitcode}", exitcode,
-                                  self.command, self._stderr_text())
+                stderr = self._stderr_text()
+                why = sev_launch_reason(stderr) if self.config.sev is not None else None
+                raise LaunchError(f"QEMU exited with status {exitcode}"
+                                  + (f": {why}" if why else ""), exitcode, self.command,
+                                  stderr)
             if path.exists():
                 qmp = _Qmp(f"{self.name}-qmp", self._transcript, self.log)
                 try:
@@ -947,6 +955,41 @@ class QemuMachine(GuestMachine):
                 self._sock_dir = None
             if self.exitcode is not None:
                 self.log.info("QEMU exited with status %s", self.exitcode)
+
+
+#: What QEMU 7.2's ``target/i386/sev.c`` prints when a SEV launch fails, and
+#: what to do about it: ``(pattern, reason)``.
+SEV_LAUNCH_FAILURES: tuple[tuple[str, str], ...] = (
+    (r"failed to register region .*Cannot allocate memory",
+     "KVM could not pin the guest's memory: RLIMIT_MEMLOCK is too low for this user; "
+     + limits.HOW_TO_GRANT),
+    (r"Failed to open /dev/sev 'Permission denied'",
+     ("/dev/sev is not read/writable by this user: add the user to the group that owns "
+      "/dev/sev (or run as root)")),
+    (r"Failed to open /dev/sev",
+     "/dev/sev cannot be opened: is the ccp driver loaded with the PSP firmware?"),
+    (r"failed to initialize ret=-16",
+     ("KVM_SEV_INIT got EBUSY: no free SEV ASID (all in use by other guests, or the BIOS "
+      "reserves none for this kind: check the SEV / SEV-ES ASID settings)")),
+    (r"failed to initialize ret=",
+     "KVM_SEV_INIT failed: the SEV firmware refused the guest (see QEMU's message)"),
+    (r"host SEV-ES support unavailable",
+     "the SEV firmware has no SEV-ES (CONFIG_ES): update the PSP firmware, or run plain SEV"),
+    (r"SEV-ES guests require in-kernel irqchip",
+     "SEV-ES needs KVM's in-kernel irqchip (do not pass kernel-irqchip=off)"),
+    (r"cbitpos check failed",
+     "the sev-guest cbitpos does not match the host's C-bit (query-sev-capabilities)"),
+    (r"reduced_phys_bits check failed",
+     "reduced-phys-bits must be at least 1"),
+)
+
+
+def sev_launch_reason(stderr: str) -> str | None:
+    """The remedy for a SEV launch QEMU refused, from its stderr, or None."""
+    for pattern, reason in SEV_LAUNCH_FAILURES:
+        if re.search(pattern, stderr):
+            return reason
+    return None
 
 
 #: ``query-sev`` ``state`` before ``cont`` and after: QEMU 7.2 measures the

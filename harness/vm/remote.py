@@ -52,7 +52,7 @@ from harness.errors import (
     LaunchError,
     UsageError,
 )
-from harness.vm import host, machine
+from harness.vm import host, limits, machine
 from harness.vm.console import Console, FileFollower, debug_console
 from harness.vm.ssh import ClientKey, GuestSsh, free_port
 
@@ -369,7 +369,12 @@ class RemoteMachine(machine.GuestMachine):
         assert transport is not None
         self.log.info("launching on %s: %s", self.session.address, shlex.join(self.command))
         self._channel = transport.open_session(timeout=30)
-        self._channel.exec_command("exec sh -c " + shlex.quote(WRAPPER) + " wrapper "
+        # KVM pins a SEV guest's memory: raise the locked-memory limit first
+        # where the remote hard limit allows (QEMU's refusal explains the rest).
+        ulimit = ""
+        if config.sev is not None and not config.sev.emulated:
+            ulimit = limits.ulimit_command(limits.sev_memlock_bytes(config.memory_mib)) + "; "
+        self._channel.exec_command(ulimit + "exec sh -c " + shlex.quote(WRAPPER) + " wrapper "
                                    + shlex.join([self.remote_dir, *self.command]))
         for name, local in self._logs().items():
             channel = transport.open_session(timeout=30)
@@ -402,8 +407,12 @@ class RemoteMachine(machine.GuestMachine):
             if not self.is_running():
                 assert self._channel is not None
                 self.exitcode = self._channel.recv_exit_status()
-                raise LaunchError(f"remote QEMU exited with status {self.exitcode}",
-                                  self.exitcode, self.command, self._fetch_stderr())
+                stderr = self._fetch_stderr()
+                why = (machine.sev_launch_reason(stderr) if self.config.sev is not None
+                       else None)
+                raise LaunchError(f"remote QEMU exited with status {self.exitcode}"
+                                  + (f": {why}" if why else ""), self.exitcode, self.command,
+                                  stderr)
             if self.session.run(f"test -S {shlex.quote(str(sock))}", check=False)[0] == 0:
                 break
             if time.monotonic() > deadline:
