@@ -66,6 +66,7 @@ MARKERS = {
     "kvm": "the test needs usable KVM (proven by booting firmware; skipped otherwise)",
     "sev": "the test needs an AMD SEV host (kvm_amd sev=1, /dev/sev, QEMU sev-guest)",
     "sev_es": "the test needs an AMD SEV-ES host (kvm_amd sev_es=1 on top of SEV)",
+    "snp": "the test needs an AMD SEV-SNP host and a QEMU >= 9.1 (--qemu)",
     "sev_emulated": ("the test runs under the emulated SEV of the harness's QEMU (built once "
                      "per session, cached); a QEMU without it fails the test"),
 }

@@ -60,8 +60,9 @@ class Scenario:
         virtio-net is among the devices).
     :param emulation: IOMMU emulation mode (default: when SEV is off).
     :param accel: ``auto``, ``tcg`` or ``kvm``.
-    :param sev: ``off``, ``sev``, ``sev-es`` (KVM on a SEV host) or
-        ``emulated`` (TCG on the harness's QEMU, ``docs/emulated-sev.md``).
+    :param sev: ``off``, ``sev``, ``sev-es``, ``snp`` (KVM on a SEV host; SNP
+        with a QEMU >= 9.1) or ``emulated`` (TCG on the harness's QEMU,
+        ``docs/emulated-sev.md``).
     :param dump: take a memory dump once the probe parked.
     :param memory_mib: guest RAM.
     :param timeout: seconds from QEMU's start to the park.
@@ -207,7 +208,7 @@ def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machin
     SEV the host proved, the firmware's knobs."""
     sev = host.sev_config(scenario.sev, caps)
     return machine.MachineConfig(
-        code=firmware.code,
+        code=firmware.combined if sev is not None and sev.snp else firmware.code,
         vars_template=firmware.vars,
         accel=sev.accel if sev is not None else host.resolve_accel(scenario.accel, caps),
         sev=sev,

@@ -58,7 +58,11 @@ class Mirror:
         return self.uri.rstrip("/").endswith("-security")
 
     def suites(self, release: str) -> tuple[str, ...]:
-        """The suites of ``release`` this archive serves."""
+        """The suites of ``release`` this archive serves: a release
+        (``bookworm``) with its updates and security suites, or one suite as
+        named (``bookworm-backports``, on the main archive only)."""
+        if "-" in release:
+            return () if self.security else (release,)
         if self.security:
             return (f"{release}-security",)
         return (release, f"{release}-updates")
@@ -102,10 +106,16 @@ class PrivateApt:
 
     :param mirrors: the archives to ask (default: the host's, from
         :func:`host_mirrors`).
+    :param kind: ``deb-src`` (source packages) or ``deb`` (binary packages,
+        downloaded and unpacked, never installed).
     """
 
-    def __init__(self, root: Path, mirrors: Sequence[Mirror] | None = None) -> None:
+    def __init__(self, root: Path, mirrors: Sequence[Mirror] | None = None,
+                 kind: str = "deb-src") -> None:
+        if kind not in ("deb-src", "deb"):
+            raise ValueError(f"apt entry kind {kind!r}")
         self.root = root
+        self.kind = kind
         self._mirrors = list(mirrors) if mirrors is not None else None
 
     @property
@@ -118,13 +128,13 @@ class PrivateApt:
         return self._mirrors
 
     def sources_list(self, releases: Sequence[str]) -> str:
-        """``deb-src`` lines for ``releases`` on every mirror."""
+        """``deb-src`` (or ``deb``) lines for ``releases`` on every mirror."""
         lines = []
         for mirror in self.mirrors:
             options = f"[signed-by={mirror.signed_by}] " if mirror.signed_by else ""
             for release in releases:
                 for suite in mirror.suites(release):
-                    lines.append(f"deb-src {options}{mirror.uri} {suite} main")
+                    lines.append(f"{self.kind} {options}{mirror.uri} {suite} main")
         return "\n".join(lines) + "\n"
 
     def options(self) -> list[str]:
@@ -194,6 +204,42 @@ class PrivateApt:
                           spec], cwd=Path(tmp), what=f"apt-get source {spec}")
                 for item in Path(tmp).iterdir():
                     os.replace(item, dest / item.name)
+
+    def download_binaries(self, packages: Sequence[str], version: str, release: str,
+                          dest: Path, progress: Progress) -> list[Path]:
+        """``apt-get download package=version ...`` into ``dest``: the
+        ``.deb`` files, to unpack with ``dpkg-deb -x`` (nothing is installed).
+
+        :raises DependencyError: no archive of the host's has that version.
+        """
+        specs = [f"{package}={version}" for package in packages]
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / "lock")):
+            stale = self._prepare([release])
+            have = all(self._has_binary(p, version) for p in packages)
+            if stale or not have:
+                progress.phase("fetch", f"apt-get update ({', '.join(self._release_suites(release))})")
+                self.update()
+            missing = [p for p in packages if not self._has_binary(p, version)]
+            if missing:
+                raise DependencyError(
+                    f"no Debian archive of this host ({', '.join(m.uri for m in self.mirrors)}) "
+                    f"has {', '.join(missing)} {version} ({release})")
+            progress.phase("fetch", f"apt-get download {' '.join(specs)}")
+            dest.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
+                run_tool(["apt-get", *self.options(), "download", "-q", *specs], cwd=Path(tmp),
+                         what=f"apt-get download {' '.join(specs)}")
+                found = []
+                for item in sorted(Path(tmp).iterdir()):
+                    os.replace(item, dest / item.name)
+                    found.append(dest / item.name)
+        return found
+
+    def _has_binary(self, package: str, version: str) -> bool:
+        proc = subprocess.run(["apt-cache", *self.options(), "show", f"{package}={version}"],
+                              capture_output=True, text=True, check=False)
+        return proc.returncode == 0 and f"\nVersion: {version}\n" in f"\n{proc.stdout}"
 
     def _release_suites(self, release: str) -> list[str]:
         return [suite for mirror in self.mirrors for suite in mirror.suites(release)]

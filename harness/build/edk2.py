@@ -237,6 +237,11 @@ class Firmware(PublishedDir):
         return self.path / "OVMF_VARS.fd"
 
     @property
+    def combined(self) -> Path:
+        """OVMF.fd, code and variables in one image (SEV-SNP boots it with ``-bios``)."""
+        return self.path / "OVMF.fd"
+
+    @property
     def debug_on_serial(self) -> bool:
         """Built with ``-D DEBUG_ON_SERIAL_PORT``: the trace is on the serial port."""
         flags = self.manifest.get("flags")

@@ -35,12 +35,18 @@ from harness.build.cache import (
     CachedBuilder,
     Progress,
     PublishedDir,
+    QuietProgress,
     SourceProvider,
     as_flag_dict,
+    cache_root,
+    locked,
+    publishing,
+    short_hash,
     tool_versions,
 )
-from harness.build.debian import DebianSourcePackage
+from harness.build.debian import DebianSourcePackage, PrivateApt
 from harness.errors import UsageError
+from harness.tools import run_tool
 
 LOG = logging.getLogger(__name__)
 
@@ -206,6 +212,39 @@ class QemuBuilder(CachedBuilder):
         # A killed compiler may leave an object newer than its source: start
         # the build directory afresh.
         shutil.rmtree(tree / BUILD_DIR, ignore_errors=True)
+
+
+#: A QEMU that can launch SEV-SNP guests (``sev-snp-guest``, QEMU >= 9.1):
+#: Debian's from bookworm-backports, unpacked (never installed) under the
+#: cache; it runs on Debian 12's libraries.
+NEWER_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data")
+NEWER_VERSION = "1:10.0.2+ds-2+deb13u1~bpo12+1"
+NEWER_RELEASE = "bookworm-backports"
+
+
+def fetch_newer_qemu(progress: Progress | None = None) -> Path:
+    """The ``qemu-system-x86_64`` of :data:`NEWER_VERSION`, downloaded
+    through the harness's own apt configuration and unpacked once into
+    ``qemu-backports/`` of the cache; its data files sit beside it."""
+    progress = progress or QuietProgress()
+    root = cache_root()
+    final = root / "qemu-backports" / short_hash(NEWER_VERSION)
+    binary = final / "usr" / "bin" / BINARY
+    if binary.is_file():
+        return binary
+    with locked(root / "locks" / f"qemu-backports-{final.name}.lock", progress,
+                "the newer QEMU"):
+        if binary.is_file():
+            return binary
+        debs = PrivateApt(root / "apt-bin", kind="deb").download_binaries(
+            NEWER_PACKAGES, NEWER_VERSION, NEWER_RELEASE, root / "downloads" / "binaries",
+            progress)
+        with publishing(final) as tmp:
+            for deb in debs:
+                run_tool(["dpkg-deb", "-x", str(deb), str(tmp)], what=f"unpacking {deb.name}")
+            (tmp / "version").write_text(NEWER_VERSION + "\n")
+        progress.phase("publish", str(final))
+    return binary
 
 
 def build_qemu(*, rebuild: bool = False, progress: Progress | None = None,

@@ -243,7 +243,12 @@ def sev_verdicts(params: Mapping[str, bool | None] | None, dev_sev: bool,
         if value is None:
             return Capability(False, f"kvm_amd has no {param} parameter")
         if not value:
-            return Capability(False, f"kvm_amd {param}=N (set kvm_amd.{param}=1)")
+            # The kernel writes back what it really enabled: N despite the
+            # option means it turned the feature off itself.
+            return Capability(False, f"kvm_amd {param}=N: set kvm_amd.{param}=1; if it is set "
+                                     "already, the kernel turned it off (no ASIDs for it "
+                                     "from the BIOS, or a missing CPU feature: dmesg | grep "
+                                     "-i sev)")
         if not dev_sev:
             return Capability(False, "no /dev/sev (ccp driver / PSP firmware missing)")
         if not kvm.available:
@@ -258,10 +263,12 @@ def sev_verdicts(params: Mapping[str, bool | None] | None, dev_sev: bool,
 
     sev = verdict("SEV", "sev", "sev", "sev", None)
     sev_es = verdict("SEV-ES", "sev_es", "sev_es", "sev_es", sev)
-    snp = verdict("SEV-SNP", "sev_snp", "sev_snp", "snp", sev_es)
-    if snp.available and not qemu_has_snp(qemu_version):
-        snp = Capability(False, f"QEMU {qemu_version} has no sev-snp-guest "
-                                "(needs 9.1 or later; pass --qemu)")
+    if qemu_version and not qemu_has_snp(qemu_version):
+        # Whatever the host, this QEMU cannot launch an SNP guest.
+        snp = Capability(False, f"needs sev-snp-guest (QEMU >= 9.1): QEMU {qemu_version} has "
+                                "none; pass --qemu with a newer one")
+    else:
+        snp = verdict("SEV-SNP", "sev_snp", "sev_snp", "snp", sev_es)
     return sev, sev_es, snp
 
 
@@ -318,9 +325,9 @@ def sev_config(mode: str, caps: HostCaps, policy: int | None = None) -> SevConfi
         assert caps.emulated_cbitpos is not None and caps.emulated_reduced_phys_bits is not None
         return SevConfig(mode=mode, cbitpos=caps.emulated_cbitpos,
                          reduced_phys_bits=caps.emulated_reduced_phys_bits, policy=policy)
-    if mode not in ("sev", "sev-es"):
-        raise UsageError(f"--sev {mode!r}: off, sev, sev-es or emulated")
-    cap = caps.sev if mode == "sev" else caps.sev_es
+    if mode not in ("sev", "sev-es", "snp"):
+        raise UsageError(f"--sev {mode!r}: off, sev, sev-es, snp or emulated")
+    cap = {"sev": caps.sev, "sev-es": caps.sev_es, "snp": caps.snp}[mode]
     if not cap.available:
         raise UsageError(f"--sev {mode}: not available here: {cap.reason}")
     if caps.cbitpos is None or caps.reduced_phys_bits is None:

@@ -60,7 +60,7 @@ ACCELS = ("tcg", "kvm")
 #: ``emulated``: the harness's QEMU (``ebs-harness build-qemu``) gives a TCG
 #: guest the platform side of plain SEV (``sev-emulated-guest``), with memory
 #: in plaintext.
-SEV_MODES = ("off", "sev", "sev-es", "emulated")
+SEV_MODES = ("off", "sev", "sev-es", "snp", "emulated")
 
 # SEV guest policy bits (AMD SEV API specification, "Guest Policy").
 POLICY_NODBG = 0x01     #: debugging of the guest is disallowed
@@ -69,6 +69,10 @@ POLICY_ES = 0x04        #: SEV-ES is required
 POLICY_NOSEND = 0x08    #: sending the guest to another platform is disallowed
 POLICY_DOMAIN = 0x10    #: the guest must not leave the domain
 POLICY_SEV = 0x20       #: the guest must not be sent to a non-SEV platform
+
+#: SEV-SNP guest policy (SNP firmware ABI, "Guest Policy"): bit 16 SMT
+#: allowed, bit 17 reserved and must be 1 (QEMU's default too).
+SNP_POLICY_DEFAULT = 0x30000
 
 #: QMP events logged and kept for :meth:`QemuMachine.wait_event`.
 WATCHED_EVENTS = ("SHUTDOWN", "STOP", "RESUME", "RESET", "GUEST_PANICKED")
@@ -200,9 +204,13 @@ class SevConfig:
 
     ``sev`` and ``sev-es`` are QEMU's ``sev-guest`` under KVM, whose
     ``cbitpos`` and ``reduced_phys_bits`` must match the host (QMP
-    ``query-sev-capabilities``); ``emulated`` is ``sev-emulated-guest`` under
-    TCG (plain SEV only). ``policy`` defaults to NODBG|NOKS, plus ES for
-    SEV-ES; an explicit policy must agree with the mode about ES.
+    ``query-sev-capabilities``); ``snp`` is ``sev-snp-guest`` (QEMU >= 9.1),
+    whose memory is a memfd backend and whose firmware is one ``-bios``
+    image (KVM's SNP VM type has no read-only memory slots for pflash);
+    ``emulated`` is ``sev-emulated-guest`` under TCG (plain SEV only).
+    ``policy`` defaults to NODBG|NOKS, plus ES for SEV-ES, and to
+    :data:`SNP_POLICY_DEFAULT` for SNP; an explicit SEV policy must agree with
+    the mode about ES.
     """
 
     mode: str
@@ -211,14 +219,17 @@ class SevConfig:
     policy: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("sev", "sev-es", "emulated"):
-            raise ValueError(f"SEV mode {self.mode!r}: sev, sev-es or emulated")
+        if self.mode not in SEV_MODES or self.mode == "off":
+            raise ValueError(f"SEV mode {self.mode!r}: one of {', '.join(SEV_MODES[1:])}")
         if not 32 <= self.cbitpos <= 63:
             raise ValueError(f"cbitpos {self.cbitpos}: not in 32..63")
         if not 1 <= self.reduced_phys_bits <= 63:
             # QEMU's sev-guest refuses 0 ("it should be >=1"), as does ours.
             raise ValueError(f"reduced-phys-bits {self.reduced_phys_bits}: not in 1..63")
-        if self.policy is not None:
+        if self.policy is not None and self.mode == "snp":
+            if not 0 <= self.policy < 1 << 64 or not self.policy & (1 << 17):
+                raise ValueError(f"SNP policy {self.policy:#x}: a u64 with bit 17 set")
+        elif self.policy is not None:
             if not 0 <= self.policy <= 0xFFFFFFFF:
                 raise ValueError(f"policy {self.policy:#x}: not a u32")
             if bool(self.policy & POLICY_ES) != (self.mode == "sev-es"):
@@ -237,12 +248,19 @@ class SevConfig:
 
     @property
     def qom_type(self) -> str:
-        return "sev-emulated-guest" if self.emulated else "sev-guest"
+        return {"emulated": "sev-emulated-guest", "snp": "sev-snp-guest"}.get(self.mode,
+                                                                               "sev-guest")
+
+    @property
+    def snp(self) -> bool:
+        return self.mode == "snp"
 
     @property
     def effective_policy(self) -> int:
         if self.policy is not None:
             return self.policy
+        if self.snp:
+            return SNP_POLICY_DEFAULT
         base = POLICY_NODBG | POLICY_NOKS
         return base | POLICY_ES if self.mode == "sev-es" else base
 
@@ -255,7 +273,8 @@ class SevConfig:
 class MachineConfig:
     """Everything that decides QEMU's command line.
 
-    :param code: the firmware's OVMF_CODE.fd (mapped read-only).
+    :param code: the firmware's OVMF_CODE.fd (mapped read-only); for SEV-SNP
+        the whole image (OVMF.fd), loaded with ``-bios``.
     :param vars_template: OVMF_VARS.fd; each VM runs on its own copy.
     :param accel: ``tcg`` or ``kvm``.
     :param sev: the SEV guest, or None for a plain guest (``sev_mode`` "off").
@@ -377,6 +396,8 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
     machine = "q35"
     if config.sev is not None:
         machine += ",confidential-guest-support=sev0"
+    if config.sev is not None and config.sev.snp:
+        machine += ",memory-backend=ram0"
     argv = [config.qemu, "-name", "ebs-harness,debug-threads=on",
             "-machine", machine, "-accel", config.accel]
     cpu = config.cpu
@@ -390,12 +411,20 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
         argv.append("-no-reboot")
     if config.sev is not None:
         sev = config.sev
+        if sev.snp:
+            # SNP's private memory comes from guest_memfd beside this shared memfd.
+            argv += ["-object", (f"memory-backend-memfd,id=ram0,size={config.memory_mib}M,"
+                                 "share=true")]
         argv += ["-object",
                  (f"{sev.qom_type},id=sev0,cbitpos={sev.cbitpos},"
                  f"reduced-phys-bits={sev.reduced_phys_bits},"
                  f"policy={sev.effective_policy:#x}")]
-    argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_comma(config.code)}",
-             "-drive", f"if=pflash,format=raw,unit=1,file={_comma(paths.vars_copy)}"]
+    if config.sev is not None and config.sev.snp:
+        argv += ["-bios", str(config.code)]
+    else:
+        argv += ["-drive",
+                 f"if=pflash,format=raw,unit=0,readonly=on,file={_comma(config.code)}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={_comma(paths.vars_copy)}"]
     argv += ["-chardev", f"socket,id=qmp0,path={_comma(paths.qmp_socket)},server=on,wait=off",
              "-mon", "chardev=qmp0,mode=control"]
     log = f"logfile={_comma(paths.serial_log)},logappend=off"
@@ -750,7 +779,7 @@ class GuestMachine:
         """``query-sev`` must say SEV is on as ``sev`` asks, in launch ``state``."""
         info = self.qmp("query-sev")
         problem = sev_info_problem(info, sev.effective_policy, emulated=sev.emulated,
-                                   state=state)
+                                   state=None if sev.snp else state, snp=sev.snp)
         if problem:
             raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command,
                               self._stderr_text())
@@ -834,7 +863,7 @@ class QemuMachine(GuestMachine):
         for stale in (self.serial_log, self.debugcon_log):
             stale.unlink(missing_ok=True)
 
-        if self.config.sev is not None and not self.config.sev.emulated:
+        if self.config.sev is not None and self.config.sev.mode in ("sev", "sev-es"):
             problem = limits.ensure_memlock(limits.sev_memlock_bytes(self.config.memory_mib))
             if problem:
                 raise LaunchError(problem, None, self.command)
@@ -1001,24 +1030,37 @@ SEV_STATE_RUNNING = "running"
 
 
 def sev_info_problem(info: Mapping[str, Any], policy: int, *, emulated: bool = False,
-                     state: str | None = None) -> str | None:
+                     state: str | None = None, snp: bool = False) -> str | None:
     """Why a ``query-sev`` reply (QAPI ``SevInfo``) is not SEV with ``policy``.
 
     None when ``enabled`` is true, the policy matches, the launch is in
     ``state`` (when given), and the reply's ``emulated`` mark (the harness's
     QEMU; absent in other QEMUs, meaning false) is what was asked: a real SEV
     test never runs on an emulation, and an emulated one never on a plain
-    guest.
+    guest. ``snp``: QEMU 9.1's reply (``sev-type`` ``sev-snp`` and its
+    ``snp-policy``).
     """
     if not info.get("enabled"):
         return "query-sev says enabled=false"
     if state is not None and info.get("state") != state:
         return f"query-sev state {info.get('state')!r}, expected {state!r}"
+    if snp:
+        # QEMU >= 9.1: SevInfo is a union on sev-type; SNP's policy is a u64.
+        if info.get("sev-type") != "sev-snp":
+            return f"query-sev sev-type {info.get('sev-type')!r}, expected 'sev-snp'"
+        got = info.get("snp-policy")
+        if got != policy:
+            shown = f"{got:#x}" if isinstance(got, int) else repr(got)
+            return f"query-sev snp-policy {shown}, expected {policy:#x}"
+        return None
     got = info.get("policy")
     if got != policy:
         shown = f"{got:#x}" if isinstance(got, int) else repr(got)
         return f"query-sev policy {shown}, expected {policy:#x}"
     is_emulated = bool(info.get("emulated", False))
+    if not emulated and not is_emulated and (info.get("api-major"), info.get("api-minor")) \
+            == (0, 0):
+        return "query-sev says SEV API 0.0: no SEV firmware answered the launch"
     if is_emulated != emulated:
         return ("query-sev says the SEV is emulated (sev-emulated-guest), not real"
                 if is_emulated else "query-sev does not say emulated=true")

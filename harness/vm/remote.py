@@ -372,7 +372,7 @@ class RemoteMachine(machine.GuestMachine):
         # KVM pins a SEV guest's memory: raise the locked-memory limit first
         # where the remote hard limit allows (QEMU's refusal explains the rest).
         ulimit = ""
-        if config.sev is not None and not config.sev.emulated:
+        if config.sev is not None and config.sev.mode in ("sev", "sev-es"):
             ulimit = limits.ulimit_command(limits.sev_memlock_bytes(config.memory_mib)) + "; "
         self._channel.exec_command(ulimit + "exec sh -c " + shlex.quote(WRAPPER) + " wrapper "
                                    + shlex.join([self.remote_dir, *self.command]))

@@ -10,9 +10,10 @@ runs in four modes:
   page-table bit 52);
 - ``emulated-sev``: TCG on the harness's QEMU with an emulated SEV, so that
   OVMF takes its real SEV code path (D2 walks for C-bit-clear pages);
-- ``sev``/``sev-es``: real encryption on a SEV host, where the dump is
-  ciphertext for private pages (D1 and D2 are skipped, D3 scans the whole
-  dump); they skip elsewhere with the host probe's reason.
+- ``sev``/``sev-es``/``snp``: real encryption on a SEV host (SNP with a
+  QEMU >= 9.1, ``--qemu``), where the dump is ciphertext for private pages
+  (D1 and D2 are skipped, D3 scans the whole dump); they skip elsewhere
+  with the host probe's reason.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ SEV_MODES = [
     pytest.param("emulated", marks=pytest.mark.sev_emulated, id="emulated-sev"),
     pytest.param("sev", marks=pytest.mark.sev, id="sev"),
     pytest.param("sev-es", marks=pytest.mark.sev_es, id="sev-es"),
+    pytest.param("snp", marks=pytest.mark.snp, id="snp"),
 ]
 
 

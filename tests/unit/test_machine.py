@@ -274,7 +274,9 @@ def test_sev_config_rejects_bad_cbitpos() -> None:
     with pytest.raises(ValueError, match="cbitpos"):
         SevConfig("sev", 7, 1)
     with pytest.raises(ValueError, match="mode"):
-        SevConfig("snp", 51, 1)
+        SevConfig("sev-snp", 51, 1)
+    with pytest.raises(ValueError, match="mode"):
+        SevConfig("off", 51, 1)
 
 
 def test_device_rejects() -> None:
@@ -358,3 +360,39 @@ def test_query_sev_state_is_checked_before_and_after_cont() -> None:
         "query-sev state 'launch-secret', expected 'running'"
     real = json.loads((QMP_DATA / "query-sev-sev.json").read_text())["return"]
     assert sev_info_problem(real, 0x3, state=SEV_STATE_PAUSED) is None
+
+
+def test_snp_argv_uses_a_memfd_backend_and_bios() -> None:
+    """KVM's SNP VM type has no read-only memslots (no pflash) and takes its
+    private memory from guest_memfd beside a shared memfd backend."""
+    argv = build_argv(config(accel="kvm", sev=SevConfig("snp", 51, 1), memory_mib=512), PATHS)
+    assert "q35,confidential-guest-support=sev0,memory-backend=ram0" in argv
+    assert "memory-backend-memfd,id=ram0,size=512M,share=true" in argv
+    assert "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,policy=0x30000" in argv
+    assert argv[argv.index("-bios") + 1].endswith("OVMF_CODE.fd")
+    assert not any("if=pflash" in arg for arg in argv)
+    assert argv[argv.index("-cpu") + 1] == "host"
+    with pytest.raises(ValueError, match="SNP policy 0x10000: a u64 with bit 17 set"):
+        SevConfig("snp", 51, 1, policy=0x10000)
+
+
+def test_query_sev_of_an_snp_guest() -> None:
+    """QEMU 9.1 made SevInfo a union on sev-type (QEMU 10.0's query-qmp-schema:
+    ``sev`` -> policy, handle; ``sev-snp`` -> snp-policy)."""
+    snp = {"enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21,
+           "state": "running", "sev-type": "sev-snp", "snp-policy": 0x30000}
+    assert sev_info_problem(snp, 0x30000, snp=True) is None
+    assert sev_info_problem(snp, 0x30001, snp=True) == \
+        "query-sev snp-policy 0x30000, expected 0x30001"
+    plain = dict(snp, **{"sev-type": "sev", "policy": 3})
+    assert sev_info_problem(plain, 0x30000, snp=True) == \
+        "query-sev sev-type 'sev', expected 'sev-snp'"
+
+
+def test_query_sev_with_no_firmware_version_is_not_real_sev() -> None:
+    """A real launch carries the SEV firmware's API version; 0.0 means none answered."""
+    info = dict(json.loads((QMP_DATA / "query-sev-sev.json").read_text())["return"])
+    assert sev_info_problem(info, 0x3) is None
+    info.update({"api-major": 0, "api-minor": 0})
+    assert sev_info_problem(info, 0x3) == ("query-sev says SEV API 0.0: no SEV firmware "
+                                           "answered the launch")
