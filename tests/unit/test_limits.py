@@ -12,12 +12,14 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from harness.errors import LaunchError
 from harness.vm import limits
 from harness.vm.host import Capability, sev_proven
-from harness.vm.machine import sev_launch_reason
+from harness.vm.machine import MachineConfig, QemuMachine, SevConfig, sev_launch_reason
 
 MIB = 1 << 20
 
@@ -113,3 +115,28 @@ def test_sev_is_proven_only_by_a_booted_guest() -> None:
     assert sev_proven(YES, memlock, None) == Capability(False, memlock)
     absent = Capability(False, "kvm_amd sev=N")
     assert sev_proven(absent, memlock, None) is absent
+
+
+def test_a_sev_launch_over_the_limit_fails_before_qemu_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user whose hard limit cannot cover the guest: one line with the
+    remedy, an environment failure (exit 3), and no QEMU process at all."""
+    monkeypatch.setattr(limits, "current", lambda: limits.Memlock(8 * MIB, 64 * MIB, False))
+    (tmp_path / "VARS.fd").write_bytes(b"\0" * 4096)
+    config = MachineConfig(code=tmp_path / "CODE.fd", vars_template=tmp_path / "VARS.fd",
+                           accel="kvm", sev=SevConfig("sev", 51, 1), memory_mib=512,
+                           qemu="/nonexistent/qemu-system-x86_64")
+    vm = QemuMachine(config, tmp_path / "vm")
+    with pytest.raises(LaunchError) as failed:
+        vm.launch()
+    assert str(failed.value).startswith("SEV pins guest memory: this guest needs RLIMIT_MEMLOCK "
+                                        "of 576 MiB, the limit is soft 8 MiB, hard 64 MiB")
+    assert failed.value.exit_status == 3 and "\n" not in str(failed.value)
+    assert vm.process is None, "QEMU was never started"
+    # The emulated SEV pins nothing: the same limits do not stop it.
+    emulated = MachineConfig(code=tmp_path / "CODE.fd", vars_template=tmp_path / "VARS.fd",
+                             accel="tcg", sev=SevConfig("emulated", 47, 1), memory_mib=512,
+                             qemu="/nonexistent/qemu-system-x86_64")
+    with pytest.raises(LaunchError) as other:
+        QemuMachine(emulated, tmp_path / "vm2").launch()
+    assert "RLIMIT_MEMLOCK" not in str(other.value)
