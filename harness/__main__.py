@@ -1,7 +1,5 @@
 """``python -m harness``: the same as the ``ebs-harness`` command."""
 
-import sys
+from harness.cli import run
 
-from harness.cli import main
-
-sys.exit(main())
+run()

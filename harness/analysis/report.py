@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,7 +59,7 @@ def _fold_kind(event: TraceEvent) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
     """One line of the timeline.
 
@@ -100,7 +99,20 @@ def _describe(event: TraceEvent, sym: Symbolizer) -> str:
 
 
 def timeline_rows(report: LogReport, sym: Symbolizer) -> list[Row]:
-    """The rows of the timeline of ``report``."""
+    """The rows of the timeline of ``report`` (kept for the last report, which
+    the text and the HTML both render)."""
+    global _last_rows
+    if _last_rows is not None and _last_rows[0] is report and _last_rows[1] is sym:
+        return _last_rows[2]
+    rows = _timeline_rows(report, sym)
+    _last_rows = (report, sym, rows)
+    return rows
+
+
+_last_rows: tuple[LogReport, Symbolizer, list[Row]] | None = None
+
+
+def _timeline_rows(report: LogReport, sym: Symbolizer) -> list[Row]:
     bad = {s for v in report.violations for s in v.seqs}
     events = report.timeline.trace.events
     rows: list[Row] = []
@@ -112,9 +124,10 @@ def timeline_rows(report: LogReport, sym: Symbolizer) -> list[Row]:
     def flush() -> None:
         if not fold:
             return
-        counts = Counter(_FOLD_NAMES.get(e.get("op") or e.name, e.get("op") or e.name)
-                         if isinstance(e, TplChange) else _FOLD_NAMES.get(e.name, e.name)
-                         for e in fold)
+        counts: dict[str, int] = {}
+        for e in fold:
+            word = e.op if isinstance(e, TplChange) else _FOLD_NAMES.get(e.name, e.name)
+            counts[word] = counts.get(word, 0) + 1
         kind_of_fold = _fold_kind(fold[0])
         if kind_of_fold == "teardown":
             text = f"{len(fold)} teardown-unmap"

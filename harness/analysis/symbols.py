@@ -6,9 +6,12 @@ OVMF prints one line per image it loads::
     Loading PEIM at 0x0001FE8A000 EntryPoint=0x0001FEA27DC DxeCore.efi
 
 The build leaves ``modules/<Name>.debug`` (ELF with DWARF) and
-``modules/<Name>.map`` (GNU ld map) in the firmware directory. Symbol values
-in both are RVAs: runtime address = load base + ``st_value`` (the
-base of the log's "Loading driver at" line). A module whose ``_ModuleEntryPoint`` RVA disagrees with
+``modules/<Name>.map`` (GNU ld map) in the firmware directory, and an index
+of both, ``modules/symbols.json`` (:func:`write_index`, made when the
+firmware is published): reading it costs a few milliseconds where parsing
+every ``.debug`` with pyelftools costs a second. Symbol values are RVAs:
+runtime address = load base + ``st_value`` (the base of the log's "Loading
+driver at" line). A module whose ``_ModuleEntryPoint`` RVA disagrees with
 ``EntryPoint - base`` in the log belongs to another build: its symbols are
 not used, and addresses in it come out as ``Image+0xoff``.
 """
@@ -16,6 +19,7 @@ not used, and addresses in it come out as ``Image+0xoff``.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -169,6 +173,56 @@ def _load_map(path: Path, name: str) -> ModuleSymbols:
     return ModuleSymbols(name, path, tuple(symbols), end or None, entry)
 
 
+#: The symbol index of a firmware's ``modules/`` directory.
+INDEX = "symbols.json"
+INDEX_VERSION = 1
+
+
+def load_module(modules: Path, name: str) -> ModuleSymbols | None:
+    """Module ``name``'s symbols from its ``.debug`` file, else its ``.map``."""
+    result: ModuleSymbols | None = None
+    debug = modules / f"{name}.debug"
+    mapf = modules / f"{name}.map"
+    if debug.is_file():
+        result = _load_debug(debug, name)
+    if (result is None or not result.symbols) and mapf.is_file():
+        result = _load_map(mapf, name)
+    return result
+
+
+def write_index(modules: Path) -> Path:
+    """Index every module of ``modules/`` into ``modules/symbols.json``."""
+    names = sorted({p.stem for p in modules.iterdir() if p.suffix in (".debug", ".map")})
+    index: dict[str, object] = {}
+    for name in names:
+        mod = load_module(modules, name)
+        if mod is None:
+            continue
+        index[name] = {"image_size": mod.image_size, "entry_rva": mod.entry_rva,
+                       "symbols": [[s.name, s.value, s.size, s.is_function]
+                                   for s in mod.symbols]}
+    path = modules / INDEX
+    path.write_text(json.dumps({"version": INDEX_VERSION, "modules": index},
+                               separators=(",", ":")))
+    return path
+
+
+def _read_index(modules: Path) -> dict[str, ModuleSymbols] | None:
+    path = modules / INDEX
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != INDEX_VERSION:
+            return None
+        out: dict[str, ModuleSymbols] = {}
+        for name, entry in data["modules"].items():
+            symbols = tuple(Symbol(n, v, z, bool(f)) for n, v, z, f in entry["symbols"])
+            out[name] = ModuleSymbols(name, path, symbols, entry["image_size"],
+                                      entry["entry_rva"])
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 class Symbolizer:
     """Turns runtime addresses into ``Image!function``, ``Image+0xoff`` or hex.
 
@@ -183,6 +237,9 @@ class Symbolizer:
         self._bases = [i.base for i in self._images]
         self._firmware_dir = firmware_dir
         self._modules: dict[str, ModuleSymbols | None] = {}
+        self._index: dict[str, ModuleSymbols] | None = None
+        if firmware_dir is not None:
+            self._index = _read_index(firmware_dir / "modules")
 
     @property
     def images(self) -> tuple[ImageLoad, ...]:
@@ -193,13 +250,10 @@ class Symbolizer:
         if name in self._modules:
             return self._modules[name]
         result: ModuleSymbols | None = None
-        if self._firmware_dir is not None:
-            debug = self._firmware_dir / "modules" / f"{name}.debug"
-            mapf = self._firmware_dir / "modules" / f"{name}.map"
-            if debug.is_file():
-                result = _load_debug(debug, name)
-            if (result is None or not result.symbols) and mapf.is_file():
-                result = _load_map(mapf, name)
+        if self._index is not None:
+            result = self._index.get(name)
+        elif self._firmware_dir is not None:
+            result = load_module(self._firmware_dir / "modules", name)
         self._modules[name] = result
         return result
 

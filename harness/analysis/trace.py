@@ -27,10 +27,13 @@ handler (symbolized) and the sequence numbers involved.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import gc
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -46,6 +49,9 @@ _LEADING_JUNK_RE = re.compile(rb"^(?:\r|\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-
 _EVENT_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
 _KEY_RE = re.compile(r"[a-z][a-z0-9_-]*\Z")
 _INT_RE = re.compile(r"(?:0x[0-9a-fA-F]+|[0-9]+)\Z")
+#: A whole trace line: the event name, then printable ``key=value`` pairs.
+_WELL_FORMED_RE = re.compile(r"[a-z][a-z0-9-]*(?: [a-z][a-z0-9_-]*=[!-~]+)*\Z")
+_PAIR_RE = re.compile(r" ([a-z][a-z0-9_-]*)=([!-~]+)")
 #: PlatformPei (OvmfPkg AmdSev.c) under SEV: "SEV is enabled (mask 0x800000000000)".
 _SEV_MASK_RE = re.compile(rb"^SEV is enabled \(mask 0x([0-9a-fA-F]{1,16})\)")
 _MAX_TRACE_LINE = 4096
@@ -55,39 +61,48 @@ _MAX_READ = 64 * 1024
 # ----------------------------------------------------------------- events
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TraceEvent:
     """One ``EBST`` line.
 
     :param seq: number of the trace line, from 1, in log order.
     :param line: line number in the log file, from 1.
     :param name: the event word (``ebs-enter``).
-    :param fields: all ``key=value`` pairs as written.
+    :param text: the line after ``EBST``: the name, then its ``key=value``
+        pairs, one space apart (kept as one string: a log holds 100,000s).
     """
 
     seq: int
     line: int
     name: str
-    fields: tuple[tuple[str, str], ...]
+    text: str
+
+    @property
+    def fields(self) -> tuple[tuple[str, str], ...]:
+        """All ``key=value`` pairs as written."""
+        return tuple((k, v) for k, _, v in
+                     (token.partition("=") for token in self.text.split(" ")[1:]))
 
     def get(self, key: str) -> str | None:
-        for k, v in self.fields:
-            if k == key:
-                return v
-        return None
+        at = self.text.find(f" {key}=")
+        if at < 0:
+            return None
+        start = at + len(key) + 2
+        end = self.text.find(" ", start)
+        return self.text[start:] if end < 0 else self.text[start:end]
 
     def describe(self) -> str:
         """The event as the log wrote it, without ``EBST``."""
-        return " ".join([self.name] + [f"{k}={v}" for k, v in self.fields])
+        return self.text
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Version(TraceEvent):
     v: int
     module: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IommuConfig(TraceEvent):
     scheme: str
     emulation: int
@@ -95,17 +110,17 @@ class IommuConfig(TraceEvent):
     maphead: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IommuRefused(TraceEvent):
     reason: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class EbsEnter(TraceEvent):
     mapkey: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class NotifyBegin(TraceEvent):
     event: int
     fn: int
@@ -113,28 +128,28 @@ class NotifyBegin(TraceEvent):
     tpl: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class NotifyEnd(TraceEvent):
     event: int
     fn: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class EbsFail(TraceEvent):
     status: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class EbsCallback(TraceEvent):
     revision: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class EbsReturn(TraceEvent):
     status: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IommuMap(TraceEvent):
     map: int
     op: int
@@ -144,7 +159,7 @@ class IommuMap(TraceEvent):
     live: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IommuUnmap(TraceEvent):
     map: int
     op: int
@@ -154,25 +169,25 @@ class IommuUnmap(TraceEvent):
     live: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IommuAlloc(TraceEvent):
     host: int
     pages: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IommuFree(TraceEvent):
     host: int
     pages: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TeardownBegin(TraceEvent):
     scheme: str
     live: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TeardownUnmap(TraceEvent):
     map: int
     op: int
@@ -181,13 +196,13 @@ class TeardownUnmap(TraceEvent):
     pages: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TeardownEnd(TraceEvent):
     unmapped: int
     live: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DeviceAccess(TraceEvent):
     module: str
     kind: str
@@ -197,28 +212,28 @@ class DeviceAccess(TraceEvent):
     pages: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AdversaryStage(TraceEvent):
     n: int
     of: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class MemmapTerminated(TraceEvent):
     """ExitBootServices() terminated the memory map: no allocations from here."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class IntsOff(TraceEvent):
     """The core disabled interrupts, after every notification function."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class EbsCallbackEnd(TraceEvent):
     """The IOMMU protocol's ExitBootServices() member returned."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TplChange(TraceEvent):
     """A RaiseTPL()/RestoreTPL() boot service call during ExitBootServices()."""
 
@@ -227,7 +242,7 @@ class TplChange(TraceEvent):
     caller: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class MemCall(TraceEvent):
     """A memory allocation service call after the memory map was terminated."""
 
@@ -238,12 +253,12 @@ class MemCall(TraceEvent):
     status: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Probe(TraceEvent):
     step: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ProbeParked(TraceEvent):
     pass
 
@@ -296,36 +311,46 @@ def parse_trace_line(text: str, seq: int, line: int, path: str = "<log>") -> Tra
 
     if len(text) > _MAX_TRACE_LINE:
         raise bad(f"EBST line longer than {_MAX_TRACE_LINE} characters")
+    text = text.rstrip(" ")
+    tokens = text.split(" ")
+    name = tokens[0]
+    if not _WELL_FORMED_RE.match(text):
+        raise _malformed(text, tokens, bad)
+    fields = dict(_PAIR_RE.findall(text))
+    if len(fields) != len(tokens) - 1:
+        raise _malformed(text, tokens, bad)
+    cls = EVENT_TYPES.get(name, TraceEvent)
+    kwargs: dict[str, Any] = {"seq": seq, "line": line, "name": name, "text": text}
+    for key, is_int in _SCHEMAS.get(name, ()):
+        value = fields.get(key)
+        if value is None:
+            raise bad(f"EBST {name}: missing field {key!r}")
+        if is_int:
+            if not _INT_RE.match(value):
+                raise bad(f"EBST {name}: field {key}={value[:40]!r} is not a number")
+            kwargs[key] = int(value, 16 if value.startswith("0x") else 10)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _malformed(text: str, tokens: list[str],
+               bad: Callable[[str], TraceFormatError]) -> TraceFormatError:
+    """What is wrong with a line the fast check refused."""
     if not text.isascii() or not text.isprintable():
-        raise bad("EBST line holds non-printable characters")
-    tokens = text.rstrip(" ").split(" ")
+        return bad("EBST line holds non-printable characters")
     name = tokens[0]
     if not _EVENT_RE.match(name):
-        raise bad(f"EBST line with a malformed event name {name[:40]!r}")
-    fields: list[tuple[str, str]] = []
+        return bad(f"EBST line with a malformed event name {name[:40]!r}")
     seen: set[str] = set()
     for token in tokens[1:]:
         key, eq, value = token.partition("=")
         if not eq or not _KEY_RE.match(key) or not value:
-            raise bad(f"EBST {name}: malformed field {token[:40]!r}")
+            return bad(f"EBST {name}: malformed field {token[:40]!r}")
         if key in seen:
-            raise bad(f"EBST {name}: field {key!r} given twice")
+            return bad(f"EBST {name}: field {key!r} given twice")
         seen.add(key)
-        fields.append((key, value))
-    cls = EVENT_TYPES.get(name, TraceEvent)
-    kwargs: dict[str, Any] = {"seq": seq, "line": line, "name": name, "fields": tuple(fields)}
-    values = dict(fields)
-    for key, is_int in _SCHEMAS.get(name, ()):
-        if key not in values:
-            raise bad(f"EBST {name}: missing field {key!r}")
-        value = values[key]
-        if is_int:
-            if not _INT_RE.match(value):
-                raise bad(f"EBST {name}: field {key}={value[:40]!r} is not a number")
-            kwargs[key] = int(value, 0) if value.startswith("0x") else int(value, 10)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+    return bad("EBST line is malformed")
 
 
 @dataclass(frozen=True)
@@ -391,7 +416,26 @@ def parse_text(text: str, path: str = "<log>") -> Trace:
     return parse_stream(io.BytesIO(text.encode("utf-8", "surrogateescape")), path)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a log's 100,000s of events hold no
+    cycles, and its passes over them cost a fifth of an analysis."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def parse_stream(stream: BinaryIO, path: str = "<log>") -> Trace:
+    """Read a log from ``stream``."""
+    with gc_paused():
+        return _parse_stream(stream, path)
+
+
+def _parse_stream(stream: BinaryIO, path: str) -> Trace:
     events: list[TraceEvent] = []
     images: list[ImageLoad] = []
     lines = 0
@@ -505,13 +549,37 @@ class Timeline:
         return tuple(sorted(out, key=lambda t: t.begin.seq))
 
     def dispatch_at(self, seq: int) -> Dispatch | None:
-        """The innermost dispatch open at ``seq``."""
-        best: Dispatch | None = None
+        """The innermost dispatch open at ``seq`` (begin and end included)."""
+        index = self._innermost()
+        return index[seq] if 0 <= seq < len(index) else None
+
+    def _innermost(self) -> list[Dispatch | None]:
+        """``seq`` -> innermost open dispatch, made in one pass and kept:
+        dispatches nest, so a stack over their begins and ends is enough."""
+        cached: list[Dispatch | None] | None = self.__dict__.get("_innermost_index")
+        if cached is not None:
+            return cached
+        count = len(self.trace.events) + 1
+        index: list[Dispatch | None] = [None] * count
+        edges: list[tuple[int, int, Dispatch]] = []
         for attempt in self.attempts:
             for d in attempt.dispatches:
-                if d.begin.seq <= seq <= d.end.seq and (best is None or d.depth > best.depth):
-                    best = d
-        return best
+                edges.append((d.begin.seq, 0, d))
+                edges.append((d.end.seq, 1, d))
+        edges.sort(key=lambda e: (e[0], e[1]))
+        stack: list[Dispatch] = []
+        position = 0
+        for seq in range(count):
+            while position < len(edges) and edges[position][0] == seq \
+                    and edges[position][1] == 0:
+                stack.append(edges[position][2])
+                position += 1
+            index[seq] = stack[-1] if stack else None
+            while position < len(edges) and edges[position][0] == seq:
+                stack.remove(edges[position][2])
+                position += 1
+        object.__setattr__(self, "_innermost_index", index)
+        return index
 
 
 def build_timeline(trace: Trace) -> Timeline:
@@ -677,6 +745,27 @@ def live_mappings(events: Iterable[TraceEvent], upto_seq: int | None = None,
     return live
 
 
+def live_at(events: Iterable[TraceEvent], seqs: Iterable[int]) -> dict[int, dict[int, IommuMap]]:
+    """The live mappings after each of ``seqs`` (inclusive), in one replay."""
+    wanted = sorted(set(seqs))
+    found: dict[int, dict[int, IommuMap]] = {}
+    live: dict[int, IommuMap] = {}
+    position = 0
+    for event in events:
+        while position < len(wanted) and wanted[position] < event.seq:
+            found[wanted[position]] = dict(live)
+            position += 1
+        if position == len(wanted):
+            break
+        if isinstance(event, IommuMap):
+            live[event.map] = event
+        elif isinstance(event, (IommuUnmap, TeardownUnmap)):
+            live.pop(event.map, None)
+    for seq in wanted[position:]:
+        found[seq] = dict(live)
+    return found
+
+
 def _handler(sym: Symbolizer, begin: NotifyBegin) -> str:
     return f"{sym.symbolize(begin.fn)} (tpl {begin.tpl}, notify-begin seq {begin.seq})"
 
@@ -689,6 +778,13 @@ def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> 
     v2: list[Violation] = []
     v3: list[Violation] = []
     v4: list[Violation] = []
+
+    # The live mappings where V4 looks: each teardown's end, each successful
+    # return; one replay of the log for all of them.
+    checkpoints = [td.end.seq for a in timeline.attempts for td in a.teardowns
+                   if td.end is not None]
+    checkpoints += [a.exit.seq for a in timeline.attempts if a.succeeded]
+    replays = live_at(events, checkpoints)
 
     # Without an iommu-config line and IOMMU events the protocol was never
     # installed (a plain guest without emulation): V2 does not ask for a teardown.
@@ -738,7 +834,7 @@ def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> 
                                           f"(no teardown-end before {attempt.exit.name} seq "
                                           f"{attempt.exit.seq})", (td.begin.seq,)))
                 continue
-            replay = live_mappings(events, td.end.seq)
+            replay = replays[td.end.seq]
             if td.end.live != 0:
                 v4.append(Violation("V4", f"teardown-end seq {td.end.seq} reports live="
                                           f"{td.end.live} mapping(s) left",
@@ -748,7 +844,7 @@ def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> 
                                           f"the log leaves {len(replay)} mapping(s) live: "
                                           + _list_maps(replay), (td.end.seq,)))
         if attempt.succeeded:
-            replay = live_mappings(events, attempt.exit.seq)
+            replay = replays[attempt.exit.seq]
             if replay:
                 v4.append(Violation("V4", f"{len(replay)} mapping(s) still live at ebs-return "
                                           f"seq {attempt.exit.seq} of {span}: "
@@ -760,11 +856,16 @@ def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> 
     if all_td:
         first = all_td[0]
         own = {u.seq for t in all_td for u in t.unmaps}
-        teardown_spans = [(t.begin.seq, t.last_seq) for t in all_td]
+        # Teardown spans are disjoint and sorted: the one holding a seq is the
+        # last that begins before it.
+        span_begins = [t.begin.seq for t in all_td]
+        span_ends = [t.last_seq for t in all_td]
         for event in events[first.begin.seq:]:
             if not isinstance(event, IOMMU_EVENTS + (DeviceAccess,)) or event.seq in own:
                 continue
-            inside = next((s for s in teardown_spans if s[0] < event.seq <= s[1]), None)
+            held = bisect.bisect_left(span_begins, event.seq) - 1
+            inside = ((span_begins[held], span_ends[held])
+                      if held >= 0 and event.seq <= span_ends[held] else None)
             running = timeline.dispatch_at(event.seq)
             if inside is not None and (running is None or running.begin.seq < inside[0]):
                 continue  # the teardown's own Unmap() calls

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, ClassVar, Protocol, Self
+from typing import IO, Any, ClassVar, Protocol, Self, TypeVar
 
 from filelock import FileLock, Timeout
 
@@ -73,6 +73,48 @@ def cache_root() -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return Path.home() / ".cache" / "ovmf-ebs-harness"
+
+
+T = TypeVar("T")
+
+
+def remembered(path: Path, lifetime: float, compute: Callable[[], T],
+               dump: Callable[[T], Any], load: Callable[[Any], T]) -> T:
+    """``compute()``, kept as JSON in ``path`` for ``lifetime`` seconds.
+
+    For answers that cost processes to get and hardly change (tool versions,
+    the host probe): a series of commands asks once. ``path`` names the
+    answer's inputs (a hash of them), so a change of input is a new file; a
+    file that does not read back is computed again; one that cannot be
+    written costs only the next command's time.
+    """
+    try:
+        if time.time() - path.stat().st_mtime < lifetime:
+            return load(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        LOG.debug("%s: %s", path, exc)
+    value = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(dump(value)))
+        os.replace(tmp, path)
+    except OSError as exc:
+        LOG.debug("%s not written: %s", path, exc)
+    return value
+
+
+def identity(paths: Sequence[str | Path], extra: str = "") -> str:
+    """A hash of what each of ``paths`` is (size, mtime, mode; or absent),
+    and of ``extra``."""
+    parts = [extra]
+    for item in paths:
+        try:
+            st = os.stat(item)
+            parts.append(f"{item}:{st.st_size}:{st.st_mtime_ns}:{st.st_mode}")
+        except OSError:
+            parts.append(f"{item}:absent")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -137,6 +179,29 @@ class Flags(Protocol):
     def as_dict(self) -> dict[str, object]: ...
 
     def workspace_dict(self) -> dict[str, object]: ...
+
+
+#: How long tool versions are remembered (their binaries and dpkg's
+#: database unchanged).
+TOOL_VERSIONS_LIFETIME_S = 3600.0
+
+
+def remembered_versions(name: str, binaries: Sequence[str],
+                        compute: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """``compute()`` (a recipe's tool versions: several processes, 0.1-0.2 s
+    a command), remembered under ``cache_root()/tool-versions/`` for
+    :data:`TOOL_VERSIONS_LIFETIME_S` while the tools' binaries and dpkg's
+    package database (which moves with any package installed) are the same."""
+    found = [shutil.which(b) or b for b in binaries]
+    key = identity([*found, "/var/lib/dpkg/status"])
+    path = cache_root() / "tool-versions" / f"{name}-{key}.json"
+
+    def load(data: Any) -> dict[str, str]:
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise TypeError("not a map of versions")
+        return data
+
+    return remembered(path, TOOL_VERSIONS_LIFETIME_S, compute, dict, load)
 
 
 def tool_versions(tools: Mapping[str, list[str]], hint: str) -> dict[str, str]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from harness.analysis.symbols import write_index
 from harness.build.cache import (
     CachedBuilder,
     Progress,
@@ -35,6 +36,7 @@ from harness.build.cache import (
     SourceProvider,
     as_flag_dict,
     counter,
+    remembered_versions,
     tool_versions,
 )
 from harness.build.debian import DebianSourcePackage
@@ -210,11 +212,11 @@ def source_from_option(path: str | None) -> SourceProvider:
 
 
 def toolchain_versions() -> dict[str, str]:
-    """The versions of the tools whose output lands in the firmware."""
-    return tool_versions({"gcc": ["gcc", "--version"], "nasm": ["nasm", "-v"],
-                          "iasl": ["iasl", "-v"]},
-                         "run ./run setup as root (installs build-essential, nasm, "
-                         "acpica-tools)")
+    """The versions of the tools whose output lands in the firmware
+    (remembered: :func:`remembered_versions`)."""
+    return remembered_versions("edk2", ["gcc", "nasm", "iasl"], lambda: tool_versions(
+        {"gcc": ["gcc", "--version"], "nasm": ["nasm", "-v"], "iasl": ["iasl", "-v"]},
+        "run ./run setup as root (installs build-essential, nasm, acpica-tools)"))
 
 
 # -------------------------------------------------------------- firmware
@@ -265,7 +267,7 @@ class BuildResult:
 class Builder(CachedBuilder):
     """Builds OVMF for one set of inputs under one cache root."""
 
-    RECIPE: ClassVar[str] = "edk2-ovmf/1"
+    RECIPE: ClassVar[str] = "edk2-ovmf/2"     # 2: modules/symbols.json
     PUBLISHED: ClassVar[str] = "firmware"
     WORK: ClassVar[str] = "work"
     SRC: ClassVar[str] = "src"
@@ -337,6 +339,8 @@ class Builder(CachedBuilder):
             shutil.copy2(file, modules / file.name)
         for mapfile in sorted(arch.glob("**/DEBUG/*.map")):
             shutil.copy2(mapfile, modules / mapfile.name)
+        self.progress.phase("publish", "indexing the modules' symbols")
+        write_index(modules)
 
     def _manifest_extra(self) -> dict[str, object]:
         modules = self.workspace_dir / "tree" / self.flags.output_dir / self.flags.arch

@@ -41,6 +41,7 @@ from harness.build.cache import (
     cache_root,
     locked,
     publishing,
+    remembered_versions,
     short_hash,
     tool_versions,
 )
@@ -105,7 +106,13 @@ class QemuFlags:
 
 
 def toolchain_versions() -> dict[str, str]:
-    """Compiler, meson and ninja versions, and the linked libraries'."""
+    """Compiler, meson and ninja versions, and the linked libraries'
+    (remembered: :func:`remembered_versions`)."""
+    return remembered_versions("qemu", ["gcc", "meson", "ninja", "pkg-config"],
+                               _toolchain_versions)
+
+
+def _toolchain_versions() -> dict[str, str]:
     hint = ("run ./run setup as root (installs build-essential, meson, ninja-build, "
             "libglib2.0-dev, libpixman-1-dev, libslirp-dev, libfdt-dev)")
     versions = tool_versions({"gcc": ["gcc", "--version"], "meson": ["meson", "--version"],

@@ -98,16 +98,23 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
     """A pexpect spawn reading a file that another process appends to.
 
     Reads from the start of the file (it may not exist yet). At the end of
-    the data it polls; when ``alive()`` says the writer is gone and the
-    file is read to the end, it reports EOF.
+    the data it polls (a ``read`` every :data:`POLL` seconds); when ``alive()``
+    says the writer is gone and the file is read to the end, it reports EOF.
+
+    Expect searches a window of :data:`WINDOW` characters, never less than
+    what the last read brought (a read is at most :data:`READ` bytes) plus
+    the lines before it: a debug log of a SEV boot is 400 KB, and searching
+    the whole of it after every read made waiting quadratic.
     """
 
-    POLL = 0.05
+    POLL = 0.01
+    READ = 4096
+    WINDOW = 4 * READ
 
     def __init__(self, path: Path, alive: Callable[[], bool],
                  timeout: float = 30.0) -> None:
-        super().__init__(timeout=timeout, maxread=65536, encoding="utf-8",
-                         codec_errors="replace")
+        super().__init__(timeout=timeout, maxread=self.READ, searchwindowsize=self.WINDOW,
+                         encoding="utf-8", codec_errors="replace")
         self.path = Path(path)
         self.name = f"<file {path}>"
         self._alive = alive

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.build.cache import cache_root, identity, remembered
 from harness.errors import HarnessError, UsageError
 from harness.vm import limits
 from harness.vm.machine import MachineConfig, QemuMachine, SevConfig, die_with_parent
@@ -535,7 +536,36 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
     return caps
 
 
+#: How long a probe on disk stays good: long enough for a session of
+#: commands, short enough that a host that changed is soon probed again.
+PROBE_CACHE_TTL_S = 600.0
+
+
+def caps_from_json(data: Mapping[str, Any]) -> HostCaps:
+    """The inverse of :meth:`HostCaps.to_json`."""
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        fields[key] = Capability(**value) if isinstance(value, dict) else value
+    return HostCaps(**fields)
+
+
+def probe_key(qemu: str, root: Path = Path("/")) -> str:
+    """What a probe's answer depends on: the QEMU binary, the kernel, this
+    user, /dev/kvm and /dev/sev, the kvm_amd parameters and the stock
+    firmware booted."""
+    params = read_kvm_amd_params(root)
+    binary = shutil.which(qemu) or qemu
+    return identity([binary, root / "dev/kvm", root / "dev/sev", STOCK_CODE, STOCK_VARS],
+                    f"{qemu}\0{binary}\0{os.uname().release}\0{os.geteuid()}\0"
+                    + (repr(sorted(params.items())) if params else "no kvm_amd"))
+
+
 @functools.lru_cache(maxsize=8)
 def cached_probe(qemu: str = DEFAULT_QEMU) -> HostCaps:
-    """:func:`probe`, once per process and QEMU binary."""
-    return probe(qemu)
+    """:func:`probe`, once per process and QEMU binary, and kept on disk
+    (``$EBS_HARNESS_CACHE/host-probe/``) for :data:`PROBE_CACHE_TTL_S` under
+    :func:`probe_key`, so that a series of commands probes once.
+    ``host-check`` always probes afresh."""
+    path = cache_root() / "host-probe" / f"{probe_key(qemu)}.json"
+    return remembered(path, PROBE_CACHE_TTL_S, lambda: probe(qemu), HostCaps.to_json,
+                      caps_from_json)

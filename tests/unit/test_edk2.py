@@ -383,3 +383,44 @@ def test_a_saved_group_id_of_someone_else_is_not_killed(tmp_path: Path) -> None:
         for proc in (outsider, insider):
             proc.kill()
             proc.wait()
+
+
+def test_remembered_answers_once_then_again_when_stale_or_unreadable(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def compute() -> dict[str, str]:
+        calls.append(1)
+        return {"gcc": f"gcc {len(calls)}"}
+
+    path = tmp_path / "versions" / "x.json"
+    get = lambda: cache.remembered(path, 60.0, compute, dict, dict)
+    assert get() == get() == {"gcc": "gcc 1"} and len(calls) == 1
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    assert get() == {"gcc": "gcc 2"}                 # stale: asked again
+    path.write_text("{not json")
+    assert get() == {"gcc": "gcc 3"}                 # unreadable: asked again
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert cache.remembered(blocked / "x.json", 60.0, compute, dict, dict) == {"gcc": "gcc 4"}
+
+
+def test_remembered_versions_key_moves_with_the_tools(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBS_HARNESS_CACHE", str(tmp_path / "cache"))
+    tool = tmp_path / "bin" / "gcc"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\necho 'gcc (Debian 12.2.0-14) 12.2.0'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    asked: list[str] = []
+
+    def versions() -> dict[str, str]:
+        asked.append("x")
+        return cache.tool_versions({"gcc": ["gcc", "--version"]}, "install gcc")
+
+    first = cache.remembered_versions("t", ["gcc"], versions)
+    assert first == {"gcc": "gcc (Debian 12.2.0-14) 12.2.0"}
+    assert cache.remembered_versions("t", ["gcc"], versions) == first and len(asked) == 1
+    tool.write_text("#!/bin/sh\necho 'gcc (Debian 14.2.0-19) 14.2.0.1'\n")   # upgraded
+    assert cache.remembered_versions("t", ["gcc"], versions)["gcc"].endswith("14.2.0.1")

@@ -339,3 +339,22 @@ def test_emulated_sev_verdict() -> None:
     assert not real.emulated
     assert not host.emulated_sev_verdict(YES, real, "q", "7.2.22").available
     assert host.emulated_sev_verdict(NO_KVM, ours, "q", "7.2.22").reason.startswith("needs TCG")
+
+
+def test_probe_cache_round_trip_and_key(tmp_path: Path) -> None:
+    """A probe kept on disk reads back equal; its key moves with what the
+    answer depends on (here: the kvm_amd parameters)."""
+    original = HostCaps(qemu="/usr/bin/qemu-system-x86_64", qemu_version="7.2.22", tcg=YES,
+                        kvm=NO_KVM, sev=NO_KVM, sev_es=NO_KVM, snp=NO_KVM,
+                        sev_emulated=Capability(False, "no emulation"))
+    assert host.caps_from_json(json.loads(json.dumps(original.to_json()))) == original
+    root = make_tree(tmp_path, params={"sev": "N"})
+    sev = root / "sys/module/kvm_amd/parameters/sev"
+    before = host.probe_key("qemu-system-x86_64", root)
+    sev.write_text("Y\n")
+    after = host.probe_key("qemu-system-x86_64", root)
+    sev.write_text("N\n")
+    assert before != after and host.probe_key("qemu-system-x86_64", root) == before
+    (root / "dev").mkdir()
+    (root / "dev/kvm").write_text("")
+    assert host.probe_key("qemu-system-x86_64", root) != before

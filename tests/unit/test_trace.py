@@ -92,6 +92,11 @@ def test_typed_fields() -> None:
     assert isinstance(m, IommuMap)
     assert (m.map, m.op, m.host, m.dev, m.pages, m.live) == (0x1E5F0018, 5, 0x1000, 0x2000, 3, 1)
     assert m.get("extra") == "kept" and m.line == 2 and m.seq == 2
+    # A key is found whole, not inside another key or the event name.
+    assert m.get("ap") is None and m.get("iommu") is None and m.get("map") == "0x1e5f0018"
+    assert m.fields[0] == ("map", "0x1e5f0018") and len(m.fields) == 7
+    assert m.describe() == ("iommu-map map=0x1e5f0018 op=5 host=0x1000 dev=0x2000 pages=3 "
+                            "live=1 extra=kept")
 
 
 def test_unknown_event_is_kept_as_plain_event() -> None:
@@ -107,6 +112,10 @@ def test_unknown_event_is_kept_as_plain_event() -> None:
     ("EBST ebs-enter mapkey=0x1 mapkey=0x2", "given twice"),
     ("EBST Ebs-Enter mapkey=0x1", "malformed event name"),
     ("EBST ebs-enter mapkey=0x1\x07", "non-printable"),
+    ("EBST ebs-enter mapkey=0x1\tx=1", "non-printable"),
+    ("EBST ebs-enter  mapkey=0x1", "malformed field ''"),
+    ("EBST ebs-enter mapkey=", "malformed field 'mapkey='"),
+    ("EBST ebs-enter Mapkey=0x1", "malformed field 'Mapkey=0x1'"),
 ])
 def test_garbage_in_a_trace_line_is_an_error_naming_the_line(line: str, reason: str) -> None:
     text = "boot\nEBST version v=1 module=DxeCore\n" + line + "\n"
