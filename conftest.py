@@ -1,4 +1,5 @@
-"""Thin: the harness's pytest plugin holds the options and fixtures;
-pytester lets tests/unit check that plugin on inner pytest runs."""
+"""Thin: the harness's pytest plugin (options, markers, fixtures) comes with
+the installed package (entry point ``pytest11``); pytester lets tests/unit
+check that plugin on inner pytest runs."""
 
-pytest_plugins = ["harness.pytestplugin", "pytester"]
+pytest_plugins = ["pytester"]

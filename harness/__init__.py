@@ -15,6 +15,26 @@ firmware to verdicts), :mod:`harness.linux` (the Linux guest),
 :mod:`harness.cli` (the ``ebs-harness`` command) and
 :mod:`harness.pytestplugin`; :mod:`harness.errors` holds the exception tree
 and :mod:`harness.tools` runs host tools.
+
+What the harness reads at run time ships inside the package, in
+``harness/share/`` (:func:`shared`): the edk2 series (``ovmf-patches``), the
+QEMU series (``qemu-patches``) and the guests' sources (``guests``). In a
+checkout these are links to the repository's top-level directories of the
+same names.
 """
 
+from importlib import resources
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def shared(*parts: str) -> Path:
+    """The path of a file or directory the package ships (``harness/share/``)."""
+    root = resources.files(__name__).joinpath("share", *parts)
+    if not isinstance(root, Path):
+        from harness.errors import DependencyError
+
+        raise DependencyError(f"harness is installed as an archive ({root}): the builds "
+                              "need its files on disk; install it unzipped (pip does)")
+    return root.resolve()

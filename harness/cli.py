@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -20,9 +21,9 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from harness import scenario
 from harness.analysis import dump, report, symbols, trace
@@ -32,6 +33,7 @@ from harness.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_USAGE,
     EXIT_VIOLATION,
     HarnessError,
     UsageError,
@@ -41,9 +43,53 @@ from harness.vm import host, remote
 LOG = logging.getLogger(__name__)
 
 
-def _print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+#: The layout of every ``--json`` object, in its ``schema`` key: bumped when
+#: a key changes meaning or goes away (new keys do not bump it).
+JSON_SCHEMA = 1
+
+#: ``error.kind`` of a ``--json`` error object, by exit status.
+ERROR_KINDS = {EXIT_USAGE: "usage", EXIT_ENVIRONMENT: "environment",
+               EXIT_INTERNAL: "internal", EXIT_INTERRUPTED: "interrupted"}
+
+
+def _print_json(obj: Mapping[str, Any]) -> None:
+    json.dump({"schema": JSON_SCHEMA, **obj}, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
+
+
+def _fail(command: str, status: int, message: str, json_mode: bool,
+          detail: str = "", traceback: Path | None = None) -> int:
+    """Report an error: one line on stderr (``detail`` below it), and in
+    ``--json`` mode the same as a JSON object on stdout. Returns ``status``."""
+    print(f"{command}: {message}", file=sys.stderr)
+    if detail:
+        print(detail, file=sys.stderr)
+    if json_mode:
+        error: dict[str, Any] = {"status": status, "kind": ERROR_KINDS.get(status, "error"),
+                                 "message": message}
+        if detail:
+            error["detail"] = detail
+        if traceback is not None:
+            error["traceback"] = str(traceback)
+        _print_json({"verdict": "error", "error": error})
+    return status
+
+
+def _writable(value: str, option: str, directory: bool = False) -> Path:
+    """An output path the user named, proven writable before any work (exit
+    2 if not): a directory is made now, a file's directory gets a trial file."""
+    path = Path(value).expanduser().absolute()
+    try:
+        if directory:
+            path.mkdir(parents=True, exist_ok=True)
+        elif path.is_dir():
+            raise UsageError(f"{option} {value}: is a directory")
+        else:
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+    except OSError as exc:
+        raise UsageError(f"{option} {value}: {exc.strerror or exc}") from exc
+    return path
 
 
 # --------------------------------------------------------------- build
@@ -123,9 +169,10 @@ def _cmd_analyze_log(args: argparse.Namespace) -> int:
 
 
 def _analyze_log(args: argparse.Namespace) -> int:
+    html = _writable(args.html, "--html") if args.html else None
     result, sym = trace.analyze_log(args.log, _firmware_dir(args.firmware))
-    if args.html:
-        Path(args.html).write_text(report.render_html(result, sym), encoding="utf-8")
+    if html is not None:
+        html.write_text(report.render_html(result, sym), encoding="utf-8")
     if args.json:
         _print_json({
             "verdict": "pass" if result.passed else "fail",
@@ -170,7 +217,7 @@ def _firmware_for(args: argparse.Namespace) -> edk2.Firmware:
 
 def _artifacts_dir(args: argparse.Namespace, what: str) -> Path:
     if getattr(args, "artifacts", None):
-        return Path(args.artifacts).absolute()
+        return _writable(args.artifacts, "--artifacts", directory=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("artifacts").absolute() / f"{what}-{stamp}"
 
@@ -197,17 +244,17 @@ def _qemu_for(args: argparse.Namespace, sev: str) -> str:
 
 def _cmd_boot(args: argparse.Namespace) -> int:
     chosen = scenario.scenario_from_options(vars(args))
+    artifacts = _artifacts_dir(args, chosen.label())
     if args.host:
         if chosen.sev == "emulated":
             raise UsageError("--sev emulated runs on this host (the harness's QEMU under "
                              "TCG), not with --host")
-        result = _boot_remote(args, chosen)
+        result = _boot_remote(args, chosen, artifacts)
     else:
         caps = host.cached_probe(_qemu_for(args, chosen.sev))
         scenario.check_host(chosen, caps)       # before a possibly long firmware build
         firmware = _firmware_for(args)
-        result = scenario.run_scenario(firmware, chosen, _artifacts_dir(args, chosen.label()),
-                                       caps=caps)
+        result = scenario.run_scenario(firmware, chosen, artifacts, caps=caps)
     if args.json:
         _print_json(result.as_json())
     else:
@@ -215,7 +262,8 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     return EXIT_OK if result.passed else EXIT_VIOLATION
 
 
-def _boot_remote(args: argparse.Namespace, chosen: scenario.Scenario) -> scenario.RunResult:
+def _boot_remote(args: argparse.Namespace, chosen: scenario.Scenario,
+                 artifacts: Path) -> scenario.RunResult:
     """``boot --host ssh://...``: QEMU on the remote host, the rest here."""
     qemu_binary = args.qemu or host.DEFAULT_QEMU
     where = remote.RemoteHost.parse(args.host, qemu=qemu_binary)
@@ -223,8 +271,8 @@ def _boot_remote(args: argparse.Namespace, chosen: scenario.Scenario) -> scenari
     try:
         caps = remote.remote_caps(session, qemu_binary)
         firmware = _firmware_for(args)
-        return scenario.run_scenario(firmware, chosen, _artifacts_dir(args, chosen.label()),
-                                     caps=caps, launcher=where.launcher(session))
+        return scenario.run_scenario(firmware, chosen, artifacts, caps=caps,
+                                     launcher=where.launcher(session))
     finally:
         session.close()
 
@@ -264,11 +312,12 @@ def _demo_platform(args: argparse.Namespace) -> tuple[host.HostCaps, str, str]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    root = _artifacts_dir(args, "demo")
+    given = edk2.Firmware.load(args.firmware) if args.firmware else None
     caps, sev, why = _demo_platform(args)
     accel = "tcg" if sev == "emulated" else host.resolve_accel("auto", caps)
     print(f"ebs-harness demo: {accel.upper()} ({caps.qemu} {caps.qemu_version}); {why}")
-    firmware = _firmware_for(args)
-    root = _artifacts_dir(args, "demo")
+    firmware = given or _firmware_for(args)
     results = []
     for number, (story, chosen) in enumerate(DEMO, 1):
         if sev != "off":
@@ -300,18 +349,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ebs-harness",
         description="Build a patched OVMF and check the IOMMU teardown at "
                     "ExitBootServices on QEMU guests.")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress lines on stderr")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging on stderr")
+    # -q and -v go before or after the command: the command's copies leave
+    # the attribute alone unless given (SUPPRESS).
+    common = _Parser(add_help=False)
+    for target, default in ((parser, False), (common, argparse.SUPPRESS)):
+        target.add_argument("-q", "--quiet", action="store_true", default=default,
+                            help="no progress lines on stderr")
+        target.add_argument("-v", "--verbose", action="store_true", default=default,
+                            help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="COMMAND")
+    add_parser = functools.partial(sub.add_parser, parents=[common])
 
-    build = sub.add_parser("build", help="build (or reuse) the patched OVMF")
+    build = add_parser("build", help="build (or reuse) the patched OVMF")
     build.add_argument("--edk2-src", metavar="DIR",
                        help="an edk2 tree to use instead of Debian's source "
                             "package (copied, never modified); also "
@@ -326,14 +380,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="print one JSON object on stdout")
     build.set_defaults(func=_cmd_build)
 
-    bqemu = sub.add_parser("build-qemu",
+    bqemu = add_parser("build-qemu",
                            help="build (or reuse) the harness's QEMU, with the emulated SEV")
     bqemu.add_argument("--rebuild", action="store_true",
                        help="build even if the cache has this QEMU")
     bqemu.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bqemu.set_defaults(func=_cmd_build_qemu)
 
-    alog = sub.add_parser("analyze-log", help="EBS timeline and verdicts V1..V4 of a debug log")
+    alog = add_parser("analyze-log", help="EBS timeline and verdicts V1..V4 of a debug log")
     alog.add_argument("log", metavar="LOG", help="debug-port or serial log of a boot")
     alog.add_argument("--firmware", metavar="DIR",
                       help="firmware dir whose modules/*.debug|.map symbolize handlers")
@@ -342,7 +396,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="also write the timeline as a self-contained HTML page")
     alog.set_defaults(func=_cmd_analyze_log)
 
-    adump = sub.add_parser("analyze-dump",
+    adump = add_parser("analyze-dump",
                            help="verdicts D1..D3 of a dump-guest-memory ELF core")
     adump.add_argument("dump", metavar="DUMP", help="QEMU dump-guest-memory file (ELF)")
     adump.add_argument("--log", required=True, metavar="LOG",
@@ -359,7 +413,7 @@ def _parser() -> argparse.ArgumentParser:
     adump.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     adump.set_defaults(func=_cmd_analyze_dump)
 
-    boot = sub.add_parser("boot", help="boot the probe guest once and judge it")
+    boot = add_parser("boot", help="boot the probe guest once and judge it")
     boot.add_argument("--firmware", metavar="DIR",
                       help="a firmware directory from 'ebs-harness build' (default: build)")
     boot.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
@@ -392,7 +446,7 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     boot.set_defaults(func=_cmd_boot)
 
-    demo = sub.add_parser("demo", help="the 2017 scheme against the callback, side by side")
+    demo = add_parser("demo", help="the 2017 scheme against the callback, side by side")
     demo.add_argument("--firmware", metavar="DIR",
                       help="a firmware directory from 'ebs-harness build' (default: build)")
     demo.add_argument("--artifacts", metavar="DIR",
@@ -402,7 +456,7 @@ def _parser() -> argparse.ArgumentParser:
                            "where the host has no SEV)")
     demo.set_defaults(func=_cmd_demo)
 
-    check = sub.add_parser("host-check",
+    check = add_parser("host-check",
                            help="what this host can run: TCG, KVM, SEV, SEV-ES, SNP")
     check.add_argument("--qemu", metavar="BINARY",
                        help="the QEMU to probe (default: qemu-system-x86_64)")
@@ -414,39 +468,57 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "--json" in argv
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: usage errors exit 2, --help 0
+    except _ArgumentError as exc:
+        return _fail(exc.prog, EXIT_USAGE, str(exc), json_mode)
+    except SystemExit as exc:  # --help
         return int(exc.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
+    command = f"ebs-harness {args.command}"
+    json_mode = bool(getattr(args, "json", False))
     try:
         return func(args)
     except HarnessError as exc:
         # One line says what went wrong; environment failures (a timeout, a
         # launch error) may add the log tails that explain it below.
         first, _, rest = str(exc).partition("\n")
-        print(f"ebs-harness {args.command}: {first}", file=sys.stderr)
-        if rest and exc.exit_status == EXIT_ENVIRONMENT:
-            print(rest, file=sys.stderr)
-        return exc.exit_status
+        return _fail(command, exc.exit_status, first, json_mode,
+                     rest if exc.exit_status == EXIT_ENVIRONMENT else "")
     except KeyboardInterrupt:
-        print(f"ebs-harness {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(command, EXIT_INTERRUPTED, "interrupted", json_mode)
     except OSError as exc:
-        # Paths the user names are checked where they are read (exit 2);
+        # Paths the user names are checked before any work (exit 2);
         # anything else failing here is the machine's.
-        print(f"ebs-harness {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
+        return _fail(command, EXIT_ENVIRONMENT, str(exc), json_mode)
     except Exception as exc:  # noqa: BLE001 - a bug of ours: say where, never exit 1
         saved = _save_traceback(args.command)
-        print(f"ebs-harness {args.command}: internal error ({type(exc).__name__}: "
-              f"{str(exc).splitlines()[0] if str(exc) else 'no message'}); a bug of "
-              f"ebs-harness, traceback in {saved}", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _fail(command, EXIT_INTERNAL,
+                     f"internal error ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else 'no message'}); a bug of "
+                     f"ebs-harness, traceback in {saved}", json_mode, traceback=saved)
+
+
+class _ArgumentError(Exception):
+    """argparse refused the command line (its usage line is on stderr)."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so that ``--json`` can say it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise _ArgumentError(self.prog, f"error: {message}")
 
 
 def run() -> None:

@@ -54,16 +54,16 @@ from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 from filelock import FileLock
 
-from harness import scenario
+from harness import scenario, shared
 from harness.build.cache import cache_root, publishing
-from harness.build.edk2 import REPO_ROOT, Firmware
+from harness.build.edk2 import Firmware
 from harness.errors import DependencyError, EnvironmentFailure, UsageError
 from harness.tools import run_tool
 from harness.vm import guest, host, machine, remote, ssh
 
 LOG = logging.getLogger(__name__)
 
-RECIPE_DIR = REPO_ROOT / "guests" / "linux"
+RECIPE_DIR = shared("guests", "linux")
 #: Bump when this module changes what it puts in the image.
 RECIPE_FORMAT = 1
 #: Files of ``guests/linux`` whose content is part of the key.

@@ -1,26 +1,33 @@
-"""pytest plugin: the harness's options and fixtures, kept thin.
+"""pytest plugin: the harness's options, markers and fixtures, kept thin.
 
-Every option is in one group (``ebs-harness``) and has an ini key and an
-environment variable, so a nightly job can set it without editing argv:
+Installed with the package (entry point ``pytest11``: ``ebs_harness``), so
+any project's suite can use it without a ``conftest.py``. Every option is in
+one group (``ebs-harness``) and has an ini key and an environment variable,
+so a nightly job can set it without editing argv:
 
-============================  ======================  ==========================
-option                        ini                     environment
-============================  ======================  ==========================
-``--firmware DIR``            ``ebs_firmware``        ``EBS_HARNESS_FIRMWARE``
-``--edk2-src DIR``            ``ebs_edk2_src``        ``EBS_HARNESS_EDK2_SRC``
-``--rebuild``                 ``ebs_rebuild``         ``EBS_HARNESS_REBUILD=1``
-``--accel auto|tcg|kvm``      ``ebs_accel``           ``EBS_HARNESS_ACCEL``
-``--qemu BINARY``             ``ebs_qemu``            ``EBS_HARNESS_QEMU``
-``--keep-artifacts``          ``ebs_keep_artifacts``  ``EBS_HARNESS_KEEP_ARTIFACTS=1``
-``--require CAPS``            ``ebs_require``         ``EBS_HARNESS_REQUIRE``
-============================  ======================  ==========================
+==============================  ======================  ==============================
+option                          ini                     environment
+==============================  ======================  ==============================
+``--ebs-firmware DIR``          ``ebs_firmware``        ``EBS_HARNESS_FIRMWARE``
+``--ebs-edk2-src DIR``          ``ebs_edk2_src``        ``EBS_HARNESS_EDK2_SRC``
+``--ebs-rebuild``               ``ebs_rebuild``         ``EBS_HARNESS_REBUILD=1``
+``--ebs-accel auto|tcg|kvm``    ``ebs_accel``           ``EBS_HARNESS_ACCEL``
+``--ebs-qemu BINARY``           ``ebs_qemu``            ``EBS_HARNESS_QEMU``
+``--ebs-keep-artifacts``        ``ebs_keep_artifacts``  ``EBS_HARNESS_KEEP_ARTIFACTS=1``
+``--ebs-require CAPS``          ``ebs_require``         ``EBS_HARNESS_REQUIRE``
+==============================  ======================  ==============================
 
-Markers ``tcg``, ``kvm``, ``sev``, ``sev_es`` say what a test needs; the host
-probe (:mod:`harness.vm.host`, once per session) decides, and a test whose
+Markers (:data:`MARKERS`: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``,
+``sev_emulated``) say what a test needs; the host probe
+(:mod:`harness.vm.host`, once per session) decides, and a test whose
 capability is missing is skipped with the probe's reason.
 
-Fixtures build objects from :mod:`harness` and clean up; the logic lives in
-the modules, not here.
+Fixtures, all ``ebs_*``: ``ebs_firmware`` (the patched OVMF, built once per
+session), ``ebs_run_probe`` (boot a :class:`~harness.scenario.Scenario` and
+get its verdicts), ``ebs_host_caps``, ``ebs_accel``, ``ebs_qemu_binary``,
+``ebs_artifacts`` (a per-test directory kept when the test fails) and
+``ebs_linux_image``. They build objects from :mod:`harness` and clean up;
+the logic lives in the modules, not here.
 """
 
 from __future__ import annotations
@@ -41,24 +48,24 @@ from harness.vm import host
 
 _OPTIONS: list[tuple[str, str, str, str, bool]] = [
     # (option, ini, env, help, is_flag)
-    ("--firmware", "ebs_firmware", "EBS_HARNESS_FIRMWARE",
+    ("--ebs-firmware", "ebs_firmware", "EBS_HARNESS_FIRMWARE",
      "a prebuilt firmware directory (from `ebs-harness build`): skip the build", False),
-    ("--edk2-src", "ebs_edk2_src", "EBS_HARNESS_EDK2_SRC",
+    ("--ebs-edk2-src", "ebs_edk2_src", "EBS_HARNESS_EDK2_SRC",
      "an edk2 tree to build instead of Debian's source package", False),
-    ("--rebuild", "ebs_rebuild", "EBS_HARNESS_REBUILD",
+    ("--ebs-rebuild", "ebs_rebuild", "EBS_HARNESS_REBUILD",
      "rebuild the firmware even when the cache has it", True),
-    ("--accel", "ebs_accel", "EBS_HARNESS_ACCEL",
+    ("--ebs-accel", "ebs_accel", "EBS_HARNESS_ACCEL",
      "accelerator for the guests: auto (KVM where the probe proved it), tcg, kvm", False),
-    ("--qemu", "ebs_qemu", "EBS_HARNESS_QEMU",
+    ("--ebs-qemu", "ebs_qemu", "EBS_HARNESS_QEMU",
      "the QEMU binary (default qemu-system-x86_64), e.g. a newer one for SNP", False),
-    ("--keep-artifacts", "ebs_keep_artifacts", "EBS_HARNESS_KEEP_ARTIFACTS",
+    ("--ebs-keep-artifacts", "ebs_keep_artifacts", "EBS_HARNESS_KEEP_ARTIFACTS",
      "keep every test's VM artifacts (default: only a failed test's)", True),
-    ("--require", "ebs_require", "EBS_HARNESS_REQUIRE",
+    ("--ebs-require", "ebs_require", "EBS_HARNESS_REQUIRE",
      ("comma-separated capabilities (tcg,kvm,sev,sev_es) whose absence fails a test "
      "instead of skipping it: a nightly SEV host that lost SEV is broken"), False),
 ]
 
-_METAVARS = {"--accel": "auto|tcg|kvm", "--qemu": "BINARY", "--require": "CAPS"}
+_METAVARS = {"--ebs-accel": "auto|tcg|kvm", "--ebs-qemu": "BINARY", "--ebs-require": "CAPS"}
 
 #: marker -> what it needs (registered in pytest_configure).
 MARKERS = {
@@ -66,7 +73,7 @@ MARKERS = {
     "kvm": "the test needs usable KVM (proven by booting firmware; skipped otherwise)",
     "sev": "the test needs an AMD SEV host (kvm_amd sev=1, /dev/sev, QEMU sev-guest)",
     "sev_es": "the test needs an AMD SEV-ES host (kvm_amd sev_es=1 on top of SEV)",
-    "snp": "the test needs an AMD SEV-SNP host and a QEMU >= 9.1 (--qemu)",
+    "snp": "the test needs an AMD SEV-SNP host and a QEMU >= 9.1 (--ebs-qemu)",
     "sev_emulated": ("the test runs under the emulated SEV of the harness's QEMU (built once "
                      "per session, cached); a QEMU without it fails the test"),
 }
@@ -110,23 +117,23 @@ def option_value(config: pytest.Config, option: str) -> str | bool | None:
 
 
 @pytest.fixture(scope="session")
-def ovmf_firmware(pytestconfig: pytest.Config) -> Iterator[edk2.Firmware]:
-    """The patched OVMF: a prebuilt ``--firmware`` dir, or built (cached)."""
-    prebuilt = option_value(pytestconfig, "--firmware")
+def ebs_firmware(pytestconfig: pytest.Config) -> Iterator[edk2.Firmware]:
+    """The patched OVMF: a prebuilt ``--ebs-firmware`` dir, or built (cached)."""
+    prebuilt = option_value(pytestconfig, "--ebs-firmware")
     if isinstance(prebuilt, str) and prebuilt:
         yield edk2.Firmware.load(prebuilt)
         return
-    src = option_value(pytestconfig, "--edk2-src")
+    src = option_value(pytestconfig, "--ebs-edk2-src")
     result = edk2.build_firmware(
         source=edk2.source_from_option(src if isinstance(src, str) else None),
-        rebuild=bool(option_value(pytestconfig, "--rebuild")),
+        rebuild=bool(option_value(pytestconfig, "--ebs-rebuild")),
         progress=cache.StderrProgress(),
     )
     yield result.firmware
 
 
 @pytest.fixture(scope="session")
-def linux_image() -> linux.LinuxImage:
+def ebs_linux_image() -> linux.LinuxImage:
     """The Linux guest (guests/linux): kernel, initramfs, pinned host key (cached)."""
     return linux.build_image()
 
@@ -140,7 +147,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _qemu_option(config: pytest.Config) -> str:
-    value = option_value(config, "--qemu")
+    value = option_value(config, "--ebs-qemu")
     return value if isinstance(value, str) and value else host.DEFAULT_QEMU
 
 
@@ -173,18 +180,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if not needed:
         return
     caps = session_host_caps(item.config)
-    required = option_value(item.config, "--require")
+    required = option_value(item.config, "--ebs-require")
     required_names = set(required.split(",")) if isinstance(required, str) else set()
     unknown = required_names - set(MARKERS)
     if unknown:
-        raise pytest.UsageError(f"--require {required}: unknown {', '.join(sorted(unknown))}; "
-                                f"one of {', '.join(MARKERS)}")
+        raise pytest.UsageError(f"--ebs-require {required}: unknown "
+                                f"{', '.join(sorted(unknown))}; one of {', '.join(MARKERS)}")
     for name in needed:
         cap = caps.capability(name)
         if cap.available:
             continue
         if name in required_names:
-            pytest.fail(f"--require {name}, but this host lacks it: {cap.reason}",
+            pytest.fail(f"--ebs-require {name}, but this host lacks it: {cap.reason}",
                         pytrace=False)
         pytest.skip(f"needs {name}: {cap.reason}")
 
@@ -202,32 +209,32 @@ def pytest_runtest_makereport(item: pytest.Item,
 
 
 @pytest.fixture(scope="session")
-def host_caps(pytestconfig: pytest.Config) -> host.HostCaps:
+def ebs_host_caps(pytestconfig: pytest.Config) -> host.HostCaps:
     """What this host can run (:class:`harness.vm.host.HostCaps`), probed once."""
     return session_host_caps(pytestconfig)
 
 
 @pytest.fixture(scope="session")
-def qemu_binary(pytestconfig: pytest.Config) -> str:
-    """``--qemu``: the QEMU binary the guests run on."""
+def ebs_qemu_binary(pytestconfig: pytest.Config) -> str:
+    """``--ebs-qemu``: the QEMU binary the guests run on."""
     return _qemu_option(pytestconfig)
 
 
 @pytest.fixture(scope="session")
-def qemu_accel(pytestconfig: pytest.Config) -> str:
-    """``--accel`` resolved: ``auto`` is KVM only where the probe proved it."""
-    value = option_value(pytestconfig, "--accel")
+def ebs_accel(pytestconfig: pytest.Config) -> str:
+    """``--ebs-accel`` resolved: ``auto`` is KVM only where the probe proved it."""
+    value = option_value(pytestconfig, "--ebs-accel")
     option = value if isinstance(value, str) and value else "auto"
     return host.resolve_accel(option, session_host_caps(pytestconfig))
 
 
 @pytest.fixture
-def machine_artifacts(request: pytest.FixtureRequest,
+def ebs_artifacts(request: pytest.FixtureRequest,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A per-test directory for VM artifacts (give it to ``QemuMachine``).
 
     Kept when the test fails (its path is in the failure report) or with
-    ``--keep-artifacts``; removed otherwise.
+    ``--ebs-keep-artifacts``; removed otherwise.
     """
     name = re.sub(r"[^\w.-]+", "_", request.node.name)[:60]
     path = tmp_path_factory.mktemp(f"artifacts-{name}", numbered=True)
@@ -235,7 +242,7 @@ def machine_artifacts(request: pytest.FixtureRequest,
     yield path
     reports = request.node.stash.get(_REPORTS, {})
     failed = any(report.failed for report in reports.values())
-    if failed or option_value(request.config, "--keep-artifacts"):
+    if failed or option_value(request.config, "--ebs-keep-artifacts"):
         print(f"ebs-harness artifacts: {path}")
         return
     shutil.rmtree(path, ignore_errors=True)
@@ -245,8 +252,8 @@ def machine_artifacts(request: pytest.FixtureRequest,
 
 
 @pytest.fixture
-def run_probe(request: pytest.FixtureRequest, ovmf_firmware: edk2.Firmware,
-              host_caps: host.HostCaps, qemu_accel: str, machine_artifacts: Path,
+def ebs_run_probe(request: pytest.FixtureRequest, ebs_firmware: edk2.Firmware,
+              ebs_host_caps: host.HostCaps, ebs_accel: str, ebs_artifacts: Path,
               record_property: Callable[[str, object], None],
               ) -> Callable[[scenario.Scenario], scenario.RunResult]:
     """Boot a :class:`~harness.scenario.Scenario` of the probe guest.
@@ -256,18 +263,18 @@ def run_probe(request: pytest.FixtureRequest, ovmf_firmware: edk2.Firmware,
     report of a failed test.
     """
     def run(chosen: scenario.Scenario) -> scenario.RunResult:
-        caps = host_caps
+        caps = ebs_host_caps
         if chosen.sev == "emulated":
             caps = session_emulated_caps(request.config)
         elif chosen.sev == "off" and chosen.accel == "auto":
-            chosen = dataclasses.replace(chosen, accel=qemu_accel)
-        directory = machine_artifacts / chosen.label()
-        record_property("firmware_key", ovmf_firmware.key)
+            chosen = dataclasses.replace(chosen, accel=ebs_accel)
+        directory = ebs_artifacts / chosen.label()
+        record_property("firmware_key", ebs_firmware.key)
         record_property("sev_mode", chosen.sev)
         record_property("qemu", caps.qemu)
         record_property("qemu_version", caps.qemu_version)
         record_property("artifacts", str(directory))
-        result = scenario.run_scenario(ovmf_firmware, chosen, directory, caps=caps)
+        result = scenario.run_scenario(ebs_firmware, chosen, directory, caps=caps)
         record_property("accel", result.accel)
         record_property("park_seconds", round(result.park_seconds, 3))
         request.node.stash.setdefault(_RUNS, []).append(result)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from harness import shared
 from harness.analysis.symbols import write_index
 from harness.build.cache import (
     CachedBuilder,
@@ -45,11 +46,10 @@ from harness.tools import run_tool
 
 LOG = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SERIES_DIR = REPO_ROOT / "ovmf-patches"
-#: Directories of this repository copied into the edk2 workspace, keyed
-#: like patches: workspace path -> repository path.
-OVERLAYS: Mapping[str, Path] = {"EbsProbe": REPO_ROOT / "guests" / "ebs-probe"}
+SERIES_DIR = shared("ovmf-patches")
+#: Directories the package ships copied into the edk2 workspace, keyed like
+#: patches: workspace path -> shipped path.
+OVERLAYS: Mapping[str, Path] = {"EbsProbe": shared("guests", "ebs-probe")}
 
 DEBIAN_PACKAGE = "edk2"
 DEBIAN_VERSION = "2022.11-6+deb12u2"
@@ -350,11 +350,6 @@ class Builder(CachedBuilder):
     def _discard_partial(self, tree: Path) -> None:
         # edk2's build has no notion of a half-written object: build afresh.
         shutil.rmtree(tree / "Build", ignore_errors=True)
-
-
-#: Test variants of the firmware: a patch applied on top of the series, each a
-#: negative control that some check must catch (tests/data/firmware-variants/).
-VARIANTS_DIR = REPO_ROOT / "tests" / "data" / "firmware-variants"
 
 
 def build_unpatched(progress: Progress | None = None) -> BuildResult:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from harness import shared
 from harness.build.cache import (
     CachedBuilder,
     Progress,
@@ -51,8 +52,7 @@ from harness.tools import run_tool
 
 LOG = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SERIES_DIR = REPO_ROOT / "qemu-patches"
+SERIES_DIR = shared("qemu-patches")
 
 DEBIAN_PACKAGE = "qemu"
 DEBIAN_VERSION = "1:7.2+dfsg-7+deb12u18"

@@ -107,6 +107,10 @@ def parse_public_key(line: str) -> paramiko.PKey:
     try:
         blob = base64.b64decode(parts[1], validate=True)
         key = paramiko.PKey.from_type_string(parts[0], blob)
+    except paramiko.pkey.UnknownKeyType as exc:
+        raise UsageError(f"public key type {parts[0][:40]} is not supported (paramiko "
+                         f"{paramiko.__version__} reads ssh-ed25519, ecdsa-sha2-* and "
+                         "ssh-rsa)") from exc
     except (ValueError, paramiko.SSHException) as exc:
         raise UsageError(f"not a public key line: {line[:40]!r}...: {exc}") from exc
     if key.get_name() != parts[0]:

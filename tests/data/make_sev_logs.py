@@ -69,7 +69,7 @@ def main() -> None:
     progress = cache.StderrProgress()
     caps = host.probe(str(qemu.build_qemu(progress=progress).qemu.binary))
     firmware = edk2.build_firmware(progress=progress).firmware
-    variant = edk2.build_variant(edk2.VARIANTS_DIR / "teardown-reads-a-dynamic-pcd.patch",
+    variant = edk2.build_variant(HERE / "firmware-variants" / "teardown-reads-a-dynamic-pcd.patch",
                                  progress=progress).firmware
     record(firmware, caps, "emulated-sev-callback-depth2.log", "fw-sev")
     record(variant, caps, "emulated-sev-pcd-in-teardown.log", "fw-sev-pcd")

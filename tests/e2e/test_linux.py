@@ -49,12 +49,12 @@ def _qemu_pids_with(text: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def callback_guest(ovmf_firmware: edk2.Firmware, linux_image: LinuxImage,
-                   host_caps: host.HostCaps, qemu_accel: str,
+def callback_guest(ebs_firmware: edk2.Firmware, ebs_linux_image: LinuxImage,
+                   ebs_host_caps: host.HostCaps, ebs_accel: str,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[LinuxRun]:
-    boot = LinuxBoot(ebs_mode="callback", accel=qemu_accel)
+    boot = LinuxBoot(ebs_mode="callback", accel=ebs_accel)
     artifacts = tmp_path_factory.mktemp("linux-callback")
-    with linux.boot_linux(ovmf_firmware, linux_image, boot, artifacts, caps=host_caps) as run:
+    with linux.boot_linux(ebs_firmware, ebs_linux_image, boot, artifacts, caps=ebs_host_caps) as run:
         yield run
     assert not _qemu_pids_with(str(artifacts))
 
@@ -107,8 +107,8 @@ def test_dmesg_has_no_dma_iommu_or_virtio_errors(callback_guest: LinuxRun) -> No
 
 @pytest.mark.tcg
 def test_firmware_trace_of_the_linux_boot_passes(callback_guest: LinuxRun,
-                                                 ovmf_firmware: edk2.Firmware) -> None:
-    report, _ = trace.analyze_log(callback_guest.debug_log, ovmf_firmware.path)
+                                                 ebs_firmware: edk2.Firmware) -> None:
+    report, _ = trace.analyze_log(callback_guest.debug_log, ebs_firmware.path)
     assert report.violations == (), [v.as_json() for v in report.violations]
     succeeded = [a for a in report.timeline.attempts if a.succeeded]
     # the kernel's EFI stub called ExitBootServices; exactly one succeeded
@@ -144,42 +144,42 @@ def test_commands_and_sftp(callback_guest: LinuxRun, tmp_path: Path) -> None:
 
 @pytest.mark.tcg
 def test_guest_without_sshd_fails_at_the_deadline(
-        ovmf_firmware: edk2.Firmware, linux_image: LinuxImage, host_caps: host.HostCaps,
-        qemu_accel: str, machine_artifacts: Path) -> None:
+        ebs_firmware: edk2.Firmware, ebs_linux_image: LinuxImage, ebs_host_caps: host.HostCaps,
+        ebs_accel: str, ebs_artifacts: Path) -> None:
     deadline = 20.0
-    boot = LinuxBoot(accel=qemu_accel, start_sshd=False, ssh_timeout=deadline)
+    boot = LinuxBoot(accel=ebs_accel, start_sshd=False, ssh_timeout=deadline)
     started = time.monotonic()
     with (pytest.raises(ConsoleTimeout) as timeout,
-          linux.boot_linux(ovmf_firmware, linux_image, boot, machine_artifacts, caps=host_caps)):
+          linux.boot_linux(ebs_firmware, ebs_linux_image, boot, ebs_artifacts, caps=ebs_host_caps)):
         pytest.fail("SSH answered a guest that never started sshd")
     assert time.monotonic() - started >= deadline
     assert timeout.value.console == "ssh"
     # the serial log tail shows why: init skipped dropbear
     assert "EBSG sshd-skipped" in timeout.value.tails["serial.log"]
     assert "--- last lines of serial.log" in str(timeout.value)
-    assert not _qemu_pids_with(str(machine_artifacts))
+    assert not _qemu_pids_with(str(ebs_artifacts))
 
 
 @pytest.mark.parametrize("mode", [pytest.param("sev", marks=pytest.mark.sev),
                                   pytest.param("sev-es", marks=pytest.mark.sev_es)])
-def test_guest_reports_memory_encryption(ovmf_firmware: edk2.Firmware, linux_image: LinuxImage,
-                                         host_caps: host.HostCaps, machine_artifacts: Path,
+def test_guest_reports_memory_encryption(ebs_firmware: edk2.Firmware, ebs_linux_image: LinuxImage,
+                                         ebs_host_caps: host.HostCaps, ebs_artifacts: Path,
                                          mode: str) -> None:
     boot = LinuxBoot(ebs_mode="callback", sev=mode)
-    with linux.boot_linux(ovmf_firmware, linux_image, boot, machine_artifacts,
-                          caps=host_caps) as run:
+    with linux.boot_linux(ebs_firmware, ebs_linux_image, boot, ebs_artifacts,
+                          caps=ebs_host_caps) as run:
         _, dmesg, _ = run.session.run("dmesg")
         _, canary, _ = run.session.run(f"dd if=/dev/vdb bs={len(run.canary)} count=1")
     assert linux.SEV_ACTIVE[mode] in dmesg
     assert canary.encode() == run.canary
     assert linux.dmesg_problems(dmesg) == []
-    report, _ = trace.analyze_log(run.debug_log, ovmf_firmware.path)
+    report, _ = trace.analyze_log(run.debug_log, ebs_firmware.path)
     assert report.violations == ()
 
 
 @pytest.mark.sev_emulated
-def test_guest_under_emulated_sev(ovmf_firmware: edk2.Firmware, linux_image: LinuxImage,
-                                  pytestconfig: pytest.Config, machine_artifacts: Path,
+def test_guest_under_emulated_sev(ebs_firmware: edk2.Firmware, ebs_linux_image: LinuxImage,
+                                  pytestconfig: pytest.Config, ebs_artifacts: Path,
                                   record_property: Callable[[str, object], None]) -> None:
     """Linux takes its SEV path on the harness's QEMU: it reports AMD SEV,
     does all DMA through its bounce buffers (SWIOTLB with memory encryption),
@@ -187,7 +187,7 @@ def test_guest_under_emulated_sev(ovmf_firmware: edk2.Firmware, linux_image: Lin
     boot, EBS contract included, passes."""
     caps = session_emulated_caps(pytestconfig)
     boot = LinuxBoot(ebs_mode="callback", sev="emulated")
-    with linux.boot_linux(ovmf_firmware, linux_image, boot, machine_artifacts,
+    with linux.boot_linux(ebs_firmware, ebs_linux_image, boot, ebs_artifacts,
                           caps=caps) as run:
         record_property("ssh_ready_seconds", round(run.ready_seconds, 1))
         _, dmesg, _ = run.session.run("dmesg")
@@ -201,7 +201,7 @@ def test_guest_under_emulated_sev(ovmf_firmware: edk2.Firmware, linux_image: Lin
     assert canary.encode() == run.canary and whole.split()[0] == expected
     assert " 0% packet loss" in ping
     assert linux.dmesg_problems(dmesg) == []
-    report, _ = trace.analyze_log(run.debug_log, ovmf_firmware.path)
+    report, _ = trace.analyze_log(run.debug_log, ebs_firmware.path)
     assert report.contract_judged and report.violations == (), \
         [v.as_json() for v in report.violations]
     assert report.timeline.trace.sev_mask == 1 << 47

@@ -71,12 +71,12 @@ def _verdicts(result: RunResult) -> dict[str, object]:
     # the negative control: the 2017 scheme against a driver that re-signals twice
     Scenario(ebs_mode="legacy", requeue_depth=2, dump=True, accel="tcg"),
 ], ids=["callback-d2", "legacy-d2"])
-def test_remote_run_has_the_local_verdicts(ovmf_firmware: edk2.Firmware, host_caps: host.HostCaps,
+def test_remote_run_has_the_local_verdicts(ebs_firmware: edk2.Firmware, ebs_host_caps: host.HostCaps,
                                            where: remote.RemoteHost, session: GuestSsh,
-                                           machine_artifacts: Path, chosen: Scenario) -> None:
-    local = run_scenario(ovmf_firmware, chosen, machine_artifacts / "local", caps=host_caps)
+                                           ebs_artifacts: Path, chosen: Scenario) -> None:
+    local = run_scenario(ebs_firmware, chosen, ebs_artifacts / "local", caps=ebs_host_caps)
     caps = remote.remote_caps(session)
-    far = run_scenario(ovmf_firmware, chosen, machine_artifacts / "remote", caps=caps,
+    far = run_scenario(ebs_firmware, chosen, ebs_artifacts / "remote", caps=caps,
                        launcher=where.launcher(session))
     assert _verdicts(far) == _verdicts(local)
     if chosen.ebs_mode == "callback":
@@ -84,10 +84,10 @@ def test_remote_run_has_the_local_verdicts(ovmf_firmware: edk2.Firmware, host_ca
     else:
         assert {"V1", "V3"} <= far.failed_checks()
     # the logs and the dump came back, and the remote host kept nothing
-    assert (machine_artifacts / "remote" / "vm" / "debugcon.log").stat().st_size > 10_000
-    assert (machine_artifacts / "remote" / "memory.elf").is_file()
-    assert "ebs-harness" in (machine_artifacts / "remote" / "vm" / "cmdline.txt").read_text()
-    cmdline = (machine_artifacts / "remote" / "vm" / "cmdline.txt").read_text()
+    assert (ebs_artifacts / "remote" / "vm" / "debugcon.log").stat().st_size > 10_000
+    assert (ebs_artifacts / "remote" / "memory.elf").is_file()
+    assert "ebs-harness" in (ebs_artifacts / "remote" / "vm" / "cmdline.txt").read_text()
+    cmdline = (ebs_artifacts / "remote" / "vm" / "cmdline.txt").read_text()
     remote_dir = re.search(r"/tmp/ebs-harness\.\w+", cmdline)
     assert remote_dir is not None
     assert remote.remote_qemu_processes(session, remote_dir.group()) == []
@@ -95,22 +95,22 @@ def test_remote_run_has_the_local_verdicts(ovmf_firmware: edk2.Firmware, host_ca
 
 
 def test_remote_caps_agree_with_the_local_probe(session: GuestSsh,
-                                                host_caps: host.HostCaps) -> None:
+                                                ebs_host_caps: host.HostCaps) -> None:
     caps = remote.remote_caps(session)
-    assert caps.qemu_version == host_caps.qemu_version
+    assert caps.qemu_version == ebs_host_caps.qemu_version
     assert caps.tcg.available
-    assert caps.sev.available == host_caps.sev.available
+    assert caps.sev.available == ebs_host_caps.sev.available
 
 
-def test_remote_qemu_dies_with_the_session(ovmf_firmware: edk2.Firmware,
+def test_remote_qemu_dies_with_the_session(ebs_firmware: edk2.Firmware,
                                            where: remote.RemoteHost, client_key: ClientKey,
-                                           session: GuestSsh, machine_artifacts: Path) -> None:
+                                           session: GuestSsh, ebs_artifacts: Path) -> None:
     from harness.vm.machine import MachineConfig
 
     doomed = where.connect(client_key=client_key)
-    config = MachineConfig(code=ovmf_firmware.code, vars_template=ovmf_firmware.vars,
+    config = MachineConfig(code=ebs_firmware.code, vars_template=ebs_firmware.vars,
                            accel="tcg")
-    vm = remote.RemoteMachine(doomed, config, machine_artifacts, name="doomed")
+    vm = remote.RemoteMachine(doomed, config, ebs_artifacts, name="doomed")
     vm.launch(start=False)
     assert vm.remote_dir is not None
     assert remote.remote_qemu_processes(session, vm.remote_dir), "the remote QEMU is not running"
@@ -141,7 +141,7 @@ def test_unknown_host_key_is_refused(sshd: remote.LocalSshd, client_key: ClientK
         pinned_wrong.connect(client_key=client_key, timeout=10)
 
 
-def test_cli_boot_host(ovmf_firmware: edk2.Firmware, sshd: remote.LocalSshd,
+def test_cli_boot_host(ebs_firmware: edk2.Firmware, sshd: remote.LocalSshd,
                        client_key: ClientKey, tmp_path: Path,
                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # A developer's defaults: ~/.ssh/known_hosts and ~/.ssh/id_ed25519.
@@ -152,22 +152,22 @@ def test_cli_boot_host(ovmf_firmware: edk2.Firmware, sshd: remote.LocalSshd,
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     status = cli.main(["boot", "--host", f"ssh://root@127.0.0.1:{sshd.port}",
-                       "--firmware", str(ovmf_firmware.path), "--accel", "tcg",
+                       "--firmware", str(ebs_firmware.path), "--accel", "tcg",
                        "--requeue-depth", "2", "--artifacts", str(tmp_path / "run"), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert status == 0 and result["verdict"] == "pass", result
     status = cli.main(["boot", "--host", "ftp://nowhere", "--firmware",
-                       str(ovmf_firmware.path)])
+                       str(ebs_firmware.path)])
     assert status == 2
 
 
-def test_remote_linux_guest(ovmf_firmware: edk2.Firmware, linux_image: linux.LinuxImage,
+def test_remote_linux_guest(ebs_firmware: edk2.Firmware, ebs_linux_image: linux.LinuxImage,
                             where: remote.RemoteHost, session: GuestSsh,
-                            machine_artifacts: Path) -> None:
+                            ebs_artifacts: Path) -> None:
     # QEMU there, the guest's sshd reached through the session (direct-tcpip
     # to the remote host's hostfwd port), verdicts here.
     boot = linux.LinuxBoot(accel="tcg")
-    with linux.boot_linux(ovmf_firmware, linux_image, boot, machine_artifacts,
+    with linux.boot_linux(ebs_firmware, ebs_linux_image, boot, ebs_artifacts,
                           remote_host=(where, session)) as run:
         assert isinstance(run.vm, remote.RemoteMachine)
         canary_length = len(run.canary)
@@ -175,6 +175,6 @@ def test_remote_linux_guest(ovmf_firmware: edk2.Firmware, linux_image: linux.Lin
         _, dmesg, _ = run.session.run("dmesg")
     assert out.encode() == run.canary
     assert linux.dmesg_problems(dmesg) == []
-    report, _ = trace.analyze_log(run.debug_log, ovmf_firmware.path)
+    report, _ = trace.analyze_log(run.debug_log, ebs_firmware.path)
     assert report.violations == ()
     assert sum(a.succeeded for a in report.timeline.attempts) == 1

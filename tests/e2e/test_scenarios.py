@@ -70,9 +70,9 @@ def _handlers_after_teardown(result: RunResult) -> list[str]:
 @pytest.mark.parametrize("sev", SEV_MODES)
 @pytest.mark.parametrize("depth", [0, 1, 3])
 @pytest.mark.parametrize("devices", list(DEVICE_SETS), ids=list(DEVICE_SETS))
-def test_callback_holds_every_verdict(run_probe: Run, devices: str, depth: int,
+def test_callback_holds_every_verdict(ebs_run_probe: Run, devices: str, depth: int,
                                       sev: str) -> None:
-    result = run_probe(Scenario(ebs_mode="callback", requeue_depth=depth,
+    result = ebs_run_probe(Scenario(ebs_mode="callback", requeue_depth=depth,
                                 devices=DEVICE_SETS[devices], sev=sev, dump=True))
     assert result.passed, _detail(result)
     attempt, = result.log.timeline.attempts
@@ -87,18 +87,18 @@ def test_callback_holds_every_verdict(run_probe: Run, devices: str, depth: int,
 
 
 @pytest.mark.parametrize("sev", SEV_MODES)
-def test_legacy_without_adversary_holds(run_probe: Run, sev: str) -> None:
-    result = run_probe(Scenario(ebs_mode="legacy", requeue_depth=0, sev=sev, dump=True))
+def test_legacy_without_adversary_holds(ebs_run_probe: Run, sev: str) -> None:
+    result = ebs_run_probe(Scenario(ebs_mode="legacy", requeue_depth=0, sev=sev, dump=True))
     assert result.passed, _detail(result)
 
 
 @pytest.mark.parametrize("sev", SEV_MODES)
 @pytest.mark.parametrize("depth", [2, 3])
-def test_legacy_loses_to_an_adversary_that_requeues_twice(run_probe: Run, depth: int,
+def test_legacy_loses_to_an_adversary_that_requeues_twice(ebs_run_probe: Run, depth: int,
                                                           sev: str) -> None:
     """The 2017 failure: the adversary's last stage comes after the teardown,
     maps its buffer, and the mapping survives into the OS."""
-    result = run_probe(Scenario(ebs_mode="legacy", requeue_depth=depth, sev=sev, dump=True))
+    result = ebs_run_probe(Scenario(ebs_mode="legacy", requeue_depth=depth, sev=sev, dump=True))
     # D1 and D2 read the mapping list and page tables, private under real SEV.
     expected = {"V1", "V3", "V4", "D3"} | ({"D1", "D2"} if _plaintext(sev) else set())
     assert _checks(result) == expected, _detail(result)
@@ -118,10 +118,10 @@ def test_legacy_loses_to_an_adversary_that_requeues_twice(run_probe: Run, depth:
 
 
 @pytest.mark.parametrize("sev", SEV_MODES)
-def test_no_teardown_with_a_leaked_mapping_is_caught(run_probe: Run, sev: str) -> None:
+def test_no_teardown_with_a_leaked_mapping_is_caught(ebs_run_probe: Run, sev: str) -> None:
     """Negative control for V4 and D1..D3: no teardown at all, and the probe
     leaves a mapping holding the canary live."""
-    result = run_probe(Scenario(ebs_mode="none", leak_mapping=True, sev=sev, dump=True))
+    result = ebs_run_probe(Scenario(ebs_mode="none", leak_mapping=True, sev=sev, dump=True))
     expected = {"V2", "V4", "D3"} | ({"D1", "D2"} if _plaintext(sev) else set())
     assert _checks(result) == expected, _detail(result)
     assert result.dump is not None
@@ -135,9 +135,9 @@ def test_no_teardown_with_a_leaked_mapping_is_caught(run_probe: Run, sev: str) -
 
 
 @pytest.mark.parametrize("sev", SEV_MODES)
-def test_stale_mapkey_fails_without_teardown_then_succeeds_once(run_probe: Run,
+def test_stale_mapkey_fails_without_teardown_then_succeeds_once(ebs_run_probe: Run,
                                                                 sev: str) -> None:
-    result = run_probe(Scenario(ebs_mode="callback", stale_mapkey=True, sev=sev, dump=True))
+    result = ebs_run_probe(Scenario(ebs_mode="callback", stale_mapkey=True, sev=sev, dump=True))
     assert result.passed, _detail(result)
     failed, succeeded = result.log.timeline.attempts
     assert not failed.succeeded and failed.teardowns == ()
@@ -148,10 +148,10 @@ def test_stale_mapkey_fails_without_teardown_then_succeeds_once(run_probe: Run,
 
 
 @pytest.mark.tcg
-def test_without_emulation_the_firmware_is_stock(run_probe: Run) -> None:
+def test_without_emulation_the_firmware_is_stock(ebs_run_probe: Run) -> None:
     """No emulation knob on a guest without SEV: no IOMMU protocol, no
     teardown, nothing to tear down (stock OVMF behaviour)."""
-    result = run_probe(Scenario(ebs_mode="callback", emulation=False))
+    result = ebs_run_probe(Scenario(ebs_mode="callback", emulation=False))
     events = result.log.timeline.trace.events
     assert result.log.timeline.trace.config is None
     assert not any(isinstance(e, (trace.IommuMap, trace.TeardownBegin)) for e in events)

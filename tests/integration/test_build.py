@@ -15,46 +15,49 @@ from elftools.elf.elffile import ELFFile
 
 from harness.build import edk2
 from harness.build.series import read_series
+from harness.pytestplugin import option_value
 
 pytestmark = pytest.mark.build
 
 
-def test_firmware_has_flash_images(ovmf_firmware: edk2.Firmware) -> None:
+def test_firmware_has_flash_images(ebs_firmware: edk2.Firmware) -> None:
     # 4 MiB flash: code + vars, and the combined image.
-    assert ovmf_firmware.code.stat().st_size + ovmf_firmware.vars.stat().st_size == 4 << 20
-    assert (ovmf_firmware.path / "OVMF.fd").stat().st_size == 4 << 20
+    assert ebs_firmware.code.stat().st_size + ebs_firmware.vars.stat().st_size == 4 << 20
+    assert (ebs_firmware.path / "OVMF.fd").stat().st_size == 4 << 20
 
 
-def test_iommu_module_and_symbols(ovmf_firmware: edk2.Firmware) -> None:
-    efi = ovmf_firmware.module_file("IoMmuDxe", ".efi")
+def test_iommu_module_and_symbols(ebs_firmware: edk2.Firmware) -> None:
+    efi = ebs_firmware.module_file("IoMmuDxe", ".efi")
     assert efi.read_bytes()[:2] == b"MZ"
-    with open(ovmf_firmware.module_file("IoMmuDxe", ".debug"), "rb") as handle:
+    with open(ebs_firmware.module_file("IoMmuDxe", ".debug"), "rb") as handle:
         symbols = ELFFile(handle).get_section_by_name(".symtab")
         names = {symbol.name for symbol in symbols.iter_symbols()}
     assert {"mMapInfos", "_ModuleEntryPoint"} <= names
-    assert "mMapInfos" in ovmf_firmware.module_file("IoMmuDxe", ".map").read_text()
+    assert "mMapInfos" in ebs_firmware.module_file("IoMmuDxe", ".map").read_text()
 
 
-def test_manifest_records_inputs(ovmf_firmware: edk2.Firmware) -> None:
-    manifest = ovmf_firmware.manifest
-    assert manifest["key"] == ovmf_firmware.key == ovmf_firmware.path.name
+def test_manifest_records_inputs(ebs_firmware: edk2.Firmware) -> None:
+    manifest = ebs_firmware.manifest
+    assert manifest["key"] == ebs_firmware.key == ebs_firmware.path.name
     series = read_series(edk2.SERIES_DIR)
     assert [name for name, _ in manifest["patches"]] == [p.name for p in series]  # type: ignore[union-attr]
     assert str(manifest["source"]).startswith(("debian:edk2=", "tree:"))
     assert "gcc" in str(manifest["toolchain"])
     assert float(manifest["build_seconds"]) > 0  # type: ignore[arg-type]
     assert int(manifest["modules"]) > 100  # type: ignore[call-overload]
-    assert "Build total time" in (ovmf_firmware.path / "build.log").read_text()
+    assert "Build total time" in (ebs_firmware.path / "build.log").read_text()
 
 
 def test_cli_build_json_is_a_cache_hit_for_the_same_inputs(
-        ovmf_firmware: edk2.Firmware, pytestconfig: pytest.Config) -> None:
-    if pytestconfig.getoption("firmware") or pytestconfig.getoption("edk2_src"):
-        pytest.skip("--firmware/--edk2-src: the cache holds no build of Debian's source")
+        ebs_firmware: edk2.Firmware, pytestconfig: pytest.Config) -> None:
+    if option_value(pytestconfig, "--ebs-firmware") or option_value(pytestconfig,
+                                                                   "--ebs-edk2-src"):
+        pytest.skip("--ebs-firmware/--ebs-edk2-src: the cache holds no build of Debian's "
+                    "source")
     proc = subprocess.run([sys.executable, "-m", "harness", "-q", "build", "--json"],
                           capture_output=True, text=True, check=False, timeout=600)
     assert proc.returncode == 0, proc.stderr
     reply = json.loads(proc.stdout)
     assert reply["cache_hit"] is True
-    assert reply["key"] == ovmf_firmware.key
-    assert reply["firmware_dir"] == str(ovmf_firmware.path)
+    assert reply["key"] == ebs_firmware.key
+    assert reply["firmware_dir"] == str(ebs_firmware.path)

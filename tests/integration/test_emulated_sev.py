@@ -33,6 +33,9 @@ pytestmark = pytest.mark.sev_emulated
 STOCK_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 STOCK_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 QMP_DATA = Path(__file__).resolve().parents[1] / "data" / "qmp"
+#: Test variants of the firmware: a patch on top of the series, each a
+#: negative control that some check must catch.
+VARIANTS = Path(__file__).resolve().parents[1] / "data" / "firmware-variants"
 CBIT = 1 << 47
 
 
@@ -51,12 +54,12 @@ def _config(caps: HostCaps, firmware_code: Path, firmware_vars: Path,
 
 
 def test_stock_ovmf_reaches_its_shell_with_the_cbit_in_its_page_tables(
-        emulated: HostCaps, machine_artifacts: Path) -> None:
+        emulated: HostCaps, ebs_artifacts: Path) -> None:
     config = _config(emulated, STOCK_CODE, STOCK_VARS, debugcon=False)
-    with QemuMachine(config, machine_artifacts / "vm") as vm:
+    with QemuMachine(config, ebs_artifacts / "vm") as vm:
         vm.serial.expect(r"UEFI Interactive Shell", timeout=90)
         assert vm.qmp("query-sev")["emulated"] is True
-        path = vm.dump(machine_artifacts / "memory.elf")
+        path = vm.dump(ebs_artifacts / "memory.elf")
     with QemuDump(path) as dump:
         cpu = dump.cpus[0]
         findings: list[str] = []
@@ -73,24 +76,24 @@ def test_stock_ovmf_reaches_its_shell_with_the_cbit_in_its_page_tables(
 
 
 def test_unpatched_debug_build_prints_sev_enabled(emulated: HostCaps,
-                                                  machine_artifacts: Path) -> None:
+                                                  ebs_artifacts: Path) -> None:
     firmware = edk2.build_unpatched(progress=cache.StderrProgress()).firmware
     assert not firmware.module_file("EbsProbe", ".efi").exists()
     config = _config(emulated, firmware.code, firmware.vars)
-    with QemuMachine(config, machine_artifacts / "sev") as vm:
+    with QemuMachine(config, ebs_artifacts / "sev") as vm:
         vm.debugcon.expect(r"SEV is enabled \(mask 0x800000000000\)", timeout=60)
         vm.debugcon.expect(r"Loading driver at \S+ EntryPoint=\S+ IoMmuDxe\.efi", timeout=60)
     # Negative control: the same firmware without the emulation says nothing of SEV.
     plain = MachineConfig(code=firmware.code, vars_template=firmware.vars, accel="tcg",
                           qemu=emulated.qemu, serial_input=False)
-    with QemuMachine(plain, machine_artifacts / "plain") as vm:
+    with QemuMachine(plain, ebs_artifacts / "plain") as vm:
         vm.debugcon.expect(r"Loading driver at \S+ EntryPoint=\S+ IoMmuDxe\.efi", timeout=60)
-    assert "SEV is enabled" not in (machine_artifacts / "plain" / "debugcon.log").read_text(
+    assert "SEV is enabled" not in (ebs_artifacts / "plain" / "debugcon.log").read_text(
         errors="replace")
 
 
-def test_the_firmware_takes_its_sev_path_without_a_knob(run_probe) -> None:  # type: ignore[no-untyped-def]
-    result = run_probe(scenario.Scenario(ebs_mode="callback", sev="emulated"))
+def test_the_firmware_takes_its_sev_path_without_a_knob(ebs_run_probe) -> None:  # type: ignore[no-untyped-def]
+    result = ebs_run_probe(scenario.Scenario(ebs_mode="callback", sev="emulated"))
     assert "opt/org.ebs-harness/emulation" not in result.scenario.fw_cfg(b"x")
     events = result.log.timeline.trace.events
     config = result.log.timeline.trace.config
@@ -104,14 +107,14 @@ def test_the_firmware_takes_its_sev_path_without_a_knob(run_probe) -> None:  # t
 
 
 def test_the_contract_catches_a_teardown_that_reads_a_dynamic_pcd(
-        emulated: HostCaps, host_caps: HostCaps, machine_artifacts: Path) -> None:
+        emulated: HostCaps, ebs_host_caps: HostCaps, ebs_artifacts: Path) -> None:
     """The negative control of C1 and C3: the series before its fix, as a
     firmware variant. The bug lives on the SEV path only: the IOMMU
     emulation mode of a plain TCG guest does not see it."""
-    variant = edk2.build_variant(edk2.VARIANTS_DIR / "teardown-reads-a-dynamic-pcd.patch",
+    variant = edk2.build_variant(VARIANTS / "teardown-reads-a-dynamic-pcd.patch",
                                  progress=cache.StderrProgress()).firmware
     chosen = scenario.Scenario(ebs_mode="callback", requeue_depth=2, sev="emulated")
-    result = scenario.run_scenario(variant, chosen, machine_artifacts / "sev", caps=emulated)
+    result = scenario.run_scenario(variant, chosen, ebs_artifacts / "sev", caps=emulated)
     assert result.failed_checks() == {"C1", "C3"}, [v.detail for v in result.violations]
     c1 = next(v for v in result.violations if v.check == "C1")
     assert c1.culprit == "IoMmuDxe!IoMmuExitBootServices"
@@ -120,14 +123,14 @@ def test_the_contract_catches_a_teardown_that_reads_a_dynamic_pcd(
                for v in result.violations if v.check == "C3")
     plain = scenario.run_scenario(variant, scenario.Scenario(ebs_mode="callback", requeue_depth=2,
                                                              accel="tcg"),
-                                  machine_artifacts / "plain", caps=host_caps)
+                                  ebs_artifacts / "plain", caps=ebs_host_caps)
     assert plain.passed, [v.detail for v in plain.violations]
 
 
-def test_the_adversary_allocating_in_its_handler_is_a_finding(run_probe) -> None:  # type: ignore[no-untyped-def]
+def test_the_adversary_allocating_in_its_handler_is_a_finding(ebs_run_probe) -> None:  # type: ignore[no-untyped-def]
     """C2 by another driver's handler is reported, not failed, in both schemes."""
     for mode in ("callback", "legacy"):
-        result = run_probe(scenario.Scenario(ebs_mode=mode, requeue_depth=2, sev="emulated"))
+        result = ebs_run_probe(scenario.Scenario(ebs_mode=mode, requeue_depth=2, sev="emulated"))
         assert "C2" not in result.failed_checks()
         culprits = {f.culprit for f in result.log.findings if f.check == "C2"}
         assert "EbsAdversaryDxe!AdversaryStage" in culprits, mode
@@ -163,24 +166,24 @@ def test_the_qemu_refuses_what_it_cannot_emulate(emulated: HostCaps, args: tuple
     assert message in proc.stderr
 
 
-def test_debians_qemu_has_no_emulated_sev(host_caps: HostCaps) -> None:
+def test_debians_qemu_has_no_emulated_sev(ebs_host_caps: HostCaps) -> None:
     """The control: the system's QEMU refuses the object and the host probe says so."""
-    proc = _qemu_error(host_caps.qemu, "-object", "sev-emulated-guest,id=sev0")
+    proc = _qemu_error(ebs_host_caps.qemu, "-object", "sev-emulated-guest,id=sev0")
     assert proc.returncode == 1
     assert "does not accept value 'sev-emulated-guest'" in proc.stderr
-    assert not host_caps.sev_emulated.available
-    assert "has no emulated SEV" in host_caps.sev_emulated.reason
+    assert not ebs_host_caps.sev_emulated.available
+    assert "has no emulated SEV" in ebs_host_caps.sev_emulated.reason
 
 
 def test_query_sev_is_what_the_recorded_replies_say(emulated: HostCaps,
-                                                    machine_artifacts: Path) -> None:
+                                                    ebs_artifacts: Path) -> None:
     """The replies the unit tests read (recorded by qmp/record-emulated.py)
     are what this QEMU answers now: launch-secret while paused, running after
     ``cont``, emulated throughout."""
     paused = json.loads((QMP_DATA / "query-sev-emulated-paused.json").read_text())["return"]
     running = json.loads((QMP_DATA / "query-sev-emulated-running.json").read_text())["return"]
     config = _config(emulated, STOCK_CODE, STOCK_VARS, debugcon=False)
-    vm = QemuMachine(config, machine_artifacts / "vm")
+    vm = QemuMachine(config, ebs_artifacts / "vm")
     try:
         vm.launch(start=False)
         assert vm.qmp("query-sev") == paused

@@ -1,7 +1,7 @@
 """The machine layer on real QEMU under TCG: boots, QMP, dumps, errors, cleanup.
 
 Each boot is a few seconds. The harness's own DEBUG build comes from the
-``ovmf_firmware`` fixture (``--firmware DIR`` to skip the build).
+``ebs_firmware`` fixture (``--firmware DIR`` to skip the build).
 """
 
 from __future__ import annotations
@@ -53,19 +53,19 @@ def stock_config(**kwargs: object) -> MachineConfig:
 
 
 @pytest.fixture
-def boot_image(ovmf_firmware: edk2.Firmware, tmp_path: Path) -> Path:
+def boot_image(ebs_firmware: edk2.Firmware, tmp_path: Path) -> Path:
     """A FAT image whose \\EFI\\BOOT\\BOOTX64.EFI is the build's UEFI shell."""
-    shell = ovmf_firmware.module_file("Shell", ".efi")
+    shell = ebs_firmware.module_file("Shell", ".efi")
     if not shell.is_file():
         pytest.skip(f"the firmware build has no {shell.name}")
     return guest.make_fat_image(tmp_path / "boot.img", {guest.BOOT_PATH: shell}, size_mib=8)
 
 
 @pytest.fixture
-def own_config(ovmf_firmware: edk2.Firmware, boot_image: Path,
-               qemu_binary: str) -> MachineConfig:
-    return MachineConfig(code=ovmf_firmware.code, vars_template=ovmf_firmware.vars,
-                         qemu=qemu_binary, accel="tcg",
+def own_config(ebs_firmware: edk2.Firmware, boot_image: Path,
+               ebs_qemu_binary: str) -> MachineConfig:
+    return MachineConfig(code=ebs_firmware.code, vars_template=ebs_firmware.vars,
+                         qemu=ebs_qemu_binary, accel="tcg",
                          devices=(BlockDevice(boot_image, bootindex=0),))
 
 
@@ -80,9 +80,9 @@ def qemu_alive(pid: int) -> bool:
 # --------------------------------------------------------------- boots
 
 
-def test_stock_ovmf_reaches_uefi_shell(machine_artifacts: Path) -> None:
+def test_stock_ovmf_reaches_uefi_shell(ebs_artifacts: Path) -> None:
     started = time.monotonic()
-    with QemuMachine(stock_config(), machine_artifacts, name="stock") as vm:
+    with QemuMachine(stock_config(), ebs_artifacts, name="stock") as vm:
         assert vm.status() == "running"
         match = vm.serial.expect([r"Press .*ESC.* in \d+ seconds", r"Shell> "], timeout=40)
         if "ESC" in match.group(0):
@@ -94,34 +94,34 @@ def test_stock_ovmf_reaches_uefi_shell(machine_artifacts: Path) -> None:
         assert vm.wait(10) == 0
     elapsed = time.monotonic() - started
     assert vm.exitcode == 0
-    assert "Shell> " in (machine_artifacts / "serial.log").read_text(errors="replace")
+    assert "Shell> " in (ebs_artifacts / "serial.log").read_text(errors="replace")
     assert elapsed < 40
     for name in ("cmdline.txt", "reproduce.sh", "qmp.log", "serial.log",
                  "qemu-stderr.log", "OVMF_VARS.fd"):
-        assert (machine_artifacts / name).is_file(), name
-    transcript = (machine_artifacts / "qmp.log").read_text()
+        assert (ebs_artifacts / name).is_file(), name
+    transcript = (ebs_artifacts / "qmp.log").read_text()
     assert '"execute": "cont"' in transcript and '"guest-shutdown"' in transcript
-    assert os.access(machine_artifacts / "reproduce.sh", os.X_OK)
+    assert os.access(ebs_artifacts / "reproduce.sh", os.X_OK)
 
 
-def test_own_build_boots_bootx64(own_config: MachineConfig, machine_artifacts: Path) -> None:
-    with QemuMachine(own_config, machine_artifacts, name="own") as vm:
+def test_own_build_boots_bootx64(own_config: MachineConfig, ebs_artifacts: Path) -> None:
+    with QemuMachine(own_config, ebs_artifacts, name="own") as vm:
         match = vm.debugcon.expect(BDS_BOOTS_BOOTX64, timeout=30)
         assert match.group(0).endswith("\\EFI\\BOOT\\BOOTX64.EFI")
         vm.debugcon.expect(r"Loading driver at 0x[0-9A-F]+ EntryPoint=0x[0-9A-F]+ Shell\.efi",
                            timeout=15)
         status = vm.qmp("query-status")
         assert status["status"] == "running" and status["running"] is True
-    log = (machine_artifacts / "debugcon.log").read_text(errors="replace")
+    log = (ebs_artifacts / "debugcon.log").read_text(errors="replace")
     assert "FSOpen: Open '\\EFI\\BOOT\\BOOTX64.EFI' Success" in log
 
 
 def test_memory_dump_is_an_elf_covering_ram(own_config: MachineConfig,
-                                            machine_artifacts: Path) -> None:
-    with QemuMachine(own_config, machine_artifacts, name="dump") as vm:
+                                            ebs_artifacts: Path) -> None:
+    with QemuMachine(own_config, ebs_artifacts, name="dump") as vm:
         vm.debugcon.expect(BDS_BOOTS_BOOTX64, timeout=30)
         started = time.monotonic()
-        path = vm.dump(machine_artifacts / "memory.elf", timeout=60)
+        path = vm.dump(ebs_artifacts / "memory.elf", timeout=60)
         seconds = time.monotonic() - started
         assert vm.status() == "paused"
         stop = vm.wait_event("STOP", timeout=1)
@@ -144,8 +144,8 @@ def test_memory_dump_is_an_elf_covering_ram(own_config: MachineConfig,
     assert sum(size for _, size in loads) == ram
 
 
-def test_qmp_events_are_waitable(machine_artifacts: Path) -> None:
-    with QemuMachine(stock_config(), machine_artifacts, name="events") as vm:
+def test_qmp_events_are_waitable(ebs_artifacts: Path) -> None:
+    with QemuMachine(stock_config(), ebs_artifacts, name="events") as vm:
         vm.qmp("stop")
         assert vm.wait_event(["STOP", "SHUTDOWN"], timeout=5)["event"] == "STOP"
         assert vm.status() == "paused"
@@ -157,17 +157,17 @@ def test_qmp_events_are_waitable(machine_artifacts: Path) -> None:
     assert vm.exitcode == 0  # shutdown: QMP quit
     assert vm.events[-1]["data"] == {"guest": False, "reason": "host-qmp-quit"}
     vm.shutdown()  # idempotent
-    assert '"execute": "quit"' in (machine_artifacts / "qmp.log").read_text()
+    assert '"execute": "quit"' in (ebs_artifacts / "qmp.log").read_text()
 
 
 # -------------------------------------------------------------- errors
 
 
 def test_bad_firmware_path_gives_qemus_message(tmp_path: Path,
-                                               machine_artifacts: Path) -> None:
+                                               ebs_artifacts: Path) -> None:
     config = MachineConfig(code=tmp_path / "no-such-OVMF_CODE.fd",
                            vars_template=STOCK_VARS, debugcon=False)
-    vm = QemuMachine(config, machine_artifacts, name="badfw")
+    vm = QemuMachine(config, ebs_artifacts, name="badfw")
     with pytest.raises(LaunchError) as info:
         vm.launch()
     err = info.value
@@ -179,9 +179,9 @@ def test_bad_firmware_path_gives_qemus_message(tmp_path: Path,
     vm.shutdown()  # idempotent after a failed launch
 
 
-def test_bad_device_option_gives_qemus_message(machine_artifacts: Path) -> None:
+def test_bad_device_option_gives_qemus_message(ebs_artifacts: Path) -> None:
     config = stock_config(extra_args=("-device", "virtio-blk-pci,no-such-property=1"))
-    with pytest.raises(LaunchError) as info, QemuMachine(config, machine_artifacts,
+    with pytest.raises(LaunchError) as info, QemuMachine(config, ebs_artifacts,
                                                          name="baddev"):
         pytest.fail("QEMU started with a bad device option")
     assert "no-such-property" in info.value.log
@@ -189,14 +189,14 @@ def test_bad_device_option_gives_qemus_message(machine_artifacts: Path) -> None:
 
 
 def test_hung_guest_hits_the_deadline_with_log_tails(own_config: MachineConfig,
-                                                     machine_artifacts: Path) -> None:
-    with QemuMachine(own_config, machine_artifacts, name="hung") as vm:
+                                                     ebs_artifacts: Path) -> None:
+    with QemuMachine(own_config, ebs_artifacts, name="hung") as vm:
         vm.debugcon.expect(r"\[Bds\]", timeout=30)  # the log has content to quote
         started = time.monotonic()
         with pytest.raises(ConsoleTimeout) as info:
             vm.debugcon.expect(r"this line never comes", timeout=2)
         assert 2 <= time.monotonic() - started < 6
-        last_line = (machine_artifacts / "debugcon.log").read_text(
+        last_line = (ebs_artifacts / "debugcon.log").read_text(
             errors="replace").rstrip("\n").splitlines()[-1]
     text = str(info.value)
     assert text.startswith("timed out after 2 s on debugcon waiting for "
@@ -208,40 +208,40 @@ def test_hung_guest_hits_the_deadline_with_log_tails(own_config: MachineConfig,
     assert last_line.strip() in info.value.tails["debugcon.log"]
 
 
-def test_sev_on_a_host_without_sev_is_a_launch_error(host_caps: host.HostCaps,
-                                                     machine_artifacts: Path) -> None:
-    if host_caps.sev.available:
+def test_sev_on_a_host_without_sev_is_a_launch_error(ebs_host_caps: host.HostCaps,
+                                                     ebs_artifacts: Path) -> None:
+    if ebs_host_caps.sev.available:
         pytest.skip("this host has SEV: the refusal cannot be shown here")
     config = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="kvm",
                            sev=SevConfig("sev", cbitpos=47, reduced_phys_bits=1),
                            debugcon=False)
-    vm = QemuMachine(config, machine_artifacts, name="nosev")
+    vm = QemuMachine(config, ebs_artifacts, name="nosev")
     with pytest.raises(LaunchError) as info:
         vm.launch()
     assert not vm.is_running()
     assert info.value.log or "SEV" in str(info.value)  # QEMU's own refusal
 
 
-def test_plain_guest_never_passes_the_sev_check(machine_artifacts: Path) -> None:
+def test_plain_guest_never_passes_the_sev_check(ebs_artifacts: Path) -> None:
     """The query-sev check that runs after a SEV launch, against a plain
     TCG guest: QEMU answers enabled=false and the launch must fail."""
-    with (QemuMachine(stock_config(), machine_artifacts, name="plain") as vm,
+    with (QemuMachine(stock_config(), ebs_artifacts, name="plain") as vm,
           pytest.raises(LaunchError, match="query-sev says enabled=false")):
         vm._check_sev(SevConfig("sev", cbitpos=47, reduced_phys_bits=1), SEV_STATE_PAUSED)
 
 
 def test_reproduce_script_reruns_the_same_qemu(own_config: MachineConfig,
-                                               machine_artifacts: Path) -> None:
-    vm = QemuMachine(own_config, machine_artifacts, name="repro")
+                                               ebs_artifacts: Path) -> None:
+    vm = QemuMachine(own_config, ebs_artifacts, name="repro")
     with vm:
         vm.debugcon.expect(r"SecCoreStartupWithStack", timeout=20)
-    proc = subprocess.run(["timeout", "3", str(machine_artifacts / "reproduce.sh")],
+    proc = subprocess.run(["timeout", "3", str(ebs_artifacts / "reproduce.sh")],
                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
                           check=False)
     assert proc.returncode == 124, proc.stderr  # still running when timeout ended it
-    log = (machine_artifacts / "repro" / "debugcon.log").read_text(errors="replace")
+    log = (ebs_artifacts / "repro" / "debugcon.log").read_text(errors="replace")
     assert "SecCoreStartupWithStack" in log
-    assert not (machine_artifacts / "repro" / "qmp.sock").exists()  # QEMU removed it
+    assert not (ebs_artifacts / "repro" / "qmp.sock").exists()  # QEMU removed it
 
 
 # ------------------------------------------------------------- cleanup
@@ -288,13 +288,13 @@ def wait_dead(pid: int, seconds: float) -> bool:
 
 
 def test_sigkill_of_the_harness_leaves_no_qemu_and_no_socket(
-        tmp_path: Path, machine_artifacts: Path) -> None:
+        tmp_path: Path, ebs_artifacts: Path) -> None:
     if not STOCK_CODE.is_file():
         pytest.skip(f"Debian's OVMF is not installed ({STOCK_CODE})")
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     script = CHILD.format(repo=str(REPO), code=str(STOCK_CODE), vars=str(STOCK_VARS))
-    child, qemu_pid = run_child(script, machine_artifacts, tmpdir)
+    child, qemu_pid = run_child(script, ebs_artifacts, tmpdir)
     try:
         time.sleep(1.0)  # mid-boot: the firmware is running
         assert qemu_alive(qemu_pid)

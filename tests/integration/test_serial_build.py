@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.build import cache, edk2
+from harness.pytestplugin import option_value
 from harness.scenario import Scenario, run_scenario
 from harness.vm import host
 
@@ -20,27 +21,27 @@ pytestmark = [pytest.mark.build, pytest.mark.tcg]
 
 @pytest.fixture(scope="session")
 def serial_firmware(pytestconfig: pytest.Config) -> edk2.Firmware:
-    if pytestconfig.getoption("firmware"):
-        pytest.skip("--firmware: the serial variant is built from source, not given")
+    if option_value(pytestconfig, "--ebs-firmware"):
+        pytest.skip("--ebs-firmware: the serial variant is built from source, not given")
     return edk2.build_firmware(flags=edk2.BuildFlags(debug_on_serial=True),
                                progress=cache.StderrProgress()).firmware
 
 
 def test_manifest_records_the_serial_flag(serial_firmware: edk2.Firmware,
-                                          ovmf_firmware: edk2.Firmware) -> None:
-    assert serial_firmware.debug_on_serial and not ovmf_firmware.debug_on_serial
-    assert serial_firmware.key != ovmf_firmware.key
+                                          ebs_firmware: edk2.Firmware) -> None:
+    assert serial_firmware.debug_on_serial and not ebs_firmware.debug_on_serial
+    assert serial_firmware.key != ebs_firmware.key
     argv = serial_firmware.manifest["build_argv"]
     assert "DEBUG_ON_SERIAL_PORT=TRUE" in argv  # type: ignore[operator]
 
 
 def test_scenario_reads_the_trace_from_the_serial_log(serial_firmware: edk2.Firmware,
-                                                      host_caps: host.HostCaps,
-                                                      machine_artifacts: Path) -> None:
+                                                      ebs_host_caps: host.HostCaps,
+                                                      ebs_artifacts: Path) -> None:
     result = run_scenario(serial_firmware,
                           Scenario(ebs_mode="legacy", requeue_depth=2, accel="tcg"),
-                          machine_artifacts, caps=host_caps)
+                          ebs_artifacts, caps=ebs_host_caps)
     assert result.debug_log.name == "serial.log"
-    assert (machine_artifacts / "vm" / "debugcon.log").read_text().count("EBST") == 0
+    assert (ebs_artifacts / "vm" / "debugcon.log").read_text().count("EBST") == 0
     # The same verdicts as from the debug port: the 2017 scheme loses.
     assert {"V1", "V3", "V4"} <= result.failed_checks()

@@ -41,13 +41,13 @@ def _refusal(config: MachineConfig, artifacts: Path) -> str:
     return failed.value.log
 
 
-def test_the_snp_argv_is_whole_and_stops_at_kvm(newer_qemu: str, ovmf_firmware: edk2.Firmware,
-                                                 machine_artifacts: Path) -> None:
+def test_the_snp_argv_is_whole_and_stops_at_kvm(newer_qemu: str, ebs_firmware: edk2.Firmware,
+                                                 ebs_artifacts: Path) -> None:
     if not Path("/dev/kvm").exists():
         pytest.skip("no /dev/kvm: QEMU would stop before it reads the SNP options")
-    config = _snp_config(ovmf_firmware, newer_qemu)
-    log = _refusal(config, machine_artifacts / "vm")
-    argv = (machine_artifacts / "vm" / "cmdline.txt").read_text()
+    config = _snp_config(ebs_firmware, newer_qemu)
+    log = _refusal(config, ebs_artifacts / "vm")
+    argv = (ebs_artifacts / "vm" / "cmdline.txt").read_text()
     assert "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,policy=0x30000" in argv
     assert "memory-backend-memfd,id=ram0,size=256M,share=true" in argv
     assert "-bios" in argv and "pflash" not in argv
@@ -55,23 +55,23 @@ def test_the_snp_argv_is_whole_and_stops_at_kvm(newer_qemu: str, ovmf_firmware: 
 
 
 def test_a_misspelt_snp_option_is_refused_by_the_parser(newer_qemu: str,
-                                                        ovmf_firmware: edk2.Firmware,
-                                                        machine_artifacts: Path) -> None:
+                                                        ebs_firmware: edk2.Firmware,
+                                                        ebs_artifacts: Path) -> None:
     """The control: QEMU reads the options before KVM, so a bad one fails there."""
     config = dataclasses.replace(
-        _snp_config(ovmf_firmware, newer_qemu),
+        _snp_config(ebs_firmware, newer_qemu),
         extra_args=("-object",
                     "sev-snp-guest,id=sev1,cbitpos=51,reduced-phys-bits=1,no-such-option=1"))
-    log = _refusal(config, machine_artifacts / "vm")
+    log = _refusal(config, ebs_artifacts / "vm")
     assert "Invalid parameter 'no-such-option'" in log
     assert "not supported by KVM" not in log
 
 
-def test_debians_qemu_does_not_know_snp(host_caps: HostCaps, ovmf_firmware: edk2.Firmware,
-                                        machine_artifacts: Path, newer_qemu: str) -> None:
-    log = _refusal(_snp_config(ovmf_firmware, host_caps.qemu), machine_artifacts / "vm")
+def test_debians_qemu_does_not_know_snp(ebs_host_caps: HostCaps, ebs_firmware: edk2.Firmware,
+                                        ebs_artifacts: Path, newer_qemu: str) -> None:
+    log = _refusal(_snp_config(ebs_firmware, ebs_host_caps.qemu), ebs_artifacts / "vm")
     assert "does not accept value 'sev-snp-guest'" in log
-    assert host_caps.snp.reason.startswith("needs sev-snp-guest (QEMU >= 9.1)")
+    assert ebs_host_caps.snp.reason.startswith("needs sev-snp-guest (QEMU >= 9.1)")
     newer = host.probe(newer_qemu)
     assert newer.qemu_version.startswith("10.")
     assert not newer.snp.reason.startswith("needs sev-snp-guest"), \

@@ -1,53 +1,85 @@
-"""harness.pytestplugin on inner pytest runs: skips with the probe's reason,
-and --require turns a missing capability into a failure."""
+"""harness.pytestplugin on inner pytest runs, against a stubbed host probe:
+a test runs where its capability is, skips with the probe's reason where it
+is not, and --ebs-require turns that skip into a failure. The plugin comes
+from the installed package's entry point (no ``-p``, no conftest)."""
 
 from __future__ import annotations
 
 import pytest
 
-from harness.vm.host import HostCaps
+from harness.vm import host
+from harness.vm.host import Capability, HostCaps
 
 SEV_TEST = """
 import pytest
 
 @pytest.mark.sev
-def test_needs_sev():
-    assert True
+def test_needs_sev(ebs_host_caps):
+    assert ebs_host_caps.sev.available
 """
 
+NO = Capability(False, "stubbed: this host has none")
+YES = Capability(True, "stubbed: proven")
 
-@pytest.fixture
-def no_sev(host_caps: HostCaps) -> None:
-    if host_caps.sev.available:
-        pytest.skip("this host has SEV: the marked test runs instead of skipping")
+
+def _stub(monkeypatch: pytest.MonkeyPatch, sev: Capability) -> None:
+    """The host probe answers ``sev`` (the inner run is in this process)."""
+    caps = HostCaps(qemu="qemu-system-x86_64", qemu_version="7.2.22", tcg=YES, kvm=sev,
+                    sev=sev, sev_es=NO, snp=NO)
+    monkeypatch.setattr(host, "cached_probe", lambda qemu=host.DEFAULT_QEMU: caps)
+
+
+def test_a_capability_the_host_has_runs_the_test(pytester: pytest.Pytester,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _stub(monkeypatch, YES)
+    pytester.makepyfile(SEV_TEST)
+    pytester.runpytest("--ebs-require", "sev").assert_outcomes(passed=1)
 
 
 def test_missing_capability_skips_with_the_reason(pytester: pytest.Pytester,
-                                                  no_sev: None) -> None:
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _stub(monkeypatch, NO)
     pytester.makepyfile(SEV_TEST)
-    result = pytester.runpytest("-p", "harness.pytestplugin", "-rs")
+    result = pytester.runpytest("-rs")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*needs sev: *"])
+    result.stdout.fnmatch_lines(["*needs sev: stubbed: this host has none*"])
 
 
 def test_require_turns_the_skip_into_a_failure(pytester: pytest.Pytester,
-                                               no_sev: None) -> None:
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _stub(monkeypatch, NO)
     pytester.makepyfile(SEV_TEST)
-    result = pytester.runpytest("-p", "harness.pytestplugin", "--require", "sev")
+    result = pytester.runpytest("--ebs-require", "sev")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*--require sev, but this host lacks it: *"])
+    result.stdout.fnmatch_lines(["*--ebs-require sev, but this host lacks it: stubbed*"])
 
 
-def test_require_from_the_environment(pytester: pytest.Pytester,
-                                      monkeypatch: pytest.MonkeyPatch, no_sev: None) -> None:
+def test_require_from_the_environment_and_the_ini(pytester: pytest.Pytester,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _stub(monkeypatch, NO)
     pytester.makepyfile(SEV_TEST)
     monkeypatch.setenv("EBS_HARNESS_REQUIRE", "sev,sev_es")
-    result = pytester.runpytest("-p", "harness.pytestplugin")
-    result.assert_outcomes(errors=1)
+    pytester.runpytest().assert_outcomes(errors=1)
+    monkeypatch.delenv("EBS_HARNESS_REQUIRE")
+    pytester.makeini("[pytest]\nebs_require = sev\n")
+    pytester.runpytest().assert_outcomes(errors=1)
 
 
-def test_require_names_are_checked(pytester: pytest.Pytester) -> None:
+def test_require_names_are_checked(pytester: pytest.Pytester,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _stub(monkeypatch, NO)
     pytester.makepyfile(SEV_TEST)
-    result = pytester.runpytest("-p", "harness.pytestplugin", "--require", "sevv")
+    result = pytester.runpytest("--ebs-require", "sevv")
     assert result.ret != 0
     assert "unknown sevv" in str(result.stdout) + str(result.stderr)
+
+
+def test_markers_are_registered_for_strict_markers(pytester: pytest.Pytester,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our markers pass --strict-markers; a typo of one does not."""
+    _stub(monkeypatch, YES)
+    pytester.makepyfile(SEV_TEST)
+    pytester.runpytest("--strict-markers").assert_outcomes(passed=1)
+    pytester.makepyfile(SEV_TEST.replace("mark.sev", "mark.sevv"))
+    result = pytester.runpytest("--strict-markers")
+    assert result.ret != 0 and "'sevv' not found in `markers`" in str(result.stdout)

@@ -130,7 +130,8 @@ def test_cli_build_qemu_failures_are_one_line(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(qemu, "SERIES_DIR", broken)
     assert main(["-q", "build-qemu", "--json"]) == 3
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("ebs-harness build-qemu: QEMU build failed (log: ")
+    assert err.startswith("ebs-harness build-qemu: QEMU build failed (log: ")
+    assert json.loads(out)["error"]["kind"] == "environment"
     good = _series(tmp_path / "good", None)
     monkeypatch.setattr(qemu, "SERIES_DIR", good)
     assert main(["-q", "build-qemu", "--json"]) == 0

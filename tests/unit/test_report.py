@@ -113,7 +113,8 @@ def test_analyze_log_bad_input_is_exit_2_one_line(capsys: pytest.CaptureFixture[
     log = tmp_path / "x.log"
     log.write_text(content)
     status, out, err = run(capsys, "analyze-log", str(log), "--json")
-    assert status == 2 and out == ""
+    assert status == 2 and json.loads(out)["error"]["kind"] == "usage"
+    assert needle in json.loads(out)["error"]["message"]
     assert err.count("\n") == 1 and needle in err and err.startswith("ebs-harness analyze-log: ")
 
 
@@ -204,3 +205,52 @@ def test_interrupted_exits_130(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(trace, "analyze_log", interrupted)
     assert cli.main(["analyze-log", str(DATA / "callback-depth2.log")]) == 130
     assert capsys.readouterr().err == "ebs-harness analyze-log: interrupted\n"
+
+
+def test_quiet_and_verbose_go_before_or_after_the_command(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    log = str(DATA / "callback-depth2.log")
+    assert cli.main(["analyze-log", log, "-q"]) == cli.main(["-q", "analyze-log", log]) == 0
+    assert cli._parser().parse_args(["analyze-log", log, "-v"]).verbose is True
+    assert cli._parser().parse_args(["-v", "analyze-log", log]).verbose is True
+    assert cli._parser().parse_args(["analyze-log", log]).quiet is False
+
+
+def test_json_output_carries_the_schema_and_errors_are_json_too(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["analyze-log", str(DATA / "callback-depth2.log"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schema"] == cli.JSON_SCHEMA
+    # a refused option (argparse), and a bad input found later: both exit 2,
+    # one line on stderr, one JSON object on stdout
+    assert cli.main(["boot", "--sev", "bogus", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"schema": cli.JSON_SCHEMA, "verdict": "error", "error": {
+        "status": 2, "kind": "usage",
+        "message": "error: argument --sev: invalid choice: 'bogus' (choose from 'off', 'sev', "
+                   "'sev-es', 'snp', 'emulated')"}}
+    assert err.splitlines()[-1].startswith("ebs-harness boot: error: argument --sev")
+    truncated = tmp_path / "cut.log"
+    truncated.write_text("EBST version v=1 module=DxeCore\nEBST ebs-enter mapkey=0x1\n")
+    assert cli.main(["analyze-log", str(truncated), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"]["kind"] == "usage" and err.count("\n") == 1
+    # without --json, nothing on stdout
+    assert cli.main(["analyze-log", str(truncated)]) == 2
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("target", ["missing-dir/t.html", "."], ids=["no-dir", "a-dir"])
+def test_an_unwritable_output_is_refused_before_any_work(
+        target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    analysed: list[str] = []
+    monkeypatch.setattr(trace, "analyze_log", lambda *a, **k: analysed.append("x"))
+    html = tmp_path / target
+    assert cli.main(["analyze-log", str(DATA / "callback-depth2.log"), "--html", str(html)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ebs-harness analyze-log: --html {html}: ") and err.count("\n") == 1
+    assert analysed == []
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["boot", "--artifacts", str(blocker / "run"), "--firmware", "/x"]) == 2
+    assert "--artifacts" in capsys.readouterr().err

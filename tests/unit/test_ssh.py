@@ -33,6 +33,10 @@ def test_parse_public_key() -> None:
     for bad in ("", "ssh-ed25519", "ssh-ed25519 !!!notbase64", "ssh-rsa " + key.public_base64):
         with pytest.raises(UsageError):
             ssh.parse_public_key(bad)
+    # A DSA key (gone from paramiko 4): one line naming the type, not a traceback.
+    dss = "ssh-dss AAAAB3NzaC1kc3MAAACBAP8A host"
+    with pytest.raises(UsageError, match="public key type ssh-dss is not supported"):
+        ssh.parse_public_key(dss)
 
 
 def test_free_port_is_bindable() -> None:
