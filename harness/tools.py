@@ -4,13 +4,24 @@ One rule for all of them: a tool that is not installed is a
 :class:`~harness.errors.DependencyError` naming it and how to get it; a tool
 that fails is an :class:`~harness.errors.EnvironmentFailure` naming what was
 being done, the exit status and the last line the tool printed.
+
+And one rule for the scratch directories the harness makes in the system's
+temporary directory (QEMU's sockets, the host probe's VARS copies, FAT
+images): :func:`scratch_dir` names them after the process that made them,
+and sweeps those whose process is gone, so that nothing a killed harness
+left outlives the next run.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness.errors import DependencyError, EnvironmentFailure
@@ -36,3 +47,61 @@ def run_tool(argv: Sequence[str], *, what: str | None = None, cwd: Path | None =
         last = lines[-1] if lines else ""
         raise EnvironmentFailure(f"{what} failed (exit {proc.returncode}): {last}")
     return proc.stdout
+
+
+#: ``ebs-PID-WHAT-XXXXXXXX`` in the system's temporary directory (short: QEMU's
+#: sockets live there, and a socket path has at most 107 bytes).
+SCRATCH_PREFIX = "ebs-"
+_SCRATCH_RE = re.compile(re.escape(SCRATCH_PREFIX) + r"(\d+)-")
+
+
+def scratch_dir(what: str) -> Path:
+    """A new private (0700) directory of this process for ``what``; the
+    caller removes it. Orphans of dead processes are swept first."""
+    sweep_scratch()
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{what}-"))
+
+
+@contextmanager
+def scratch(what: str) -> Iterator[Path]:
+    """:func:`scratch_dir` as a context: removed on the way out."""
+    path = scratch_dir(what)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_scratch(root: Path | None = None) -> list[Path]:
+    """Remove the scratch directories of this user whose process is gone
+    (``root``: the temporary directory); the ones removed."""
+    root = Path(tempfile.gettempdir()) if root is None else root
+    swept: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return swept
+    for entry in entries:
+        match = _SCRATCH_RE.match(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+                continue
+        except OSError:
+            continue
+        if _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        swept.append(Path(entry.path))
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -17,12 +17,12 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import DependencyError, PatchError
+from harness.tools import scratch
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,7 @@ def apply_series(pristine: Path, patches: list[Patch],
     touched: list[str] = []
     for patch in patches:
         touched += [f for f in patch.files() if f not in touched]
-    with tempfile.TemporaryDirectory(prefix="ebs-series-") as tmp:
-        staging = Path(tmp)
+    with scratch("series") as staging:
         for rel in touched:
             source = pristine / rel
             if source.is_file():

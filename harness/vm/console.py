@@ -169,14 +169,18 @@ class Console:
     :param logger: the VM's logger; every line is logged on a child of it.
     :param logs: log name to file, quoted (tails) in errors.
     :param command: QEMU's argv, quoted in errors.
+    :param ended: why the console ended, when it does (QEMU's exit status or
+        signal, a broken stream), for the error.
     """
 
     def __init__(self, name: str, spawn: pexpect.spawnbase.SpawnBase,
                  logger: logging.Logger, logs: Mapping[str, Path],
-                 command: Sequence[str], link: ChardevLink | None = None) -> None:
+                 command: Sequence[str], link: ChardevLink | None = None,
+                 ended: Callable[[], str] | None = None) -> None:
         self.name = name
         self._spawn = spawn
         self._link = link
+        self._ended = ended
         self._lines = _LineLogger(logger.getChild(name), name)
         self._spawn.logfile_read = self._lines
         self._logs = dict(logs)
@@ -223,8 +227,9 @@ class Console:
             raise ConsoleTimeout(self.name, awaited, timeout, self.tails(),
                                  self._command) from exc
         except pexpect.EOF as exc:
+            why = self._ended() if self._ended is not None else "QEMU exited"
             raise ConsoleTimeout(
-                self.name, f"{awaited} (the console ended: QEMU exited)",
+                self.name, f"{awaited} (the console ended: {why})",
                 time.monotonic() - started, self.tails(), self._command) from exc
         match = self._spawn.match
         assert isinstance(match, re.Match)
@@ -295,11 +300,11 @@ class ChardevLink:
 
 def serial_console(sock: socket.socket | None, log: Path, alive: Callable[[], bool],
                    logger: logging.Logger, logs: Mapping[str, Path],
-                   command: Sequence[str]) -> Console:
+                   command: Sequence[str], ended: Callable[[], str] | None = None) -> Console:
     """The serial console: expect on the chardev's ``log``, input to ``sock``
     (None: a port that takes no input)."""
     return Console("serial", FileFollower(log, alive), logger, logs, command,
-                   link=None if sock is None else ChardevLink(sock))
+                   link=None if sock is None else ChardevLink(sock), ended=ended)
 
 
 def fd_console(fd: int, logger: logging.Logger, logs: Mapping[str, Path],
@@ -311,6 +316,7 @@ def fd_console(fd: int, logger: logging.Logger, logs: Mapping[str, Path],
 
 
 def debug_console(path: Path, alive: Callable[[], bool], logger: logging.Logger,
-                  logs: Mapping[str, Path], command: Sequence[str]) -> Console:
+                  logs: Mapping[str, Path], command: Sequence[str],
+                  ended: Callable[[], str] | None = None) -> Console:
     """A console following the debug log file QEMU writes."""
-    return Console("debugcon", FileFollower(path, alive), logger, logs, command)
+    return Console("debugcon", FileFollower(path, alive), logger, logs, command, ended=ended)

@@ -8,11 +8,10 @@ it directly when the disk has ``bootindex=0``: no shell, no countdown.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
-from harness.tools import run_tool
+from harness.tools import run_tool, scratch
 
 LOG = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def make_fat_image(path: Path, files: Mapping[str, bytes | Path],
     target = f"-i{path}"
     _mtool(["mformat", target, "-v", "EBSHARNESS", "::"])
     made: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix="ebs-fat-") as tmp:
+    with scratch("fat") as tmp:
         for index, (name, content) in enumerate(sorted(files.items())):
             dest = PurePosixPath(name)
             for parent in reversed(dest.parents[:-1]):

@@ -32,7 +32,6 @@ import re
 import shutil
 import struct
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -41,8 +40,9 @@ from typing import Any
 
 from harness.build.cache import cache_root, identity, remembered
 from harness.errors import HarnessError, UsageError
+from harness.tools import scratch
 from harness.vm import limits
-from harness.vm.machine import MachineConfig, QemuMachine, SevConfig, die_with_parent
+from harness.vm.machine import MachineConfig, QemuMachine, SevConfig, dies_with_us
 
 LOG = logging.getLogger(__name__)
 
@@ -362,8 +362,8 @@ def _boot_probe(qemu: str, accel: str, code: Path, vars_template: Path,
                            qemu=qemu, debugcon=False, memory_mib=128, sev=sev,
                            serial_input=False)
     what = accel if sev is None else sev.mode
-    with tempfile.TemporaryDirectory(prefix=f"ebs-probe-{what}-") as tmp:
-        vm = QemuMachine(config, Path(tmp), name=f"probe-{what}", launch_timeout=15)
+    with scratch(f"probe-{what}") as tmp:
+        vm = QemuMachine(config, tmp, name=f"probe-{what}", launch_timeout=15)
         started = time.monotonic()
         try:
             with vm:
@@ -392,15 +392,15 @@ def _qmp_sev_capabilities(qemu: str, accel: str = "kvm") -> SevCapabilities | st
     """``query-sev-capabilities`` from a bare QEMU (``-machine none``) under ``accel``."""
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-    with tempfile.TemporaryDirectory(prefix="ebs-probe-sev-") as tmp:
-        sock = Path(tmp) / "qmp.sock"
+    with scratch("probe-sev") as tmp:
+        sock = tmp / "qmp.sock"
         argv = [qemu, "-machine", "none", "-accel", accel, "-nodefaults", "-display", "none",
                 "-qmp", f"unix:{sock},server=on,wait=off"]
-        stderr = Path(tmp) / "stderr"
+        stderr = tmp / "stderr"
         with open(stderr, "wb") as err_file:
             # Like every QEMU of the harness: dies with it, however it dies.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err_file, preexec_fn=die_with_parent())  # noqa: PLW1509
+            proc = subprocess.Popen(dies_with_us(argv), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err_file)
         try:
             deadline = time.monotonic() + 10
             while not sock.exists():

@@ -13,11 +13,12 @@ QEMU starts paused (``-S``). Its QMP monitor and its serial port are unix
 sockets in a private (0700) temporary directory; the harness connects to
 both, removes the directory (the connected sockets live on), checks SEV
 with ``query-sev`` where asked, then sends ``cont``. QEMU gets
-``PR_SET_PDEATHSIG(SIGKILL)``: it dies with the harness, however the harness
-dies. Note that the signal follows the *thread* that started QEMU: launch
-from a thread that outlives the machine. (A harness killed in the ~0.1 s
-between QEMU's start and the connection leaves the socket directory behind;
-QEMU itself still dies.)
+``PR_SET_PDEATHSIG(SIGKILL)`` (:func:`dies_with_us`): it dies with the
+harness, however the harness dies. Note that the signal follows the
+*thread* that started QEMU: launch from a thread that outlives the machine.
+The socket directory is a scratch directory of this process
+(:func:`harness.tools.scratch_dir`): one a killed harness leaves behind is
+swept by the next.
 
 Artifacts per VM, in the directory given: ``cmdline.txt`` (shell-quoted),
 ``reproduce.sh`` (the same QEMU, by hand, with a QMP socket and the serial
@@ -28,7 +29,6 @@ port on the terminal), ``qmp.log`` (transcript), ``serial.log``,
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import json
 import logging
@@ -39,16 +39,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TextIO, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from harness.errors import LaunchError, QmpError, UsageError
+from harness.errors import DependencyError, LaunchError, QmpError, UsageError
+from harness.tools import scratch_dir
 from harness.vm import limits
 from harness.vm.console import Console, debug_console, serial_console, tail_lines
 
@@ -622,21 +622,33 @@ class _Qmp:
 # ------------------------------------------------------------ process
 
 
-_PR_SET_PDEATHSIG = 1
+def dies_with_us(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it gets SIGKILL when the thread that started it
+    dies, however that dies: util-linux's ``setpriv`` sets
+    ``PR_SET_PDEATHSIG`` and then execs it (same PID), so no Python runs in
+    the forked child of this multi-threaded process (``preexec_fn`` would).
+
+    :raises DependencyError: no ``setpriv`` (util-linux) on this host.
+    """
+    if shutil.which("setpriv") is None:
+        raise DependencyError("setpriv not found (it makes QEMU die with the harness): "
+                              "install util-linux")
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
 
 
-def die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn``: the child gets SIGKILL when its parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-            os._exit(126)
-        if os.getppid() != parent:  # the parent died before prctl
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
+def describe_exit(code: int | None, *, shell: bool = False) -> str:
+    """How a QEMU ended, from its exit status (``shell``: as a shell reports
+    it, 128 + the signal's number for a signal)."""
+    if code is None:
+        return "QEMU is still running"
+    number = -code if code < 0 else (code - 128 if shell and code > 128 else 0)
+    if number:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"QEMU was killed by {name}"
+    return f"QEMU exited with status {code}"
 
 
 class GuestMachine:
@@ -726,10 +738,15 @@ class GuestMachine:
         logs = {"serial.log": self.serial_log}
         if self.config.debugcon:
             logs["debugcon.log"] = self.debugcon_log
+        logs["qemu-stderr.log"] = self.stderr_log
         return logs
 
+    def ended(self) -> str:
+        """Why the consoles ended (QEMU's exit, or what broke), for errors."""
+        return describe_exit(self.exitcode)
+
     def tails(self) -> dict[str, str]:
-        """The last lines of the serial and debug logs."""
+        """The last lines of the serial and debug logs and of QEMU's stderr."""
         return {name: tail_lines(path) for name, path in self._logs().items()}
 
     def _request_quit(self) -> None:
@@ -813,6 +830,9 @@ class QemuMachine(GuestMachine):
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def ended(self) -> str:
+        return describe_exit(None if self.process is None else self.process.poll())
+
     def _stderr_text(self) -> str:
         try:
             return self.stderr_log.read_text(errors="replace")
@@ -844,7 +864,7 @@ class QemuMachine(GuestMachine):
 
     def _launch(self, start: bool) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        self._sock_dir = Path(tempfile.mkdtemp(prefix="ebs-qemu-"))  # mode 0700
+        self._sock_dir = scratch_dir("qemu")  # mode 0700
         vars_copy = self.artifacts / "OVMF_VARS.fd"
         try:
             shutil.copyfile(self.config.vars_template, vars_copy)
@@ -871,9 +891,8 @@ class QemuMachine(GuestMachine):
         self._stderr = open(self.stderr_log, "wb")  # noqa: SIM115
         self.log.info("launching: %s", shlex.join(self.command))
         self.process = subprocess.Popen(
-            self.command, stdin=subprocess.DEVNULL, stdout=self._stderr,
-            stderr=subprocess.STDOUT, close_fds=True,
-            preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl must run in the child
+            dies_with_us(self.command), stdin=subprocess.DEVNULL, stdout=self._stderr,
+            stderr=subprocess.STDOUT, close_fds=True)
         deadline = time.monotonic() + self.launch_timeout
         self._qmp = self._connect_qmp(paths.qmp_socket, deadline)
         if self.config.serial_input:
@@ -887,10 +906,10 @@ class QemuMachine(GuestMachine):
         # The console owns the connected socket from here on (and closes it).
         sock, self._serial_sock = self._serial_sock, None
         self._serial = serial_console(sock, self.serial_log, self.is_running, self.log,
-                                      logs, self.command)
+                                      logs, self.command, ended=self.ended)
         if self.config.debugcon:
             self._debugcon = debug_console(self.debugcon_log, self.is_running, self.log,
-                                           logs, self.command)
+                                           logs, self.command, ended=self.ended)
         if self.config.sev is not None:
             self._check_sev(self.config.sev, SEV_STATE_PAUSED)
         if start:

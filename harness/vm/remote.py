@@ -7,17 +7,21 @@ uses, so :func:`harness.scenario.run_scenario` runs unchanged with
 ``launcher=RemoteHost.launcher(session)``:
 
 - the inputs (firmware CODE and VARS, disk images, kernel and initrd) are
-  uploaded by SFTP into a fresh ``mktemp -d`` directory on the remote host;
+  uploaded by SFTP into a fresh ``mktemp -d`` directory on the remote host,
+  made by a *lease* (:data:`LEASE`): a remote command that removes the
+  directory when its stdin ends, that is when the harness is done with it or
+  its connection dies, however the harness dies;
 - the argv is :func:`~harness.vm.machine.build_argv`'s, for the remote paths,
   plus a second QMP monitor on the remote host's 127.0.0.1 (TCP), reached
   through an SSH ``direct-tcpip`` channel (the harness speaks QMP with
   :mod:`qemu.qmp` as for a local QEMU);
-- the serial and debug logs are streamed back as QEMU writes them
-  (``tail -F`` over SSH) into the local artifact directory, where the usual
-  consoles follow them; a memory dump is written remotely and fetched;
+- the serial and debug logs and QEMU's stderr are streamed back as QEMU
+  writes them (``tail -F`` over SSH) into the local artifact directory,
+  where the usual consoles follow them; a stream that breaks ends a wait
+  with an error that says so; a memory dump is written remotely and fetched;
 - QEMU dies with the SSH session: its wrapper kills it when the session's
   stdin reaches EOF, which is what happens when the harness exits or is
-  killed. The remote directory is removed at shutdown.
+  killed.
 
 Host keys are checked (pinned or ``known_hosts``), never added blindly.
 :class:`LocalSshd` runs Debian's OpenSSH server on 127.0.0.1 for the tests.
@@ -47,7 +51,6 @@ import paramiko
 
 from harness.errors import (
     EnvironmentFailure,
-    GuestCommandError,
     HarnessError,
     LaunchError,
     UsageError,
@@ -94,6 +97,12 @@ rc=$?
 kill $w 2>/dev/null
 exit $rc
 """
+
+#: Makes the remote directory, prints its name, and removes it once its
+#: stdin ends: when the harness is done with it (it closes the channel) or
+#: when the harness's connection dies, however the harness dies.
+LEASE = ('d=$(mktemp -d /tmp/ebs-harness.XXXXXXXX) || exit 1; echo "$d"; '
+         'cat >/dev/null; cd / && rm -rf "$d"')
 
 #: Follows a remote log until QEMU (qemu.pid) has exited.
 TAIL = ('cd {dir} && while [ ! -s qemu.pid ]; do sleep 0.05; done; '
@@ -266,21 +275,35 @@ class _Pump(threading.Thread):
 
 
 class _Stream(threading.Thread):
-    """Appends what a remote command prints to a local file, as it comes."""
+    """Appends what a remote command prints to a local file, as it comes.
+
+    ``broken`` says why it stopped, if the connection failed or ``tail``
+    exited with an error; a stream that ends while QEMU runs is broken too
+    (:meth:`RemoteMachine.ended`).
+    """
 
     def __init__(self, channel: paramiko.Channel, path: Path) -> None:
         super().__init__(daemon=True, name=f"tail-{path.name}")
         self.channel = channel
         self.path = path
+        self.broken: str | None = None
 
     def run(self) -> None:
-        with open(self.path, "ab") as out:
-            while True:
-                data = self.channel.recv(65536)
-                if not data:
-                    break
-                out.write(data)
-                out.flush()
+        try:
+            with open(self.path, "ab") as out:
+                while data := self.channel.recv(65536):
+                    out.write(data)
+                    out.flush()
+            status = self.channel.recv_exit_status()
+            transport = self.channel.get_transport()
+            if status == -1 and (transport is None or not transport.is_active()):
+                self.broken = f"the SSH connection carrying {self.path.name} closed"
+            elif status not in (0, -1):
+                self.broken = f"the remote log stream of {self.path.name} ended with status " \
+                              f"{status}"
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            self.broken = f"the remote log stream of {self.path.name} broke: " \
+                          f"{type(exc).__name__}: {exc}"
 
 
 class RemoteMachine(machine.GuestMachine):
@@ -300,11 +323,45 @@ class RemoteMachine(machine.GuestMachine):
         self.qemu = qemu
         self.remote_dir: str | None = None
         self._channel: paramiko.Channel | None = None
+        self._lease: paramiko.Channel | None = None
         self._streams: list[_Stream] = []
         self._launched = False
 
     def is_running(self) -> bool:
         return self._channel is not None and not self._channel.exit_status_ready()
+
+    def _broken_stream(self) -> str | None:
+        """Why a log stream stopped while QEMU runs, if one did."""
+        for stream in self._streams:
+            if stream.broken:
+                return stream.broken
+            if not stream.is_alive() and self.is_running():
+                return f"the remote log stream of {stream.path.name} ended while QEMU ran"
+        return None
+
+    def _console_alive(self) -> bool:
+        """The consoles read on while QEMU runs and their streams stand."""
+        return self.is_running() and self._broken_stream() is None
+
+    def ended(self) -> str:
+        # A stream's tail ends with QEMU (--pid), a moment before the exit
+        # status comes: give QEMU's exit that moment to be the reason.
+        deadline = time.monotonic() + 1.0
+        while self.is_running() and time.monotonic() < deadline:
+            broken = self._broken_stream()
+            if broken is None:
+                return "QEMU is still running"
+            time.sleep(0.05)
+        broken = self._broken_stream()
+        if broken is not None:
+            return broken
+        if self._channel is None or not self._channel.exit_status_ready():
+            return "QEMU is still running"
+        status = self._channel.recv_exit_status()
+        if status == -1:
+            return f"the SSH session running QEMU on {self.session.host} closed without an " \
+                   "exit status"
+        return machine.describe_exit(status, shell=True)
 
     # ------------------------------------------------------- launch
 
@@ -334,8 +391,11 @@ class RemoteMachine(machine.GuestMachine):
 
     def _launch(self, start: bool) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        _, out, _ = self.session.run("mktemp -d /tmp/ebs-harness.XXXXXXXX", timeout=30)
-        self.remote_dir = out.strip()
+        transport = self.session.client.get_transport()
+        assert transport is not None
+        self._lease = transport.open_session(timeout=30)
+        self._lease.exec_command(LEASE)
+        self.remote_dir = _first_line(self._lease, 30)
         rdir = Path(self.remote_dir)
         config = self.config
         shutil.copyfile(config.vars_template, self.artifacts / "OVMF_VARS.fd")
@@ -362,11 +422,9 @@ class RemoteMachine(machine.GuestMachine):
         self.command = machine.build_argv(remote_config, paths)
         (self.artifacts / "cmdline.txt").write_text(
             f"# on {self.session.address}\n{shlex.join(self.command)}\n")
-        for stale in (self.serial_log, self.debugcon_log):
+        for stale in (self.serial_log, self.debugcon_log, self.stderr_log):
             stale.unlink(missing_ok=True)
             stale.touch()
-        transport = self.session.client.get_transport()
-        assert transport is not None
         self.log.info("launching on %s: %s", self.session.address, shlex.join(self.command))
         self._channel = transport.open_session(timeout=30)
         # KVM pins a SEV guest's memory: raise the locked-memory limit first
@@ -386,11 +444,11 @@ class RemoteMachine(machine.GuestMachine):
         self._qmp = self._connect_qmp(transport, paths.qmp_socket,
                                       time.monotonic() + self.launch_timeout)
         logs = self._logs()
-        self._serial = Console("serial", FileFollower(self.serial_log, self.is_running),
-                               self.log, logs, self.command)
+        self._serial = Console("serial", FileFollower(self.serial_log, self._console_alive),
+                               self.log, logs, self.command, ended=self.ended)
         if config.debugcon:
-            self._debugcon = debug_console(self.debugcon_log, self.is_running, self.log, logs,
-                                           self.command)
+            self._debugcon = debug_console(self.debugcon_log, self._console_alive, self.log,
+                                           logs, self.command, ended=self.ended)
         if config.sev is not None:
             self._check_sev(config.sev, machine.SEV_STATE_PAUSED)
         if start:
@@ -435,6 +493,25 @@ class RemoteMachine(machine.GuestMachine):
             raise LaunchError(f"remote QMP: {type(exc).__name__}: {exc}", None,
                               self.command) from exc
         return qmp
+
+    def _end_lease(self) -> None:
+        """Let the lease remove the remote directory, and wait until it has."""
+        if self._lease is None:
+            return
+        try:
+            self._lease.shutdown_write()
+            deadline = time.monotonic() + 30
+            while not self._lease.exit_status_ready() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self._lease.exit_status_ready():
+                self.log.warning("%s on %s: not removed in 30 s", self.remote_dir,
+                                 self.session.host)
+        except (OSError, paramiko.SSHException) as exc:
+            self.log.warning("could not remove %s on %s: %s", self.remote_dir,
+                             self.session.host, exc)
+        finally:
+            self._lease.close()
+            self._lease = None
 
     def _fetch_stderr(self) -> str:
         if self.remote_dir is None:
@@ -494,14 +571,26 @@ class RemoteMachine(machine.GuestMachine):
             self._close_io()
             if self.remote_dir is not None:
                 self._fetch_stderr()
-                try:
-                    self.session.run(f"rm -rf {shlex.quote(self.remote_dir)}", timeout=30,
-                                     check=False)
-                except (OSError, GuestCommandError, paramiko.SSHException) as exc:
-                    self.log.warning("could not remove %s on %s: %s", self.remote_dir,
-                                     self.session.host, exc)
+            self._end_lease()
             if self.exitcode is not None:
                 self.log.info("remote QEMU exited with status %s", self.exitcode)
+
+
+def _first_line(channel: paramiko.Channel, timeout: float) -> str:
+    """The first line a remote command prints (its exit status if none)."""
+    channel.settimeout(timeout)
+    data = b""
+    try:
+        while b"\n" not in data:
+            chunk = channel.recv(4096)
+            if not chunk:
+                raise LaunchError(f"remote mktemp failed (status {channel.recv_exit_status()})")
+            data += chunk
+    except TimeoutError as exc:
+        raise LaunchError(f"remote mktemp: no answer in {timeout:g} s") from exc
+    finally:
+        channel.settimeout(None)
+    return data.split(b"\n", 1)[0].decode().strip()
 
 
 # ------------------------------------------------------------ test sshd
@@ -553,9 +642,8 @@ class LocalSshd:
             "Subsystem sftp internal-sftp", "LogLevel VERBOSE", ""]))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)   # privilege separation dir
         self.process = subprocess.Popen(
-            [str(self.SSHD), "-D", "-f", str(config), "-E", str(self.log)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=machine.die_with_parent())  # noqa: PLW1509
+            machine.dies_with_us([str(self.SSHD), "-D", "-f", str(config), "-E", str(self.log)]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not re.search(r"Server listening", _read(self.log)):
             if self.process.poll() is not None or time.monotonic() > deadline:

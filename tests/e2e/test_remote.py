@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 from harness import cli, linux
 from harness.analysis import trace
 from harness.build import edk2
-from harness.errors import UsageError
+from harness.errors import ConsoleTimeout, EnvironmentFailure, UsageError
 from harness.scenario import RunResult, Scenario, run_scenario
 from harness.vm import host, remote
 from harness.vm.ssh import ClientKey, GuestSsh
@@ -94,12 +96,18 @@ def test_remote_run_has_the_local_verdicts(ebs_firmware: edk2.Firmware, ebs_host
     assert session.run(f"test -e {remote_dir.group()}", check=False)[0] == 1
 
 
-def test_remote_caps_agree_with_the_local_probe(session: GuestSsh,
-                                                ebs_host_caps: host.HostCaps) -> None:
-    caps = remote.remote_caps(session)
-    assert caps.qemu_version == ebs_host_caps.qemu_version
-    assert caps.tcg.available
-    assert caps.sev.available == ebs_host_caps.sev.available
+def test_remote_caps_are_those_of_the_remote_qemu(session: GuestSsh, tmp_path: Path) -> None:
+    """The remote probe asks the remote host's binary, not this process's
+    probe: a stand-in QEMU there that says 9.9.9 is what it reports, and a
+    binary that is not there is an environment error naming it."""
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 9.9.9 (stand-in)'\n")
+    fake.chmod(0o755)
+    caps = remote.remote_caps(session, str(fake))
+    assert caps.qemu == str(fake) and caps.qemu_version == "9.9.9"
+    assert caps.tcg.available and "QEMU 9.9.9 runs there" in caps.tcg.reason
+    with pytest.raises(EnvironmentFailure, match="no-such-qemu --version"):
+        remote.remote_caps(session, str(tmp_path / "no-such-qemu"))
 
 
 def test_remote_qemu_dies_with_the_session(ebs_firmware: edk2.Firmware,
@@ -123,8 +131,78 @@ def test_remote_qemu_dies_with_the_session(ebs_firmware: edk2.Firmware,
             break
         time.sleep(0.2)
     assert not left, "the remote QEMU outlived its SSH session"
+    # ... and the directory with the firmware, disks and canary went with it
+    assert _gone(Path(vm.remote_dir), 15), f"{vm.remote_dir} outlived its SSH session"
     vm.shutdown()   # with the session gone: closes what is left, raises nothing
-    session.run(f"rm -rf {vm.remote_dir}")
+
+
+def _gone(path: Path, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not path.exists()
+
+
+def test_a_killed_remote_boot_leaves_nothing_on_the_host(
+        ebs_firmware: edk2.Firmware, sshd: remote.LocalSshd, client_key: ClientKey,
+        session: GuestSsh, tmp_path: Path) -> None:
+    """SIGKILL of ``ebs-harness boot --host`` mid-boot: the remote QEMU and
+    the remote directory (firmware, disk image, canary) are gone, as they
+    are after a normal run."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(sshd.known_hosts.read_text())
+    client_key.write(home / ".ssh" / "id_ed25519")
+    before = set(Path("/tmp").glob("ebs-harness.*"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "-q", "boot", "--host",
+         f"ssh://root@127.0.0.1:{sshd.port}", "--firmware", str(ebs_firmware.path),
+         "--accel", "tcg", "--timeout", "300", "--artifacts", str(tmp_path / "run")],
+        env={**os.environ, "HOME": str(home)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (made := set(Path("/tmp").glob("ebs-harness.*")) - before) \
+                or not remote.remote_qemu_processes(session, str(next(iter(made)))):
+            assert proc.poll() is None and time.monotonic() < deadline, "no remote QEMU"
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(10)
+    finally:
+        proc.kill()
+    directory = next(iter(made))
+    assert _gone(directory, 15), f"{directory} outlived the killed harness"
+    deadline = time.monotonic() + 15
+    while (left := remote.remote_qemu_processes(session, str(directory))) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, "the remote QEMU (or its wrapper) outlived the killed harness"
+
+
+def test_a_stream_that_breaks_is_reported_as_such(ebs_firmware: edk2.Firmware,
+                                                   where: remote.RemoteHost,
+                                                   client_key: ClientKey, session: GuestSsh,
+                                                   ebs_artifacts: Path) -> None:
+    """The remote tail carrying the debug log dies while QEMU runs on: the
+    wait ends at once naming the broken stream, not as a timeout."""
+    from harness.vm.machine import MachineConfig
+
+    config = MachineConfig(code=ebs_firmware.code, vars_template=ebs_firmware.vars,
+                           accel="tcg")
+    ours = where.connect(client_key=client_key)
+    try:
+        with remote.RemoteMachine(ours, config, ebs_artifacts, name="torn") as vm:
+            assert vm.remote_dir is not None
+            session.run("for p in $(pgrep -f 'tail -c [+]1 -F --pid=.* debugcon.log'); do "
+                        f"[ \"$(readlink /proc/$p/cwd)\" = {vm.remote_dir} ] && kill $p; done",
+                        check=False)
+            with pytest.raises(ConsoleTimeout) as info:
+                vm.debugcon.expect("never printed", timeout=600)
+            assert vm.is_running()
+    finally:
+        ours.close()
+    first = str(info.value).splitlines()[0]
+    assert "(the console ended: the remote log stream of debugcon.log" in first, first
 
 
 def test_unknown_host_key_is_refused(sshd: remote.LocalSshd, client_key: ClientKey,

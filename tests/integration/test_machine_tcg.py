@@ -81,7 +81,6 @@ def qemu_alive(pid: int) -> bool:
 
 
 def test_stock_ovmf_reaches_uefi_shell(ebs_artifacts: Path) -> None:
-    started = time.monotonic()
     with QemuMachine(stock_config(), ebs_artifacts, name="stock") as vm:
         assert vm.status() == "running"
         match = vm.serial.expect([r"Press .*ESC.* in \d+ seconds", r"Shell> "], timeout=40)
@@ -92,10 +91,8 @@ def test_stock_ovmf_reaches_uefi_shell(ebs_artifacts: Path) -> None:
         shutdown = vm.wait_event("SHUTDOWN", timeout=15)
         assert shutdown["data"] == {"guest": True, "reason": "guest-shutdown"}
         assert vm.wait(10) == 0
-    elapsed = time.monotonic() - started
     assert vm.exitcode == 0
     assert "Shell> " in (ebs_artifacts / "serial.log").read_text(errors="replace")
-    assert elapsed < 40
     for name in ("cmdline.txt", "reproduce.sh", "qmp.log", "serial.log",
                  "qemu-stderr.log", "OVMF_VARS.fd"):
         assert (ebs_artifacts / name).is_file(), name
@@ -120,13 +117,10 @@ def test_memory_dump_is_an_elf_covering_ram(own_config: MachineConfig,
                                             ebs_artifacts: Path) -> None:
     with QemuMachine(own_config, ebs_artifacts, name="dump") as vm:
         vm.debugcon.expect(BDS_BOOTS_BOOTX64, timeout=30)
-        started = time.monotonic()
         path = vm.dump(ebs_artifacts / "memory.elf", timeout=60)
-        seconds = time.monotonic() - started
         assert vm.status() == "paused"
         stop = vm.wait_event("STOP", timeout=1)
         assert stop["event"] == "STOP"
-    assert seconds < 30
     with open(path, "rb") as handle:
         elf = ELFFile(handle)
         assert elf.header["e_type"] == "ET_CORE"
@@ -192,10 +186,9 @@ def test_hung_guest_hits_the_deadline_with_log_tails(own_config: MachineConfig,
                                                      ebs_artifacts: Path) -> None:
     with QemuMachine(own_config, ebs_artifacts, name="hung") as vm:
         vm.debugcon.expect(r"\[Bds\]", timeout=30)  # the log has content to quote
-        started = time.monotonic()
         with pytest.raises(ConsoleTimeout) as info:
             vm.debugcon.expect(r"this line never comes", timeout=2)
-        assert 2 <= time.monotonic() - started < 6
+        assert vm.is_running()      # the deadline ended the wait, not QEMU
         last_line = (ebs_artifacts / "debugcon.log").read_text(
             errors="replace").rstrip("\n").splitlines()[-1]
     text = str(info.value)
@@ -203,6 +196,7 @@ def test_hung_guest_hits_the_deadline_with_log_tails(own_config: MachineConfig,
                            "'this line never comes'")
     assert "--- last lines of debugcon.log:" in text
     assert "--- last lines of serial.log:" in text
+    assert "--- last lines of qemu-stderr.log:" in text
     assert "--- command line:" in text and "-debugcon file:" in text
     assert info.value.tails["debugcon.log"].count("\n") == 39  # 40 lines
     assert last_line.strip() in info.value.tails["debugcon.log"]
@@ -210,8 +204,12 @@ def test_hung_guest_hits_the_deadline_with_log_tails(own_config: MachineConfig,
 
 def test_sev_on_a_host_without_sev_is_a_launch_error(ebs_host_caps: host.HostCaps,
                                                      ebs_artifacts: Path) -> None:
+    """QEMU's SEV initialisation refuses, and the error says so: QEMU's own
+    line (from sev_kvm_init) with the harness's explanation before it."""
     if ebs_host_caps.sev.available:
         pytest.skip("this host has SEV: the refusal cannot be shown here")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm: QEMU refuses KVM before it gets to SEV")
     config = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="kvm",
                            sev=SevConfig("sev", cbitpos=47, reduced_phys_bits=1),
                            debugcon=False)
@@ -219,7 +217,24 @@ def test_sev_on_a_host_without_sev_is_a_launch_error(ebs_host_caps: host.HostCap
     with pytest.raises(LaunchError) as info:
         vm.launch()
     assert not vm.is_running()
-    assert info.value.log or "SEV" in str(info.value)  # QEMU's own refusal
+    refusal = [line for line in info.value.log.splitlines() if "sev_kvm_init" in line]
+    assert refusal, info.value.log
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("QEMU exited with status 1: ") and first.endswith(refusal[0])
+    assert len(first) > len("QEMU exited with status 1: ") + len(refusal[0]) + 2  # explained
+
+
+def test_qemu_killed_mid_wait_says_so_and_quotes_its_stderr(ebs_artifacts: Path) -> None:
+    """QEMU dies by a signal while a console waits: the error names the
+    signal (not a timeout, not "exited") and quotes qemu-stderr.log."""
+    with QemuMachine(stock_config(), ebs_artifacts, name="killed") as vm:
+        assert vm.pid is not None
+        os.kill(vm.pid, signal.SIGKILL)
+        with pytest.raises(ConsoleTimeout) as info:
+            vm.serial.expect("Shell> never", timeout=120)
+    first = str(info.value).splitlines()[0]
+    assert first.endswith("(the console ended: QEMU was killed by SIGKILL)"), first
+    assert "--- last lines of qemu-stderr.log:" in str(info.value)
 
 
 def test_plain_guest_never_passes_the_sev_check(ebs_artifacts: Path) -> None:

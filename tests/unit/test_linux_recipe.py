@@ -127,6 +127,27 @@ def test_shared_libraries_follow_needed_within_the_tree(tmp_path: Path) -> None:
     assert all(path.is_relative_to(root) for path in found.values())
 
 
+def test_gnu_cpio_reads_the_initramfs_as_we_wrote_it(tmp_path: Path) -> None:
+    """Not only our own reader: GNU cpio lists the archive (names, modes,
+    the console's device numbers) and extracts the same bytes."""
+    files = {"init": b"#!/bin/busybox sh\n", "bin/busybox": b"\x7fELF" + bytes(5),
+             "etc/passwd": b"root:x:0:0::/root:/bin/sh\n"}
+    archive = tmp_path / "initramfs.cpio"
+    archive.write_bytes(linux.initramfs(files))
+    listing = subprocess.run(["cpio", "-tv", "--quiet", "-F", str(archive)], capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    by_name = {line.split()[-1]: line for line in listing}
+    assert set(files) | {"bin", "etc", "dev", "dev/console"} <= set(by_name)
+    assert by_name["init"].startswith("-rwxr-xr-x") and by_name["etc/passwd"].startswith("-rw-")
+    assert by_name["dev/console"].startswith("crw") and " 5,   1 " in by_name["dev/console"]
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames", "-F", str(archive),
+                    "init", "bin/busybox", "etc/passwd"], cwd=out, check=True)
+    for name, data in files.items():
+        assert (out / name).read_bytes() == data, name
+
+
 def test_initramfs_is_newc_with_parents_console_and_modes() -> None:
     archive = linux.initramfs({"init": b"#!/bin/busybox sh\n", "bin/busybox": b"\x7fELF",
                                "lib/x86_64-linux-gnu/libc.so.6": b"lib",

