@@ -134,7 +134,7 @@ def _build_qemu(args: argparse.Namespace, rebuild: bool = False) -> qemu.QemuBui
 
 
 def _cmd_host_check(args: argparse.Namespace) -> int:
-    caps = host.probe(qemu=args.qemu or host.DEFAULT_QEMU)
+    caps = host.fresh_probe(args.qemu or host.DEFAULT_QEMU)
     if args.json:
         _print_json(caps.to_json())
     else:
@@ -270,6 +270,7 @@ def _boot_remote(args: argparse.Namespace, chosen: scenario.Scenario,
     session = where.connect()
     try:
         caps = remote.remote_caps(session, qemu_binary)
+        scenario.check_host(chosen, caps)       # before a possibly long firmware build
         firmware = _firmware_for(args)
         return scenario.run_scenario(firmware, chosen, artifacts, caps=caps,
                                      launcher=where.launcher(session))

@@ -6,6 +6,7 @@
      +-- UsageError                 bad input from the user (exit 2)
      |    +-- SourceError           --edk2-src is not an edk2 tree, bad checksum
      |    +-- PatchError            a patch of the series does not apply
+     |    +-- SeriesError           a series file or a patch it names is missing
      |    +-- TraceFormatError      a debug log the trace parser cannot read
      |    +-- DumpFormatError       a memory dump that is not QEMU's ELF core
      +-- EnvironmentFailure         the machine could not do it (exit 3)
@@ -71,6 +72,15 @@ class PatchError(UsageError):
             where += f" hunk #{hunk}"
         first = next((line for line in output.splitlines() if line.strip()), "")
         super().__init__(f"patch {patch.name} does not apply: {where}: {first}")
+
+
+class SeriesError(UsageError):
+    """A patch series that cannot be read: its ``series`` file, or a patch
+    it names, is missing. ``str()`` names the full path."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {reason}")
 
 
 class TraceFormatError(UsageError):

@@ -44,6 +44,7 @@ import pytest
 from harness import linux, scenario
 from harness.analysis import report as timeline_report
 from harness.build import cache, edk2, qemu
+from harness.errors import HarnessError
 from harness.vm import host
 
 _OPTIONS: list[tuple[str, str, str, str, bool]] = [
@@ -79,7 +80,7 @@ MARKERS = {
 }
 
 _HOST_CAPS = pytest.StashKey[host.HostCaps]()
-_EMULATED_CAPS = pytest.StashKey[host.HostCaps]()
+_EMULATED_CAPS = pytest.StashKey[host.HostCaps | HarnessError]()
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _ARTIFACTS = pytest.StashKey[Path]()
 _RUNS = pytest.StashKey[list[scenario.RunResult]]()
@@ -159,11 +160,19 @@ def session_host_caps(config: pytest.Config) -> host.HostCaps:
 
 
 def session_emulated_caps(config: pytest.Config) -> host.HostCaps:
-    """The harness's QEMU (built or from the cache) and its probe, once per session."""
+    """The harness's QEMU (built or from the cache) and its probe, once per
+    session: a build that failed fails every test that needs it with the same
+    error, without building again."""
     if _EMULATED_CAPS not in config.stash:
-        built = qemu.build_qemu(progress=cache.StderrProgress())
-        config.stash[_EMULATED_CAPS] = host.cached_probe(str(built.qemu.binary))
-    return config.stash[_EMULATED_CAPS]
+        try:
+            built = qemu.build_qemu(progress=cache.StderrProgress())
+            config.stash[_EMULATED_CAPS] = host.cached_probe(str(built.qemu.binary))
+        except HarnessError as exc:
+            config.stash[_EMULATED_CAPS] = exc
+    found = config.stash[_EMULATED_CAPS]
+    if isinstance(found, HarnessError):
+        raise found
+    return found
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

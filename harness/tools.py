@@ -14,6 +14,7 @@ left outlives the next run.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -57,8 +58,9 @@ _SCRATCH_RE = re.compile(re.escape(SCRATCH_PREFIX) + r"(\d+)-")
 
 def scratch_dir(what: str) -> Path:
     """A new private (0700) directory of this process for ``what``; the
-    caller removes it. Orphans of dead processes are swept first."""
-    sweep_scratch()
+    caller removes it. Orphans of dead processes are swept first (once per
+    process and temporary directory)."""
+    _sweep_once(tempfile.gettempdir())
     return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{what}-"))
 
 
@@ -95,6 +97,11 @@ def sweep_scratch(root: Path | None = None) -> list[Path]:
         shutil.rmtree(entry.path, ignore_errors=True)
         swept.append(Path(entry.path))
     return swept
+
+
+@functools.cache
+def _sweep_once(root: str) -> None:
+    sweep_scratch(Path(root))
 
 
 def _alive(pid: int) -> bool:

@@ -62,7 +62,7 @@ from harness.build.series import (
     read_series,
     sync_workspace,
 )
-from harness.errors import BuildError, DependencyError, UsageError
+from harness.errors import BuildError, DependencyError, EnvironmentFailure, UsageError
 
 LOG = logging.getLogger(__name__)
 
@@ -202,6 +202,18 @@ def remembered_versions(name: str, binaries: Sequence[str],
         return data
 
     return remembered(path, TOOL_VERSIONS_LIFETIME_S, compute, dict, load)
+
+
+def system_python_env() -> dict[str, str]:
+    """This process's environment without the harness's virtualenv: a
+    build's own Python tools (edk2's BaseTools, QEMU's meson) run on the
+    system's Python and its packages."""
+    env = dict(os.environ)
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("PYTHONPATH", None)
+    env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":")
+                           if ".venv" not in p and "pyenv" not in p)
+    return env
 
 
 def tool_versions(tools: Mapping[str, list[str]], hint: str) -> dict[str, str]:
@@ -393,8 +405,9 @@ def stop_build(pgid: object, workspace: Path, timeout: float = 10.0) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         if time.monotonic() > deadline:
-            raise BuildError("workspace", ["kill", *map(str, members)], workspace / "build.log",
-                             f"processes {members} of an earlier build would not die")
+            raise EnvironmentFailure(f"{workspace}: processes {members} of an earlier, "
+                                     f"killed build would not die in {timeout:g} s (stop "
+                                     "them, then retry)")
         time.sleep(0.05)
         members = _group_members(pgid, workspace)
 

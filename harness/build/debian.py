@@ -21,10 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,9 +171,21 @@ class PrivateApt:
         return True
 
     def has_source(self, package: str, version: str) -> bool:
-        proc = subprocess.run(["apt-cache", *self.options(), "showsrc", package],
-                              capture_output=True, text=True, check=False)
-        return f"\nVersion: {version}\n" in f"\n{proc.stdout}"
+        return f"\nVersion: {version}\n" in f"\n{self._apt_cache('showsrc', package)}"
+
+    def _has_binary(self, package: str, version: str) -> bool:
+        return f"\nVersion: {version}\n" in f"\n{self._apt_cache('show', f'{package}={version}')}"
+
+    def _apt_cache(self, *args: str) -> str:
+        """What ``apt-cache ARGS`` on this configuration prints ("" when it
+        knows nothing of it)."""
+        try:
+            proc = subprocess.run(["apt-cache", *self.options(), *args], capture_output=True,
+                                  text=True, check=False)
+        except FileNotFoundError as exc:
+            raise DependencyError("apt-cache not found: the harness fetches Debian's source "
+                                  "packages with apt") from exc
+        return proc.stdout if proc.returncode == 0 else ""
 
     def update(self) -> None:
         run_tool(["apt-get", *self.options(), "-q", "update"],
@@ -187,23 +198,9 @@ class PrivateApt:
         :raises DependencyError: no archive of the host's has that version.
         """
         spec = f"{package}={version}"
-        self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / "lock")):
-            stale = self._prepare([release])
-            if stale or not self.has_source(package, version):
-                progress.phase("fetch", f"apt-get update ({', '.join(self._release_suites(release))})")
-                self.update()
-            if not self.has_source(package, version):
-                raise DependencyError(
-                    f"no Debian archive of this host ({', '.join(m.uri for m in self.mirrors)}) "
-                    f"has the source package {spec} ({release})")
-            progress.phase("fetch", f"apt-get source {spec}")
-            dest.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
-                run_tool(["apt-get", *self.options(), "source", "--download-only", "-q",
-                          spec], cwd=Path(tmp), what=f"apt-get source {spec}")
-                for item in Path(tmp).iterdir():
-                    os.replace(item, dest / item.name)
+        self._download(release, lambda: [] if self.has_source(package, version)
+                       else [f"the source package {spec}"],
+                       ["source", "--download-only", spec], dest, progress)
 
     def download_binaries(self, packages: Sequence[str], version: str, release: str,
                           dest: Path, progress: Progress) -> list[Path]:
@@ -212,41 +209,40 @@ class PrivateApt:
 
         :raises DependencyError: no archive of the host's has that version.
         """
-        specs = [f"{package}={version}" for package in packages]
+        return self._download(release, lambda: [f"{p} {version}" for p in packages
+                                                if not self._has_binary(p, version)],
+                              ["download", *(f"{p}={version}" for p in packages)], dest,
+                              progress)
+
+    def _download(self, release: str, missing: Callable[[], list[str]], args: list[str],
+                  dest: Path, progress: Progress) -> list[Path]:
+        """Under this configuration's lock: the package lists brought up to
+        date when the sources changed or ``missing()`` names anything; then
+        ``apt-get ARGS`` in a scratch directory of ``dest``, whose files are
+        moved into ``dest`` (a fetch cut short leaves nothing there)."""
+        what = f"apt-get {' '.join(args)}"
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root / "lock")):
-            stale = self._prepare([release])
-            have = all(self._has_binary(p, version) for p in packages)
-            if stale or not have:
+            if self._prepare([release]) or missing():
                 progress.phase("fetch", f"apt-get update ({', '.join(self._release_suites(release))})")
                 self.update()
-            missing = [p for p in packages if not self._has_binary(p, version)]
-            if missing:
+            absent = missing()
+            if absent:
                 raise DependencyError(
                     f"no Debian archive of this host ({', '.join(m.uri for m in self.mirrors)}) "
-                    f"has {', '.join(missing)} {version} ({release})")
-            progress.phase("fetch", f"apt-get download {' '.join(specs)}")
+                    f"has {', '.join(absent)} ({release})")
+            progress.phase("fetch", what)
             dest.mkdir(parents=True, exist_ok=True)
+            found: list[Path] = []
             with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
-                run_tool(["apt-get", *self.options(), "download", "-q", *specs], cwd=Path(tmp),
-                         what=f"apt-get download {' '.join(specs)}")
-                found = []
+                run_tool(["apt-get", *self.options(), "-q", *args], cwd=Path(tmp), what=what)
                 for item in sorted(Path(tmp).iterdir()):
                     os.replace(item, dest / item.name)
                     found.append(dest / item.name)
         return found
 
-    def _has_binary(self, package: str, version: str) -> bool:
-        proc = subprocess.run(["apt-cache", *self.options(), "show", f"{package}={version}"],
-                              capture_output=True, text=True, check=False)
-        return proc.returncode == 0 and f"\nVersion: {version}\n" in f"\n{proc.stdout}"
-
     def _release_suites(self, release: str) -> list[str]:
         return [suite for mirror in self.mirrors for suite in mirror.suites(release)]
-
-    def command(self, *args: str) -> str:
-        """An ``apt-get`` command line on this configuration, for messages."""
-        return shlex.join(["apt-get", *self.options(), *args])
 
 
 @dataclass(frozen=True)
@@ -293,7 +289,7 @@ class DebianSourcePackage:
             raise SourceError(f"{orig}: sha256 {actual} is not the expected {self.orig_sha256}")
         progress.phase("extract", f"dpkg-source -x {self.dsc.name}")
         run_tool(["dpkg-source", "-x", str(self.dsc), str(dest)],
-                 cwd=self.downloads, what="dpkg-source -x")
+                 cwd=self.downloads, what=f"dpkg-source -x {self.dsc}")
 
     def materialize(self, dest: Path, progress: Progress) -> None:
         self.fetch(progress)

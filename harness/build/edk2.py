@@ -38,6 +38,7 @@ from harness.build.cache import (
     as_flag_dict,
     counter,
     remembered_versions,
+    system_python_env,
     tool_versions,
 )
 from harness.build.debian import DebianSourcePackage
@@ -294,17 +295,13 @@ class Builder(CachedBuilder):
                            published.seconds)
 
     def _env(self, tree: Path) -> dict[str, str]:
-        env = dict(os.environ)
+        env = system_python_env()
         env.update({
             "WORKSPACE": str(tree),
             "EDK_TOOLS_PATH": str(tree / "BaseTools"),
             "PYTHON_COMMAND": PYTHON_FOR_EDK2,
             "PACKAGES_PATH": str(tree),
         })
-        env.pop("PYTHONPATH", None)
-        env.pop("VIRTUAL_ENV", None)
-        env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":")
-                               if ".venv" not in p and "pyenv" not in p)
         return env
 
     def _compile(self, tree: Path) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -44,6 +43,7 @@ from harness.build.cache import (
     publishing,
     remembered_versions,
     short_hash,
+    system_python_env,
     tool_versions,
 )
 from harness.build.debian import DebianSourcePackage, PrivateApt
@@ -188,12 +188,7 @@ class QemuBuilder(CachedBuilder):
     def _compile(self, tree: Path) -> float:
         start = time.monotonic()
         build = tree / BUILD_DIR
-        env = dict(os.environ)
-        # configure's meson runs with the system's Python, not the harness's venv.
-        env.pop("VIRTUAL_ENV", None)
-        env.pop("PYTHONPATH", None)
-        env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":")
-                               if ".venv" not in p and "pyenv" not in p)
+        env = system_python_env()   # configure's meson
         with open(tree.parent / "build.log", "w") as log:
             if not (build / "build.ninja").is_file():
                 shutil.rmtree(build, ignore_errors=True)

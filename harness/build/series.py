@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import DependencyError, PatchError
+from harness.errors import DependencyError, PatchError, SeriesError
 from harness.tools import scratch
 
 
@@ -51,13 +51,13 @@ class Patch:
 def read_series(directory: Path) -> list[Patch]:
     """The patches named in ``directory/series``, in order.
 
-    Blank lines and ``#`` comments are skipped; a named patch that is
-    missing is a :class:`PatchError`.
+    Blank lines and ``#`` comments are skipped; a missing series file or
+    named patch is a :class:`SeriesError`.
     """
     series = directory / "series"
     if not series.is_file():
-        raise PatchError(series, None, None,
-                         "the series file is missing: an empty file means no patches")
+        raise SeriesError(series, "the series file is missing (an empty file means no "
+                                  "patches)")
     patches: list[Patch] = []
     for number, line in enumerate(series.read_text().splitlines(), 1):
         name = line.split("#", 1)[0].strip()
@@ -65,8 +65,7 @@ def read_series(directory: Path) -> list[Patch]:
             continue
         path = directory / name
         if not path.is_file():
-            raise PatchError(path, None, None,
-                             f"listed in {series}:{number} but the file is missing")
+            raise SeriesError(path, f"listed in {series}:{number} but the file is missing")
         patches.append(Patch(path, path.read_bytes()))
     return patches
 
@@ -74,7 +73,7 @@ def read_series(directory: Path) -> list[Patch]:
 def read_patch(path: Path) -> Patch:
     """One patch file outside a series (a test variant applied on top)."""
     if not path.is_file():
-        raise PatchError(path, None, None, "the patch file is missing")
+        raise SeriesError(path, "the patch file is missing")
     return Patch(path, path.read_bytes())
 
 

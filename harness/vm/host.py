@@ -179,6 +179,10 @@ def parse_sev_capabilities(reply: Mapping[str, Any]) -> SevCapabilities:
     if not isinstance(cbitpos, int) or not isinstance(reduced, int):
         raise ValueError(  # noqa: TRY004 - a bad reply, as above
             f"cbitpos/reduced-phys-bits are not integers: {reply!r}")
+    if not 32 <= cbitpos <= 63 or not 1 <= reduced <= 63:
+        # What sev-guest would refuse: no launch could follow this answer.
+        raise ValueError(f"cbitpos {cbitpos} / reduced-phys-bits {reduced}: not a C-bit in "
+                         "32..63 and a reduction in 1..63")
     return SevCapabilities(cbitpos=cbitpos, reduced_phys_bits=reduced,
                            emulated=body.get("emulated") is True)
 
@@ -551,12 +555,14 @@ def caps_from_json(data: Mapping[str, Any]) -> HostCaps:
 
 def probe_key(qemu: str, root: Path = Path("/")) -> str:
     """What a probe's answer depends on: the QEMU binary, the kernel, this
-    user, /dev/kvm and /dev/sev, the kvm_amd parameters and the stock
+    user and its groups (access to /dev/kvm, /dev/sev), its locked-memory
+    limit, /dev/kvm and /dev/sev, the kvm_amd parameters and the stock
     firmware booted."""
     params = read_kvm_amd_params(root)
     binary = shutil.which(qemu) or qemu
+    user = f"{os.geteuid()}:{sorted(os.getgroups())}:{limits.current()}"
     return identity([binary, root / "dev/kvm", root / "dev/sev", STOCK_CODE, STOCK_VARS],
-                    f"{qemu}\0{binary}\0{os.uname().release}\0{os.geteuid()}\0"
+                    f"{qemu}\0{binary}\0{os.uname().release}\0{user}\0"
                     + (repr(sorted(params.items())) if params else "no kvm_amd"))
 
 
@@ -564,8 +570,17 @@ def probe_key(qemu: str, root: Path = Path("/")) -> str:
 def cached_probe(qemu: str = DEFAULT_QEMU) -> HostCaps:
     """:func:`probe`, once per process and QEMU binary, and kept on disk
     (``$EBS_HARNESS_CACHE/host-probe/``) for :data:`PROBE_CACHE_TTL_S` under
-    :func:`probe_key`, so that a series of commands probes once.
-    ``host-check`` always probes afresh."""
-    path = cache_root() / "host-probe" / f"{probe_key(qemu)}.json"
-    return remembered(path, PROBE_CACHE_TTL_S, lambda: probe(qemu), HostCaps.to_json,
+    :func:`probe_key`, so that a series of commands probes once."""
+    return remembered(_probe_file(qemu), PROBE_CACHE_TTL_S, lambda: probe(qemu),
+                      HostCaps.to_json, caps_from_json)
+
+
+def fresh_probe(qemu: str = DEFAULT_QEMU) -> HostCaps:
+    """:func:`probe` now, and what the next :func:`cached_probe` reads
+    (``host-check``: after a change to the host, the commands see it)."""
+    return remembered(_probe_file(qemu), 0.0, lambda: probe(qemu), HostCaps.to_json,
                       caps_from_json)
+
+
+def _probe_file(qemu: str) -> Path:
+    return cache_root() / "host-probe" / f"{probe_key(qemu)}.json"

