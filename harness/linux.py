@@ -467,7 +467,7 @@ class LinuxBoot:
 class LinuxRun:
     """A running Linux guest and its SSH session."""
 
-    vm: machine.GuestMachine
+    vm: machine.QemuMachine
     session: ssh.GuestSsh
     canary: bytes
     canary_image: Path
@@ -551,7 +551,7 @@ def boot_linux(firmware: Firmware, image: LinuxImage, boot: LinuxBoot, artifacts
     (artifacts / "canary.bin").write_bytes(canary)
     client_key = ssh.ClientKey.generate()
     client_key.write(artifacts / "id_ed25519")
-    launcher: Callable[..., machine.GuestMachine] = machine.QemuMachine
+    launcher: Callable[..., machine.QemuMachine] = machine.QemuMachine
     channel = None
     if remote_host is None:
         port = ssh.free_port()
@@ -572,10 +572,9 @@ def boot_linux(firmware: Firmware, image: LinuxImage, boot: LinuxBoot, artifacts
              "" if remote_host is None else f" of {remote_host[0].url}")
     with launcher(config, artifacts / "vm", name="linux") as vm:
         started = time.monotonic()
-        if isinstance(vm, machine.QemuMachine):
-            # skip the shell's 5 s countdown (a remote serial port takes no input)
-            vm.serial.expect(SHELL_COUNTDOWN, timeout=boot.ssh_timeout)
-            vm.serial.send("\r")
+        # skip the shell's 5 s countdown
+        vm.serial.expect(SHELL_COUNTDOWN, timeout=boot.ssh_timeout)
+        vm.serial.send("\r")
         session = ssh.GuestSsh("127.0.0.1", port, host_key=image.host_key, client_key=client_key,
                                channel=channel)
         try:

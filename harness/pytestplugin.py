@@ -166,7 +166,9 @@ def session_emulated_caps(config: pytest.Config) -> host.HostCaps:
     if _EMULATED_CAPS not in config.stash:
         try:
             built = qemu.build_qemu(progress=cache.StderrProgress())
-            config.stash[_EMULATED_CAPS] = host.cached_probe(str(built.qemu.binary))
+            # its emulated SEV runs under TCG: KVM is not asked of it
+            config.stash[_EMULATED_CAPS] = host.cached_probe(str(built.qemu.binary),
+                                                             tcg_only=True)
         except HarnessError as exc:
             config.stash[_EMULATED_CAPS] = exc
     found = config.stash[_EMULATED_CAPS]

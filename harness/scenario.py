@@ -253,7 +253,7 @@ def write_guest(firmware: Firmware, scenario: Scenario, artifacts: Path,
 
 def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
                  caps: host.HostCaps | None = None,
-                 launcher: Callable[..., machine.GuestMachine] = machine.QemuMachine
+                 launcher: Callable[..., machine.QemuMachine] = machine.QemuMachine
                  ) -> RunResult:
     """Boot ``scenario`` and judge it. Raises only for the environment
     (:class:`~harness.errors.LaunchError`, a console timeout or failure) or bad

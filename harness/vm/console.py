@@ -14,7 +14,8 @@ Both consoles are :mod:`pexpect` spawns, so both have one API,
   :func:`fd_console` is plain :class:`pexpect.fdpexpect.fdspawn` over any fd
   (a pty, a socket the caller keeps reading);
 - the **debug log** (isa-debugcon at 0x402) is a file QEMU writes; it is
-  followed like ``tail -f`` by :class:`FileFollower`.
+  followed like ``tail -f`` by :class:`FileFollower`, which inotify wakes
+  when QEMU writes (:class:`FileWatch`).
 
 A failure pattern (defaults :data:`DEFAULT_FAILURES`) fails the wait at
 once with :class:`ConsoleFailure`; the deadline raises
@@ -25,10 +26,14 @@ logger.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import re
+import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -94,12 +99,96 @@ class _LineLogger:
         pass
 
 
+class FileWatch:
+    """Wakes a reader when a file is written: Linux inotify (through libc)
+    on the file, or, while it does not exist, on its directory for its
+    creation (a directory watch for writes would wake for every file there:
+    QEMU writes the VARS copy beside the logs).
+
+    The watch is armed only while a reader waits (:meth:`arm`,
+    :meth:`disarm`): QEMU writes a log byte by byte, and every write to a
+    watched file costs the writer an event, so a watch left armed while the
+    reader reads would slow the guest down.
+
+    :raises OSError: inotify is not available (the caller polls instead).
+    """
+
+    _IN_MODIFY = 0x002
+    _IN_CLOSE_WRITE = 0x008
+    _IN_MOVED_TO = 0x080
+    _IN_CREATE = 0x100
+    _FILE_MASK = _IN_MODIFY | _IN_CLOSE_WRITE
+    _DIR_MASK = _IN_CREATE | _IN_MOVED_TO
+    _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
+
+    def __init__(self, path: Path) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self._path = path
+        self._name = os.fsencode(path.name)
+        self._wd = -1
+        self._on_file = False
+
+    def arm(self) -> None:
+        """Watch from now on (a reader should look at the file once more
+        after this: what was written before is no event)."""
+        if self._wd >= 0:
+            return
+        for target, mask, on_file in ((self._path, self._FILE_MASK, True),
+                                      (self._path.parent, self._DIR_MASK, False)):
+            self._wd = self._libc.inotify_add_watch(self._fd, os.fsencode(target), mask)
+            if self._wd >= 0:
+                self._on_file = on_file
+                return
+        raise OSError(ctypes.get_errno(), f"inotify_add_watch {self._path.parent}")
+
+    def disarm(self) -> None:
+        if self._wd >= 0:
+            self._libc.inotify_rm_watch(self._fd, self._wd)
+            self._wd = -1
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._fd, 65536):
+                pass
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the file changed within ``timeout`` seconds (armed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self._fd], [], [], remaining)[0]:
+                return False
+            if self._ours(os.read(self._fd, 65536)):
+                return True
+
+    def _ours(self, data: bytes) -> bool:
+        if self._on_file:
+            return bool(data)
+        offset = 0
+        while offset + self._EVENT.size <= len(data):
+            _, _, _, length = self._EVENT.unpack_from(data, offset)
+            start = offset + self._EVENT.size
+            if data[start:start + length].rstrip(b"\0") == self._name:
+                return True
+            offset = start + length
+        return False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
     """A pexpect spawn reading a file that another process appends to.
 
     Reads from the start of the file (it may not exist yet). At the end of
-    the data it polls (a ``read`` every :data:`POLL` seconds); when ``alive()``
-    says the writer is gone and the file is read to the end, it reports EOF.
+    the data it waits for the writer (:class:`FileWatch`: woken by the
+    write itself, not by a timer; then :data:`GATHER` seconds more, so a
+    burst of writes is one read), asking ``alive()`` at least every
+    :data:`ALIVE` seconds; when ``alive()`` says the writer is gone and the
+    file is read to the end, it reports EOF.
 
     Expect searches a window of :data:`WINDOW` characters, never less than
     what the last read brought (a read is at most :data:`READ` bytes) plus
@@ -107,7 +196,8 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
     the whole of it after every read made waiting quadratic.
     """
 
-    POLL = 0.01
+    ALIVE = 0.1
+    GATHER = 0.005
     READ = 4096
     WINDOW = 4 * READ
 
@@ -119,6 +209,11 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
         self.name = f"<file {path}>"
         self._alive = alive
         self._file: BinaryIO | None = None
+        self._watch: FileWatch | None = None
+        try:
+            self._watch = FileWatch(self.path)
+        except OSError as exc:
+            LOG.debug("%s: no inotify (%s): polling", self.path, exc)
 
     def _read_some(self, size: int) -> bytes:
         if self._file is None:
@@ -132,6 +227,15 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
         if timeout == -1:
             timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return self._read_or_wait(size, deadline)
+        finally:
+            if self._watch is not None:
+                self._watch.disarm()
+
+    def _read_or_wait(self, size: int, deadline: float | None) -> str:
+        watch = self._watch
+        armed = False
         while True:
             alive = self._alive()
             # Read after asking: what the writer flushed before it died is
@@ -144,14 +248,26 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
             if not alive:
                 self.flag_eof = True
                 raise pexpect.EOF(f"{self.path}: the writer exited")
-            if deadline is not None and time.monotonic() >= deadline:
+            left = self.ALIVE if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 raise pexpect.TIMEOUT(f"no new data in {self.path}")
-            time.sleep(self.POLL)
+            if watch is None:
+                time.sleep(min(left, 0.01))
+            elif not armed:
+                watch.arm()     # then read once more: an earlier write is no event
+                armed = True
+            elif watch.wait(min(left, self.ALIVE)):
+                watch.disarm()
+                armed = False
+                time.sleep(self.GATHER)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     def isalive(self) -> bool:
         return bool(self._alive())

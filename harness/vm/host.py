@@ -19,13 +19,17 @@ Every capability is proven, not assumed, and comes with its reason:
   with ``sev-snp-guest``, which QEMU 7.2 does not have.
 
 The parsers are pure functions of text or of a file tree (``root``), so
-they are tested on fabricated trees. :func:`probe` runs everything;
-:func:`cached_probe` keeps one result per process.
+they are tested on fabricated trees. :func:`probe` runs everything, or
+(``tcg_only``, for a command that runs under TCG) everything but KVM and
+what needs it; :func:`cached_probe` keeps one result per process and, for a
+few minutes, on disk.
 """
 
 from __future__ import annotations
 
 import functools
+import io
+import json
 import logging
 import os
 import re
@@ -39,10 +43,12 @@ from pathlib import Path
 from typing import Any
 
 from harness.build.cache import cache_root, identity, remembered
-from harness.errors import HarnessError, UsageError
+from harness.errors import HarnessError, LaunchError, QmpError, UsageError
 from harness.tools import scratch
 from harness.vm import limits
-from harness.vm.machine import MachineConfig, QemuMachine, SevConfig, dies_with_us
+from harness.vm.machine import MachineConfig, QemuMachine, SevConfig
+from harness.vm.qmp import QmpSession
+from harness.vm.runner import LocalRunner, Runner
 
 LOG = logging.getLogger(__name__)
 
@@ -392,40 +398,52 @@ def _boot_probe(qemu: str, accel: str, code: Path, vars_template: Path,
             return Capability(False, f"QEMU failed under {accel}: {why}")
 
 
-def _qmp_sev_capabilities(qemu: str, accel: str = "kvm") -> SevCapabilities | str:
-    """``query-sev-capabilities`` from a bare QEMU (``-machine none``) under ``accel``."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+def bare_qemu_qmp(runner: Runner, qemu: str, accel: str, command: str) -> Any:
+    """``command``'s ``return`` from a bare QEMU (``-machine none``) under
+    ``accel``, started by ``runner`` (this host, or another over SSH).
 
-    with scratch("probe-sev") as tmp:
-        sock = tmp / "qmp.sock"
+    :raises LaunchError: QEMU did not start (its output is the reason).
+    :raises QmpError: the command failed (QEMU's error class and message).
+    """
+    work = runner.open()
+    try:
+        sock = work / "qmp.sock"
         argv = [qemu, "-machine", "none", "-accel", accel, "-nodefaults", "-display", "none",
-                "-qmp", f"unix:{sock},server=on,wait=off"]
-        stderr = tmp / "stderr"
-        with open(stderr, "wb") as err_file:
-            # Like every QEMU of the harness: dies with it, however it dies.
-            proc = subprocess.Popen(dies_with_us(argv), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=err_file)
+                "-chardev", f"socket,id=qmp0,path={sock},server=on,wait=off",
+                "-mon", "chardev=qmp0,mode=control"]
+        process = runner.start(argv, stderr=work / "stderr.log", memlock=None)
         try:
             deadline = time.monotonic() + 10
-            while not sock.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = stderr.read_text(errors="replace").strip()
-                    return f"QEMU -machine none -accel {accel} did not start: {err}"
-                time.sleep(0.05)
-            qmp = QEMUMonitorProtocol(str(sock))
+            while not runner.has_socket(sock):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise LaunchError(f"QEMU -machine none -accel {accel} did not start: "
+                                      f"{process.stderr_text().strip()}")
+                time.sleep(0.02)
+            session = QmpSession(f"bare-{accel}", io.StringIO(), LOG)
             try:
-                qmp.connect()
-                reply = qmp.cmd_raw("query-sev-capabilities")
+                session.connect(runner.connect(sock), 10)
+                return session.execute(command, None, 10)
             finally:
-                qmp.close()
-            return parse_sev_capabilities(reply)
-        except (ValueError, OSError) as exc:
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - any QMP failure is the reason
-            return f"{type(exc).__name__}: {exc}"
+                session.close()
         finally:
-            proc.kill()
-            proc.wait()
+            process.kill()
+    finally:
+        runner.close()
+
+
+def query_sev_capabilities(runner: Runner, qemu: str,
+                           accel: str = "kvm") -> SevCapabilities | str:
+    """``query-sev-capabilities`` of a bare QEMU (:func:`bare_qemu_qmp`): the
+    answer, or why there is none."""
+    try:
+        return parse_sev_capabilities(
+            bare_qemu_qmp(runner, qemu, accel, "query-sev-capabilities"))
+    except QmpError as exc:
+        return str(exc).removeprefix("QMP query-sev-capabilities: ")
+    except LaunchError as exc:
+        return exc.reason
+    except (ValueError, OSError) as exc:
+        return str(exc)
 
 
 #: The largest guest the suite boots under SEV (the Linux guest), whose
@@ -464,10 +482,19 @@ def emulated_sev_verdict(tcg: Capability, qmp: SevCapabilities | str, qemu: str,
                              "has it: ebs-harness build-qemu")
 
 
+#: KVM's capability in a probe that did not look (``tcg_only``).
+NOT_PROBED_KVM = "not probed: the command runs under TCG (--accel tcg)"
+
+
 def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
           code: Path = STOCK_CODE, vars_template: Path = STOCK_VARS,
-          kvm_timeout: float = 10.0, tcg_settle: float = 1.0) -> HostCaps:
-    """Probe this host (several seconds: it boots firmware)."""
+          kvm_timeout: float = 10.0, tcg_settle: float = 1.0, *,
+          tcg_only: bool = False) -> HostCaps:
+    """Probe this host (seconds: it boots firmware).
+
+    :param tcg_only: leave out KVM and what needs it (SEV, SEV-ES): they
+        come back unavailable, with :data:`NOT_PROBED_KVM` as the reason.
+    """
     path = shutil.which(qemu)
     if path is None:
         missing = Capability(False, f"QEMU {qemu!r} not found")
@@ -489,7 +516,9 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
         tcg = _boot_probe(path, "tcg", code, vars_template, need_output=False,
                           timeout=tcg_settle)
         kvm_dev = root / "dev/kvm"
-        if not kvm_dev.exists():
+        if tcg_only:
+            kvm = Capability(False, NOT_PROBED_KVM)
+        elif not kvm_dev.exists():
             kvm = Capability(False, f"no {kvm_dev}")
         elif not os.access(kvm_dev, os.R_OK | os.W_OK):
             kvm = Capability(False, f"{kvm_dev} is not read/writable by this user")
@@ -506,7 +535,7 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
         flags = frozenset()
     qmp: SevCapabilities | str | None = None
     if params and params.get("sev") and dev_sev and kvm.available:
-        qmp = _qmp_sev_capabilities(path)
+        qmp = query_sev_capabilities(LocalRunner(), path)
     sev, sev_es, snp = sev_verdicts(params, dev_sev, cpuid, flags, kvm, qmp, version)
     memlock = limits.memlock_problem(limits.current(),
                                      limits.sev_memlock_bytes(LARGEST_SEV_GUEST_MIB))
@@ -524,7 +553,8 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
         sev = sev_proven(sev, memlock, boots["sev"])
         sev_es = (sev_proven(sev_es, memlock, boots["sev-es"]) if sev.available
                   else Capability(False, f"needs SEV: {sev.reason}"))
-    emulation = _qmp_sev_capabilities(path, "tcg") if tcg.available else "TCG is not usable"
+    emulation = (query_sev_capabilities(LocalRunner(), path, "tcg") if tcg.available
+                 else "TCG is not usable")
     sev_emulated = emulated_sev_verdict(tcg, emulation, path, version)
     emulated = emulation if isinstance(emulation, SevCapabilities) and sev_emulated else None
     caps = HostCaps(
@@ -567,20 +597,30 @@ def probe_key(qemu: str, root: Path = Path("/")) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def cached_probe(qemu: str = DEFAULT_QEMU) -> HostCaps:
+def cached_probe(qemu: str = DEFAULT_QEMU, *, tcg_only: bool = False) -> HostCaps:
     """:func:`probe`, once per process and QEMU binary, and kept on disk
     (``$EBS_HARNESS_CACHE/host-probe/``) for :data:`PROBE_CACHE_TTL_S` under
-    :func:`probe_key`, so that a series of commands probes once."""
-    return remembered(_probe_file(qemu), PROBE_CACHE_TTL_S, lambda: probe(qemu),
-                      HostCaps.to_json, caps_from_json)
+    :func:`probe_key`, so that a series of commands probes once. A full
+    probe serves a ``tcg_only`` one too."""
+    if tcg_only:
+        full = _probe_file(qemu, tcg_only=False)
+        try:
+            if time.time() - full.stat().st_mtime < PROBE_CACHE_TTL_S:
+                return caps_from_json(json.loads(full.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            LOG.debug("%s: %s", full, exc)
+    return remembered(_probe_file(qemu, tcg_only=tcg_only), PROBE_CACHE_TTL_S,
+                      lambda: probe(qemu, tcg_only=tcg_only), HostCaps.to_json,
+                      caps_from_json)
 
 
 def fresh_probe(qemu: str = DEFAULT_QEMU) -> HostCaps:
     """:func:`probe` now, and what the next :func:`cached_probe` reads
     (``host-check``: after a change to the host, the commands see it)."""
-    return remembered(_probe_file(qemu), 0.0, lambda: probe(qemu), HostCaps.to_json,
-                      caps_from_json)
+    return remembered(_probe_file(qemu, tcg_only=False), 0.0, lambda: probe(qemu),
+                      HostCaps.to_json, caps_from_json)
 
 
-def _probe_file(qemu: str) -> Path:
-    return cache_root() / "host-probe" / f"{probe_key(qemu)}.json"
+def _probe_file(qemu: str, *, tcg_only: bool) -> Path:
+    return cache_root() / "host-probe" / (f"{probe_key(qemu)}"
+                                          f"{'-tcg' if tcg_only else ''}.json")

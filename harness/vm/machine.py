@@ -10,51 +10,41 @@ function; :class:`QemuMachine` runs it, in the manner of QEMU's
         vm.dump(vm.artifacts / "memory.elf")
 
 QEMU starts paused (``-S``). Its QMP monitor and its serial port are unix
-sockets in a private (0700) temporary directory; the harness connects to
-both, removes the directory (the connected sockets live on), checks SEV
-with ``query-sev`` where asked, then sends ``cont``. QEMU gets
-``PR_SET_PDEATHSIG(SIGKILL)`` (:func:`dies_with_us`): it dies with the
-harness, however the harness dies. Note that the signal follows the
-*thread* that started QEMU: launch from a thread that outlives the machine.
-The socket directory is a scratch directory of this process
-(:func:`harness.tools.scratch_dir`): one a killed harness leaves behind is
-swept by the next.
+sockets in the run's private (0700) working directory; the harness
+connects to both (QMP with :class:`~harness.vm.qmp.QmpSession`), checks
+SEV with ``query-sev`` where asked, then sends ``cont``. Where QEMU runs is
+the machine's :class:`~harness.vm.runner.Runner`: this host
+(:class:`~harness.vm.runner.LocalRunner`, the default: QEMU dies with the
+harness, however the harness dies) or another over SSH
+(:class:`harness.vm.remote.SshRunner`); the machine is the same.
 
 Artifacts per VM, in the directory given: ``cmdline.txt`` (shell-quoted),
 ``reproduce.sh`` (the same QEMU, by hand, with a QMP socket and the serial
 port on the terminal), ``qmp.log`` (transcript), ``serial.log``,
-``debugcon.log``, ``qemu-stderr.log`` and ``OVMF_VARS.fd`` (this VM's copy).
-"""
+``debugcon.log``, ``qemu-stderr.log`` and ``OVMF_VARS.fd`` (this VM's copy)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
 import logging
 import os
 import re
 import shlex
 import shutil
-import signal
 import socket
-import subprocess
 import time
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self, TextIO, TypeVar
+from typing import Any, Self, TextIO
 
-from qemu.qmp import ExecuteError, QMPClient
-
-from harness.errors import DependencyError, LaunchError, QmpError, UsageError
-from harness.tools import scratch_dir
+from harness.errors import LaunchError, QmpError, UsageError
 from harness.vm import limits
 from harness.vm.console import Console, debug_console, serial_console, tail_lines
+from harness.vm.qmp import QmpSession
+from harness.vm.runner import LocalProcess, LocalRunner, Process, Runner, describe_exit
 
 LOG = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 ACCELS = ("tcg", "kvm")
 #: ``emulated``: the harness's QEMU (``ebs-harness build-qemu``) gives a TCG
@@ -73,9 +63,6 @@ POLICY_SEV = 0x20       #: the guest must not be sent to a non-SEV platform
 #: SEV-SNP guest policy (SNP firmware ABI, "Guest Policy"): bit 16 SMT
 #: allowed, bit 17 reserved and must be 1 (QEMU's default too).
 SNP_POLICY_DEFAULT = 0x30000
-
-#: QMP events logged and kept for :meth:`QemuMachine.wait_event`.
-WATCHED_EVENTS = ("SHUTDOWN", "STOP", "RESUME", "RESET", "GUEST_PANICKED")
 
 #: The CPU of an emulated-SEV guest: TCG's default model, plus RDRAND, which
 #: every SEV-capable processor has and Linux's early SEV code uses (its
@@ -526,165 +513,43 @@ def _option_lines(argv: Sequence[str]) -> list[str]:
     return out
 
 
-# -------------------------------------------------------------- QMP
+# ------------------------------------------------------------ machine
 
 
-class _Qmp:
-    """A synchronous QMP session on :class:`qemu.qmp.QMPClient`.
+class QemuMachine:
+    """A QEMU guest: launch, QMP, consoles, memory dump, shutdown, on this
+    host or, with :class:`harness.vm.remote.SshRunner`, on another.
 
-    It owns its event loop, so machines do not share state; events queue in
-    the client while no call runs and are collected on the next call.
-    """
-
-    def __init__(self, name: str, transcript: TextIO, logger: logging.Logger) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(name)
-        self._transcript = transcript
-        self._log = logger
-        self.history: list[dict[str, Any]] = []
-        self._pending: list[dict[str, Any]] = []
-
-    def _run(self, coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
-        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
-
-    def _write(self, direction: str, obj: object) -> None:
-        stamp = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
-        self._transcript.write(f"{stamp} {direction} {json.dumps(obj, sort_keys=True)}\n")
-        self._transcript.flush()
-
-    def connect(self, path: Path | socket.socket, timeout: float) -> None:
-        """Connect to QMP at a unix socket path, or on a connected socket."""
-        address = path if isinstance(path, socket.socket) else str(path)
-        self._run(self._client.connect(address), timeout)
-        greeting = self._client.greeting
-        self._write("<-", greeting._asdict() if greeting is not None else None)
-
-    def _collect(self) -> None:
-        for event in self._client.events.clear():
-            self._record(dict(event))
-
-    def _record(self, event: dict[str, Any]) -> None:
-        self._write("<-", event)
-        self.history.append(event)
-        self._pending.append(event)
-        level = logging.INFO if event.get("event") in WATCHED_EVENTS else logging.DEBUG
-        self._log.log(level, "QMP event %s %s", event.get("event"),
-                      json.dumps(event.get("data", {}), sort_keys=True))
-
-    def execute(self, command: str, arguments: Mapping[str, object] | None,
-                timeout: float | None) -> Any:
-        self._write("->", {"execute": command, "arguments": dict(arguments or {})})
-        try:
-            result = self._run(self._client.execute(command, arguments), timeout)
-        except ExecuteError as exc:
-            self._write("<-", {"error": {"class": exc.error_class, "desc": str(exc)}})
-            raise QmpError(f"QMP {command}: {exc.error_class}: {exc}") from exc
-        except TimeoutError as exc:
-            self._write("!!", f"{command}: no reply in {timeout} s")
-            raise QmpError(f"QMP {command}: no reply in {timeout:g} s") from exc
-        except Exception as exc:
-            self._write("!!", f"{command}: {type(exc).__name__}: {exc}")
-            raise QmpError(f"QMP {command}: {type(exc).__name__}: {exc}") from exc
-        finally:
-            self._collect()
-        self._write("<-", {"return": result})
-        return result
-
-    def take_event(self, names: Iterable[str]) -> dict[str, Any] | None:
-        wanted = set(names)
-        for index, event in enumerate(self._pending):
-            if event.get("event") in wanted:
-                return self._pending.pop(index)
-        return None
-
-    def wait_event(self, names: Sequence[str], timeout: float) -> dict[str, Any]:
-        self._collect()
-        found = self.take_event(names)
-        if found is not None:
-            return found
-
-        async def _wait() -> dict[str, Any]:
-            while True:
-                event = dict(await self._client.events.get())
-                self._record(event)
-                if event.get("event") in names:
-                    return self._pending.pop()
-
-        try:
-            return self._run(_wait(), timeout)
-        except TimeoutError as exc:
-            raise QmpError(f"no QMP event {'/'.join(names)} in {timeout:g} s") from exc
-
-    def close(self) -> None:
-        try:
-            self._run(self._client.disconnect(), 5.0)
-        except Exception as exc:  # noqa: BLE001 - closing; QEMU may be gone
-            self._log.debug("QMP disconnect: %s", exc)
-        finally:
-            self._collect()
-            self._loop.close()
-
-
-# ------------------------------------------------------------ process
-
-
-def dies_with_us(argv: Sequence[str]) -> list[str]:
-    """``argv`` run so that it gets SIGKILL when the thread that started it
-    dies, however that dies: util-linux's ``setpriv`` sets
-    ``PR_SET_PDEATHSIG`` and then execs it (same PID), so no Python runs in
-    the forked child of this multi-threaded process (``preexec_fn`` would).
-
-    :raises DependencyError: no ``setpriv`` (util-linux) on this host.
-    """
-    if shutil.which("setpriv") is None:
-        raise DependencyError("setpriv not found (it makes QEMU die with the harness): "
-                              "install util-linux")
-    return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
-
-
-def describe_exit(code: int | None, *, shell: bool = False) -> str:
-    """How a QEMU ended, from its exit status (``shell``: as a shell reports
-    it, 128 + the signal's number for a signal)."""
-    if code is None:
-        return "QEMU is still running"
-    number = -code if code < 0 else (code - 128 if shell and code > 128 else 0)
-    if number:
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        return f"QEMU was killed by {name}"
-    return f"QEMU exited with status {code}"
-
-
-class GuestMachine:
-    """What every guest of the harness offers, wherever its QEMU runs: a
-    context manager with artifact paths, the two consoles, QMP and its
-    events. :class:`QemuMachine` runs QEMU here; ``harness.vm.remote`` runs it
-    on another host over SSH. Subclasses provide ``launch``, ``is_running``,
-    ``dump`` and ``shutdown``.
+    A context manager; :meth:`launch` cleans up on any failure and raises
+    :class:`LaunchError`; :meth:`shutdown` is idempotent.
 
     :param config: what to run.
     :param artifacts: this VM's artifact directory (created).
     :param name: the VM's name in logs (child logger ``harness.vm.machine.NAME``).
+    :param runner: where QEMU runs (default: :class:`~harness.vm.runner.LocalRunner`).
     :param launch_timeout: deadline for QEMU to come up on QMP.
     :param qmp_timeout: default deadline of a QMP command.
     """
 
     def __init__(self, config: MachineConfig, artifacts: Path, *, name: str = "vm",
-                 launch_timeout: float = 30.0, qmp_timeout: float = 30.0) -> None:
+                 runner: Runner | None = None, launch_timeout: float = 30.0,
+                 qmp_timeout: float = 30.0) -> None:
         self.config = config.resolved()
         self.artifacts = Path(artifacts).absolute()
         self.name = name
+        self.runner: Runner = runner if runner is not None else LocalRunner()
         self.log = LOG.getChild(name)
         self.launch_timeout = launch_timeout
         self.qmp_timeout = qmp_timeout
         self.command: list[str] = []
         self.exitcode: int | None = None
-        self._qmp: _Qmp | None = None
+        self.process: Process | None = None
+        self._qmp: QmpSession | None = None
         self._transcript: TextIO | None = None
         self._serial: Console | None = None
         self._debugcon: Console | None = None
+        self._serial_sock: socket.socket | None = None
+        self._launched = False
         self._closed = False
 
     # artifact paths
@@ -703,6 +568,11 @@ class GuestMachine:
     @property
     def qmp_log(self) -> Path:
         return self.artifacts / "qmp.log"
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's PID on this host (None before launch, or when it runs elsewhere)."""
+        return self.process.pid if isinstance(self.process, LocalProcess) else None
 
     @property
     def serial(self) -> Console:
@@ -728,17 +598,19 @@ class GuestMachine:
     def __exit__(self, *exc_info: object) -> None:
         self.shutdown()
 
-    def launch(self, *, start: bool = True) -> None:
-        raise NotImplementedError
-
     def is_running(self) -> bool:
-        raise NotImplementedError
+        return self.process is not None and self.process.poll() is None
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        raise NotImplementedError
+    def ended(self) -> str:
+        """Why the consoles ended (QEMU's exit, or what broke), for errors."""
+        return describe_exit(None) if self.process is None else self.process.ended()
 
-    def dump(self, path: Path | None = None, timeout: float = 120.0) -> Path:
-        raise NotImplementedError
+    def _readable(self) -> bool:
+        return self.process is not None and self.process.readable()
+
+    def _stderr_text(self) -> str:
+        """QEMU's output so far, for errors."""
+        return "" if self.process is None else self.process.stderr_text()
 
     def _logs(self) -> dict[str, Path]:
         logs = {"serial.log": self.serial_log}
@@ -747,31 +619,144 @@ class GuestMachine:
         logs["qemu-stderr.log"] = self.stderr_log
         return logs
 
-    def ended(self) -> str:
-        """Why the consoles ended (QEMU's exit, or what broke), for errors."""
-        raise NotImplementedError
-
     def tails(self) -> dict[str, str]:
         """The last lines of the serial and debug logs and of QEMU's stderr."""
         return {name: tail_lines(path) for name, path in self._logs().items()}
 
-    def _request_quit(self) -> None:
-        """Ask QEMU to quit over QMP (it may be gone already)."""
-        if self._qmp is not None and self.is_running():
-            try:
-                self._qmp.execute("quit", None, 3.0)
-            except QmpError as exc:
-                self.log.debug("quit: %s", exc)
+    # --------------------------------------------------------- launch
 
-    def _close_io(self) -> None:
-        """Close QMP, the consoles and the QMP transcript (shutdown's common part)."""
-        if self._qmp is not None:
-            self._qmp.close()
-        for console in (self._serial, self._debugcon):
-            if console is not None:
-                console.close()
-        if self._transcript is not None:
-            self._transcript.close()
+    def launch(self, *, start: bool = True) -> None:
+        """Start QEMU paused, connect QMP and the serial port, then ``cont``.
+
+        :param start: send ``cont``; False leaves the guest paused.
+        :raises LaunchError: QEMU did not start, died, or SEV is not on.
+        """
+        if self._launched or self._closed:
+            raise LaunchError(f"{self.name}: a QemuMachine launches once")
+        self._launched = True
+        try:
+            self._launch(start)
+        except BaseException as exc:
+            stderr = self._stderr_text()
+            self.shutdown()
+            if isinstance(exc, LaunchError):
+                exc.log = exc.log or stderr
+                raise
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
+                raise
+            where = f" on {self.runner.where}" if self.runner.where else ""
+            raise LaunchError(f"launch{where} failed: {type(exc).__name__}: {exc}",
+                              self.exitcode, self.command, stderr) from exc
+
+    def _placed(self, vars_copy: Path) -> MachineConfig:
+        """The config with every input file where QEMU reads it."""
+        runner = self.runner
+        config = self.config
+        devices: list[Device] = []
+        for index, device in enumerate(config.devices):
+            if isinstance(device, (BlockDevice, ScsiController)) and device.image:
+                device = dataclasses.replace(device, image=runner.place(
+                    device.image, f"disk{index}-{device.image.name}"))
+            devices.append(device)
+        return dataclasses.replace(
+            config, code=runner.place(config.code, "OVMF_CODE.fd"),
+            vars_template=runner.place(vars_copy, "OVMF_VARS.fd"), devices=tuple(devices),
+            kernel=None if config.kernel is None else runner.place(config.kernel, "kernel"),
+            initrd=None if config.initrd is None else runner.place(config.initrd, "initrd"))
+
+    def _launch(self, start: bool) -> None:
+        runner = self.runner
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        work = runner.open()
+        vars_copy = self.artifacts / "OVMF_VARS.fd"
+        try:
+            shutil.copyfile(self.config.vars_template, vars_copy)
+        except OSError as exc:
+            raise LaunchError(f"cannot copy the firmware VARS {self.config.vars_template}: "
+                              f"{exc.strerror}") from exc
+        config = self._placed(vars_copy)
+        paths = RuntimePaths(qmp_socket=work / "qmp.sock", serial_socket=work / "serial.sock",
+                             serial_log=runner.output(self.serial_log),
+                             debugcon_log=runner.output(self.debugcon_log),
+                             vars_copy=config.vars_template)
+        stderr = runner.output(self.stderr_log)
+        self.command = build_argv(config, paths)
+        where = f" on {runner.where}" if runner.where else ""
+        (self.artifacts / "cmdline.txt").write_text(
+            (f"# on {runner.where}\n" if runner.where else "") + shlex.join(self.command) + "\n")
+        script = self.artifacts / "reproduce.sh"
+        script.write_text(reproduce_script(self.config, self.config.vars_template))
+        script.chmod(0o755)
+        for stale in self._logs().values():
+            stale.unlink(missing_ok=True)
+
+        self._transcript = open(self.qmp_log, "w", encoding="utf-8")  # noqa: SIM115
+        self.log.info("launching%s: %s", where, shlex.join(self.command))
+        memlock = (limits.sev_memlock_bytes(self.config.memory_mib)
+                   if self.config.sev is not None and self.config.sev.pins_memory else None)
+        self.process = runner.start(self.command, stderr=stderr, memlock=memlock)
+        deadline = time.monotonic() + self.launch_timeout
+        self._qmp = self._connect_qmp(paths.qmp_socket, deadline)
+        if self.config.serial_input:
+            assert paths.serial_socket is not None
+            self._serial_sock = runner.connect(paths.serial_socket)
+        runner.sockets_done()
+
+        logs = self._logs()
+        # The console owns the connected socket from here on (and closes it).
+        sock, self._serial_sock = self._serial_sock, None
+        self._serial = serial_console(sock, self.serial_log, self._readable, self.log,
+                                      logs, self.command, ended=self.ended)
+        if self.config.debugcon:
+            self._debugcon = debug_console(self.debugcon_log, self._readable, self.log,
+                                           logs, self.command, ended=self.ended)
+        if self.config.sev is not None:
+            self._check_sev(self.config.sev, SEV_STATE_PAUSED)
+        if start:
+            self.qmp("cont")
+            if self.config.sev is not None:
+                self._check_sev(self.config.sev, SEV_STATE_RUNNING)
+
+    def _connect_qmp(self, path: Path, deadline: float) -> QmpSession:
+        assert self.process is not None and self._transcript is not None
+        last: Exception | None = None
+        while True:
+            exitcode = self.process.poll()
+            if exitcode is not None:
+                self.exitcode = exitcode
+                raise self._early_exit(self.process.ended(), self._stderr_text())
+            if self.runner.has_socket(path):
+                qmp = QmpSession(f"{self.name}-qmp", self._transcript, self.log)
+                try:
+                    qmp.connect(self.runner.connect(path), max(0.1, deadline - time.monotonic()))
+                    return qmp
+                except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                    last = exc
+                    qmp.close()
+            if time.monotonic() > deadline:
+                raise LaunchError(f"QEMU's QMP socket did not answer in "
+                                  f"{self.launch_timeout:g} s ({last})", None,
+                                  self.command, self._stderr_text())
+            time.sleep(0.02)
+
+    def _early_exit(self, ended: str, stderr: str) -> LaunchError:
+        """The error of a QEMU that ended before its QMP answered: how it
+        ended and, when its stderr says why (a SEV refusal), why."""
+        why = sev_launch_reason(stderr) if self.config.sev is not None else None
+        return LaunchError(ended + (f": {why}" if why else ""), self.exitcode, self.command,
+                           stderr)
+
+    def _check_sev(self, sev: SevConfig, state: str) -> None:
+        """``query-sev`` must say SEV is on as ``sev`` asks, in launch ``state``."""
+        info = self.qmp("query-sev")
+        problem = sev_info_problem(info, sev.effective_policy, emulated=sev.emulated,
+                                   state=None if sev.snp else state, snp=sev.snp)
+        if problem:
+            raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command,
+                              self._stderr_text())
+        self.log.info("SEV active: %s %#x, state %s%s", "snp-policy" if sev.snp else "policy",
+                      info["snp-policy" if sev.snp else "policy"], info.get("state"),
+                      " (emulated)" if sev.emulated else "")
 
     # ------------------------------------------------------------ QMP
 
@@ -794,168 +779,9 @@ class GuestMachine:
         """The run state from ``query-status`` ("running", "paused", ...)."""
         return str(self.qmp("query-status")["status"])
 
-    def _stderr_text(self) -> str:
-        """QEMU's output so far, for errors (where the machine keeps it)."""
-        return ""
-
-    def _early_exit(self, ended: str, stderr: str) -> LaunchError:
-        """The error of a QEMU that ended before its QMP answered: how it
-        ended and, when its stderr says why (a SEV refusal), why."""
-        why = sev_launch_reason(stderr) if self.config.sev is not None else None
-        return LaunchError(ended + (f": {why}" if why else ""), self.exitcode, self.command,
-                           stderr)
-
-    def _check_sev(self, sev: SevConfig, state: str) -> None:
-        """``query-sev`` must say SEV is on as ``sev`` asks, in launch ``state``."""
-        info = self.qmp("query-sev")
-        problem = sev_info_problem(info, sev.effective_policy, emulated=sev.emulated,
-                                   state=None if sev.snp else state, snp=sev.snp)
-        if problem:
-            raise LaunchError(f"SEV is not active as asked: {problem}", None, self.command,
-                              self._stderr_text())
-        self.log.info("SEV active: %s %#x, state %s%s", "snp-policy" if sev.snp else "policy",
-                      info["snp-policy" if sev.snp else "policy"], info.get("state"),
-                      " (emulated)" if sev.emulated else "")
-
-
-class QemuMachine(GuestMachine):
-    """A QEMU guest: launch, QMP, consoles, memory dump, shutdown.
-
-    A context manager; :meth:`launch` cleans up on any failure and raises
-    :class:`LaunchError`; :meth:`shutdown` is idempotent.
-
-    :param launch_timeout: deadline for QEMU to come up on QMP (see
-        :class:`GuestMachine` for the other parameters).
-    """
-
-    def __init__(self, config: MachineConfig, artifacts: Path, *, name: str = "vm",
-                 launch_timeout: float = 30.0, qmp_timeout: float = 30.0) -> None:
-        super().__init__(config, artifacts, name=name, launch_timeout=launch_timeout,
-                         qmp_timeout=qmp_timeout)
-        self.process: subprocess.Popen[bytes] | None = None
-        self._stderr: Any = None
-        self._sock_dir: Path | None = None
-        self._serial_sock: socket.socket | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
-
-    def is_running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def ended(self) -> str:
-        return describe_exit(None if self.process is None else self.process.poll())
-
-    def _stderr_text(self) -> str:
-        try:
-            return self.stderr_log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    # --------------------------------------------------------- launch
-
-    def launch(self, *, start: bool = True) -> None:
-        """Start QEMU paused, connect QMP and the serial port, then ``cont``.
-
-        :param start: send ``cont``; False leaves the guest paused.
-        :raises LaunchError: QEMU did not start, died, or SEV is not on.
-        """
-        if self.process is not None or self._closed:
-            raise LaunchError(f"{self.name}: a QemuMachine launches once")
-        try:
-            self._launch(start)
-        except BaseException as exc:
-            self.shutdown()
-            if isinstance(exc, LaunchError):
-                if not exc.log:
-                    exc.log = self._stderr_text()
-                raise
-            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
-                raise
-            raise LaunchError(f"launch failed: {type(exc).__name__}: {exc}", self.exitcode,
-                              self.command, self._stderr_text()) from exc
-
-    def _launch(self, start: bool) -> None:
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        self._sock_dir = scratch_dir("qemu")  # mode 0700
-        vars_copy = self.artifacts / "OVMF_VARS.fd"
-        try:
-            shutil.copyfile(self.config.vars_template, vars_copy)
-        except OSError as exc:
-            raise LaunchError(f"cannot copy the firmware VARS {self.config.vars_template}: "
-                              f"{exc.strerror}") from exc
-        paths = RuntimePaths(qmp_socket=self._sock_dir / "qmp.sock",
-                             serial_socket=self._sock_dir / "serial.sock",
-                             serial_log=self.serial_log, debugcon_log=self.debugcon_log,
-                             vars_copy=vars_copy)
-        self.command = build_argv(self.config, paths)
-        (self.artifacts / "cmdline.txt").write_text(shlex.join(self.command) + "\n")
-        script = self.artifacts / "reproduce.sh"
-        script.write_text(reproduce_script(self.config, self.config.vars_template))
-        script.chmod(0o755)
-        for stale in (self.serial_log, self.debugcon_log):
-            stale.unlink(missing_ok=True)
-
-        if self.config.sev is not None and self.config.sev.pins_memory:
-            problem = limits.ensure_memlock(limits.sev_memlock_bytes(self.config.memory_mib))
-            if problem:
-                raise LaunchError(problem, None, self.command)
-        self._transcript = open(self.qmp_log, "w", encoding="utf-8")  # noqa: SIM115
-        self._stderr = open(self.stderr_log, "wb")  # noqa: SIM115
-        self.log.info("launching: %s", shlex.join(self.command))
-        self.process = subprocess.Popen(
-            dies_with_us(self.command), stdin=subprocess.DEVNULL, stdout=self._stderr,
-            stderr=subprocess.STDOUT, close_fds=True)
-        deadline = time.monotonic() + self.launch_timeout
-        self._qmp = self._connect_qmp(paths.qmp_socket, deadline)
-        if self.config.serial_input:
-            self._serial_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._serial_sock.connect(str(paths.serial_socket))
-        # Both sockets are connected: their names are of no further use.
-        shutil.rmtree(self._sock_dir, ignore_errors=True)
-        self._sock_dir = None
-
-        logs = self._logs()
-        # The console owns the connected socket from here on (and closes it).
-        sock, self._serial_sock = self._serial_sock, None
-        self._serial = serial_console(sock, self.serial_log, self.is_running, self.log,
-                                      logs, self.command, ended=self.ended)
-        if self.config.debugcon:
-            self._debugcon = debug_console(self.debugcon_log, self.is_running, self.log,
-                                           logs, self.command, ended=self.ended)
-        if self.config.sev is not None:
-            self._check_sev(self.config.sev, SEV_STATE_PAUSED)
-        if start:
-            self.qmp("cont")
-            if self.config.sev is not None:
-                self._check_sev(self.config.sev, SEV_STATE_RUNNING)
-
-    def _connect_qmp(self, path: Path, deadline: float) -> _Qmp:
-        assert self.process is not None and self._transcript is not None
-        last: Exception | None = None
-        while True:
-            exitcode = self.process.poll()
-            if exitcode is not None:
-                self.exitcode = exitcode
-                raise self._early_exit(describe_exit(exitcode), self._stderr_text())
-            if path.exists():
-                qmp = _Qmp(f"{self.name}-qmp", self._transcript, self.log)
-                try:
-                    qmp.connect(path, max(0.1, deadline - time.monotonic()))
-                    return qmp
-                except Exception as exc:  # noqa: BLE001 - retried until the deadline
-                    last = exc
-                    qmp.close()
-            if time.monotonic() > deadline:
-                raise LaunchError(f"QEMU's QMP socket did not answer in "
-                                  f"{self.launch_timeout:g} s ({last})", None,
-                                  self.command, self._stderr_text())
-            time.sleep(0.02)
-
     # ----------------------------------------------------------- dump
 
-    def dump(self, path: Path | None = None, timeout: float = 120.0) -> Path:
+    def dump(self, path: Path | None = None, timeout: float = 300.0) -> Path:
         """Stop the guest and write its memory as an ELF core (``paging=false``).
 
         The guest stays stopped. :returns: the dump's path.
@@ -964,10 +790,12 @@ class QemuMachine(GuestMachine):
         target = (path or self.artifacts / "memory.elf").absolute()
         target.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
+        landed = self.runner.landing(target)
         self.qmp("stop")
         # QEMU 7.2: synchronous unless "detach" is given.
-        self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{target}"},
+        self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{landed}"},
                  timeout=timeout)
+        self.runner.fetch(landed, target)
         self.log.info("memory dump %s (%d bytes) in %.2f s", target,
                       target.stat().st_size, time.monotonic() - started)
         return target
@@ -980,37 +808,44 @@ class QemuMachine(GuestMachine):
             raise QmpError(f"{self.name}: not launched")
         try:
             self.exitcode = self.process.wait(timeout)
-        except subprocess.TimeoutExpired as exc:
+        except TimeoutError as exc:
             raise QmpError(f"{self.name}: QEMU still runs after {timeout:g} s") from exc
         return self.exitcode
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """QMP ``quit``, wait, then kill; close everything. Idempotent."""
+        """QMP ``quit``, wait, then kill; close everything; the runner removes
+        what the run left. Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._request_quit()
+            if self._qmp is not None and self.is_running():
+                try:
+                    self._qmp.execute("quit", None, 3.0)
+                except QmpError as exc:
+                    self.log.debug("quit: %s", exc)
             if self.process is not None:
                 try:
                     self.exitcode = self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.log.warning("QEMU %d did not quit in %g s: killing it",
-                                     self.process.pid, timeout)
+                except TimeoutError:
+                    self.log.warning("QEMU did not quit in %g s: killing it", timeout)
                     self.process.kill()
-                    self.exitcode = self.process.wait()
+                    self.exitcode = self.process.poll()
         finally:
-            if self.process is not None and self.process.poll() is None:
+            if self.process is not None:
                 self.process.kill()
-                self.process.wait()
-            self._close_io()
+                if self.exitcode is None:
+                    self.exitcode = self.process.poll()
+            if self._qmp is not None:
+                self._qmp.close()
+            for console in (self._serial, self._debugcon):
+                if console is not None:
+                    console.close()
+            if self._transcript is not None:
+                self._transcript.close()
             if self._serial_sock is not None:
                 self._serial_sock.close()
-            if self._stderr is not None:
-                self._stderr.close()
-            if self._sock_dir is not None:
-                shutil.rmtree(self._sock_dir, ignore_errors=True)
-                self._sock_dir = None
+            self.runner.close()
             if self.exitcode is not None:
                 self.log.info("QEMU exited with status %s", self.exitcode)
 

@@ -1,9 +1,9 @@
 """QEMU on another host, over SSH: ``ebs-harness boot --host ssh://user@sevhost``.
 
 For a developer whose laptop has no SEV: the harness stays here (build,
-analysis, verdicts), QEMU runs on the SEV host. :class:`RemoteMachine` has
-the part of :class:`~harness.vm.machine.QemuMachine`'s interface a scenario
-uses, so :func:`harness.scenario.run_scenario` runs unchanged with
+analysis, verdicts), QEMU runs on the SEV host. The machine is the usual
+:class:`~harness.vm.machine.QemuMachine` with an :class:`SshRunner`, so
+:func:`harness.scenario.run_scenario` runs unchanged with
 ``launcher=RemoteHost.launcher(session)``:
 
 - the inputs (firmware CODE and VARS, disk images, kernel and initrd) are
@@ -11,10 +11,11 @@ uses, so :func:`harness.scenario.run_scenario` runs unchanged with
   made by a *lease* (:data:`LEASE`): a remote command that removes the
   directory when its stdin ends, that is when the harness is done with it or
   its connection dies, however the harness dies;
-- the argv is :func:`~harness.vm.machine.build_argv`'s, for the remote paths,
-  plus a second QMP monitor on the remote host's 127.0.0.1 (TCP), reached
-  through an SSH ``direct-tcpip`` channel (the harness speaks QMP with
-  :mod:`qemu.qmp` as for a local QEMU);
+- the argv is :func:`~harness.vm.machine.build_argv`'s, for the remote paths;
+  QMP and the serial port are the remote QEMU's unix sockets in that
+  (0700) directory, each joined to a local socket by an SSH exec channel
+  (:data:`SOCKET_BRIDGE`), so QMP is spoken with
+  :class:`~harness.vm.qmp.QmpSession` as for a local QEMU;
 - the serial and debug logs and QEMU's stderr are streamed back as QEMU
   writes them (``tail -F`` over SSH) into the local artifact directory,
   where the usual consoles follow them; a stream that breaks ends a wait
@@ -24,24 +25,21 @@ uses, so :func:`harness.scenario.run_scenario` runs unchanged with
   killed.
 
 Host keys are checked (pinned or ``known_hosts``), never added blindly.
-:class:`LocalSshd` runs Debian's OpenSSH server on 127.0.0.1 for the tests.
-"""
+:class:`LocalSshd` runs Debian's OpenSSH server on 127.0.0.1 for the tests."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
 import select
 import shlex
-import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Self
@@ -56,16 +54,15 @@ from harness.errors import (
     UsageError,
 )
 from harness.vm import host, limits, machine
-from harness.vm.console import Console, FileFollower, debug_console
+from harness.vm.runner import describe_exit, dies_with_us
 from harness.vm.ssh import ClientKey, GuestSsh, free_port
 
 LOG = logging.getLogger(__name__)
 
-#: The remote wrapper: runs QEMU, kills it when the SSH session's stdin
-#: closes (the harness went away), exits with QEMU's status.
-#: Joins the exec channel's stdin/stdout to QEMU's QMP unix socket: socat
-#: where the host has it, else Python (one of the two is on any QEMU host).
-QMP_BRIDGE = (
+#: Joins an exec channel's stdin/stdout to one of QEMU's unix sockets
+#: (``{sock}``): socat where the host has it, else Python (one of the two is
+#: on any QEMU host).
+SOCKET_BRIDGE = (
     "if command -v socat >/dev/null; then exec socat - UNIX-CONNECT:{sock}; fi; "
     "exec python3 -c '"
     "import os, socket, sys, threading\n"
@@ -84,10 +81,15 @@ QMP_BRIDGE = (
     "    os.write(1, d)\n"
     "' {sock}"
 )
+
+#: The remote wrapper (``wrapper DIR STDERR ARGV...``): runs QEMU in DIR
+#: with its output in STDERR, kills it when the SSH session's stdin closes
+#: (the harness went away), exits with QEMU's status.
 WRAPPER = r"""cd "$1" || exit 127
-shift
+err=$2
+shift 2
 exec 3<&0   # an asynchronous list's stdin would be /dev/null
-"$@" </dev/null >qemu-stderr.log 2>&1 &
+"$@" </dev/null >"$err" 2>&1 &
 q=$!
 echo $q >qemu.pid
 ( cat <&3 >/dev/null 2>&1; kill $q 2>/dev/null ) &
@@ -166,11 +168,13 @@ class RemoteHost:
                                           ("127.0.0.1", 0), timeout=10)
         return open_channel
 
-    def launcher(self, session: GuestSsh) -> Callable[..., RemoteMachine]:
-        """A ``launcher`` for :func:`harness.scenario.run_scenario`."""
+    def launcher(self, session: GuestSsh) -> Callable[..., machine.QemuMachine]:
+        """A ``launcher`` for :func:`harness.scenario.run_scenario`: machines
+        whose QEMU (this host's :attr:`qemu`) runs there."""
         def launch(config: machine.MachineConfig, artifacts: Path, *,
-                   name: str = "vm") -> RemoteMachine:
-            return RemoteMachine(session, config, artifacts, name=name, qemu=self.qemu)
+                   name: str = "vm") -> machine.QemuMachine:
+            return machine.QemuMachine(replace(config, qemu=self.qemu), artifacts, name=name,
+                                       runner=SshRunner(session), launch_timeout=60.0)
         return launch
 
 
@@ -213,31 +217,12 @@ def remote_caps(session: GuestSsh, qemu: str = "qemu-system-x86_64") -> host.Hos
     flags = host.parse_cpuinfo_flags(cpuinfo)
     qmp: host.SevCapabilities | str | None = None
     if kvm.available and dev_sev:
-        qmp = _remote_sev_capabilities(session, qemu)
+        qmp = host.query_sev_capabilities(SshRunner(session), qemu)
     sev, sev_es, snp = host.sev_verdicts(params, dev_sev, None, flags, kvm, qmp, version)
     cbitpos = qmp.cbitpos if isinstance(qmp, host.SevCapabilities) else None
     reduced = qmp.reduced_phys_bits if isinstance(qmp, host.SevCapabilities) else None
     return host.HostCaps(qemu=qemu, qemu_version=version, tcg=tcg, kvm=kvm, sev=sev,
                          sev_es=sev_es, snp=snp, cbitpos=cbitpos, reduced_phys_bits=reduced)
-
-
-def _remote_sev_capabilities(session: GuestSsh, qemu: str) -> host.SevCapabilities | str:
-    script = ('{"execute": "qmp_capabilities"}\n{"execute": "query-sev-capabilities"}\n'
-              '{"execute": "quit"}\n')
-    rc, out, err = session.run(
-        f"printf %s {shlex.quote(script)} | {shlex.quote(qemu)} -machine none,accel=kvm "
-        "-nodefaults -display none -qmp stdio", timeout=30, check=False)
-    for line in out.splitlines():
-        try:
-            reply = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(reply, dict) and isinstance(reply.get("return"), dict) \
-                and "cbitpos" in reply["return"]:
-            return host.parse_sev_capabilities(reply["return"])
-        if isinstance(reply, dict) and "error" in reply:
-            return f"query-sev-capabilities: {reply['error'].get('desc')}"
-    return f"query-sev-capabilities: no answer (QEMU exited {rc}: {err.strip()[:200]})"
 
 
 # ------------------------------------------------------------- machine
@@ -279,7 +264,7 @@ class _Stream(threading.Thread):
 
     ``broken`` says why it stopped, if the connection failed or ``tail``
     exited with an error; a stream that ends while QEMU runs is broken too
-    (:meth:`RemoteMachine.ended`).
+    (:meth:`SshProcess.ended`).
     """
 
     def __init__(self, channel: paramiko.Channel, path: Path) -> None:
@@ -306,192 +291,190 @@ class _Stream(threading.Thread):
                           f"{type(exc).__name__}: {exc}"
 
 
-class RemoteMachine(machine.GuestMachine):
-    """A QEMU guest on a remote host, with the same artifact files locally
-    as a :class:`~harness.vm.machine.QemuMachine`.
+class SshProcess:
+    """A QEMU started by :class:`SshRunner`: its wrapper's exec channel
+    (exit status as a shell reports it) and the streams of its logs."""
 
-    :param session: a connected SSH session to the remote host.
-    :param qemu: the QEMU binary there (replaces ``config.qemu``).
-    """
+    def __init__(self, runner: SshRunner, channel: paramiko.Channel, stderr: Path) -> None:
+        self._runner = runner
+        self.channel = channel
+        self._stderr = stderr
 
-    def __init__(self, session: GuestSsh, config: machine.MachineConfig, artifacts: Path, *,
-                 name: str = "vm", qemu: str = "qemu-system-x86_64",
-                 launch_timeout: float = 60.0, qmp_timeout: float = 30.0) -> None:
-        super().__init__(config, artifacts, name=name, launch_timeout=launch_timeout,
-                         qmp_timeout=qmp_timeout)
-        self.session = session
-        self.qemu = qemu
-        self.remote_dir: str | None = None
-        self._channel: paramiko.Channel | None = None
-        self._lease: paramiko.Channel | None = None
-        self._streams: list[_Stream] = []
-        self._launched = False
+    def poll(self) -> int | None:
+        if not self.channel.exit_status_ready():
+            return None
+        status: int = self.channel.recv_exit_status()
+        return status
 
-    def is_running(self) -> bool:
-        return self._channel is not None and not self._channel.exit_status_ready()
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while not self.channel.exit_status_ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"remote QEMU still runs after {timeout:g} s")
+            time.sleep(0.05)
+        status: int = self.channel.recv_exit_status()
+        return status
 
-    def _broken_stream(self) -> str | None:
-        """Why a log stream stopped while QEMU runs, if one did."""
-        for stream in self._streams:
-            if stream.broken:
-                return stream.broken
-            if not stream.is_alive() and self.is_running():
-                return f"the remote log stream of {stream.path.name} ended while QEMU ran"
-        return None
+    def kill(self) -> None:
+        """End the session's stdin (the wrapper kills QEMU), wait 10 s for
+        the exit, close the channel."""
+        if not self.channel.closed:
+            with contextlib.suppress(OSError, paramiko.SSHException):
+                self.channel.shutdown_write()
+            deadline = time.monotonic() + 10
+            while not self.channel.exit_status_ready() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.channel.close()
 
-    def _console_alive(self) -> bool:
+    def readable(self) -> bool:
         """The consoles read on while QEMU runs and their streams stand."""
-        return self.is_running() and self._broken_stream() is None
+        return self.poll() is None and self._runner.broken_stream(running=True) is None
 
     def ended(self) -> str:
         # A stream's tail ends with QEMU (--pid), a moment before the exit
         # status comes: give QEMU's exit that moment to be the reason.
         deadline = time.monotonic() + 1.0
-        while self.is_running() and time.monotonic() < deadline:
-            broken = self._broken_stream()
-            if broken is None:
+        while not self.channel.exit_status_ready() and time.monotonic() < deadline:
+            if self._runner.broken_stream(running=True) is None:
                 return "QEMU is still running"
             time.sleep(0.05)
-        broken = self._broken_stream()
+        broken = self._runner.broken_stream(running=not self.channel.exit_status_ready())
         if broken is not None:
             return broken
-        if self._channel is None or not self._channel.exit_status_ready():
+        if not self.channel.exit_status_ready():
             return "QEMU is still running"
-        status = self._channel.recv_exit_status()
+        status = self.channel.recv_exit_status()
         if status == -1:
-            return f"the SSH session running QEMU on {self.session.host} closed without an " \
+            return f"the SSH session running QEMU on {self._runner.host} closed without an " \
                    "exit status"
-        return machine.describe_exit(status, shell=True)
+        return f"{describe_exit(status, shell=True)} on {self._runner.host}"
 
-    # ------------------------------------------------------- launch
+    def stderr_text(self) -> str:
+        return self._runner.read_text(self._stderr)
 
-    def launch(self, *, start: bool = True) -> None:
-        if self._launched:
-            raise LaunchError(f"{self.name}: a RemoteMachine launches once")
-        self._launched = True
-        try:
-            self._launch(start)
-        except BaseException as exc:
-            stderr = self._fetch_stderr()
-            self.shutdown()
-            if isinstance(exc, LaunchError):
-                exc.log = exc.log or stderr
-                raise
-            if not isinstance(exc, Exception):
-                raise
-            raise LaunchError(f"remote launch on {self.session.host} failed: "
-                              f"{type(exc).__name__}: {exc}", self.exitcode, self.command,
-                              stderr) from exc
 
-    def _upload(self, local: Path, name: str) -> str:
-        assert self.remote_dir is not None
-        remote = f"{self.remote_dir}/{name}"
-        self.session.put(local, remote)
+class SshRunner:
+    """QEMU on another host, reached through a connected SSH session.
+
+    The working directory is made by a *lease* (:data:`LEASE`) and goes
+    with it; inputs are uploaded there; logs stream back as QEMU writes
+    them; unix sockets are reached through an exec channel bridged to a
+    local socket pair (no TCP port another user could reach).
+    """
+
+    def __init__(self, session: GuestSsh) -> None:
+        self.session = session
+        self.where = session.address
+        self.host = session.host
+        self.directory: Path | None = None
+        self._lease: paramiko.Channel | None = None
+        self._follow: dict[Path, Path] = {}
+        self._streams: list[_Stream] = []
+        self._stderr_copy: tuple[Path, Path] | None = None
+
+    def _transport(self) -> paramiko.Transport:
+        transport = self.session.client.get_transport()
+        if transport is None or not transport.is_active():
+            raise LaunchError(f"the SSH connection to {self.host} is closed")
+        return transport
+
+    def open(self) -> Path:
+        if self._lease is not None:
+            raise LaunchError("a runner serves one QEMU")
+        self._lease = self._transport().open_session(timeout=30)
+        self._lease.exec_command(LEASE)
+        self.directory = Path(_first_line(self._lease, 30, self.host))
+        return self.directory
+
+    def _path(self, name: str) -> Path:
+        if self.directory is None:
+            raise LaunchError("the remote working directory is not open")
+        return self.directory / name
+
+    def place(self, local: Path, name: str) -> Path:
+        remote = self._path(name)
+        self.session.put(local, str(remote))
         return remote
 
-    def _launch(self, start: bool) -> None:
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        transport = self.session.client.get_transport()
-        assert transport is not None
-        self._lease = transport.open_session(timeout=30)
-        self._lease.exec_command(LEASE)
-        self.remote_dir = _first_line(self._lease, 30, self.session.host)
-        rdir = Path(self.remote_dir)
-        config = self.config
-        shutil.copyfile(config.vars_template, self.artifacts / "OVMF_VARS.fd")
-        code = self._upload(config.code, "OVMF_CODE.fd")
-        vars_copy = self._upload(config.vars_template, "OVMF_VARS.fd")
-        devices: list[machine.Device] = []
-        for index, device in enumerate(config.devices):
-            if isinstance(device, (machine.BlockDevice, machine.ScsiController)) and device.image:
-                remote = self._upload(device.image, f"disk{index}-{device.image.name}")
-                device = replace(device, image=Path(remote))
-            devices.append(device)
-        files: dict[str, Any] = {}
-        for field_name in ("kernel", "initrd"):
-            local = getattr(config, field_name)
-            if local is not None:
-                files[field_name] = Path(self._upload(local, field_name))
-        remote_config = replace(config, code=Path(code), vars_template=Path(vars_copy),
-                                devices=tuple(devices), qemu=self.qemu, **files)
-        paths = machine.RuntimePaths(qmp_socket=rdir / "qmp.sock",
-                                     serial_socket=rdir / "serial.sock",
-                                     serial_log=rdir / "serial.log",
-                                     debugcon_log=rdir / "debugcon.log",
-                                     vars_copy=Path(vars_copy))
-        self.command = machine.build_argv(remote_config, paths)
-        (self.artifacts / "cmdline.txt").write_text(
-            f"# on {self.session.address}\n{shlex.join(self.command)}\n")
-        for stale in (self.serial_log, self.debugcon_log, self.stderr_log):
-            stale.unlink(missing_ok=True)
-            stale.touch()
-        self.log.info("launching on %s: %s", self.session.address, shlex.join(self.command))
-        self._channel = transport.open_session(timeout=30)
+    def output(self, local: Path) -> Path:
+        remote = self._path(local.name)
+        self._follow[remote] = local
+        return remote
+
+    def landing(self, local: Path) -> Path:
+        return self._path(local.name)
+
+    def fetch(self, landed: Path, local: Path) -> None:
+        self.session.get(str(landed), local)
+        self.session.run(f"rm -f {shlex.quote(str(landed))}", check=False)
+
+    def start(self, argv: Sequence[str], *, stderr: Path, memlock: int | None) -> SshProcess:
+        """The wrapper runs ``argv`` in the working directory; one ``tail``
+        per :meth:`output` streams it back."""
+        directory = self._path("")
+        transport = self._transport()
         # KVM pins a SEV guest's memory: raise the locked-memory limit first
         # where the remote hard limit allows (QEMU's refusal explains the rest).
-        ulimit = ""
-        if config.sev is not None and config.sev.pins_memory:
-            ulimit = limits.ulimit_command(limits.sev_memlock_bytes(config.memory_mib)) + "; "
-        self._channel.exec_command(ulimit + "exec sh -c " + shlex.quote(WRAPPER) + " wrapper "
-                                   + shlex.join([self.remote_dir, *self.command]))
-        for name, local in self._logs().items():
-            channel = transport.open_session(timeout=30)
-            channel.exec_command(TAIL.format(dir=shlex.quote(self.remote_dir), name=name))
-            stream = _Stream(channel, local)
+        ulimit = "" if memlock is None else limits.ulimit_command(memlock) + "; "
+        channel = transport.open_session(timeout=30)
+        channel.exec_command(ulimit + "exec sh -c " + shlex.quote(WRAPPER) + " wrapper "
+                             + shlex.join([str(directory), str(stderr), *argv]))
+        for remote, local in self._follow.items():
+            tail = transport.open_session(timeout=30)
+            tail.exec_command(TAIL.format(dir=shlex.quote(str(directory)),
+                                          name=shlex.quote(remote.name)))
+            stream = _Stream(tail, local)
             stream.start()
             self._streams.append(stream)
-        self._transcript = open(self.qmp_log, "w", encoding="utf-8")  # noqa: SIM115
-        self._qmp = self._connect_qmp(transport, paths.qmp_socket,
-                                      time.monotonic() + self.launch_timeout)
-        logs = self._logs()
-        self._serial = Console("serial", FileFollower(self.serial_log, self._console_alive),
-                               self.log, logs, self.command, ended=self.ended)
-        if config.debugcon:
-            self._debugcon = debug_console(self.debugcon_log, self._console_alive, self.log,
-                                           logs, self.command, ended=self.ended)
-        if config.sev is not None:
-            self._check_sev(config.sev, machine.SEV_STATE_PAUSED)
-        if start:
-            self.qmp("cont")
-            if config.sev is not None:
-                self._check_sev(config.sev, machine.SEV_STATE_RUNNING)
+        if stderr in self._follow:
+            self._stderr_copy = (stderr, self._follow[stderr])
+        return SshProcess(self, channel, stderr)
 
-    def _connect_qmp(self, transport: paramiko.Transport, sock: Path,
-                     deadline: float) -> machine._Qmp:
-        """QMP through the unix socket in the private (0700) remote directory,
-        bridged over an exec channel: no TCP port another user could reach."""
-        assert self._transcript is not None
-        while True:
-            if not self.is_running():
-                assert self._channel is not None
-                self.exitcode = self._channel.recv_exit_status()
-                raise self._early_exit(f"{machine.describe_exit(self.exitcode, shell=True)} "
-                                       f"on {self.session.host}", self._fetch_stderr())
-            if self.session.run(f"test -S {shlex.quote(str(sock))}", check=False)[0] == 0:
-                break
-            if time.monotonic() > deadline:
-                raise LaunchError(f"remote QMP socket {sock} did not appear in "
-                                  f"{self.launch_timeout:g} s", None, self.command,
-                                  self._fetch_stderr())
-            time.sleep(0.1)
+    def broken_stream(self, *, running: bool) -> str | None:
+        """Why a log stream stopped (``running``: while QEMU runs), if one did."""
+        for stream in self._streams:
+            if stream.broken:
+                return stream.broken
+            if running and not stream.is_alive():
+                return f"the remote log stream of {stream.path.name} ended while QEMU ran"
+        return None
+
+    def has_socket(self, path: Path) -> bool:
+        return self.session.run(f"test -S {shlex.quote(str(path))}", check=False)[0] == 0
+
+    def connect(self, path: Path) -> socket.socket:
+        """A local socket joined to the remote unix socket by :data:`SOCKET_BRIDGE`."""
         try:
-            channel = transport.open_session(timeout=30)
-            channel.exec_command(QMP_BRIDGE.format(sock=shlex.quote(str(sock))))
+            channel = self._transport().open_session(timeout=30)
+            channel.exec_command(SOCKET_BRIDGE.format(sock=shlex.quote(str(path))))
         except paramiko.SSHException as exc:
-            raise LaunchError(f"remote QMP bridge: {exc}", None, self.command) from exc
+            raise OSError(f"remote socket bridge to {path}: {exc}") from exc
         ours, theirs = socket.socketpair()
         _Pump(theirs, channel).start()
-        qmp = machine._Qmp(f"{self.name}-qmp", self._transcript, self.log)
-        try:
-            qmp.connect(ours, max(1.0, deadline - time.monotonic()))
-        except Exception as exc:
-            qmp.close()
-            raise LaunchError(f"remote QMP: {type(exc).__name__}: {exc}", None,
-                              self.command) from exc
-        return qmp
+        return ours
 
-    def _end_lease(self) -> None:
-        """Let the lease remove the remote directory, and wait until it has."""
+    def sockets_done(self) -> None:
+        """The remote directory stays until :meth:`close` (it holds the inputs)."""
+
+    def read_text(self, path: Path) -> str:
+        """A remote file's text so far ("" if it cannot be read)."""
+        try:
+            return self.session.run(f"cat {shlex.quote(str(path))}", timeout=30,
+                                    check=False)[1]
+        except (OSError, HarnessError, paramiko.SSHException):
+            return ""
+
+    def close(self) -> None:
+        """Let the streams end, make QEMU's stderr whole locally, and let the
+        lease remove the remote directory (waiting until it has)."""
+        for stream in self._streams:
+            stream.join(timeout=5)
+            stream.channel.close()
+        if self._stderr_copy is not None and self._lease is not None:
+            # the stream may have ended before the last of it: fetch it whole
+            with contextlib.suppress(OSError, EOFError, HarnessError, paramiko.SSHException):
+                self.session.get(str(self._stderr_copy[0]), self._stderr_copy[1])
+        self._streams.clear()
         if self._lease is None:
             return
         try:
@@ -500,84 +483,12 @@ class RemoteMachine(machine.GuestMachine):
             while not self._lease.exit_status_ready() and time.monotonic() < deadline:
                 time.sleep(0.05)
             if not self._lease.exit_status_ready():
-                self.log.warning("%s on %s: not removed in 30 s", self.remote_dir,
-                                 self.session.host)
+                LOG.warning("%s on %s: not removed in 30 s", self.directory, self.host)
         except (OSError, paramiko.SSHException) as exc:
-            self.log.warning("could not remove %s on %s: %s", self.remote_dir,
-                             self.session.host, exc)
+            LOG.warning("could not remove %s on %s: %s", self.directory, self.host, exc)
         finally:
             self._lease.close()
             self._lease = None
-
-    def _fetch_stderr(self) -> str:
-        """QEMU's stderr so far. While its stream still appends to the local
-        copy, the remote file is read without touching that copy; once the
-        stream has ended, the local copy is made whole from the remote file."""
-        if self.remote_dir is None:
-            return ""
-        remote = f"{self.remote_dir}/qemu-stderr.log"
-        streaming = any(s.path == self.stderr_log and s.is_alive() for s in self._streams)
-        try:
-            if streaming:
-                return self.session.run(f"cat {shlex.quote(remote)}", timeout=30,
-                                        check=False)[1]
-            self.session.get(remote, self.stderr_log)
-        except (OSError, HarnessError, paramiko.SSHException):
-            return ""
-        return self.stderr_log.read_text(errors="replace")
-
-    # ----------------------------------------------------------- dump
-
-    def dump(self, path: Path | None = None, timeout: float = 300.0) -> Path:
-        """Stop the guest, dump its memory on the remote host, fetch it."""
-        assert self.remote_dir is not None
-        target = (path or self.artifacts / "memory.elf").absolute()
-        started = time.monotonic()
-        remote = f"{self.remote_dir}/memory.elf"
-        self.qmp("stop")
-        self.qmp("dump-guest-memory", {"paging": False, "protocol": f"file:{remote}"},
-                 timeout=timeout)
-        self.session.get(remote, target)
-        self.session.run(f"rm -f {shlex.quote(remote)}", check=False)
-        self.log.info("remote memory dump %s (%d bytes) in %.2f s", target,
-                      target.stat().st_size, time.monotonic() - started)
-        return target
-
-    # ---------------------------------------------------- shutdown
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """QMP ``quit``, wait; else close the session (the wrapper kills
-        QEMU); fetch QEMU's stderr; remove the remote directory. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._request_quit()
-            if self._channel is not None:
-                deadline = time.monotonic() + timeout
-                while self.is_running() and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if self.is_running():
-                    self.log.warning("remote QEMU did not quit in %g s: ending its session",
-                                     timeout)
-                    self._channel.shutdown_write()
-                    deadline = time.monotonic() + timeout
-                    while self.is_running() and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                if self._channel.exit_status_ready():
-                    self.exitcode = self._channel.recv_exit_status()
-        finally:
-            if self._channel is not None:
-                self._channel.close()
-            for stream in self._streams:
-                stream.join(timeout=5)
-                stream.channel.close()
-            self._close_io()
-            if self.remote_dir is not None:
-                self._fetch_stderr()
-            self._end_lease()
-            if self.exitcode is not None:
-                self.log.info("remote QEMU exited with status %s", self.exitcode)
 
 
 def _first_line(channel: paramiko.Channel, timeout: float, host: str) -> str:
@@ -648,7 +559,7 @@ class LocalSshd:
             "Subsystem sftp internal-sftp", "LogLevel VERBOSE", ""]))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)   # privilege separation dir
         self.process = subprocess.Popen(
-            machine.dies_with_us([str(self.SSHD), "-D", "-f", str(config), "-E", str(self.log)]),
+            dies_with_us([str(self.SSHD), "-D", "-f", str(config), "-E", str(self.log)]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not re.search(r"Server listening", _read(self.log)):

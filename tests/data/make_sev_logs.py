@@ -6,7 +6,7 @@
 Builds (or takes from the cache) the patched firmware, its
 ``firmware-variants/teardown-reads-a-dynamic-pcd.patch`` variant and the
 harness's QEMU, boots the probe under emulated SEV with the adversary at
-depth 2, and keeps each debug log (trimmed like make_real_logs.sh: every
+depth 2, and keeps each debug log (trimmed like make_real_logs.py: every
 ``EBST`` and ``Loading driver at`` line stays) with the symbols of the
 modules its contract lines name, as ``.map`` files cut to their section
 lines, in ``fw-sev/`` and ``fw-sev-pcd/``.
@@ -27,7 +27,7 @@ from harness import scenario
 from harness.build import cache, edk2, qemu
 from harness.vm import host
 
-#: The DEBUG families make_real_logs.sh trims.
+#: The noisiest DEBUG families, trimmed from every real log kept here.
 NOISE = re.compile(r"^(InstallProtocolInterface|ProtectUefiImageCommon|  - 0x|"
                    r"PixelBlueGreenRedReserved|Select Item|SetUefiImageMemoryAttributes)")
 #: Modules whose functions the contract lines and handlers of these boots name.

@@ -25,6 +25,7 @@ from harness.build import edk2
 from harness.errors import ConsoleTimeout, EnvironmentFailure, UsageError
 from harness.scenario import RunResult, Scenario, run_scenario
 from harness.vm import host, remote
+from harness.vm.runner import LocalRunner
 from harness.vm.ssh import ClientKey, GuestSsh
 
 pytestmark = [
@@ -110,29 +111,48 @@ def test_remote_caps_are_those_of_the_remote_qemu(session: GuestSsh, tmp_path: P
         remote.remote_caps(session, str(tmp_path / "no-such-qemu"))
 
 
+def test_the_capabilities_query_is_one_code_here_and_there(ebs_host_caps: host.HostCaps,
+                                                          session: GuestSsh) -> None:
+    """``query-sev-capabilities`` of a bare QEMU, started by the local runner
+    and by the SSH runner, speaks the same QMP client and gets the same
+    answer (Debian's QEMU under TCG refuses it: the same refusal), and the
+    remote run leaves no directory behind."""
+    here = host.query_sev_capabilities(LocalRunner(), ebs_host_caps.qemu, "tcg")
+    runner = remote.SshRunner(session)
+    there = host.query_sev_capabilities(runner, ebs_host_caps.qemu, "tcg")
+    assert isinstance(here, str) and "KVM" in here, here
+    assert there == here
+    assert runner.directory is not None and not runner.directory.exists()
+    # the control: a QEMU that is not there is a different answer
+    missing = host.query_sev_capabilities(remote.SshRunner(session), "/nonexistent/qemu", "tcg")
+    assert missing != here and "did not start" in str(missing)
+
+
 def test_remote_qemu_dies_with_the_session(ebs_firmware: edk2.Firmware,
                                            where: remote.RemoteHost, client_key: ClientKey,
                                            session: GuestSsh, ebs_artifacts: Path) -> None:
-    from harness.vm.machine import MachineConfig
+    from harness.vm.machine import MachineConfig, QemuMachine
 
     doomed = where.connect(client_key=client_key)
     config = MachineConfig(code=ebs_firmware.code, vars_template=ebs_firmware.vars,
                            accel="tcg")
-    vm = remote.RemoteMachine(doomed, config, ebs_artifacts, name="doomed")
+    runner = remote.SshRunner(doomed)
+    vm = QemuMachine(config, ebs_artifacts, name="doomed", runner=runner)
     vm.launch(start=False)
-    assert vm.remote_dir is not None
-    assert remote.remote_qemu_processes(session, vm.remote_dir), "the remote QEMU is not running"
+    assert runner.directory is not None
+    remote_dir = str(runner.directory)
+    assert remote.remote_qemu_processes(session, remote_dir), "the remote QEMU is not running"
     # the harness vanishes without a word: its SSH connection drops
     doomed.client.get_transport().close()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        left = remote.remote_qemu_processes(session, vm.remote_dir)
+        left = remote.remote_qemu_processes(session, remote_dir)
         if not left:
             break
         time.sleep(0.2)
     assert not left, "the remote QEMU outlived its SSH session"
     # ... and the directory with the firmware, disks and canary went with it
-    assert _gone(Path(vm.remote_dir), 15), f"{vm.remote_dir} outlived its SSH session"
+    assert _gone(Path(remote_dir), 15), f"{remote_dir} outlived its SSH session"
     vm.shutdown()   # with the session gone: closes what is left, raises nothing
 
 
@@ -185,16 +205,17 @@ def test_a_stream_that_breaks_is_reported_as_such(ebs_firmware: edk2.Firmware,
                                                    ebs_artifacts: Path) -> None:
     """The remote tail carrying the debug log dies while QEMU runs on: the
     wait ends at once naming the broken stream, not as a timeout."""
-    from harness.vm.machine import MachineConfig
+    from harness.vm.machine import MachineConfig, QemuMachine
 
     config = MachineConfig(code=ebs_firmware.code, vars_template=ebs_firmware.vars,
                            accel="tcg")
     ours = where.connect(client_key=client_key)
     try:
-        with remote.RemoteMachine(ours, config, ebs_artifacts, name="torn") as vm:
-            assert vm.remote_dir is not None
+        runner = remote.SshRunner(ours)
+        with QemuMachine(config, ebs_artifacts, name="torn", runner=runner) as vm:
+            assert runner.directory is not None
             session.run("for p in $(pgrep -f 'tail -c [+]1 -F --pid=.* debugcon.log'); do "
-                        f"[ \"$(readlink /proc/$p/cwd)\" = {vm.remote_dir} ] && kill $p; done",
+                        f"[ \"$(readlink /proc/$p/cwd)\" = {runner.directory} ] && kill $p; done",
                         check=False)
             with pytest.raises(ConsoleTimeout) as info:
                 vm.debugcon.expect("never printed", timeout=600)
@@ -247,7 +268,7 @@ def test_remote_linux_guest(ebs_firmware: edk2.Firmware, ebs_linux_image: linux.
     boot = linux.LinuxBoot(accel="tcg")
     with linux.boot_linux(ebs_firmware, ebs_linux_image, boot, ebs_artifacts,
                           remote_host=(where, session)) as run:
-        assert isinstance(run.vm, remote.RemoteMachine)
+        assert isinstance(run.vm.runner, remote.SshRunner)
         canary_length = len(run.canary)
         _, out, _ = run.session.run(f"dd if=/dev/vdb bs={canary_length} count=1 2>/dev/null")
         _, dmesg, _ = run.session.run("dmesg")

@@ -355,3 +355,28 @@ def test_host_check_json() -> None:
     if not Path("/dev/sev").exists():
         assert caps["sev"]["available"] is False
         assert caps["cbitpos"] is None
+
+
+def test_a_tcg_only_probe_boots_nothing_under_kvm(ebs_host_caps: host.HostCaps,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``boot --accel tcg`` asks a probe that proves TCG and skips KVM and
+    what needs it; the control: the full probe asks KVM (under the same spy)."""
+    booted: list[str] = []
+    real = host._boot_probe
+
+    def spy(qemu: str, accel: str, *args: object, **kwargs: object) -> host.Capability:
+        booted.append(accel)
+        return real(qemu, accel, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(host, "_boot_probe", spy)
+    scoped = host.probe(ebs_host_caps.qemu, tcg_only=True)
+    assert booted == ["tcg"]
+    assert scoped.tcg.available == ebs_host_caps.tcg.available
+    assert not scoped.kvm and scoped.kvm.reason == host.NOT_PROBED_KVM
+    assert not scoped.sev and not scoped.sev_es
+    assert scoped.sev_emulated.available == ebs_host_caps.sev_emulated.available
+    booted.clear()
+    full = host.probe(ebs_host_caps.qemu)
+    assert full.kvm.reason != host.NOT_PROBED_KVM
+    if Path("/dev/kvm").exists():
+        assert booted == ["tcg", "kvm"]

@@ -14,6 +14,7 @@ from harness.errors import ConsoleFailure, ConsoleTimeout
 from harness.vm.console import (
     Console,
     FileFollower,
+    FileWatch,
     debug_console,
     fd_console,
     serial_console,
@@ -222,3 +223,44 @@ def test_serial_port_without_input_refuses_to_send(tmp_path: Path) -> None:
                              {}, ["qemu-system-x86_64"])
     with pytest.raises(UsageError, match="takes no input"):
         console.send("\x1b")
+
+
+def test_a_wait_is_woken_by_the_write_not_a_timer(tmp_path: Path) -> None:
+    """inotify wakes an armed watch for a write to its file, or for its
+    creation while it does not exist; not for a write to a neighbour (QEMU
+    writes its VARS copy beside the logs), nor for a write while disarmed."""
+    log = tmp_path / "debugcon.log"
+    watch = FileWatch(log)
+    try:
+        watch.arm()                         # no file yet: the directory, for its creation
+        (tmp_path / "OVMF_VARS.fd").write_bytes(b"\0" * 64)
+        assert watch.wait(0.2) is False, "woken by another file's write"
+        creator = threading.Timer(0.05, log.write_text, args=("EBST ...\n",))
+        creator.start()
+        assert watch.wait(60.0) is True
+        creator.join()                      # its last write and close are events too
+        watch.disarm()
+        log.write_text("while nobody waits\n")
+        watch.arm()                         # the file now
+        (tmp_path / "OVMF_VARS.fd").write_bytes(b"\1" * 64)
+        assert watch.wait(0.2) is False, "a disarmed watch kept an event, or a neighbour woke it"
+        writer = threading.Timer(0.05, lambda: log.open("a").write("more\n"))
+        writer.start()
+        assert watch.wait(60.0) is True
+        writer.join()
+    finally:
+        watch.close()
+
+
+def test_the_follower_waits_on_inotify(tmp_path: Path) -> None:
+    """A follower whose writer appends in another thread sees each line
+    through the watch (the control: the watch is what it waits on)."""
+    log = tmp_path / "debugcon.log"
+    follower = FileFollower(log, lambda: True)
+    assert follower._watch is not None
+    thread = writer(log, [f"line {n}" for n in range(3)], delay=0.02)
+    console = Console("debugcon", follower, LOGGER, {"debugcon.log": log}, COMMAND)
+    assert console.expect(r"line (2)", timeout=60).group(1) == "2"
+    thread.join()
+    console.close()
+    assert follower._watch is None, "close releases the inotify descriptor"

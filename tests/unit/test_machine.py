@@ -17,9 +17,9 @@ from harness.vm.machine import (
     SEV_STATE_PAUSED,
     SEV_STATE_RUNNING,
     BlockDevice,
-    GuestMachine,
     MachineConfig,
     NetDevice,
+    QemuMachine,
     RngDevice,
     RuntimePaths,
     ScsiController,
@@ -390,7 +390,7 @@ def test_query_sev_of_an_snp_guest() -> None:
         "query-sev sev-type 'sev', expected 'sev-snp'"
 
 
-class _Answers(GuestMachine):
+class _Answers(QemuMachine):
     """A machine whose QMP answers from a table (the launch-time check alone)."""
 
     def __init__(self, replies: dict[str, object]) -> None:

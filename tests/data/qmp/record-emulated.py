@@ -5,54 +5,51 @@ sev-emulated-guest while paused (-S, after machine creation) and running.
 
     .venv/bin/python tests/data/qmp/record-emulated.py QEMU_BINARY
 
-QEMU_BINARY: ``ebs-harness build-qemu --json`` prints it (``qemu``).
+QEMU_BINARY: ``ebs-harness build-qemu --json`` prints it (``qemu``). The
+QEMUs are started and spoken to as the harness does it (its machine, and
+its one QMP client).
 """
 
+from __future__ import annotations
+
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))
+
+from harness.vm.host import bare_qemu_qmp
+from harness.vm.machine import MachineConfig, QemuMachine, SevConfig
+from harness.vm.runner import LocalRunner
+
+STOCK_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+STOCK_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 
 
-def session(qemu: str, *args: str) -> tuple[subprocess.Popen[bytes], QEMUMonitorProtocol]:
-    sock = Path(tempfile.mkdtemp(prefix="ebs-record-")) / "qmp.sock"
-    proc = subprocess.Popen([qemu, "-display", "none", "-nodefaults", *args,
-                             "-qmp", f"unix:{sock},server=on,wait=off"])
-    while not sock.exists():
-        time.sleep(0.05)
-    qmp = QEMUMonitorProtocol(str(sock))
-    qmp.connect()
-    return proc, qmp
-
-
-def save(name: str, reply: dict[str, object]) -> None:
+def save(name: str, result: object) -> None:
+    reply = {"return": result}
     (HERE / name).write_text(json.dumps(reply, sort_keys=True) + "\n")
     print(name, reply)
 
 
 def main() -> None:
     qemu = sys.argv[1]
-    proc, qmp = session(qemu, "-machine", "none", "-accel", "tcg")
-    save("query-sev-capabilities-emulated.json", qmp.cmd_raw("query-sev-capabilities"))
-    qmp.close()
-    proc.kill()
-    proc.wait()
-
-    proc, qmp = session(qemu, "-S", "-accel", "tcg", "-machine",
-                        "q35,confidential-guest-support=sev0", "-object",
-                        "sev-emulated-guest,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x3")
-    save("query-sev-emulated-paused.json", qmp.cmd_raw("query-sev"))
-    qmp.cmd_raw("cont")
-    save("query-sev-emulated-running.json", qmp.cmd_raw("query-sev"))
-    qmp.close()
-    proc.kill()
-    proc.wait()
+    save("query-sev-capabilities-emulated.json",
+         bare_qemu_qmp(LocalRunner(), qemu, "tcg", "query-sev-capabilities"))
+    config = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="tcg",
+                           sev=SevConfig("emulated", 47, 1, policy=0x3), qemu=qemu,
+                           debugcon=False, serial_input=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        vm = QemuMachine(config, Path(tmp))
+        try:
+            vm.launch(start=False)
+            save("query-sev-emulated-paused.json", vm.qmp("query-sev"))
+            vm.qmp("cont")
+            save("query-sev-emulated-running.json", vm.qmp("query-sev"))
+        finally:
+            vm.shutdown()
 
 
 if __name__ == "__main__":
