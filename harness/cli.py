@@ -22,11 +22,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from html import escape as html_escape
 from pathlib import Path
 from typing import Any, NoReturn
 
 from harness import scenario
-from harness.analysis import dump, report, symbols, trace
+from harness.analysis import dump, explain, report, symbols, trace
 from harness.build import cache, edk2, qemu
 from harness.errors import (
     EXIT_ENVIRONMENT,
@@ -36,6 +37,7 @@ from harness.errors import (
     EXIT_USAGE,
     EXIT_VIOLATION,
     HarnessError,
+    TraceFormatError,
     UsageError,
 )
 from harness.vm import host
@@ -174,19 +176,60 @@ def _analyze_log(args: argparse.Namespace) -> int:
     if html is not None:
         html.write_text(report.render_html(result, sym), encoding="utf-8")
     if args.json:
-        _print_json({
-            "verdict": "pass" if result.passed else "fail",
-            "violations": [v.as_json() for v in result.violations],
-            "ebs_calls": [{"enter_seq": a.enter.seq, "exit_seq": a.exit.seq,
-                           "succeeded": a.succeeded,
-                           "teardowns": [t.begin.seq for t in a.teardowns]}
-                          for a in result.timeline.attempts],
-            "findings": [f.as_json() for f in result.findings],
-            "notes": list(result.anomalies),
-        })
+        _print_json(_verdict_json(result))
     else:
         sys.stdout.write(report.render_text(result, sym))
     return EXIT_OK if result.passed else EXIT_VIOLATION
+
+
+def _verdict_json(result: trace.LogReport) -> dict[str, Any]:
+    return {
+        "verdict": "pass" if result.passed else "fail",
+        "violations": [v.as_json() for v in result.violations],
+        "ebs_calls": [{"enter_seq": a.enter.seq, "exit_seq": a.exit.seq,
+                       "succeeded": a.succeeded,
+                       "teardowns": [t.begin.seq for t in a.teardowns]}
+                      for a in result.timeline.attempts],
+        "findings": [f.as_json() for f in result.findings],
+        "notes": list(result.anomalies),
+    }
+
+
+def _cmd_explain_log(args: argparse.Namespace) -> int:
+    """Explain any OVMF log; the EBS verdicts too where it carries the trace.
+    Exit 0 once explained: judging is ``analyze-log``'s."""
+    html = _writable(args.html, "--html") if args.html else None
+    firmware = _firmware_dir(args.firmware)
+    with trace.gc_paused():
+        explained = explain.explain_log(args.log, firmware)
+        ebs: tuple[trace.LogReport, symbols.Symbolizer] | None = None
+        ebs_error = ""
+        if explained.traced:
+            try:
+                ebs = trace.analyze_log(args.log, firmware)
+            except TraceFormatError as exc:
+                ebs_error = str(exc)
+    if html is not None:
+        page = explain.render_html(explained)
+        if ebs is not None:
+            page += ("<h2>ExitBootServices trace</h2><pre>"
+                     + html_escape(report.render_text(*ebs)) + "</pre>\n")
+        html.write_text(page, encoding="utf-8")
+    if args.json:
+        _print_json({"explanation": explain.to_json(explained),
+                     "ebs": _verdict_json(ebs[0]) if ebs is not None else None,
+                     "ebs_error": ebs_error or None})
+        return EXIT_OK
+    sys.stdout.write(explain.render_text(explained))
+    if ebs is not None:
+        sys.stdout.write("\nExitBootServices trace (the analyze-log verdicts):\n")
+        sys.stdout.write(report.render_text(*ebs))
+    elif ebs_error:
+        sys.stdout.write(f"\nExitBootServices trace: not judged: {ebs_error}\n")
+    else:
+        sys.stdout.write("\nExitBootServices trace: none in this log (no EBST lines), "
+                         "so no EBS verdict\n")
+    return EXIT_OK
 
 
 def _cmd_analyze_dump(args: argparse.Namespace) -> int:
@@ -399,6 +442,19 @@ def _parser() -> argparse.ArgumentParser:
     alog.add_argument("--html", metavar="FILE",
                       help="also write the timeline as a self-contained HTML page")
     alog.set_defaults(func=_cmd_analyze_log)
+
+    xlog = add_parser("explain-log",
+                      help="explain any OVMF boot log: firmware, platform, load map, boot "
+                           "options, crashes symbolized, where and how it ends")
+    xlog.add_argument("log", metavar="LOG", help="debug-port or serial log of an OVMF boot, "
+                                                 "ours or stock, whole or cut")
+    xlog.add_argument("--firmware", metavar="DIR",
+                      help="the firmware build the log is of (modules/*.debug): crash "
+                           "addresses as function and file:line")
+    xlog.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    xlog.add_argument("--html", metavar="FILE",
+                      help="also write a self-contained HTML page (load map drawn)")
+    xlog.set_defaults(func=_cmd_explain_log)
 
     adump = add_parser("analyze-dump",
                            help="verdicts D1..D3 of a dump-guest-memory ELF core")

@@ -83,7 +83,12 @@ class SeriesError(UsageError):
         super().__init__(f"{path}: {reason}")
 
 
-class TraceFormatError(UsageError):
+class LogFormatError(UsageError):
+    """A file that is not a boot log: missing, a directory, empty, binary,
+    or without one line of an OVMF boot log."""
+
+
+class TraceFormatError(LogFormatError):
     """A debug log that cannot be read as an EBS trace."""
 
     def __init__(self, path: Path | str, line: int | None, reason: str) -> None:

@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 LOG = logging.getLogger(__name__)
 
@@ -315,3 +316,155 @@ class Symbolizer:
             return None
         rva = mod.value_of(symbol)
         return None if rva is None else image.base + rva
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    """Where an instruction comes from: ``file:line``, and the functions it
+    is in, innermost first (an inlined function, then what it was inlined
+    into; LTO inlines a driver's entry point into ``_ModuleEntryPoint``)."""
+
+    file: str
+    line: int
+    functions: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def source_location(modules: Path, name: str, rva: int,
+                    entry_rva: int | None = None) -> SourceLocation | None:
+    """The source of the instruction at ``rva`` in module ``name``, from the
+    DWARF of ``modules/<name>.debug`` (read for this one module: a few
+    tenths of a second), or None without one.
+
+    :param entry_rva: the entry point's RVA as the log gives it: a
+        ``.debug`` whose ``_ModuleEntryPoint`` differs is another build's,
+        and answers nothing.
+    """
+    from elftools.common.exceptions import DWARFError, ELFError
+    from elftools.elf.elffile import ELFFile
+
+    path = modules / f"{name}.debug"
+    try:
+        with path.open("rb") as handle:
+            elf = ELFFile(handle)
+            if entry_rva is not None:
+                symtab = elf.get_section_by_name(".symtab")
+                entry = next((s["st_value"] for s in symtab.iter_symbols()  # type: ignore[attr-defined]
+                              if s.name == "_ModuleEntryPoint"), None) if symtab else None
+                if entry is not None and entry != entry_rva:
+                    LOG.warning("%s: _ModuleEntryPoint RVA %#x, but %#x in the log: another "
+                                "build's; no source line", path, entry, entry_rva)
+                    return None
+            if not elf.has_dwarf_info():
+                return None
+            dwarf = elf.get_dwarf_info()
+            found = _line_of(dwarf, rva)
+            if found is None:
+                return None
+            return SourceLocation(found[0], found[1], _functions_at(dwarf, rva))
+    except (OSError, ELFError, DWARFError, ValueError, KeyError, IndexError,
+            AttributeError) as exc:
+        LOG.debug("%s: %s", path, exc)
+        return None
+
+
+def _functions_at(dwarf: Any, rva: int) -> tuple[str, ...]:
+    """The subprogram and inlined subroutines holding ``rva``, innermost first."""
+    aranges = dwarf.get_aranges()
+    offset = aranges.cu_offset_at_addr(rva) if aranges is not None else None
+    if offset is None:
+        return ()
+    unit = dwarf.get_CU_at(offset)
+    chain: list[str] = []
+    die = unit.get_top_DIE()
+    while True:
+        inner = next((child for child in die.iter_children()
+                      if child.tag in ("DW_TAG_subprogram", "DW_TAG_inlined_subroutine",
+                                       "DW_TAG_lexical_block")
+                      and _die_holds(dwarf, unit, child, rva)), None)
+        if inner is None:
+            return tuple(reversed(chain))
+        if inner.tag != "DW_TAG_lexical_block":
+            chain.append(_die_name(inner))
+        die = inner
+
+
+def _die_holds(dwarf: Any, unit: Any, die: Any, rva: int) -> bool:
+    attrs = die.attributes
+    if "DW_AT_low_pc" in attrs and "DW_AT_high_pc" in attrs:
+        low = attrs["DW_AT_low_pc"].value
+        high = attrs["DW_AT_high_pc"]
+        end = low + high.value if high.form.startswith("DW_FORM_data") else high.value
+        return bool(low <= rva < end)
+    if "DW_AT_ranges" not in attrs:
+        return False
+    from elftools.dwarf.ranges import BaseAddressEntry, RangeEntry
+
+    top = unit.get_top_DIE().attributes.get("DW_AT_low_pc")
+    base = top.value if top is not None else 0
+    for entry in dwarf.range_lists().get_range_list_at_offset(attrs["DW_AT_ranges"].value,
+                                                              cu=unit):
+        if isinstance(entry, BaseAddressEntry):
+            base = entry.base_address
+        elif isinstance(entry, RangeEntry):
+            start = entry.begin_offset if entry.is_absolute else base + entry.begin_offset
+            end = entry.end_offset if entry.is_absolute else base + entry.end_offset
+            if start <= rva < end:
+                return True
+    return False
+
+
+def _die_name(die: Any) -> str:
+    for _ in range(4):
+        if "DW_AT_name" in die.attributes:
+            return str(die.attributes["DW_AT_name"].value.decode(errors="replace"))
+        key = next((k for k in ("DW_AT_abstract_origin", "DW_AT_specification")
+                    if k in die.attributes), None)
+        if key is None:
+            break
+        die = die.get_DIE_from_attribute(key)
+    return "?"
+
+def _line_of(dwarf: Any, rva: int) -> tuple[str, int] | None:
+    for unit in dwarf.iter_CUs():
+        program = dwarf.line_program_for_CU(unit)
+        if program is None:
+            continue
+        previous = None
+        for entry in program.get_entries():
+            state = entry.state
+            if state is None:
+                continue
+            if previous is not None and previous.address <= rva < state.address:
+                return _file_of(unit, program, previous.file), previous.line
+            previous = None if state.end_sequence else state
+    return None
+
+
+def _file_of(unit: Any, program: Any, index: int) -> str:
+    """A line program's file ``index`` as a path (DWARF 4 counts from 1,
+    DWARF 5 from 0; directory 0 is the unit's compilation directory)."""
+    version = program.header.version
+    files = program["file_entry"]
+    entry = files[index - 1] if version < 5 else files[index]
+    name = str(entry.name.decode(errors="replace"))
+    dirs = program["include_directory"]
+    directory = b""
+    if version < 5 and entry.dir_index > 0:
+        directory = dirs[entry.dir_index - 1]
+    elif version >= 5:
+        directory = dirs[entry.dir_index]
+    if not directory:
+        top = unit.get_top_DIE()
+        unit_name = top.attributes.get("DW_AT_name")
+        if unit_name is not None:
+            full = str(unit_name.value.decode(errors="replace"))
+            if full.endswith("/" + name):
+                return full
+        comp = top.attributes.get("DW_AT_comp_dir")
+        directory = comp.value if comp is not None else b""
+    if not directory or name.startswith("/"):
+        return name
+    return f"{bytes(directory).decode(errors='replace').rstrip('/')}/{name}"

@@ -55,7 +55,8 @@ _PAIR_RE = re.compile(r" ([a-z][a-z0-9_-]*)=([!-~]+)")
 #: PlatformPei (OvmfPkg AmdSev.c) under SEV: "SEV is enabled (mask 0x800000000000)".
 _SEV_MASK_RE = re.compile(rb"^SEV is enabled \(mask 0x([0-9a-fA-F]{1,16})\)")
 _MAX_TRACE_LINE = 4096
-_MAX_READ = 64 * 1024
+#: A log line longer than this is cut to its start (and said so).
+MAX_LINE_BYTES = 64 * 1024
 
 
 # ----------------------------------------------------------------- events
@@ -380,34 +381,43 @@ class Trace:
         return found[-1] if found else None
 
 
-def _split_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes, bool, bool]]:
+def split_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes, bool, bool]]:
     """``(line number, content, complete, cut)`` in bounded memory.
 
     ``complete``: the line ended with a newline; ``cut``: it was longer than
-    ``_MAX_READ`` bytes and only its start is given.
+    ``MAX_LINE_BYTES`` bytes and only its start is given.
     """
     number = 0
-    while raw := stream.readline(_MAX_READ):
+    while raw := stream.readline(MAX_LINE_BYTES):
         number += 1
         cut = False
-        if not raw.endswith(b"\n") and len(raw) == _MAX_READ:
+        if not raw.endswith(b"\n") and len(raw) == MAX_LINE_BYTES:
             cut = True
-            while (rest := stream.readline(_MAX_READ)) and not rest.endswith(b"\n"):
+            while (rest := stream.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
                 pass
         yield number, raw.rstrip(b"\r\n"), raw.endswith(b"\n") or cut, cut
 
 
-def parse_log(path: Path | str) -> Trace:
-    """Read a debug log (debug port or serial capture)."""
+@contextmanager
+def opened_log(path: Path | str) -> Iterator[BinaryIO]:
+    """``path`` open for reading, or :class:`TraceFormatError` (bad input,
+    exit 2) for a missing file, a directory or one this user cannot read."""
     try:
-        with open(path, "rb") as stream:
-            return parse_stream(stream, str(path))
+        stream = open(path, "rb")  # noqa: SIM115 - closed below
     except IsADirectoryError as exc:
         raise TraceFormatError(path, None, "is a directory, not a log") from exc
     except FileNotFoundError as exc:
         raise TraceFormatError(path, None, "no such file") from exc
     except PermissionError as exc:
         raise TraceFormatError(path, None, "permission denied") from exc
+    with stream:
+        yield stream
+
+
+def parse_log(path: Path | str) -> Trace:
+    """Read a debug log (debug port or serial capture)."""
+    with opened_log(path) as stream:
+        return parse_stream(stream, str(path))
 
 
 def parse_text(text: str, path: str = "<log>") -> Trace:
@@ -435,6 +445,28 @@ def parse_stream(stream: BinaryIO, path: str = "<log>") -> Trace:
         return _parse_stream(stream, path)
 
 
+_MARK = b"EBST "
+
+
+def _interleaved(body: bytes) -> tuple[bytes, bytes] | None:
+    """``(fragment, line)`` when a trace line was interrupted by one printed
+    from interrupt time: the debug port is written with ``rep outsb``, which
+    an interrupt can stop halfway, and the timer's handler (through the
+    traced ``RaiseTPL()``) prints a whole line of its own there. The
+    fragment's rest is the next line. None for an ordinary line."""
+    at = body.find(_MARK, 1)
+    if at < 0:
+        return None
+    fragment = body[:at]
+    if fragment.startswith(_MARK) or _MARK.startswith(fragment):
+        return fragment, body[at:]
+    return None
+
+
+#: How many lines an interrupted trace line's rest may come after its start.
+_REJOIN_WITHIN = 64
+
+
 def _parse_stream(stream: BinaryIO, path: str) -> Trace:
     events: list[TraceEvent] = []
     images: list[ImageLoad] = []
@@ -442,31 +474,72 @@ def _parse_stream(stream: BinaryIO, path: str) -> Trace:
     partial = False
     versions = 0
     sev_mask: int | None = None
-    for number, raw, complete, cut in _split_lines(stream):
+    #: An interrupted trace line's start and its line number; the trace
+    #: lines printed from interrupt time inside it wait in ``inner`` and are
+    #: recorded after it once it is whole (it began first).
+    held: tuple[bytes, int] | None = None
+    inner: list[tuple[bytes, int]] = []
+
+    def record(body: bytes, number: int) -> None:
+        nonlocal versions
+        event = parse_trace_line(body[5:].decode("latin-1"), len(events) + 1, number, path)
+        if isinstance(event, Version):
+            versions += 1
+            if event.v != TRACE_VERSION:
+                raise TraceFormatError(
+                    path, number, f"trace format version {event.v} (module "
+                    f"{event.module}); this harness reads version {TRACE_VERSION}")
+        events.append(event)
+
+    def release(number: int) -> None:
+        nonlocal held
+        if held is not None:
+            LOG.warning("%s:%d: the start of a trace line cut by interrupt-time output "
+                        "never went on by line %d: %r", path, held[1], number, held[0])
+        held = None
+        for body, where in inner:
+            record(body, where)
+        inner.clear()
+
+    for number, raw, complete, cut in split_lines(stream):
         lines = number
         body = _LEADING_JUNK_RE.sub(b"", raw, count=1)
-        if body.startswith(b"EBST "):
+        if held is not None and complete and not body.startswith(_MARK):
+            whole = held[0] + body
+            if _WELL_FORMED_RE.match(whole[5:].decode("latin-1")):
+                LOG.info("%s:%d: trace line of line %d rejoined around interrupt-time output",
+                         path, number, held[1])
+                record(whole, held[1])
+                held = None
+                release(number)
+                continue
+        if held is not None and number - held[1] > _REJOIN_WITHIN:
+            release(number)
+        if _MARK in body:
             if cut:
-                raise TraceFormatError(path, number, f"EBST line longer than {_MAX_READ} bytes")
+                raise TraceFormatError(path, number, f"EBST line longer than {MAX_LINE_BYTES} bytes")
             if not complete:
                 LOG.info("%s:%d: dropping the partial last line", path, number)
                 partial = True
                 continue
-            text = body[5:].decode("latin-1")
-            event = parse_trace_line(text, len(events) + 1, number, path)
-            if isinstance(event, Version):
-                versions += 1
-                if event.v != TRACE_VERSION:
-                    raise TraceFormatError(
-                        path, number, f"trace format version {event.v} (module "
-                        f"{event.module}); this harness reads version {TRACE_VERSION}")
-            events.append(event)
+            split = _interleaved(body)
+            if split is not None and held is None:
+                held = (split[0], number)
+                body = split[1]
+            elif split is not None:
+                body = split[1]
+            if body.startswith(_MARK):
+                if held is not None:
+                    inner.append((body, number))
+                else:
+                    record(body, number)
         elif b"Loading " in body:
             load = parse_image_load(body.decode("latin-1"), number)
             if load is not None:
                 images.append(load)
         elif b"SEV is enabled" in body and (found := _SEV_MASK_RE.search(body)):
             sev_mask = int(found.group(1), 16)
+    release(lines)
     if events and not versions:
         raise TraceFormatError(path, events[0].line,
                                "EBST lines without a 'version' line: cannot tell the "

@@ -1,4 +1,4 @@
-"""Hypothesis fuzzing of the trace parser and the dump reader.
+"""Hypothesis fuzzing of the trace parser, the log explainer and the dump reader.
 
 Whatever the input, the parsers end with a result or with their one-line
 error (TraceFormatError / DumpFormatError); never another exception, a hang
@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
+from harness.analysis import explain
 from harness.analysis.dump import QemuDump, shared_ranges, walk_map_list, walk_page_tables
 from harness.analysis.trace import build_timeline, check_timeline, parse_text
-from harness.errors import DumpFormatError, TraceFormatError
+from harness.errors import DumpFormatError, LogFormatError, TraceFormatError
 
 pytestmark = pytest.mark.fuzz
 
@@ -169,3 +170,37 @@ def test_guest_memory_walks_end(tmp_path_factory: pytest.TempPathFactory,
     path = tmp_path_factory.mktemp("fuzz") / "d.elf"
     path.write_bytes(bytes(core_image))
     examine(path)
+
+
+EXPLAIN_SEED = (Path(__file__).resolve().parents[1] / "data" / "explain" /
+                "fault-pf-serial.log").read_bytes() + (
+    b"Loading driver at 0x0000EC55000 EntryPoint=0x0000EC56E49 EbsAdversaryDxe.efi\r\n"
+    b"Error: Image at 0000EC55000 start failed: Not Found\r\n[Bds]Booting X\r\n"
+    b"[Bds] Expand A -> <null string>\r\nASSERT [M] f.c(1): x\r\n")
+
+
+def explained(data: bytes, tmp: Path) -> None:
+    path = tmp / "log"
+    path.write_bytes(data)
+    try:
+        exp = explain.explain_log(path)
+    except LogFormatError as exc:
+        assert "\n" not in str(exc)
+        return
+    explain.render_text(exp)
+    explain.render_html(exp)
+    explain.to_json(exp)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(EXPLAIN_SEED) - 1), st.integers(0, 255)),
+                max_size=16), st.integers(0, len(EXPLAIN_SEED)))
+@example([], len(EXPLAIN_SEED))
+def test_explain_never_crashes(tmp_path_factory: pytest.TempPathFactory,
+                               flips: list[tuple[int, int]], keep: int) -> None:
+    """explain-log on a real crash log with bytes flipped and cut anywhere:
+    an explanation (rendered three ways) or its one-line error."""
+    data = bytearray(EXPLAIN_SEED)
+    for offset, value in flips:
+        data[offset] = value
+    explained(bytes(data[:keep]), tmp_path_factory.mktemp("explain"))

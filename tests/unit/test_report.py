@@ -6,11 +6,11 @@ import json
 import re
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from coredump import Core
+from htmltags import start_tags
 
 from harness import cli
 from harness.analysis import report, trace
@@ -53,25 +53,15 @@ def test_text_timeline_lists_violations_last() -> None:
 # --------------------------------------------------------------- HTML
 
 
-class _Collect(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str | None]]] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.append((tag, dict(attrs)))
-
-
 def test_html_is_self_contained_with_svg_bars_and_red_violations(tmp_path: Path) -> None:
     rep, sym = analyze_log(BAD, FW)
     page = report.render_html(rep, sym)
-    parser = _Collect()
-    parser.feed(page)
-    tags = [t for t, _ in parser.tags]
+    found = start_tags(page)
+    tags = [t for t, _ in found]
     assert "svg" in tags and "script" not in tags
     assert not any(a.get("src") or (a.get("href") or "").startswith("http")
-                   for _, a in parser.tags)
-    bars = [a for t, a in parser.tags if t == "rect" and a.get("rx") == "3"]
+                   for _, a in found)
+    bars = [a for t, a in found if t == "rect" and a.get("rx") == "3"]
     dispatches = sum(len(a.dispatches) for a in rep.timeline.attempts)
     assert len(bars) == dispatches
     assert any(a.get("fill") == "#d62728" for a in bars)        # the late adversary stage

@@ -465,3 +465,47 @@ def test_logs_without_the_contract_lines_are_not_judged(tmp_path: Path) -> None:
 def test_sev_mask_comes_from_platformpei() -> None:
     assert trace.parse_log(SEV_LOG).sev_mask == 1 << 47
     assert trace.parse_log(CALLBACK).sev_mask is None
+
+
+# ------------------------------------------- lines cut by interrupt-time output
+
+
+def test_a_trace_line_cut_by_the_timer_interrupt_is_rejoined() -> None:
+    """A real capture (tests/data/README.md): the timer interrupt came while
+    the debug port printed "EBST ebs-enter ...", two bytes in, and its handler
+    printed seven trace lines of its own there. The line is whole again, in
+    its place before them, and the verdicts are the legacy scheme's."""
+    path = DATA / "interleaved-legacy-depth2.log"
+    raw = text_of(path)
+    assert "\nEBEBST tpl-change" in raw and "\nST ebs-enter" in raw     # as captured
+    parsed = trace.parse_log(path)
+    (enter,) = [e for e in parsed.events if e.name == "ebs-enter"]
+    following = parsed.events[enter.seq]                 # seq counts from 1
+    assert following.name == "tpl-change" and following.line == enter.line
+    report, _ = analyze_log(path)
+    assert {v.check for v in report.violations} == {"V1", "V3", "V4"}
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 12, 20])
+def test_an_interrupt_anywhere_in_a_line_changes_nothing(cut: int) -> None:
+    """Derived from callback-depth2.log: the timer's raise/restore pair
+    printed inside the ebs-enter line after ``cut`` bytes (or at its end,
+    before the newline) gives the same events and verdicts; the control is
+    the unrepaired reading, which is refused."""
+    text = text_of(CALLBACK)
+    line = re.search(r"^EBST ebs-enter [^\r\n]*", text, re.MULTILINE)
+    assert line is not None
+    cut = min(cut, len(line.group(0)))
+    timer = ("EBST tpl-change op=raise tpl=31 caller=0xF0\r\n"
+             "EBST tpl-change op=restore tpl=4 caller=0xF1\r\n")
+    spliced = (text[:line.start() + cut] + timer + text[line.start() + cut:])
+    clean = [(e.name, e.fields) for e in trace.parse_text(text).events]
+    repaired = [(e.name, e.fields) for e in trace.parse_text(spliced).events]
+    at = next(i for i, e in enumerate(clean) if e[0] == "ebs-enter")
+    assert repaired[:at + 1] == clean[:at + 1]
+    assert [e[0] for e in repaired[at + 1:at + 3]] == ["tpl-change", "tpl-change"]
+    assert repaired[at + 3:] == clean[at + 1:]
+    assert check_timeline(build_timeline(trace.parse_text(spliced))) == []
+    unrepaired = spliced.replace(timer, "\r\n" + timer)     # the fragment stands alone
+    with pytest.raises(TraceFormatError):
+        build_timeline(trace.parse_text(unrepaired))
