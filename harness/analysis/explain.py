@@ -72,12 +72,15 @@ _BDS_EXPAND = re.compile(r"\[Bds\] Expand (\S+) -> (.+)")
 _BDSDXE = re.compile(r'BdsDxe: (loading|starting|failed to load|failed to start) '
                      r'(Boot[0-9A-Fa-f]{4}) "(.*)" from (\S+?)(?:: (.+))?$')
 _EXCEPTION = re.compile(r"!!!! (X64|IA32) Exception Type - ([0-9A-Fa-f]{2})\((.*?)\)"
-                        r"\s+CPU Apic ID - ([0-9A-Fa-f]+) !!!!")
+                        r"(?:\s+CPU Apic ID - ([0-9A-Fa-f]+) !!!!)?")
 _FIND_IMAGE = re.compile(r"!!!! Find image based on IP\(0x([0-9A-Fa-f]+)\) (.*?)\s*"
                          r"\(ImageBase=([0-9A-Fa-f]+), EntryPoint=([0-9A-Fa-f]+)\) !!!!")
 _REGISTER = re.compile(r"\b([A-Z][A-Z0-9_]{1,11})\s+-\s+([0-9A-Fa-f]{8,16})\b")
 _EXCEPTION_DATA = re.compile(r"ExceptionData - ([0-9A-Fa-f]+)(.*)")
-_ASSERT = re.compile(r"ASSERT (?:\[([^\]]+)\] )?(.+?)\((\d+)\): (.*)")
+_ASSERT = re.compile(r"ASSERT (?:\[([^\]]+)\] )?(.+?)(?:\((\d+)\))?: (.*)")
+#: What a CPU exception dump prints after its header (registers, the image).
+_DUMP_LINE = re.compile(r"^(?:[A-Z][A-Z0-9_]{1,11}\s+- [0-9A-Fa-f]|ExceptionData - |FXSAVE_STATE"
+                        r"|!!!! (?:Find image|Can't find image))")
 _UEFI_BANNER = re.compile(r"UEFI v(\d+\.\d+) \((.+), (0x[0-9A-Fa-f]+)\)")
 _SHELL_BANNER = re.compile(r"(UEFI Interactive Shell v[\d.]+)")
 _SOURCE_TREE = re.compile(r"(\S+?)/[A-Za-z0-9]+Pkg/")
@@ -182,6 +185,10 @@ class Boot:
     crashes: list[Crash] = field(default_factory=list)
     facts: dict[str, tuple[str, int]] = field(default_factory=dict)
     trace_lines: int = 0
+    #: The last image loaded (listed or not: :data:`MAX_IMAGES`).
+    last_image: LoadedImage | None = None
+    boots_dropped: int = 0
+    crashes_dropped: int = 0
     #: The line of a successful ExitBootServices() return (the harness's trace).
     ebs_returned: int = 0
     last_line: int = 0
@@ -216,10 +223,12 @@ class Explanation:
     notes: tuple[str, ...]
     symbolizer: symbols.Symbolizer
 
+    trace_lines: int = 0
+
     @property
     def traced(self) -> bool:
-        """The log carries the harness's trace (``EBST`` lines)."""
-        return self.boot.trace_lines > 0
+        """The log carries the harness's trace (``EBST`` lines), in any run."""
+        return self.trace_lines > 0
 
 
 # ------------------------------------------------------------- reading
@@ -254,7 +263,7 @@ class _Reader:
         self.long_lines = 0
         self._dump: Crash | None = None
         self._dump_left = 0
-        self._peim_pending = False
+        self.trace_lines = 0
 
     # -------------------------------------------------------- per line
 
@@ -266,10 +275,8 @@ class _Reader:
         self.tail.append(text)
         boot = self.boot
         boot.last_line = number
-        if self._dump is not None:
-            self._dump_line(number, text)
-            if self._dump is not None:
-                return
+        if self._dump is not None and self._dump_line(text):
+            return
         match = _DISPATCH.search(text)
         if match is None:
             return
@@ -281,7 +288,8 @@ class _Reader:
             self._load(number, body)
         elif word == "EBST ":
             boot.trace_lines += 1
-            if body.startswith("EBST ebs-return status=0x0 "):
+            self.trace_lines += 1
+            if body.startswith("EBST ebs-return status=0x0") and body[26:27] in ("", " "):
                 boot.ebs_returned = number
         elif word in ("[Bds]", "BdsDxe: "):
             self._bds(number, body)
@@ -309,16 +317,18 @@ class _Reader:
                                     f"{boot.phase}, {len(boot.images)} images, then the "
                                     "firmware started again (a reset)")
             self.boot = Boot(first_line=number)
+        self._dump = None
         self.boot.phases.setdefault("SEC", number)
 
     def _image(self, number: int, name: str, base: int, entry: int, phase: str) -> None:
         boot = self.boot
         boot.phases.setdefault(phase, number)
+        image = LoadedImage(len(boot.images) + boot.images_dropped + 1, name, base, entry,
+                            number, phase)
+        boot.last_image = image
         if len(boot.images) >= MAX_IMAGES:
             boot.images_dropped += 1
             return
-        image = LoadedImage(len(boot.images) + boot.images_dropped + 1, name, base, entry,
-                            number, phase)
         boot.images.append(image)
         attempt = boot.boots[-1] if boot.boots else None
         if phase == "DXE" and "BDS" in boot.phases and attempt is not None \
@@ -335,12 +345,13 @@ class _Reader:
             return
         core = _DXE_CORE.match(body)
         if core is not None:
-            base = int(core.group(1), 16)
-            images = self.boot.images
-            if images and images[-1].name == "DxeCore" and images[-1].base == base:
+            base, entry = int(core.group(1), 16), int(core.group(2), 16)
+            last = self.boot.last_image
+            if entry < base or (last is not None and last.name == "DxeCore"
+                                and last.base == base):
                 self.boot.phases.setdefault("DXE", number)    # DxeIpl said it already
                 return
-            self._image(number, "DxeCore", base, int(core.group(2), 16), "DXE")
+            self._image(number, "DxeCore", base, entry, "DXE")
 
     def _start_failed(self, body: str) -> None:
         match = _START_FAILED.match(body)
@@ -352,13 +363,29 @@ class _Reader:
                 image.start_failed = match.group(2).strip()
                 return
 
+    def _add_attempt(self, attempt: BootAttempt) -> None:
+        """Keep the first :data:`MAX_BOOTS` - 1 and always the latest."""
+        boots = self.boot.boots
+        if len(boots) >= MAX_BOOTS:
+            boots[-1] = attempt
+            self.boot.boots_dropped += 1
+        else:
+            boots.append(attempt)
+
+    def _add_crash(self, crash: Crash) -> None:
+        crashes = self.boot.crashes
+        if len(crashes) >= MAX_CRASHES:
+            crashes[-1] = crash
+            self.boot.crashes_dropped += 1
+        else:
+            crashes.append(crash)
+
     def _bds(self, number: int, body: str) -> None:
         boot = self.boot
         boot.phases.setdefault("BDS", number)
         if (match := _BDS_BOOTING.match(body)) is not None:
             self._close_attempt("another boot option was tried next")
-            if len(boot.boots) < MAX_BOOTS:
-                boot.boots.append(BootAttempt(number, match.group(1).strip()))
+            self._add_attempt(BootAttempt(number, match.group(1).strip()))
         elif (match := _BDS_EXPAND.match(body)) is not None and boot.boots:
             attempt = boot.boots[-1]
             if match.group(2).strip() == "<null string>":
@@ -368,24 +395,19 @@ class _Reader:
                 attempt.device_path = match.group(2).strip()
         elif body.startswith("[Bds] Unable to boot!"):
             self._close_attempt("another boot option was tried next")
-            if len(boot.boots) < MAX_BOOTS:
-                boot.boots.append(BootAttempt(number, "(none left)",
-                                              outcome="BDS: unable to boot"))
+            self._add_attempt(BootAttempt(number, "(none left)", outcome="BDS: unable to boot"))
         elif (match := _BDSDXE.match(body)) is not None:
             verb, option, description, path, status = match.groups()
-            found = next((a for a in reversed(boot.boots[-3:]) if a.option == option), None)
-            if found is not None:
-                attempt = found
+            description = description.strip()
+            previous = boot.boots[-1] if boot.boots else None
+            # the same attempt: its "loading" line, or the debug port's [Bds]Booting
+            if previous is not None and not previous.outcome and (
+                    previous.option == option
+                    or (not previous.option and previous.description == description)):
+                attempt = previous
             else:
-                previous = boot.boots[-1] if boot.boots else None
-                if previous is not None and previous.description == description \
-                        and not previous.option:
-                    attempt = previous
-                else:
-                    if len(boot.boots) >= MAX_BOOTS:
-                        return
-                    attempt = BootAttempt(number, description)
-                    boot.boots.append(attempt)
+                attempt = BootAttempt(number, description)
+                self._add_attempt(attempt)
             attempt.option = option
             attempt.device_path = attempt.device_path or path
             if verb == "starting":
@@ -404,17 +426,21 @@ class _Reader:
         match = _EXCEPTION.match(body)
         if match is None:
             return
-        last = self.boot.images[-1] if self.boot.images else None
+        last = self.boot.last_image
         crash = Crash("exception", number, f"{match.group(2)} ({match.group(3)})",
                       last_image=f"{last.name}.efi (line {last.line})" if last else "")
-        if len(self.boot.crashes) < MAX_CRASHES:
-            self.boot.crashes.append(crash)
+        self._add_crash(crash)
         self._dump, self._dump_left = crash, DUMP_LINES
 
-    def _dump_line(self, number: int, text: str) -> None:
+    def _dump_line(self, text: str) -> bool:
+        """Take a line of the open exception dump; False (and the dump ends)
+        for a line that is not part of one: it is read as any other."""
         crash = self._dump
         assert crash is not None
         self._dump_left -= 1
+        if self._dump_left < 0 or not _DUMP_LINE.match(text):
+            self._dump = None
+            return False
         if (match := _FIND_IMAGE.search(text)) is not None:
             crash.rip = int(match.group(1), 16)
             crash.module_path = match.group(2)
@@ -422,18 +448,17 @@ class _Reader:
             crash.image_entry = int(match.group(4), 16)
             self._identity_from_path(crash.module_path)
             self._dump = None
-            return
+            return True
         if "Can't find image information" in text:
             self._dump = None
-            return
+            return True
         if (match := _EXCEPTION_DATA.search(text)) is not None:
             crash.error_code = (match.group(1) + match.group(2)).strip()
         for name, value in _REGISTER.findall(text):
             crash.registers[name] = int(value, 16)
-        if "RIP" in crash.registers and crash.rip is None:
-            crash.rip = crash.registers["RIP"]
-        if self._dump_left <= 0 or text.startswith("!!!! "):
-            self._dump = None
+        if crash.rip is None:
+            crash.rip = crash.registers.get("RIP", crash.registers.get("EIP"))
+        return True
 
     def _assert(self, number: int, body: str) -> None:
         match = _ASSERT.match(body)
@@ -441,12 +466,12 @@ class _Reader:
             return
         module, source, line, expression = match.groups()
         self._identity_from_path(source)
-        if len(self.boot.crashes) < MAX_CRASHES:
-            last = self.boot.images[-1] if self.boot.images else None
-            self.boot.crashes.append(Crash(
-                "assert", number, expression.strip(), source=f"{source}:{line}",
-                module=module or "", expression=expression.strip(),
-                last_image=f"{last.name}.efi (line {last.line})" if last else ""))
+        last = self.boot.last_image
+        self._add_crash(Crash(
+            "assert", number, expression.strip(),
+            source=f"{source}:{line}" if line else source, module=module or "",
+            expression=expression.strip(),
+            last_image=f"{last.name}.efi (line {last.line})" if last else ""))
 
     def _banner(self, body: str) -> None:
         if (match := _UEFI_BANNER.search(body)) is not None:
@@ -489,10 +514,9 @@ def explain_log(path: Path | str, firmware_dir: Path | None = None) -> Explanati
     number = 0
     ended = True
     with trace.opened_log(path) as handle:
-        head = handle.read(65536)
+        head = handle.peek(65536)[:65536]      # a pipe is read once: no seek back
         _check_text(path, head)
         reader.crlf = b"\r\n" in head
-        handle.seek(0)
         for number, raw, ended, long in trace.split_lines(handle):
             reader.long_lines += long
             reader.feed(number, raw.decode("latin-1"))
@@ -506,10 +530,12 @@ def explain_log(path: Path | str, firmware_dir: Path | None = None) -> Explanati
             attempt.outcome = (f"{attempt.image} running when the log ends" if attempt.image
                                else "no outcome in the log")
     images = [symbols.ImageLoad(i.name, i.base, i.entry, i.line) for i in boot.images]
+    loaded = {image.base for image in boot.images}
     for crash in boot.crashes:
-        if crash.image_base is not None and crash.image_entry is not None \
-                and crash.image_entry >= crash.image_base:
-            name = Path(crash.module_path).stem or "image"
+        # the image the dump names, where the load map lacks it (a serial log)
+        name = Path(crash.module_path).stem if "/" in crash.module_path else ""
+        if crash.image_base is not None and crash.image_entry is not None and name \
+                and crash.image_entry >= crash.image_base and crash.image_base not in loaded:
             images.append(symbols.ImageLoad(name, crash.image_base, crash.image_entry,
                                             crash.line))
     sym = symbols.Symbolizer(images, firmware_dir)
@@ -523,11 +549,16 @@ def explain_log(path: Path | str, firmware_dir: Path | None = None) -> Explanati
     if boot.images_dropped:
         notes.append(f"{boot.images_dropped} image loads beyond the first {MAX_IMAGES} are "
                      "counted, not listed")
+    for dropped, what, cap in ((boot.boots_dropped, "boot attempts", MAX_BOOTS),
+                               (boot.crashes_dropped, "crashes", MAX_CRASHES)):
+        if dropped:
+            notes.append(f"{dropped} {what} between the first {cap - 1} and the last are "
+                         "counted, not listed")
     if reader.earlier_count > len(reader.earlier):
         notes.append(f"{reader.earlier_count - len(reader.earlier)} earlier runs not listed")
     end = _end(boot, reader, number, not ended)
     return Explanation(str(path), number, reader.crlf, reader.ansi, identity, boot,
-                       tuple(reader.earlier), end, tuple(notes), sym)
+                       tuple(reader.earlier), end, tuple(notes), sym, reader.trace_lines)
 
 
 def _symbolize(crash: Crash, sym: symbols.Symbolizer, firmware_dir: Path | None) -> None:
@@ -553,8 +584,8 @@ def _identity(reader: _Reader, boot: Boot) -> tuple[str, ...]:
     for key in ("build", "source", "uefi", "shell"):
         if key in reader.identity:
             out.append(reader.identity[key])
-    if boot.trace_lines:
-        out.append(f"instrumented by the ovmf-ebs-harness series ({boot.trace_lines} EBST "
+    if reader.trace_lines:
+        out.append(f"instrumented by the ovmf-ebs-harness series ({reader.trace_lines} EBST "
                    "trace lines)")
     return tuple(out)
 
@@ -572,8 +603,12 @@ def platform_facts(boot: Boot) -> list[tuple[str, str, int | None]]:
     iommu = [i for i in boot.images if i.name == "IoMmuDxe"]
     if iommu:
         last = iommu[-1]
-        state = (f"start failed: {last.start_failed} (it installs no IOMMU protocol)"
-                 if last.start_failed else "started")
+        if last.start_failed:
+            state = f"start failed: {last.start_failed} (it installs no IOMMU protocol)"
+        elif boot.last_image is last:
+            state = "the log ends before its entry point returned"
+        else:
+            state = "started (no start failure printed)"
         facts.append(("iommu", f"IoMmuDxe loaded (image #{last.order}), {state}", last.line))
     elif "DXE" in boot.phases:
         facts.append(("iommu", "no IoMmuDxe image loaded in this log", None))
@@ -583,7 +618,7 @@ def platform_facts(boot: Boot) -> list[tuple[str, str, int | None]]:
 def _end(boot: Boot, reader: _Reader, lines: int, cut: bool) -> LogEnd:
     tail = tuple(reader.tail)
     last_crash = boot.crashes[-1] if boot.crashes else None
-    last_image = boot.images[-1] if boot.images else None
+    last_image = boot.last_image
     if last_crash is not None and (last_image is None or last_crash.line > last_image.line):
         if last_crash.kind == "exception":
             summary = (f"the log ends after a CPU exception {last_crash.summary} at line "

@@ -35,6 +35,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -365,6 +366,8 @@ class Trace:
     :param partial_tail: the log's last line had no newline and was dropped.
     :param sev_mask: the C-bit mask from PlatformPei's "SEV is enabled (mask
         0x...)" line, when the firmware ran with SEV.
+    :param lost: lines where a trace line was cut by interrupt-time output
+        and its rest never came: that event is missing.
     """
 
     path: str
@@ -373,6 +376,7 @@ class Trace:
     lines: int
     partial_tail: bool
     sev_mask: int | None = None
+    lost: tuple[int, ...] = ()
 
     @property
     def config(self) -> IommuConfig | None:
@@ -399,7 +403,7 @@ def split_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes, bool, bool]]:
 
 
 @contextmanager
-def opened_log(path: Path | str) -> Iterator[BinaryIO]:
+def opened_log(path: Path | str) -> Iterator[BufferedReader]:
     """``path`` open for reading, or :class:`TraceFormatError` (bad input,
     exit 2) for a missing file, a directory or one this user cannot read."""
     try:
@@ -448,19 +452,18 @@ def parse_stream(stream: BinaryIO, path: str = "<log>") -> Trace:
 _MARK = b"EBST "
 
 
-def _interleaved(body: bytes) -> tuple[bytes, bytes] | None:
-    """``(fragment, line)`` when a trace line was interrupted by one printed
-    from interrupt time: the debug port is written with ``rep outsb``, which
-    an interrupt can stop halfway, and the timer's handler (through the
-    traced ``RaiseTPL()``) prints a whole line of its own there. The
-    fragment's rest is the next line. None for an ordinary line."""
+def _interleaved(body: bytes) -> tuple[bytes, bytes, bool] | None:
+    """``(fragment, line, ours)`` when a trace line was printed inside
+    another line: from interrupt time, while the debug port's ``rep outsb``
+    was stopped halfway (the timer's handler, through the traced
+    ``RaiseTPL()``, prints whole lines of its own there). ``ours``: the
+    fragment is the start of a trace line, whose rest comes as a later line;
+    else it is another module's text. None for an ordinary line."""
     at = body.find(_MARK, 1)
     if at < 0:
         return None
     fragment = body[:at]
-    if fragment.startswith(_MARK) or _MARK.startswith(fragment):
-        return fragment, body[at:]
-    return None
+    return fragment, body[at:], fragment.startswith(_MARK) or _MARK.startswith(fragment)
 
 
 #: How many lines an interrupted trace line's rest may come after its start.
@@ -474,15 +477,23 @@ def _parse_stream(stream: BinaryIO, path: str) -> Trace:
     partial = False
     versions = 0
     sev_mask: int | None = None
+    lost: list[int] = []
     #: An interrupted trace line's start and its line number; the trace
     #: lines printed from interrupt time inside it wait in ``inner`` and are
     #: recorded after it once it is whole (it began first).
     held: tuple[bytes, int] | None = None
     inner: list[tuple[bytes, int]] = []
 
-    def record(body: bytes, number: int) -> None:
+    def record(body: bytes, number: int, tentative: bool = False) -> bool:
+        """Parse and keep a trace line; ``tentative``: a rejoined line, which
+        must parse (else False and nothing kept)."""
         nonlocal versions
-        event = parse_trace_line(body[5:].decode("latin-1"), len(events) + 1, number, path)
+        try:
+            event = parse_trace_line(body[5:].decode("latin-1"), len(events) + 1, number, path)
+        except TraceFormatError:
+            if tentative:
+                return False
+            raise
         if isinstance(event, Version):
             versions += 1
             if event.v != TRACE_VERSION:
@@ -490,12 +501,14 @@ def _parse_stream(stream: BinaryIO, path: str) -> Trace:
                     path, number, f"trace format version {event.v} (module "
                     f"{event.module}); this harness reads version {TRACE_VERSION}")
         events.append(event)
+        return True
 
     def release(number: int) -> None:
         nonlocal held
         if held is not None:
             LOG.warning("%s:%d: the start of a trace line cut by interrupt-time output "
                         "never went on by line %d: %r", path, held[1], number, held[0])
+            lost.append(held[1])
         held = None
         for body, where in inner:
             record(body, where)
@@ -505,34 +518,40 @@ def _parse_stream(stream: BinaryIO, path: str) -> Trace:
         lines = number
         body = _LEADING_JUNK_RE.sub(b"", raw, count=1)
         if held is not None and complete and not body.startswith(_MARK):
+            # the first line after the interrupt-time ones is the rest, or nothing is
             whole = held[0] + body
-            if _WELL_FORMED_RE.match(whole[5:].decode("latin-1")):
+            if _WELL_FORMED_RE.match(whole[5:].decode("latin-1")) \
+                    and record(whole, held[1], tentative=True):
                 LOG.info("%s:%d: trace line of line %d rejoined around interrupt-time output",
                          path, number, held[1])
-                record(whole, held[1])
                 held = None
                 release(number)
                 continue
+            release(number)
         if held is not None and number - held[1] > _REJOIN_WITHIN:
             release(number)
-        if _MARK in body:
+        split = _interleaved(body) if _MARK in body else None
+        if body.startswith(_MARK) or split is not None:
             if cut:
-                raise TraceFormatError(path, number, f"EBST line longer than {MAX_LINE_BYTES} bytes")
+                raise TraceFormatError(path, number,
+                                       f"EBST line longer than {MAX_LINE_BYTES} bytes")
             if not complete:
                 LOG.info("%s:%d: dropping the partial last line", path, number)
                 partial = True
                 continue
-            split = _interleaved(body)
-            if split is not None and held is None:
-                held = (split[0], number)
-                body = split[1]
-            elif split is not None:
-                body = split[1]
-            if body.startswith(_MARK):
-                if held is not None:
-                    inner.append((body, number))
-                else:
-                    record(body, number)
+            if split is not None:
+                fragment, body, ours = split
+                if ours and held is None:
+                    held = (fragment, number)
+                elif ours:
+                    lost.append(number)     # a second cut line while one waits: rare
+                elif b"Loading " in fragment and (
+                        load := parse_image_load(fragment.decode("latin-1"), number)):
+                    images.append(load)     # a load line the trace line was printed into
+            if held is not None:
+                inner.append((body, number))
+            else:
+                record(body, number)
         elif b"Loading " in body:
             load = parse_image_load(body.decode("latin-1"), number)
             if load is not None:
@@ -544,7 +563,7 @@ def _parse_stream(stream: BinaryIO, path: str) -> Trace:
         raise TraceFormatError(path, events[0].line,
                                "EBST lines without a 'version' line: cannot tell the "
                                "trace format version")
-    return Trace(path, tuple(events), tuple(images), lines, partial, sev_mask)
+    return Trace(path, tuple(events), tuple(images), lines, partial, sev_mask, tuple(lost))
 
 
 # --------------------------------------------------------------- timeline
@@ -1126,6 +1145,9 @@ def analyze_log(path: Path | str, firmware_dir: Path | None = None
     if trace.config is None and not any(isinstance(e, IOMMU_EVENTS) for e in trace.events):
         anomalies.append("no iommu-config line and no IOMMU events: the IOMMU protocol was "
                          "not installed, so no teardown is expected (V2)")
+    if trace.lost:
+        anomalies.append("trace line(s) cut by interrupt-time output whose rest never came, "
+                         f"their events missing: line(s) {', '.join(map(str, trace.lost))}")
     if trace.partial_tail:
         anomalies.append(f"the last line ({trace.lines}) had no newline and was dropped")
     violations = check_timeline(timeline, sym)

@@ -254,7 +254,13 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
             if watch is None:
                 time.sleep(min(left, 0.01))
             elif not armed:
-                watch.arm()     # then read once more: an earlier write is no event
+                try:
+                    watch.arm()     # then read once more: an earlier write is no event
+                except OSError as exc:      # no watch left (max_user_watches), dir gone
+                    LOG.debug("%s: inotify: %s: polling", self.path, exc)
+                    watch.close()
+                    self._watch = watch = None
+                    continue
                 armed = True
             elif watch.wait(min(left, self.ALIVE)):
                 watch.disarm()

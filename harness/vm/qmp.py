@@ -54,9 +54,18 @@ class QmpSession:
         self._transcript.flush()
 
     def connect(self, path: Path | socket.socket, timeout: float) -> None:
-        """Connect to QMP at a unix socket path, or on a connected socket."""
+        """Connect to QMP at a unix socket path, or on a connected socket.
+
+        :raises QmpError: no QMP answered there.
+        """
         address = path if isinstance(path, socket.socket) else str(path)
-        self._run(self._client.connect(address), timeout)
+        try:
+            self._run(self._client.connect(address), timeout)
+        except TimeoutError as exc:
+            raise QmpError(f"QMP connect: no greeting in {timeout:g} s") from exc
+        except Exception as exc:
+            # qemu.qmp's ConnectError and friends: QEMU gone, a bridge at EOF
+            raise QmpError(f"QMP connect: {type(exc).__name__}: {exc}") from exc
         greeting = self._client.greeting
         self._write("<-", greeting._asdict() if greeting is not None else None)
 

@@ -92,7 +92,7 @@ exec 3<&0   # an asynchronous list's stdin would be /dev/null
 "$@" </dev/null >"$err" 2>&1 &
 q=$!
 echo $q >qemu.pid
-( cat <&3 >/dev/null 2>&1; kill $q 2>/dev/null ) &
+( cat <&3 >/dev/null 2>&1; kill $q 2>/dev/null; sleep 5; kill -9 $q 2>/dev/null ) &
 w=$!
 wait $q
 rc=$?
@@ -327,8 +327,11 @@ class SshProcess:
             self.channel.close()
 
     def readable(self) -> bool:
-        """The consoles read on while QEMU runs and their streams stand."""
-        return self.poll() is None and self._runner.broken_stream(running=True) is None
+        """The consoles read on while QEMU runs and their streams stand, and
+        after it ended while a stream still brings its last bytes."""
+        if self.poll() is None:
+            return self._runner.broken_stream(running=True) is None
+        return self._runner.streaming()
 
     def ended(self) -> str:
         # A stream's tail ends with QEMU (--pid), a moment before the exit
@@ -419,16 +422,26 @@ class SshRunner:
         channel = transport.open_session(timeout=30)
         channel.exec_command(ulimit + "exec sh -c " + shlex.quote(WRAPPER) + " wrapper "
                              + shlex.join([str(directory), str(stderr), *argv]))
-        for remote, local in self._follow.items():
-            tail = transport.open_session(timeout=30)
-            tail.exec_command(TAIL.format(dir=shlex.quote(str(directory)),
-                                          name=shlex.quote(remote.name)))
-            stream = _Stream(tail, local)
-            stream.start()
-            self._streams.append(stream)
+        try:
+            for remote, local in self._follow.items():
+                tail = transport.open_session(timeout=30)
+                tail.exec_command(TAIL.format(dir=shlex.quote(str(directory)),
+                                              name=shlex.quote(remote.name)))
+                stream = _Stream(tail, local)
+                stream.start()
+                self._streams.append(stream)
+        except BaseException:
+            # nobody owns the wrapper yet: end QEMU now (sshd may refuse a
+            # channel: MaxSessions)
+            SshProcess(self, channel, stderr).kill()
+            raise
         if stderr in self._follow:
             self._stderr_copy = (stderr, self._follow[stderr])
         return SshProcess(self, channel, stderr)
+
+    def streaming(self) -> bool:
+        """A log stream still copies (``tail --pid`` ends a moment after QEMU)."""
+        return any(stream.is_alive() for stream in self._streams)
 
     def broken_stream(self, *, running: bool) -> str | None:
         """Why a log stream stopped (``running``: while QEMU runs), if one did."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,3 +198,84 @@ def test_a_reboot_loop_and_an_endless_line_stay_bounded(tmp_path: Path) -> None:
     assert all("then the firmware started again" in e for e in exp.earlier_boots)
     assert len(exp.boot.images) == len(LOAD_LINE.findall(stock))
     assert any("longer than" in note for note in exp.notes)
+
+
+# ------------------------------------------------- odd input, from review
+
+
+def _explain(tmp_path: Path, text: str) -> explain.Explanation:
+    path = tmp_path / "odd.log"
+    path.write_text(text, encoding="latin-1")
+    return explain.explain_log(path)
+
+
+SEC = "SecCoreStartupWithStack(0xFFFCC000, 0x820000)\n"
+LOAD = "Loading driver at 0x0000EC55000 EntryPoint=0x0000EC56E49 IoMmuDxe.efi\n"
+
+
+def test_odd_lines_are_read_not_crashed_on(tmp_path: Path) -> None:
+    # a DXE core line whose entry is below its base: not an image
+    exp = _explain(tmp_path, SEC + "Loading DXE CORE at 0x2000 EntryPoint=0x1000\n" + LOAD)
+    assert [i.name for i in exp.boot.images] == ["IoMmuDxe"]
+    # an exception header cut before its Apic ID; an ASSERT without a line number
+    exp = _explain(tmp_path, SEC + LOAD + "!!!! X64 Exception Type - 0E(#PF - Page-Fault)\n")
+    assert [c.summary for c in exp.boot.crashes] == ["0E (#PF - Page-Fault)"]
+    assert exp.end.summary.startswith("the log ends after a CPU exception 0E")
+    exp = _explain(tmp_path, SEC + "ASSERT [PcdDxe] Service.c: Size != 0\n")
+    assert (exp.boot.crashes[0].source, exp.boot.crashes[0].module) == ("Service.c", "PcdDxe")
+
+
+def test_a_reset_inside_an_exception_dump_starts_a_new_run(tmp_path: Path) -> None:
+    dump = ("!!!! X64 Exception Type - 0D(#GP - General Protection)  CPU Apic ID - 00000000 !!!!\n"
+            "RIP  - 000000000EC5736D, CS  - 0000000000000038, RFLAGS - 0000000000000206\n")
+    exp = _explain(tmp_path, SEC + LOAD + dump + SEC + LOAD)
+    assert len(exp.earlier_boots) == 1 and not exp.boot.crashes
+    assert [i.name for i in exp.boot.images] == ["IoMmuDxe"]
+
+
+def test_ia32_dumps_and_dumps_without_a_pdb_name_the_loaded_image(tmp_path: Path) -> None:
+    dump = ("!!!! IA32 Exception Type - 0E(#PF - Page-Fault)  CPU Apic ID - 00000000 !!!!\n"
+            "EIP  - 0EC5736D, CS  - 00000010, EFLAGS - 00010206\n"
+            "!!!! Find image based on IP(0xEC5736D) (No PDB)  (ImageBase=000000000EC55000, "
+            "EntryPoint=000000000EC56E49) !!!!\n")
+    (crash,) = _explain(tmp_path, SEC + LOAD + dump).boot.crashes
+    assert crash.rip == 0xEC5736D and crash.where == "IoMmuDxe+0x236d"
+
+
+def test_a_boot_option_retried_is_a_new_attempt(tmp_path: Path) -> None:
+    lines = ['BdsDxe: loading Boot0001 "PXE " from PciRoot(0x0)/Pci(0x2,0x0)',
+             'BdsDxe: failed to load Boot0001 "PXE " from PciRoot(0x0)/Pci(0x2,0x0): Not Found',
+             'BdsDxe: failed to load Boot0002 "Disk" from PciRoot(0x0)/Pci(0x3,0x0): Not Found',
+             'BdsDxe: loading Boot0001 "PXE " from PciRoot(0x0)/Pci(0x2,0x0)',
+             'BdsDxe: starting Boot0001 "PXE " from PciRoot(0x0)/Pci(0x2,0x0)']
+    exp = _explain(tmp_path, "\n".join(lines) + "\n")
+    assert [(a.option, a.description, a.outcome) for a in exp.boot.boots] == [
+        ("Boot0001", "PXE", "failed to load: Not Found"),
+        ("Boot0002", "Disk", "failed to load: Not Found"),
+        ("Boot0001", "PXE", "started")]
+    assert exp.end.summary == 'the log ends in BDS: boot option "PXE" (started)'
+
+
+def test_past_the_caps_the_last_one_is_kept_and_the_rest_counted(tmp_path: Path) -> None:
+    asserts = "".join(f"ASSERT [M] f.c({n}): x\n" for n in range(explain.MAX_CRASHES + 11))
+    exp = _explain(tmp_path, SEC + asserts)
+    assert len(exp.boot.crashes) == explain.MAX_CRASHES
+    assert exp.boot.crashes[-1].source == f"f.c:{explain.MAX_CRASHES + 10}"
+    assert exp.end.summary.startswith(
+        f"the log ends after an ASSERT at line {explain.MAX_CRASHES + 12}")
+    assert any("11 crashes between the first" in note for note in exp.notes)
+
+
+def test_a_trace_before_a_reset_still_counts(tmp_path: Path) -> None:
+    exp = _explain(tmp_path, SEC + "EBST version v=1 module=DxeCore\n" + SEC + LOAD)
+    assert exp.traced and any("instrumented" in line for line in exp.identity)
+
+
+def test_a_pipe_is_read_once(tmp_path: Path) -> None:
+    """``explain-log <(xzcat log.xz)``: no seeking back."""
+    proc = subprocess.run(
+        ["bash", "-c", f'{sys.executable} -m harness explain-log <(cat "{STOCK}") --json'],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)["explanation"]
+    assert len(data["images"]) == len(explain.explain_log(STOCK).boot.images)

@@ -509,3 +509,25 @@ def test_an_interrupt_anywhere_in_a_line_changes_nothing(cut: int) -> None:
     unrepaired = spliced.replace(timer, "\r\n" + timer)     # the fragment stands alone
     with pytest.raises(TraceFormatError):
         build_timeline(trace.parse_text(unrepaired))
+
+
+def test_a_rest_that_does_not_fit_is_not_forced(tmp_path: Path) -> None:
+    """Only the first line after the interrupt-time ones may complete the cut
+    line, and only if the whole parses: an interrupt-time "Done." is not
+    taken as the rest of ``mapkey=0x7`` (the event is reported lost), and a
+    load line a trace line was printed into keeps its image."""
+    text = ("EBST version v=1 module=DxeCore\n"
+            "EBST ebs-enter mapkey=0x7EBST tpl-change op=raise tpl=31 caller=0xF0\n"
+            "Done.\n"
+            "A7\n"
+            "Loading driver at 0x0001ECC7000 EntryPoint=0x0001ECCA876 IoMmuDxe.efi"
+            "EBST tpl-change op=restore tpl=4 caller=0xF1\n")
+    parsed = trace.parse_text(text)
+    assert [e.name for e in parsed.events] == ["version", "tpl-change", "tpl-change"]
+    assert parsed.lost == (2,)
+    assert [i.name for i in parsed.images] == ["IoMmuDxe"]
+    path = tmp_path / "lost.log"
+    path.write_text(text + "EBST ebs-enter mapkey=0x8\nEBST ebs-return status=0x0 ints=0\n")
+    report, _ = analyze_log(path)
+    assert any("whose rest never came" in note and "line(s) 2" in note
+               for note in report.anomalies)
