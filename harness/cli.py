@@ -232,6 +232,33 @@ def _cmd_explain_log(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    """Exit 0: no regression; 1: a regression; 3: nothing could run."""
+    from harness.nightly import report as nightly_report
+    from harness.nightly.runner import run_nightly
+
+    html = _writable(args.html, "--html") if args.html else None
+    junit = _writable(args.junit, "--junit") if args.junit else None
+    history = _writable(args.history, "--history")
+    artifacts = (_writable(args.artifacts, "--artifacts", directory=True) if args.artifacts
+                 else history.resolve().parent / f"{history.stem}-artifacts")
+    done = run_nightly(Path(args.plan), history, artifacts, junit=junit,
+                       keep_days=args.keep_days)
+    text = nightly_report.render_text(done.report)
+    if html is not None:
+        html.write_text(nightly_report.render_html(done.report), encoding="utf-8")
+    if args.json:
+        _print_json({"run": done.run_id, "plan": done.plan.name,
+                     "exit_status": done.report.exit_status, "counts": done.report.counts(),
+                     "regressions": [dataclasses.asdict(c) for c in done.report.regressions],
+                     "changes": [dataclasses.asdict(c) for c in done.report.changes],
+                     "reaped_incomplete_runs": list(done.reaped),
+                     "pruned_artifacts": [str(p) for p in done.pruned], "report": text})
+    else:
+        sys.stdout.write(text)
+    return done.report.exit_status
+
+
 def _cmd_analyze_dump(args: argparse.Namespace) -> int:
     firmware = _firmware_dir(args.firmware)
     parsed = trace.parse_log(args.log)
@@ -455,6 +482,22 @@ def _parser() -> argparse.ArgumentParser:
     xlog.add_argument("--html", metavar="FILE",
                       help="also write a self-contained HTML page (load map drawn)")
     xlog.set_defaults(func=_cmd_explain_log)
+
+    night = add_parser("nightly",
+                       help="run a plan of hosts x firmware x scenarios, keep it in a history, "
+                            "report what regressed since the last run")
+    night.add_argument("--plan", required=True, metavar="PLAN.toml",
+                       help="hosts, firmware and scenarios (docs/nightly.md)")
+    night.add_argument("--history", required=True, metavar="DB",
+                       help="the SQLite history file (made on first use)")
+    night.add_argument("--artifacts", metavar="DIR",
+                       help="where each run keeps its cases' artifacts (default: beside DB)")
+    night.add_argument("--html", metavar="FILE", help="also write the morning report as HTML")
+    night.add_argument("--junit", metavar="FILE", help="junit XML of the cases, for the CI")
+    night.add_argument("--keep-days", type=float, metavar="N",
+                       help="remove the artifacts of runs older than N days first")
+    night.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    night.set_defaults(func=_cmd_nightly)
 
     adump = add_parser("analyze-dump",
                            help="verdicts D1..D3 of a dump-guest-memory ELF core")

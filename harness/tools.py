@@ -92,7 +92,7 @@ def sweep_scratch(root: Path | None = None) -> list[Path]:
                 continue
         except OSError:
             continue
-        if _alive(int(match.group(1))):
+        if pid_alive(int(match.group(1))):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         swept.append(Path(entry.path))
@@ -104,7 +104,8 @@ def _sweep_once(root: str) -> None:
     sweep_scratch(Path(root))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process ``pid`` exists on this machine (perhaps another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

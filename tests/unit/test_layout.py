@@ -52,3 +52,11 @@ def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("from harness.vm import machine\nimport harness.vm.host\n")
     assert {"harness.vm.machine", "harness.vm.host"} <= _imports(sample)
+
+
+def test_test_files_have_unique_basenames() -> None:
+    """pytest imports test modules by basename (rootdir-relative, no
+    packages): two ``test_x.py`` in different tiers stop the collection."""
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py") if "data" not in p.parts]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []

@@ -1,0 +1,199 @@
+"""The plan's cases as pytest items, for pytest-xdist to run one worker per
+host (``--dist loadgroup``, a group per host): the scheduling is pytest's.
+
+Loaded with ``-p harness.nightly.cases`` by ``ebs-harness nightly``; the
+plan file is the one path collected. Each item boots its case, records the
+result in the history (its own transaction) and then passes, fails (a
+verdict), errors (the environment) or skips with the reason it could not
+run, which the history and the report carry too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import scenario
+from harness.build import edk2, qemu
+from harness.errors import ConsoleFailure, ConsoleTimeout, HarnessError, UsageError
+from harness.nightly.history import History, Result
+from harness.nightly.plan import Case, FirmwareSpec, Host, load_plan
+from harness.vm import host as hostcaps
+
+_STATE: dict[Any, Any] = {}     # per worker: hosts, firmware, the history connection
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ebs-nightly", "ebs-harness nightly (set by the runner)")
+    group.addoption("--ebs-nightly-plan")
+    group.addoption("--ebs-nightly-history")
+    group.addoption("--ebs-nightly-run", type=int)
+    group.addoption("--ebs-nightly-artifacts")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist registers it, but with one host the runner leaves xdist out
+    config.addinivalue_line("markers", "xdist_group(name): the cases of one host, one worker")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Close what this worker (or this process) opened: the history, SSH sessions."""
+    for value in _STATE.values():
+        closer = value.close if isinstance(value, History) else None
+        if isinstance(value, tuple) and len(value) == 4 and value[3] is not None:
+            closer = value[3].close
+        if closer is not None:
+            try:
+                closer()
+            except Exception:  # noqa: BLE001, S110 - closing at the end; nothing to save
+                pass
+    _STATE.clear()
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.File | None:
+    if str(file_path) == parent.config.getoption("--ebs-nightly-plan"):
+        return PlanFile.from_parent(parent, path=file_path)
+    return None
+
+
+class PlanFile(pytest.File):
+    def collect(self) -> Iterator[pytest.Item]:
+        for case in load_plan(self.path).cases:
+            item = CaseItem.from_parent(self, name=case.key, case=case)
+            item.add_marker(pytest.mark.xdist_group(case.host.name))
+            yield item
+
+
+class CaseFailed(Exception):
+    """A verdict failed (the firmware's doing)."""
+
+
+class CaseItem(pytest.Item):
+    def __init__(self, *, case: Case, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.case = case
+
+    def runtest(self) -> None:
+        config = self.config
+        result = run_case(self.case, Path(config.getoption("--ebs-nightly-artifacts")))
+        history = _STATE.get("history")
+        if history is None:
+            history = _STATE["history"] = History(Path(config.getoption("--ebs-nightly-history")))
+        history.record(config.getoption("--ebs-nightly-run"), result)
+        if result.status == "fail":
+            raise CaseFailed(f"{', '.join(result.violations)}  (artifacts {result.artifacts})")
+        if result.status == "error":
+            raise HarnessError(result.reason)
+        if result.status == "not-run":
+            pytest.skip(f"not run: {result.reason}")
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException],
+                     style: Any = None) -> str:
+        return f"{self.case.key}: {excinfo.value}"
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, self.case.key
+
+
+# ------------------------------------------------------------- running
+
+
+def run_case(case: Case, artifacts_root: Path) -> Result:
+    """Boot one case and judge it; never raises for the host or the firmware."""
+    base = Result(case.key, case.host.name, case.firmware.name, case.name, case.scenario.sev,
+                  case.scenario.accel, "error")
+    try:
+        place = _host(case.host, case.scenario.sev)
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the host is the host's
+        return dataclasses.replace(base, status="not-run",
+                                   reason=f"host {case.host.name} unreachable: {_line(exc)}")
+    caps, launcher, kernel = place
+    try:
+        scenario.check_host(case.scenario, caps)
+    except UsageError as exc:
+        return dataclasses.replace(base, status="not-run", reason=_line(exc), kernel=kernel,
+                                   qemu_version=caps.qemu_version)
+    try:
+        firmware = _firmware(case.firmware)
+    except Exception as exc:  # noqa: BLE001 - a firmware that cannot be had: every case's error
+        return dataclasses.replace(base, reason=f"firmware {case.firmware.name}: {_line(exc)}")
+    artifacts = artifacts_root / case.key.replace("/", "_")
+    base = dataclasses.replace(base, firmware_key=firmware.key,
+                               baseline=str(firmware.manifest.get("source", "")),
+                               qemu_version=caps.qemu_version, kernel=kernel,
+                               artifacts=str(artifacts))
+    try:
+        run = scenario.run_scenario(firmware, case.scenario, artifacts, caps=caps,
+                                    launcher=launcher)
+    except (ConsoleFailure, ConsoleTimeout) as exc:
+        # QEMU ran: the firmware crashed (an ASSERT, a CPU exception) or hung
+        return dataclasses.replace(base, status="fail", reason=_line(exc),
+                                   violations=("boot: crash" if isinstance(exc, ConsoleFailure)
+                                               else "boot: no park",))
+    except Exception as exc:  # noqa: BLE001 - QEMU or the host failed: recorded, not raised
+        return dataclasses.replace(base, reason=_line(exc))
+    return dataclasses.replace(base, status="pass" if run.passed else "fail",
+                               violations=tuple(sorted(run.failed_checks())),
+                               boot_seconds=run.park_seconds)
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _host(spec: Host, sev: str) -> tuple[hostcaps.HostCaps, Any, str]:
+    """The host's capabilities, a launcher and its kernel, once per worker."""
+    key = ("host", spec.name, sev == "emulated")
+    if key in _STATE:
+        found = _STATE[key]
+        if isinstance(found, BaseException):
+            raise found
+        return found[:3]  # type: ignore[no-any-return]
+    try:
+        if spec.local:
+            binary = spec.qemu or hostcaps.DEFAULT_QEMU
+            if sev == "emulated" and spec.qemu is None:
+                binary = str(qemu.build_qemu().qemu.binary)
+            from harness.vm.machine import QemuMachine
+            made: tuple[hostcaps.HostCaps, Any, str, Any] = (
+                hostcaps.cached_probe(binary), QemuMachine, os.uname().release, None)
+        else:
+            from harness.vm import remote
+            where = remote.RemoteHost.parse(spec.where, qemu=spec.qemu or hostcaps.DEFAULT_QEMU,
+                                            known_hosts=spec.known_hosts,
+                                            host_key=spec.host_key, identity=spec.identity)
+            session = where.connect(timeout=30)
+            caps = remote.remote_caps(session, where.qemu)
+            kernel = session.run("uname -r", timeout=30)[1].strip()
+            made = (caps, where.launcher(session), kernel, session)
+    except BaseException as exc:
+        _STATE[key] = exc
+        raise
+    _STATE[key] = made
+    return made[:3]
+
+
+def _firmware(spec: FirmwareSpec) -> edk2.Firmware:
+    key = ("firmware", spec.name)
+    if key not in _STATE:
+        try:
+            if spec.kind == "series":
+                _STATE[key] = edk2.build_firmware().firmware
+            elif spec.kind == "variant":
+                assert spec.path is not None
+                _STATE[key] = edk2.build_variant(spec.path).firmware
+            else:
+                assert spec.path is not None
+                _STATE[key] = edk2.Firmware.load(spec.path)
+        except Exception as exc:  # noqa: BLE001 - remembered: the next case fails the same way
+            _STATE[key] = exc
+    found = _STATE[key]
+    if isinstance(found, Exception):
+        raise found
+    return found  # type: ignore[no-any-return]
