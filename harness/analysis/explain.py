@@ -63,7 +63,7 @@ _DISPATCH = re.compile(
     r"(?:Loading |\[Bds\]|BdsDxe: |!!!! |ASSERT |Error: Image at |EBST |SecCoreStartupWithStack"
     r"|DXE IPL Entry|SEV|TDX|Tdx|PlatformAddressWidthFromCpuid|PlatformMaxCpuCount"
     r"|PublishPeiMemory|DxeMain: MemoryBaseAddress|UEFI v|UEFI Interactive Shell|S3 support"
-    r"|DetectSmbiosVersion|QemuFlashDetected =>)")
+    r"|DetectSmbiosVersion|QemuFlashDetected =>|InstallIoMmuProtocol)")
 
 _DXE_CORE = re.compile(r"Loading DXE CORE at 0x([0-9A-Fa-f]+) EntryPoint=0x([0-9A-Fa-f]+)")
 _START_FAILED = re.compile(r"Error: Image at ([0-9A-Fa-f]+) start failed: (.+)")
@@ -104,6 +104,9 @@ _FACTS: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("smbios", re.compile(r"DetectSmbiosVersion: SMBIOS version from QEMU: (0x[0-9A-Fa-f]+)"),
      "version {0} from QEMU"),
     ("flash", re.compile(r"QemuFlashDetected => FD behaves as (\w+)"), "pflash behaves as {0}"),
+    ("dma pool", re.compile(r"InstallIoMmuProtocol: Feature of reserved memory for DMA is "
+                            r"supported"),
+     "IoMmuDxe keeps a reserved shared-memory pool for DMA bounce buffers"),
 )
 
 #: Drivers whose failure to start says what the guest is not.

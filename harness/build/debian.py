@@ -241,6 +241,56 @@ class PrivateApt:
                     found.append(dest / item.name)
         return found
 
+    def source_files(self, package: str, version: str, release: str,
+                     progress: Progress) -> tuple[str, dict[str, str]]:
+        """Where ``package`` ``version`` lives in the archive (its ``Directory``)
+        and its files' sha256, from ``release``'s Sources index (lists brought
+        up to date as needed).
+
+        :raises DependencyError: no archive of the host's has that version.
+        """
+        def record() -> Deb822 | None:
+            text = self._apt_cache("showsrc", package)
+            for paragraph in Deb822.iter_paragraphs(text.splitlines()):
+                if paragraph.get("Version") == version:
+                    return paragraph
+            return None
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / "lock")):
+            if self._prepare([release]) or record() is None:
+                progress.phase("fetch", f"apt-get update ({', '.join(self._release_suites(release))})")
+                self.update()
+            found = record()
+        if found is None:
+            raise DependencyError(
+                f"no Debian archive of this host ({', '.join(m.uri for m in self.mirrors)}) "
+                f"has the source package {package} {version} ({release})")
+        files = {}
+        for line in str(found.get("Checksums-Sha256", "")).splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                files[parts[2]] = parts[0]
+        return str(found.get("Directory", "")), files
+
+    def download_file(self, path: str, dest: Path, sha256: str) -> None:
+        """One archive file (``pool/...``) into ``dest`` by apt's own
+        downloader, which checks ``sha256``; tried on each mirror in turn."""
+        errors = []
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for mirror in self.mirrors:
+            with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+                part = Path(tmp) / dest.name
+                proc = subprocess.run(
+                    ["/usr/lib/apt/apt-helper", *self.options(), "download-file",
+                     f"{mirror.uri.rstrip('/')}/{path}", str(part), f"SHA256:{sha256}"],
+                    capture_output=True, text=True, check=False)
+                if proc.returncode == 0 and part.is_file():
+                    os.replace(part, dest)
+                    return
+                errors.append(f"{mirror.uri}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+        raise DependencyError(f"could not download {path}: {'; '.join(map(str, errors))}")
+
     def _release_suites(self, release: str) -> list[str]:
         return [suite for mirror in self.mirrors for suite in mirror.suites(release)]
 
@@ -290,6 +340,84 @@ class DebianSourcePackage:
         progress.phase("extract", f"dpkg-source -x {self.dsc.name}")
         run_tool(["dpkg-source", "-x", str(self.dsc), str(dest)],
                  cwd=self.downloads, what=f"dpkg-source -x {self.dsc}")
+
+    def materialize(self, dest: Path, progress: Progress) -> None:
+        self.fetch(progress)
+        self.extract(dest, progress)
+
+
+@dataclass(frozen=True)
+class DebianTarballs:
+    """A Debian source package fetched as its two tarballs, for an archive
+    that serves them but not the ``.dsc`` (trixie's edk2 on this host's
+    mirror answers 404 for it).
+
+    Each tarball's sha256 is pinned here and must equal the one in the
+    release's ``Sources`` index, which apt has checked against the signed
+    ``Release`` file; apt's own downloader (``apt-helper download-file``,
+    through the host's apt transport) fetches it and checks that sha256. The
+    tree is then made as ``dpkg-source -x`` would: the upstream tarball, the
+    Debian tarball over it, ``debian/patches/series`` applied in order.
+    """
+
+    package: str
+    version: str
+    release: str
+    orig: str
+    orig_sha256: str
+    debian: str
+    debian_sha256: str
+    downloads: Path = field(default_factory=lambda: cache_root() / "downloads")
+    apt_root: Path = field(default_factory=lambda: cache_root() / "apt")
+
+    def identity(self) -> str:
+        return (f"debian-tarballs:{self.package}={self.version}:orig-sha256="
+                f"{self.orig_sha256}:debian-sha256={self.debian_sha256}")
+
+    def _files(self) -> tuple[tuple[str, str], ...]:
+        return ((self.orig, self.orig_sha256), (self.debian, self.debian_sha256))
+
+    def fetch(self, progress: Progress) -> None:
+        """Download what ``downloads/`` lacks, each checked twice (index, pin)."""
+        missing = [(name, sha) for name, sha in self._files()
+                   if not (self.downloads / name).is_file()]
+        if not missing:
+            return
+        apt = PrivateApt(self.apt_root)
+        directory, listed = apt.source_files(self.package, self.version, self.release,
+                                             progress)
+        for name, sha in self._files():
+            if name not in listed:
+                raise SourceError(f"the {self.release} Sources index lists no {name} for "
+                                  f"{self.package} {self.version}")
+            if listed[name] != sha:
+                raise SourceError(f"{name}: the pinned sha256 {sha} is not the {self.release} "
+                                  f"Sources index's {listed[name]}: refusing it")
+        for name, sha in missing:
+            progress.phase("fetch", f"{name} ({self.release})")
+            apt.download_file(f"{directory}/{name}", self.downloads / name, sha)
+
+    def extract(self, dest: Path, progress: Progress) -> None:
+        for name, sha in self._files():
+            path = self.downloads / name
+            actual = sha256_file(path) if path.is_file() else "missing"
+            if actual != sha:
+                raise SourceError(f"{path}: sha256 {actual} is not the expected {sha}")
+        progress.phase("extract", f"{self.orig} + {self.debian}")
+        dest.mkdir(parents=True, exist_ok=True)
+        run_tool(["tar", "-xf", str(self.downloads / self.orig), "-C", str(dest),
+                  "--strip-components=1"], what=f"tar -x {self.orig}")
+        run_tool(["tar", "-xf", str(self.downloads / self.debian), "-C", str(dest)],
+                 what=f"tar -x {self.debian}")
+        series = dest / "debian" / "patches" / "series"
+        names = [line.split()[0] for line in series.read_text().splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")] \
+            if series.is_file() else []
+        progress.phase("extract", f"{len(names)} Debian patches")
+        for name in names:
+            run_tool(["patch", "-p1", "-F0", "--batch", "-s", "-i",
+                      str(dest / "debian" / "patches" / name)], cwd=dest,
+                     what=f"Debian patch {name} of {self.package} {self.version}")
 
     def materialize(self, dest: Path, progress: Progress) -> None:
         self.fetch(progress)

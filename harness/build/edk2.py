@@ -41,7 +41,7 @@ from harness.build.cache import (
     system_python_env,
     tool_versions,
 )
-from harness.build.debian import DebianSourcePackage
+from harness.build.debian import DebianSourcePackage, DebianTarballs
 from harness.errors import SourceError, UsageError
 from harness.tools import run_tool
 
@@ -63,6 +63,17 @@ DEBIAN_REVERSED_PATCHES = {
         "makes Shell.inf need SecureBootVariableLib, which a non-secure-boot "
         "OvmfPkgX64 build does not provide",
 }
+
+#: Debian 13's edk2 (CcIoMmu.c, the reserved shared-memory pool,
+#: BeforeExitBootServices signalled once): the next baseline of the series.
+#: Its .dsc is not served by this host's mirror; the tarballs are
+#: (:class:`harness.build.debian.DebianTarballs`).
+TRIXIE = DebianTarballs(
+    "edk2", "2025.02-8+deb13u1", "trixie",
+    "edk2_2025.02.orig.tar.xz",
+    "b63b6053d6d89c74d9291f9e96fde1584be99e6fb9c169ba9511505129d6b049",
+    "edk2_2025.02-8+deb13u1.debian.tar.xz",
+    "e2a7f6fc58640818416a028d6d5e9dfc255697a7cdc60c14566c236df6bd9b08")
 
 #: The files that make a directory an edk2 tree we can build OVMF from.
 EDK2_MARKERS = ("edksetup.sh", "MdePkg/MdePkg.dec", "OvmfPkg/OvmfPkgX64.dsc",
@@ -202,6 +213,26 @@ class DebianSource:
             LOG.info("reversing Debian patch %s: %s", name, why)
             run_tool(["patch", "-R", "-p1", "-F0", "--batch", "-i", str(patch)],
                      cwd=dest, what=f"reversing Debian patch {name}")
+
+
+@dataclass(frozen=True)
+class DebianTarballSource:
+    """A Debian edk2 fetched as tarballs (:data:`TRIXIE`), as Debian patches it."""
+
+    package: DebianTarballs = TRIXIE
+
+    def identity(self) -> str:
+        return self.package.identity()
+
+    def materialize(self, dest: Path, progress: Progress) -> None:
+        self.package.materialize(dest, progress)
+        (dest / "Conf").mkdir(exist_ok=True)    # edksetup.sh writes its tools_def.txt there
+
+
+#: ``build_unpatched(baseline)``: the edk2 releases the harness builds, by
+#: name. The series applies to 2022.11 only for now.
+BASELINES: Mapping[str, SourceProvider] = {"2022.11": DebianSource(),
+                                          "2025.02": DebianTarballSource()}
 
 
 def source_from_option(path: str | None) -> SourceProvider:
@@ -349,12 +380,19 @@ class Builder(CachedBuilder):
         shutil.rmtree(tree / "Build", ignore_errors=True)
 
 
-def build_unpatched(progress: Progress | None = None) -> BuildResult:
-    """The baseline as Debian ships it, a DEBUG build without the series, the
-    probe or the test define (so in a workspace of its own): a control that
-    stock OVMF takes the SEV path the harness emulates."""
+def build_unpatched(progress: Progress | None = None, baseline: str = "2022.11"
+                    ) -> BuildResult:
+    """A baseline as Debian ships it (:data:`BASELINES`), a DEBUG build
+    without the series, the probe or the test define (so in a workspace of
+    its own): stock OVMF, e.g. the control that it takes the SEV path the
+    harness emulates, or the stock logs ``explain-log`` reads.
+
+    :raises UsageError: an unknown baseline (the message lists the known ones).
+    """
+    if baseline not in BASELINES:
+        raise UsageError(f"edk2 baseline {baseline!r}: one of {', '.join(BASELINES)}")
     defines = tuple(d for d in BuildFlags().defines if d[0] != "EBS_HARNESS_TEST")
-    return Builder(DebianSource(), flags=BuildFlags(defines=defines), series_dir=None,
+    return Builder(BASELINES[baseline], flags=BuildFlags(defines=defines), series_dir=None,
                    overlays={}, progress=progress).firmware()
 
 

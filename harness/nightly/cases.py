@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """Close what this worker (or this process) opened: the history, SSH sessions."""
     for value in _STATE.values():
         closer = value.close if isinstance(value, History) else None
-        if isinstance(value, tuple) and len(value) == 4 and value[3] is not None:
-            closer = value[3].close
+        if isinstance(value, _Place) and value.session is not None:
+            closer = value.session.close
         if closer is not None:
             try:
                 closer()
@@ -112,7 +113,7 @@ def run_case(case: Case, artifacts_root: Path) -> Result:
     except Exception as exc:  # noqa: BLE001 - any failure to reach the host is the host's
         return dataclasses.replace(base, status="not-run",
                                    reason=f"host {case.host.name} unreachable: {_line(exc)}")
-    caps, launcher, kernel = place
+    caps, launcher, kernel = place.caps, place.launcher, place.kernel
     try:
         scenario.check_host(case.scenario, caps)
     except UsageError as exc:
@@ -147,22 +148,33 @@ def _line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _host(spec: Host, sev: str) -> tuple[hostcaps.HostCaps, Any, str]:
-    """The host's capabilities, a launcher and its kernel, once per worker."""
-    key = ("host", spec.name, sev == "emulated")
+@dataclass(frozen=True)
+class _Place:
+    """A host as a worker reaches it: capabilities, a machine launcher, its
+    kernel, and the SSH session to close at the end (None here)."""
+
+    caps: hostcaps.HostCaps
+    launcher: Any
+    kernel: str
+    session: Any = None
+
+
+def _host(spec: Host, sev: str) -> _Place:
+    """The host, once per worker (and per QEMU: the emulated SEV runs on the
+    harness's own, here)."""
+    key = ("host", spec.name, spec.local and sev == "emulated")
     if key in _STATE:
         found = _STATE[key]
-        if isinstance(found, BaseException):
+        if isinstance(found, Exception):
             raise found
-        return found[:3]  # type: ignore[no-any-return]
+        return found  # type: ignore[no-any-return]
     try:
         if spec.local:
             binary = spec.qemu or hostcaps.DEFAULT_QEMU
             if sev == "emulated" and spec.qemu is None:
                 binary = str(qemu.build_qemu().qemu.binary)
             from harness.vm.machine import QemuMachine
-            made: tuple[hostcaps.HostCaps, Any, str, Any] = (
-                hostcaps.cached_probe(binary), QemuMachine, os.uname().release, None)
+            made = _Place(hostcaps.cached_probe(binary), QemuMachine, os.uname().release)
         else:
             from harness.vm import remote
             where = remote.RemoteHost.parse(spec.where, qemu=spec.qemu or hostcaps.DEFAULT_QEMU,
@@ -171,12 +183,12 @@ def _host(spec: Host, sev: str) -> tuple[hostcaps.HostCaps, Any, str]:
             session = where.connect(timeout=30)
             caps = remote.remote_caps(session, where.qemu)
             kernel = session.run("uname -r", timeout=30)[1].strip()
-            made = (caps, where.launcher(session), kernel, session)
-    except BaseException as exc:
-        _STATE[key] = exc
+            made = _Place(caps, where.launcher(session), kernel, session)
+    except Exception as exc:
+        _STATE[key] = exc       # remembered: the host's next cases say the same
         raise
     _STATE[key] = made
-    return made[:3]
+    return made
 
 
 def _firmware(spec: FirmwareSpec) -> edk2.Firmware:
