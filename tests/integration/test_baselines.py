@@ -6,16 +6,15 @@ built, booted to its shell and explained."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from shellboot import boot_to_shell, explain_json
 
 from harness.build import cache, edk2
 from harness.errors import SourceError, UsageError
-from harness.vm.machine import BlockDevice, MachineConfig, QemuMachine
+from harness.pytestplugin import session_emulated_caps
+from harness.vm import host
 
 pytestmark = pytest.mark.tcg
 
@@ -38,17 +37,7 @@ def test_a_pin_the_signed_index_disagrees_with_is_refused(tmp_path: Path) -> Non
 def test_2025_02_builds_and_boots_to_its_shell(tmp_path: Path) -> None:
     firmware = edk2.build_unpatched(progress=cache.StderrProgress(), baseline="2025.02").firmware
     assert firmware.manifest["source"] == edk2.TRIXIE.identity()
-    disk = tmp_path / "empty.img"
-    disk.write_bytes(bytes(4 << 20))
-    config = MachineConfig(code=firmware.code, vars_template=firmware.vars, accel="tcg",
-                           serial_input=False, devices=(BlockDevice(disk, bootindex=0),))
-    with QemuMachine(config, tmp_path / "vm") as vm:
-        vm.debugcon.expect(r"Loading driver at \S+ EntryPoint=\S+ Shell\.efi", timeout=180)
-        log = vm.debugcon_log
-    proc = subprocess.run([sys.executable, "-m", "harness", "explain-log", str(log), "--json"],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)["explanation"]
+    data = explain_json(boot_to_shell(firmware, tmp_path))
     assert [p["phase"] for p in data["phases"]] == ["SEC", "PEI", "DXE", "BDS"]
     assert data["boot_options"][-1]["image"] == "Shell.efi"
     assert any(i["name"] == "IoMmuDxe" for i in data["images"])
@@ -61,20 +50,10 @@ def test_2025_02_takes_its_sev_path_with_the_reserved_dma_pool(pytestconfig: pyt
     """Stock 2025.02 under the emulated SEV: SEV on, and IoMmuDxe (CcIoMmu.c)
     sets up the reserved shared-memory pool the series must release at
     ExitBootServices; the control is the plain boot above, which has none."""
-    from harness.pytestplugin import session_emulated_caps
-    from harness.vm import host
-
     caps = session_emulated_caps(pytestconfig)
     firmware = edk2.build_unpatched(progress=cache.StderrProgress(), baseline="2025.02").firmware
-    config = MachineConfig(code=firmware.code, vars_template=firmware.vars, accel="tcg",
-                           sev=host.sev_config("emulated", caps), qemu=caps.qemu,
-                           serial_input=False)
-    with QemuMachine(config, tmp_path / "vm") as vm:
-        vm.debugcon.expect(r"Loading driver at \S+ EntryPoint=\S+ Shell\.efi", timeout=240)
-        log = vm.debugcon_log
-    proc = subprocess.run([sys.executable, "-m", "harness", "explain-log", str(log), "--json"],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    facts = {f["fact"]: f["value"] for f in json.loads(proc.stdout)["explanation"]["platform"]}
+    log = boot_to_shell(firmware, tmp_path, sev=host.sev_config("emulated", caps),
+                        qemu=caps.qemu)
+    facts = {f["fact"]: f["value"] for f in explain_json(log)["platform"]}
     assert facts["sev"] == "enabled, encryption mask 0x800000000000"
     assert "reserved shared-memory pool" in facts["dma pool"]

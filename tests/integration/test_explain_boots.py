@@ -6,32 +6,21 @@ guest under the emulated SEV. The command runs as a user runs it, a whole
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from shellboot import boot_to_shell, explain_json
 
 from harness.build import cache, edk2
 from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
-from harness.vm.machine import BlockDevice, MachineConfig, QemuMachine
+from harness.vm.machine import MachineConfig, QemuMachine
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 FAULTS = DATA / "firmware-variants" / "adversary-faults.patch"
 LOAD_LINE = re.compile(r"Loading (?:driver|PEIM) at 0x[0-9A-F]+ EntryPoint=0x[0-9A-F]+ \S+\.efi")
-
-
-def explain(log: Path, *extra: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "harness", "explain-log", str(log), "--json",
-                           *extra], capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    data: dict[str, Any] = json.loads(proc.stdout)["explanation"]
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +30,8 @@ def stock() -> edk2.Firmware:
 
 @pytest.mark.tcg
 def test_a_stock_boot_with_nothing_bootable(stock: edk2.Firmware, tmp_path: Path) -> None:
-    disk = tmp_path / "empty.img"
-    disk.write_bytes(bytes(4 << 20))
-    config = MachineConfig(code=stock.code, vars_template=stock.vars, accel="tcg",
-                           serial_input=False, devices=(BlockDevice(disk, bootindex=0),))
-    with QemuMachine(config, tmp_path / "vm") as vm:
-        vm.debugcon.expect(r"Loading driver at \S+ EntryPoint=\S+ Shell\.efi", timeout=120)
-        log = vm.debugcon_log
-    data = explain(log)
+    log = boot_to_shell(stock, tmp_path)
+    data = explain_json(log)
     text = log.read_text(encoding="latin-1")
     assert len(data["images"]) == len(LOAD_LINE.findall(text))
     assert [p["phase"] for p in data["phases"]] == ["SEC", "PEI", "DXE", "BDS"]
@@ -74,7 +57,7 @@ def test_an_injected_fault_is_named_by_function_and_line(
         pattern = r"!!!! Find image" if mode == "pf" else r"ASSERT "
         getattr(vm, console).expect(pattern, timeout=120, failure=[])
         log = vm.serial_log if mode == "pf" else vm.debugcon_log
-    data = explain(log, "--firmware", str(firmware.path))
+    data = explain_json(log, "--firmware", str(firmware.path))
     (crash,) = data["crashes"]
     source = f"OvmfPkg/EbsAdversaryDxe/EbsAdversaryDxe.c:{fault_line(marker)}"
     assert crash["source"].endswith(source), crash
@@ -95,11 +78,7 @@ def test_a_sev_guest_log_says_sev(stock: edk2.Firmware, pytestconfig: pytest.Con
                                   tmp_path: Path) -> None:
     caps = session_emulated_caps(pytestconfig)
     sev = host.sev_config("emulated", caps)
-    config = MachineConfig(code=stock.code, vars_template=stock.vars, accel="tcg", sev=sev,
-                           qemu=caps.qemu, serial_input=False)
-    with QemuMachine(config, tmp_path / "vm") as vm:
-        vm.debugcon.expect(r"Loading driver at \S+ EntryPoint=\S+ IoMmuDxe\.efi", timeout=120)
-        log = vm.debugcon_log
-    facts = {f["fact"]: f["value"] for f in explain(log)["platform"]}
+    log = boot_to_shell(stock, tmp_path, sev=sev, qemu=caps.qemu)
+    facts = {f["fact"]: f["value"] for f in explain_json(log)["platform"]}
     assert sev is not None
     assert facts["sev"] == f"enabled, encryption mask {1 << sev.cbitpos:#x}"
