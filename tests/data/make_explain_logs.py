@@ -10,6 +10,8 @@ Real boots, nothing written by hand:
   ``harness.build.edk2.build_unpatched`` builds), booted under TCG with one
   empty virtio disk as the first boot option: BDS finds no boot file on it
   and falls back to the UEFI shell. Debug port and serial port.
+- ``stock-2025.02-empty-disk.log``: the same boot of Debian 13's edk2
+  2025.02, stock (``build_unpatched(baseline="2025.02")``).
 - ``stock-cut.log``: ``stock-empty-disk.log`` cut in the middle of a line
   during DXE dispatch (the first image load after 40 % of the file).
 - ``debian-packaged-serial.log``: Debian's packaged OVMF
@@ -82,6 +84,12 @@ def main() -> None:
         debug = keep(vm.debugcon_log, "stock-empty-disk.log")
         keep(vm.serial_log, "stock-empty-disk-serial.log")
         cut(debug, "stock-cut.log")
+
+        newer = edk2.build_unpatched(progress=progress, baseline="2025.02").firmware
+        vm = boot(MachineConfig(code=newer.code, vars_template=newer.vars, accel="tcg",
+                                serial_input=False, devices=(BlockDevice(disk, bootindex=0),)),
+                  "serial", r"startup\.nsh", work / "newer")
+        keep(vm.debugcon_log, "stock-2025.02-empty-disk.log")
 
         vm = boot(MachineConfig(code=DEBIAN_CODE, vars_template=DEBIAN_VARS, accel="tcg",
                                 serial_input=False), "serial", r"startup\.nsh", work / "debian")

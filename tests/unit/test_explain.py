@@ -279,3 +279,17 @@ def test_a_pipe_is_read_once(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)["explanation"]
     assert len(data["images"]) == len(explain.explain_log(STOCK).boot.images)
+
+
+def test_the_2025_02_stock_log_reads_the_same_way() -> None:
+    """Debian 13's edk2 2025.02, stock, the same boot: its load map, its
+    failed starts, the same two boot options and their outcomes."""
+    path = EXPLAIN / "stock-2025.02-empty-disk.log"
+    exp = explain.explain_log(path)
+    raw = path.read_bytes()
+    assert len(exp.boot.images) == len(LOAD_LINE.findall(raw))
+    assert sum(1 for i in exp.boot.images if i.start_failed) == raw.count(b"start failed:")
+    assert list(exp.boot.phases) == ["SEC", "PEI", "DXE", "BDS"]
+    assert [(a.description, a.outcome) for a in exp.boot.boots] == [
+        ("UEFI Misc Device", "no boot file found on the device"),
+        ("EFI Internal Shell", "Shell.efi running when the log ends")]
