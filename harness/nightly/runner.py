@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.errors import EnvironmentFailure
+from harness.errors import DependencyError, EnvironmentFailure
 from harness.nightly.history import History
 from harness.nightly.plan import Plan, load_plan
 from harness.nightly.report import MorningReport, morning_report
@@ -30,9 +30,15 @@ def run_nightly(plan_path: Path, history_path: Path, artifacts: Path, *,
     """Run every case of the plan (pytest-xdist, one worker per host), each
     recorded in the history as it ends; then compare with the last complete
     run of the plan. Checks the plan and the history before anything runs."""
-    import pytest
-
     plan = load_plan(plan_path)
+    try:
+        import pytest
+        if len(plan.hosts) > 1:
+            import xdist  # noqa: F401 - one worker per host
+    except ImportError as exc:
+        raise DependencyError(f"ebs-harness nightly runs its cases with pytest and "
+                              f"pytest-xdist ({exc.name} is missing): pip install "
+                              "'ovmf-ebs-harness[nightly]'") from exc
     with History(history_path) as history:
         reaped = tuple(run.id for run in history.reap())
         pruned = tuple(history.prune_artifacts(keep_days)) if keep_days is not None else ()
