@@ -560,6 +560,11 @@ class CachedBuilder:
         prune(self.cache, self.SRC, self.KEEP["src"], spare=self.pristine_dir.name)
         return Published(final, key, False, time.monotonic() - start)
 
+    def pristine(self) -> Path:
+        """The source's pristine tree (made once per identity): read it, never
+        write to it."""
+        return self._pristine()
+
     def _pristine(self) -> Path:
         """The source's pristine tree, made once per identity."""
         final = self.pristine_dir

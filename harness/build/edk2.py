@@ -396,6 +396,15 @@ def build_unpatched(progress: Progress | None = None, baseline: str = "2022.11"
                    overlays={}, progress=progress).firmware()
 
 
+def pristine_tree(baseline: str, progress: Progress | None = None) -> Path:
+    """A baseline's tree as Debian ships it (fetched and made once): its
+    own tools read the series, e.g. ``BaseTools/Scripts/PatchCheck.py``."""
+    if baseline not in BASELINES:
+        raise UsageError(f"edk2 baseline {baseline!r}: one of {', '.join(BASELINES)}")
+    return Builder(BASELINES[baseline], series_dir=None, overlays={},
+                   progress=progress).pristine()
+
+
 def build_variant(patch: Path, progress: Progress | None = None) -> BuildResult:
     """The patched firmware with one test variant ``patch`` on top."""
     return Builder(DebianSource(), extra_patches=(patch,), progress=progress).firmware()
