@@ -288,8 +288,9 @@ class PrivateApt:
                 if proc.returncode == 0 and part.is_file():
                     os.replace(part, dest)
                     return
-                errors.append(f"{mirror.uri}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
-        raise DependencyError(f"could not download {path}: {'; '.join(map(str, errors))}")
+                said = proc.stderr.strip().splitlines()
+                errors.append(f"{mirror.uri}: {said[-1] if said else f'status {proc.returncode}'}")
+        raise DependencyError(f"could not download {path}: {'; '.join(errors)}")
 
     def _release_suites(self, release: str) -> list[str]:
         return [suite for mirror in self.mirrors for suite in mirror.suites(release)]

@@ -57,3 +57,14 @@ def test_2025_02_takes_its_sev_path_with_the_reserved_dma_pool(pytestconfig: pyt
     facts = {f["fact"]: f["value"] for f in explain_json(log)["platform"]}
     assert facts["sev"] == "enabled, encryption mask 0x800000000000"
     assert "reserved shared-memory pool" in facts["dma pool"]
+
+
+def test_a_file_the_archive_lacks_is_one_line(tmp_path: Path) -> None:
+    from harness.build.debian import PrivateApt
+    from harness.errors import DependencyError
+
+    apt = PrivateApt(cache.cache_root() / "apt")
+    with pytest.raises(DependencyError, match=r"could not download pool/main/e/edk2/"
+                                              r"no-such\.tar\.xz: ") as info:
+        apt.download_file("pool/main/e/edk2/no-such.tar.xz", tmp_path / "x", "0" * 64)
+    assert "\n" not in str(info.value) and not (tmp_path / "x").exists()
