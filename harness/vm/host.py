@@ -444,6 +444,8 @@ def query_sev_capabilities(runner: Runner, qemu: str,
         return exc.reason
     except (ValueError, OSError) as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 - an SSH failure of the remote runner: the reason
+        return f"{type(exc).__name__}: {exc}"
 
 
 #: The largest guest the suite boots under SEV (the Linux guest), whose
