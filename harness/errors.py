@@ -67,11 +67,20 @@ class PatchError(UsageError):
         self.target = target
         self.hunk = hunk
         self.output = output
-        where = f"{target}" if target else "(no file)"
-        if hunk is not None:
-            where += f" hunk #{hunk}"
-        first = next((line for line in output.splitlines() if line.strip()), "")
-        super().__init__(f"patch {patch.name} does not apply: {where}: {first}")
+        #: The tree it was applied to (set by the build: ``debian:edk2=...``).
+        self.baseline: str | None = None
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = f"{self.target}" if self.target else "(no file)"
+        if self.hunk is not None:
+            where += f" hunk #{self.hunk}"
+        first = next((line for line in self.output.splitlines() if line.strip()), "")
+        onto = f" to {self.baseline}" if self.baseline else ""
+        return f"patch {self.patch.name} does not apply{onto}: {where}: {first}"
+
+    def __str__(self) -> str:
+        return self._message()
 
 
 class SeriesError(UsageError):

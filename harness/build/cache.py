@@ -62,7 +62,7 @@ from harness.build.series import (
     read_series,
     sync_workspace,
 )
-from harness.errors import BuildError, DependencyError, EnvironmentFailure, UsageError
+from harness.errors import BuildError, DependencyError, EnvironmentFailure, PatchError, UsageError
 
 LOG = logging.getLogger(__name__)
 
@@ -127,6 +127,12 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def source_label(identity: str) -> str:
+    """A source identity as a person names it: ``debian:edk2=2022.11-6+deb12u2``,
+    ``debian-tarballs:edk2=2025.02-8+deb13u1``, ``tree:/path/to/edk2``."""
+    return ":".join(identity.split(":")[:2])
 
 
 def short_hash(text: str) -> str:
@@ -579,6 +585,14 @@ class CachedBuilder:
 
     def _workspace(self, pristine: Path) -> Path:
         """The workspace tree with this series applied (only changed files written)."""
+        self.progress.phase("patch", f"{len(self.patches)} patches, "
+                                     f"{len(self.overlays)} overlay files")
+        try:
+            # before any workspace is made: a series that does not apply costs nothing
+            desired = apply_series(pristine, self.patches, self.overlays)
+        except PatchError as exc:
+            exc.baseline = source_label(self.inputs.source_identity)
+            raise
         work = self.workspace_dir
         tree = work / "tree"
         state_file = work / "state.json"
@@ -598,9 +612,6 @@ class CachedBuilder:
                                              "removing its output")
             stop_build(state.get("pgid"), work)
             self._discard_partial(tree)
-        self.progress.phase("patch", f"{len(self.patches)} patches, "
-                                     f"{len(self.overlays)} overlay files")
-        desired = apply_series(pristine, self.patches, self.overlays)
         previous = set(state["touched"])
         # Recorded before writing: a sync cut short must still be undone next time.
         self._state = {"touched": sorted(previous | set(desired)), "dirty": False, "pgid": None}

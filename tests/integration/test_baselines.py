@@ -68,3 +68,20 @@ def test_a_file_the_archive_lacks_is_one_line(tmp_path: Path) -> None:
                                               r"no-such\.tar\.xz: ") as info:
         apt.download_file("pool/main/e/edk2/no-such.tar.xz", tmp_path / "x", "0" * 64)
     assert "\n" not in str(info.value) and not (tmp_path / "x").exists()
+
+
+def test_the_series_on_2025_02_names_baseline_patch_file_and_hunk() -> None:
+    """The series is written against 2022.11: applied to 2025.02 it stops at
+    the first patch that does not apply, and says where, before any
+    workspace is made (the control: the series builds on 2022.11, as the
+    rest of the suite shows)."""
+    from harness.errors import PatchError
+
+    builder = edk2.Builder(edk2.BASELINES["2025.02"], progress=cache.StderrProgress())
+    with pytest.raises(PatchError) as info:
+        builder.firmware()
+    message = str(info.value)
+    assert message.startswith("patch 0002-MdeModulePkg-Core-Dxe-call-the-IOMMU-ExitBootService"
+                              ".patch does not apply to debian-tarballs:edk2=2025.02-8+deb13u1: "
+                              "MdeModulePkg/Core/Dxe/DxeMain/DxeMain.c hunk #"), message
+    assert "\n" not in message and not builder.workspace_dir.exists()

@@ -97,7 +97,8 @@ def test_builds_publishes_then_hits(tmp_path: Path) -> None:
 
 def test_a_patch_that_does_not_apply_names_patch_and_hunk(tmp_path: Path) -> None:
     series = _series(tmp_path / "s", _patch("    no such line;", "    other;"))
-    with pytest.raises(PatchError, match=r"0001-change.patch does not apply: main.c hunk #1"):
+    with pytest.raises(PatchError, match=r"0001-change.patch does not apply to fake-qemu:1: "
+                                         r"main.c hunk #1"):
         _builder(tmp_path, series).qemu()
     published = tmp_path / "cache" / "qemu"
     assert not published.exists() or list(published.iterdir()) == []
