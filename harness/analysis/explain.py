@@ -40,7 +40,7 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from harness.analysis import symbols, trace
 from harness.errors import LogFormatError
@@ -116,6 +116,8 @@ _PLATFORM_DRIVERS = {
 }
 
 PHASES = ("SEC", "PEI", "DXE", "BDS")
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -367,21 +369,10 @@ class _Reader:
                 return
 
     def _add_attempt(self, attempt: BootAttempt) -> None:
-        """Keep the first :data:`MAX_BOOTS` - 1 and always the latest."""
-        boots = self.boot.boots
-        if len(boots) >= MAX_BOOTS:
-            boots[-1] = attempt
-            self.boot.boots_dropped += 1
-        else:
-            boots.append(attempt)
+        self.boot.boots_dropped += _keep_last(self.boot.boots, attempt, MAX_BOOTS)
 
     def _add_crash(self, crash: Crash) -> None:
-        crashes = self.boot.crashes
-        if len(crashes) >= MAX_CRASHES:
-            crashes[-1] = crash
-            self.boot.crashes_dropped += 1
-        else:
-            crashes.append(crash)
+        self.boot.crashes_dropped += _keep_last(self.boot.crashes, crash, MAX_CRASHES)
 
     def _bds(self, number: int, body: str) -> None:
         boot = self.boot
@@ -498,6 +489,16 @@ class _Reader:
             if match is not None:
                 self.boot.facts.setdefault(label, (say.format(*match.groups()), number))
                 return
+
+
+def _keep_last(items: list[_T], item: _T, cap: int) -> int:
+    """Append ``item``, keeping the first ``cap`` - 1 and always the latest;
+    1 when an earlier one was dropped for it."""
+    if len(items) >= cap:
+        items[-1] = item
+        return 1
+    items.append(item)
+    return 0
 
 
 # ------------------------------------------------------------ explaining

@@ -66,11 +66,19 @@ def test_an_injected_fault_is_named_by_function_and_line(
         assert crash["function"] == "EbsAdversaryDxe!EbsAdversaryEntryPoint"
     else:
         assert crash["expression"] == 'AsciiStrCmp (Text, "assert") != 0'
-    # the control: the same firmware without the knob boots past the driver
+
+
+@pytest.mark.tcg
+def test_without_the_fault_knob_the_driver_goes_on(ebs_qemu_binary: str,
+                                                    tmp_path: Path) -> None:
+    """The control of the two faults above: the same firmware, no knob."""
+    firmware = edk2.build_variant(FAULTS, progress=cache.StderrProgress()).firmware
     quiet = MachineConfig(code=firmware.code, vars_template=firmware.vars, accel="tcg",
                           qemu=ebs_qemu_binary, serial_input=False)
     with QemuMachine(quiet, tmp_path / "quiet") as vm:
         vm.debugcon.expect(r"EbsAdversaryDxe: off", timeout=120)
+    assert "ASSERT" not in vm.debugcon_log.read_text(encoding="latin-1")
+    assert "Exception" not in vm.serial_log.read_text(encoding="latin-1")
 
 
 @pytest.mark.sev_emulated
