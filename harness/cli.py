@@ -99,13 +99,16 @@ def _writable(value: str, option: str, directory: bool = False) -> Path:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     progress = None if args.quiet else cache.StderrProgress()
+    baseline = edk2.baseline_named(args.edk2)
     result = edk2.build_firmware(
-        source=edk2.source_from_option(args.edk2_src),
+        source=edk2.source_from_option(args.edk2_src, baseline),
+        baseline=baseline,
         rebuild=args.rebuild,
         progress=progress,
         flags=edk2.BuildFlags(debug_on_serial=args.debug_on_serial),
     )
-    return _print_build(args, result.firmware.path, {"firmware_dir": str(result.firmware.path)},
+    return _print_build(args, result.firmware.path, {"firmware_dir": str(result.firmware.path),
+                                                     "edk2": baseline.name},
                         result.firmware.key, result.cache_hit, result.seconds)
 
 
@@ -282,7 +285,9 @@ def _firmware_for(args: argparse.Namespace) -> edk2.Firmware:
     if getattr(args, "firmware", None):
         return edk2.Firmware.load(args.firmware)
     progress = None if args.quiet else cache.StderrProgress()
-    return edk2.build_firmware(source=edk2.source_from_option(None), progress=progress).firmware
+    baseline = edk2.baseline_named(getattr(args, "edk2", None))
+    return edk2.build_firmware(source=edk2.source_from_option(None, baseline),
+                               baseline=baseline, progress=progress).firmware
 
 
 def _artifacts_dir(args: argparse.Namespace, what: str) -> Path:
@@ -386,12 +391,15 @@ def _demo_platform(args: argparse.Namespace) -> tuple[host.HostCaps, str, str]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    root = _artifacts_dir(args, "demo")
     given = edk2.Firmware.load(args.firmware) if args.firmware else None
+    if given is None:
+        edk2.baseline_named(args.edk2)          # an unknown one: before anything runs
+    root = _artifacts_dir(args, "demo")
     caps, sev, why = _demo_platform(args)
     accel = "tcg" if sev == "emulated" else host.resolve_accel("auto", caps)
     print(f"ebs-harness demo: {accel.upper()} ({caps.qemu} {caps.qemu_version}); {why}")
     firmware = given or _firmware_for(args)
+    print(f"firmware: edk2 {firmware.baseline}, {firmware.path}")
     results = []
     for number, (story, chosen) in enumerate(DEMO, 1):
         if sev != "off":
@@ -422,6 +430,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 
+EDK2_HELP = (f"the edk2 baseline to build the series on: {', '.join(edk2.BASELINES)} "
+             f"(default {edk2.DEFAULT_BASELINE}); also EBS_HARNESS_EDK2")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ebs-harness",
@@ -444,6 +456,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="an edk2 tree to use instead of Debian's source "
                             "package (copied, never modified); also "
                             "EBS_HARNESS_EDK2_SRC")
+    build.add_argument("--edk2", metavar="VERSION", help=EDK2_HELP)
     build.add_argument("--rebuild", action="store_true",
                        help="build even if the cache has this firmware")
     build.add_argument("--debug-on-serial", action="store_true",
@@ -519,6 +532,7 @@ def _parser() -> argparse.ArgumentParser:
     boot = add_parser("boot", help="boot the probe guest once and judge it")
     boot.add_argument("--firmware", metavar="DIR",
                       help="a firmware directory from 'ebs-harness build' (default: build)")
+    boot.add_argument("--edk2", metavar="VERSION", help=EDK2_HELP)
     boot.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
                       help="auto: KVM where the host probe proved it, else TCG")
     boot.add_argument("--sev", choices=scenario.SEV_MODES, default="off",
@@ -552,6 +566,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = add_parser("demo", help="the 2017 scheme against the callback, side by side")
     demo.add_argument("--firmware", metavar="DIR",
                       help="a firmware directory from 'ebs-harness build' (default: build)")
+    demo.add_argument("--edk2", metavar="VERSION", help=EDK2_HELP)
     demo.add_argument("--artifacts", metavar="DIR",
                       help="where to keep the runs (default artifacts/demo-TIME)")
     demo.add_argument("--qemu", metavar="BINARY",

@@ -9,6 +9,7 @@ so a nightly job can set it without editing argv:
 option                          ini                     environment
 ==============================  ======================  ==============================
 ``--ebs-firmware DIR``          ``ebs_firmware``        ``EBS_HARNESS_FIRMWARE``
+``--ebs-edk2 VERSION``          ``ebs_edk2``            ``EBS_HARNESS_EDK2``
 ``--ebs-edk2-src DIR``          ``ebs_edk2_src``        ``EBS_HARNESS_EDK2_SRC``
 ``--ebs-rebuild``               ``ebs_rebuild``         ``EBS_HARNESS_REBUILD=1``
 ``--ebs-accel auto|tcg|kvm``    ``ebs_accel``           ``EBS_HARNESS_ACCEL``
@@ -22,8 +23,9 @@ Markers (:data:`MARKERS`: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``,
 (:mod:`harness.vm.host`, once per session) decides, and a test whose
 capability is missing is skipped with the probe's reason.
 
-Fixtures, all ``ebs_*``: ``ebs_firmware`` (the patched OVMF, built once per
-session), ``ebs_run_probe`` (boot a :class:`~harness.scenario.Scenario` and
+Fixtures, all ``ebs_*``: ``ebs_firmware`` (the patched OVMF of the chosen
+edk2 baseline, built once per session), ``ebs_baseline_firmware`` (a function:
+the patched OVMF of any baseline, by name, built once per session), ``ebs_run_probe`` (boot a :class:`~harness.scenario.Scenario` and
 get its verdicts), ``ebs_host_caps``, ``ebs_accel``, ``ebs_qemu_binary``,
 ``ebs_artifacts`` (a per-test directory kept when the test fails) and
 ``ebs_linux_image``. They build objects from :mod:`harness` and clean up;
@@ -51,6 +53,8 @@ _OPTIONS: list[tuple[str, str, str, str, bool]] = [
     # (option, ini, env, help, is_flag)
     ("--ebs-firmware", "ebs_firmware", "EBS_HARNESS_FIRMWARE",
      "a prebuilt firmware directory (from `ebs-harness build`): skip the build", False),
+    ("--ebs-edk2", "ebs_edk2", "EBS_HARNESS_EDK2",
+     "the edk2 baseline the series is built on (default 2025.02)", False),
     ("--ebs-edk2-src", "ebs_edk2_src", "EBS_HARNESS_EDK2_SRC",
      "an edk2 tree to build instead of Debian's source package", False),
     ("--ebs-rebuild", "ebs_rebuild", "EBS_HARNESS_REBUILD",
@@ -66,7 +70,8 @@ _OPTIONS: list[tuple[str, str, str, str, bool]] = [
      "instead of skipping it: a nightly SEV host that lost SEV is broken"), False),
 ]
 
-_METAVARS = {"--ebs-accel": "auto|tcg|kvm", "--ebs-qemu": "BINARY", "--ebs-require": "CAPS"}
+_METAVARS = {"--ebs-accel": "auto|tcg|kvm", "--ebs-qemu": "BINARY", "--ebs-require": "CAPS",
+             "--ebs-edk2": "VERSION"}
 
 #: marker -> what it needs (registered in pytest_configure).
 MARKERS = {
@@ -125,12 +130,35 @@ def ebs_firmware(pytestconfig: pytest.Config) -> Iterator[edk2.Firmware]:
         yield edk2.Firmware.load(prebuilt)
         return
     src = option_value(pytestconfig, "--ebs-edk2-src")
+    baseline = session_baseline(pytestconfig)
     result = edk2.build_firmware(
-        source=edk2.source_from_option(src if isinstance(src, str) else None),
+        source=edk2.source_from_option(src if isinstance(src, str) else None, baseline),
+        baseline=baseline,
         rebuild=bool(option_value(pytestconfig, "--ebs-rebuild")),
         progress=cache.StderrProgress(),
     )
     yield result.firmware
+
+
+def session_baseline(config: pytest.Config) -> edk2.Baseline:
+    """``--ebs-edk2`` (its ini key, its variable), else the default baseline."""
+    name = option_value(config, "--ebs-edk2")
+    return edk2.baseline_named(name if isinstance(name, str) else None)
+
+
+@pytest.fixture(scope="session")
+def ebs_baseline_firmware() -> Callable[[str], edk2.Firmware]:
+    """``get(VERSION)``: the patched OVMF of that edk2 baseline from Debian's
+    source (built or from the cache, once per session), for tests that run a
+    scenario on every baseline."""
+    built: dict[str, edk2.Firmware] = {}
+
+    def get(name: str) -> edk2.Firmware:
+        if name not in built:
+            built[name] = edk2.build_firmware(baseline=edk2.baseline_named(name),
+                                              progress=cache.StderrProgress()).firmware
+        return built[name]
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -266,26 +294,30 @@ def ebs_artifacts(request: pytest.FixtureRequest,
 def ebs_run_probe(request: pytest.FixtureRequest, ebs_firmware: edk2.Firmware,
               ebs_host_caps: host.HostCaps, ebs_accel: str, ebs_artifacts: Path,
               record_property: Callable[[str, object], None],
-              ) -> Callable[[scenario.Scenario], scenario.RunResult]:
-    """Boot a :class:`~harness.scenario.Scenario` of the probe guest.
+              ) -> Callable[..., scenario.RunResult]:
+    """Boot a :class:`~harness.scenario.Scenario` of the probe guest, on
+    ``ebs_firmware`` or the ``firmware`` given.
 
     Records the run in the junit XML (firmware key, accelerator, SEV mode,
     QEMU version, artifact directory) and keeps its timeline for the HTML
     report of a failed test.
     """
-    def run(chosen: scenario.Scenario) -> scenario.RunResult:
+    def run(chosen: scenario.Scenario,
+            firmware: edk2.Firmware | None = None) -> scenario.RunResult:
+        firmware = firmware or ebs_firmware
         caps = ebs_host_caps
         if chosen.sev == "emulated":
             caps = session_emulated_caps(request.config)
         elif chosen.sev == "off" and chosen.accel == "auto":
             chosen = dataclasses.replace(chosen, accel=ebs_accel)
         directory = ebs_artifacts / chosen.label()
-        record_property("firmware_key", ebs_firmware.key)
+        record_property("firmware_key", firmware.key)
+        record_property("edk2", firmware.baseline)
         record_property("sev_mode", chosen.sev)
         record_property("qemu", caps.qemu)
         record_property("qemu_version", caps.qemu_version)
         record_property("artifacts", str(directory))
-        result = scenario.run_scenario(ebs_firmware, chosen, directory, caps=caps)
+        result = scenario.run_scenario(firmware, chosen, directory, caps=caps)
         record_property("accel", result.accel)
         record_property("park_seconds", round(result.park_seconds, 3))
         request.node.stash.setdefault(_RUNS, []).append(result)

@@ -45,6 +45,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -291,6 +292,18 @@ def build_inputs(recipe: str, source: SourceProvider, patches: list[Patch],
     )
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """What :meth:`CachedBuilder.compiles` remembers of a build it did not
+    publish: its key and inputs, seconds, and the last lines of its log."""
+
+    key: str
+    inputs: dict[str, object]
+    seconds: float
+    log_tail: list[str]
+    remembered: bool
+
+
 # ----------------------------------------------------- publish and lock
 
 
@@ -393,6 +406,11 @@ def _group_members(pgid: int, workspace: Path) -> list[int]:
         if cwd == workspace or workspace in cwd.parents:
             members.append(int(stat.parent.name))
     return members
+
+
+#: How long one build step may run before it is stopped as hung.
+STEP_DEADLINE = 1800.0
+STEP_DEADLINE_ENV = "EBS_HARNESS_BUILD_TIMEOUT"
 
 
 def stop_build(pgid: object, workspace: Path, timeout: float = 10.0) -> None:
@@ -566,6 +584,28 @@ class CachedBuilder:
         prune(self.cache, self.SRC, self.KEEP["src"], spare=self.pristine_dir.name)
         return Published(final, key, False, time.monotonic() - start)
 
+    def compiles(self) -> Compiled:
+        """Compile these inputs in the workspace without publishing anything
+        (does a prefix of a series build?). Remembered by key, so asking
+        again is free.
+
+        :raises BuildError: it does not compile (the log names the step).
+        """
+        stamp = self.cache / "compiled" / f"{self.inputs.key}.json"
+        if stamp.exists():
+            return Compiled(**json.loads(stamp.read_text()), remembered=True)
+        pristine = self._pristine()
+        with locked(self._lock(f"{self.WORK}-{self.inputs.workspace_id}"), self.progress,
+                    "the build workspace"):
+            tree = self._workspace(pristine)
+            seconds = self._compile(tree)
+            lines = (tree.parent / "build.log").read_text(errors="replace").splitlines()
+        record = {"key": self.inputs.key, "inputs": self.inputs.describe(),
+                  "seconds": round(seconds, 1), "log_tail": lines[-5:]}
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(record, indent=2) + "\n")
+        return Compiled(**record, remembered=False)  # type: ignore[arg-type]
+
     def pristine(self) -> Path:
         """The source's pristine tree (made once per identity): read it, never
         write to it."""
@@ -636,7 +676,9 @@ class CachedBuilder:
 
         :param workspace: the tree whose ``state.json`` records the step's
             process group while it runs (default: ``cwd``).
-        :raises BuildError: the step exited non-zero (naming the log).
+        :raises BuildError: the step exited non-zero, or ran past
+            :meth:`step_deadline` (edk2's ``build`` can hang after an error
+            in one of its AutoGen workers), naming the log.
         """
         tree = workspace or cwd
         log.write(f"$ {' '.join(argv)}\n")
@@ -655,6 +697,15 @@ class CachedBuilder:
         latest: str | None = None
         last_report = time.monotonic()
         assert proc.stdout is not None
+        deadline = self.step_deadline()
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            stop_build(proc.pid, tree.parent)
+        watchdog = threading.Timer(deadline, expire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -670,13 +721,30 @@ class CachedBuilder:
             stop_build(proc.pid, tree.parent)
             proc.wait()
             raise
+        finally:
+            watchdog.cancel()
         log.flush()
+        if expired.is_set():
+            log.write(f"ebs-harness: stopped after {deadline:g} s\n")
+            raise BuildError(step, argv, Path(log.name),
+                             "\n".join(tail + [f"no end after {deadline:g} s: stopped (set "
+                                               f"{STEP_DEADLINE_ENV} for a longer deadline)"]))
         # Exited by itself (success or a compile error): make, ninja and gcc
         # leave no half-written target behind, so the workspace stays usable.
         self._state.update(dirty=False, pgid=None)
         self._save_state(tree)
         if status != 0:
             raise BuildError(step, argv, Path(log.name), "\n".join(tail))
+
+    @staticmethod
+    def step_deadline() -> float:
+        """Seconds a build step may take: ``EBS_HARNESS_BUILD_TIMEOUT``, else
+        :data:`STEP_DEADLINE` (a cold OVMF or QEMU build takes minutes)."""
+        raw = os.environ.get(STEP_DEADLINE_ENV, "")
+        try:
+            return float(raw) if raw else STEP_DEADLINE
+        except ValueError:
+            raise UsageError(f"{STEP_DEADLINE_ENV}={raw!r}: seconds, a number") from None
 
     # Recipe ------------------------------------------------------------
 

@@ -1,5 +1,9 @@
 """The patched OVMF: edk2 from Debian's source package (or a tree of the
-user's), the series in ``ovmf-patches/``, a DEBUG build, cached by key.
+user's), the series for its baseline in ``ovmf-patches/edk2-VERSION/``, a
+DEBUG build, cached by key.
+
+Two baselines (:data:`BASELINES`, chosen with ``--edk2 VERSION``): 2025.02,
+Debian 13's (the default), and 2022.11, Debian 12's.
 
 The engine (:mod:`harness.build.cache`) does the caching, locking and
 publishing; this module is the recipe: which source, which patches and
@@ -22,35 +26,36 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from harness import shared
 from harness.analysis.symbols import write_index
 from harness.build.cache import (
     CachedBuilder,
+    Compiled,
     Progress,
     PublishedDir,
     SourceProvider,
     as_flag_dict,
     counter,
     remembered_versions,
+    source_label as cache_source_label,
     system_python_env,
     tool_versions,
 )
 from harness.build.debian import DebianSourcePackage, DebianTarballs
+from harness.build.series import read_series
 from harness.errors import SourceError, UsageError
 from harness.tools import run_tool
 
 LOG = logging.getLogger(__name__)
 
-SERIES_DIR = shared("ovmf-patches")
-#: Directories the package ships copied into the edk2 workspace, keyed like
-#: patches: workspace path -> shipped path.
-OVERLAYS: Mapping[str, Path] = {"EbsProbe": shared("guests", "ebs-probe")}
+SERIES_ROOT = shared("ovmf-patches")
 
 DEBIAN_PACKAGE = "edk2"
 DEBIAN_VERSION = "2022.11-6+deb12u2"
@@ -93,6 +98,8 @@ class BuildFlags:
     """What the OVMF build is asked for; part of the cache key."""
 
     platform: str = "OvmfPkg/OvmfPkgX64.dsc"
+    #: ``X64``, or ``IA32,X64`` for OvmfPkgIa32X64.dsc (PEI in IA32, DXE in
+    #: X64); modules are published from the last one.
     arch: str = "X64"
     toolchain: str = "GCC5"
     target: str = "DEBUG"
@@ -111,20 +118,36 @@ class BuildFlags:
     debug_on_serial: bool = False
 
     def __post_init__(self) -> None:
-        if self.target not in ("DEBUG", "NOOPT"):
-            raise UsageError(f"build target {self.target} prints no trace: use DEBUG or NOOPT")
+        if self.target not in ("DEBUG", "NOOPT", "RELEASE"):
+            raise UsageError(f"build target {self.target}: DEBUG, NOOPT or RELEASE")
+        if self.target == "RELEASE" and self.test_build:
+            raise UsageError("a RELEASE build prints no trace: use DEBUG or NOOPT for a test "
+                             "build (EBS_HARNESS_TEST)")
         for name, value in self.defines:
             if not re.fullmatch(r"[A-Z0-9_]+", name) or " " in value:
                 raise UsageError(f"bad build define {name}={value}")
 
     @property
+    def test_build(self) -> bool:
+        """Built with the series' test apparatus (``-D EBS_HARNESS_TEST``)."""
+        return dict(self.defines).get("EBS_HARNESS_TEST") == "TRUE"
+
+    @property
     def output_dir(self) -> str:
         """``Build/OvmfX64/DEBUG_GCC5``, relative to the workspace."""
-        return f"Build/Ovmf{self.arch}/{self.target}_{self.toolchain}"
+        platform = {"IA32,X64": "3264"}.get(self.arch, self.arch)
+        return f"Build/Ovmf{platform}/{self.target}_{self.toolchain}"
+
+    @property
+    def module_arch(self) -> str:
+        """The architecture whose modules (DXE's) are published."""
+        return self.arch.split(",")[-1]
 
     def argv(self, jobs: int) -> list[str]:
-        argv = ["build", "-p", self.platform, "-a", self.arch, "-t", self.toolchain,
-                "-b", self.target, "-n", str(jobs)]
+        argv = ["build", "-p", self.platform]
+        for arch in self.arch.split(","):
+            argv += ["-a", arch]
+        argv += ["-t", self.toolchain, "-b", self.target, "-n", str(jobs)]
         defines = dict(self.defines)
         if self.debug_on_serial:
             defines["DEBUG_ON_SERIAL_PORT"] = "TRUE"
@@ -229,18 +252,49 @@ class DebianTarballSource:
         (dest / "Conf").mkdir(exist_ok=True)    # edksetup.sh writes its tools_def.txt there
 
 
-#: ``build_unpatched(baseline)``: the edk2 releases the harness builds, by
-#: name. The series applies to 2022.11 only for now.
-BASELINES: Mapping[str, SourceProvider] = {"2022.11": DebianSource(),
-                                          "2025.02": DebianTarballSource()}
+@dataclass(frozen=True)
+class Baseline:
+    """An edk2 release the harness builds: Debian's source of it, and the
+    series (and overlays: directories of this repository copied into the
+    workspace, keyed like patches) that applies to it."""
+
+    name: str
+    source: SourceProvider
+    series_dir: Path
+    overlays: Mapping[str, Path] = dataclasses.field(default_factory=dict)
 
 
-def source_from_option(path: str | None) -> SourceProvider:
-    """``--edk2-src DIR`` / ``EBS_HARNESS_EDK2_SRC``, else Debian's package."""
+#: The edk2 releases the harness builds, by name (``--edk2``).
+BASELINES: Mapping[str, Baseline] = {
+    # The series adds the probe application to the tree (OvmfPkg/EbsProbe).
+    "2025.02": Baseline("2025.02", DebianTarballSource(), SERIES_ROOT / "edk2-2025.02"),
+    # The series' DSC names EbsProbe/EbsProbe.inf, copied in from guests/.
+    "2022.11": Baseline("2022.11", DebianSource(), SERIES_ROOT / "edk2-2022.11",
+                        {"EbsProbe": shared("guests", "ebs-probe")}),
+}
+DEFAULT_BASELINE = "2025.02"
+
+
+def baseline_named(name: str | None = None) -> Baseline:
+    """``--edk2 VERSION`` / ``EBS_HARNESS_EDK2``, else :data:`DEFAULT_BASELINE`.
+
+    :raises UsageError: an unknown version (the message lists the known ones).
+    """
+    name = name or os.environ.get("EBS_HARNESS_EDK2") or DEFAULT_BASELINE
+    if name not in BASELINES:
+        raise UsageError(f"edk2 baseline {name!r} (--edk2, EBS_HARNESS_EDK2): the series has "
+                         f"none for it; known: {', '.join(BASELINES)}")
+    return BASELINES[name]
+
+
+def source_from_option(path: str | None, baseline: Baseline | None = None
+                       ) -> SourceProvider:
+    """``--edk2-src DIR`` / ``EBS_HARNESS_EDK2_SRC``, else Debian's source
+    of ``baseline`` (default :data:`DEFAULT_BASELINE`)."""
     path = path or os.environ.get("EBS_HARNESS_EDK2_SRC") or None
     if path:
         return TreeSource(Path(path).expanduser().resolve())
-    return DebianSource()
+    return (baseline or baseline_named()).source
 
 
 def toolchain_versions() -> dict[str, str]:
@@ -276,6 +330,18 @@ class Firmware(PublishedDir):
         return self.path / "OVMF.fd"
 
     @property
+    def baseline(self) -> str:
+        """The edk2 baseline the series was built on (``2025.02``). A
+        manifest written before it recorded one names it by its Debian
+        source; failing that, the source's label (``tree:/path``)."""
+        named = self.manifest.get("edk2")
+        if named:
+            return str(named)
+        source = str(self.manifest.get("source", ""))
+        return next((name for name, b in BASELINES.items() if b.source.identity() == source),
+                    cache_source_label(source))
+
+    @property
     def debug_on_serial(self) -> bool:
         """Built with ``-D DEBUG_ON_SERIAL_PORT``: the trace is on the serial port."""
         flags = self.manifest.get("flags")
@@ -304,15 +370,22 @@ class Builder(CachedBuilder):
     WORK: ClassVar[str] = "work"
     SRC: ClassVar[str] = "src"
     #: A workspace is ~700 MB, a pristine tree ~170 MB, a firmware ~110 MB.
-    KEEP: ClassVar[Mapping[str, int]] = {"published": 8, "work": 2, "src": 2}
+    #: Per baseline: the test build, stock, and the production DEBUG and
+    #: RELEASE builds each have a workspace (and firmware) of their own.
+    KEEP: ClassVar[Mapping[str, int]] = {"published": 12, "work": 6, "src": 2}
 
     def __init__(self, source: SourceProvider, *, flags: BuildFlags | None = None,
-                 series_dir: Path | None = SERIES_DIR,
-                 overlays: Mapping[str, Path] = OVERLAYS, cache: Path | None = None,
-                 jobs: int | None = None, progress: Progress | None = None,
+                 baseline: Baseline | None = None, series: bool = True,
+                 cache: Path | None = None, jobs: int | None = None,
+                 progress: Progress | None = None,
                  extra_patches: Sequence[Path] = ()) -> None:
+        """Build ``source`` with ``baseline``'s series and overlays (none
+        with ``series=False``: stock OVMF)."""
         self.flags: BuildFlags = flags or BuildFlags()
-        super().__init__(source, flags=self.flags, series_dir=series_dir, overlays=overlays,
+        self.baseline = baseline or baseline_named()
+        super().__init__(source, flags=self.flags,
+                         series_dir=self.baseline.series_dir if series else None,
+                         overlays=self.baseline.overlays if series else {},
                          toolchain=toolchain_versions(), cache=cache, jobs=jobs,
                          progress=progress, extra_patches=extra_patches)
 
@@ -362,7 +435,7 @@ class Builder(CachedBuilder):
             shutil.copy2(out / "FV" / name, tmp / name)
         modules = tmp / "modules"
         modules.mkdir()
-        arch = out / self.flags.arch
+        arch = out / self.flags.module_arch
         for file in sorted(arch.glob("*.efi")) + sorted(arch.glob("*.debug")):
             shutil.copy2(file, modules / file.name)
         for mapfile in sorted(arch.glob("**/DEBUG/*.map")):
@@ -371,8 +444,9 @@ class Builder(CachedBuilder):
         write_index(modules)
 
     def _manifest_extra(self) -> dict[str, object]:
-        modules = self.workspace_dir / "tree" / self.flags.output_dir / self.flags.arch
-        return {"build_argv": self.flags.argv(self.jobs),
+        modules = self.workspace_dir / "tree" / self.flags.output_dir / self.flags.module_arch
+        return {"edk2": self.baseline.name,
+                "build_argv": self.flags.argv(self.jobs),
                 "modules": len(list(modules.glob("*.efi")))}
 
     def _discard_partial(self, tree: Path) -> None:
@@ -389,32 +463,99 @@ def build_unpatched(progress: Progress | None = None, baseline: str = "2022.11"
 
     :raises UsageError: an unknown baseline (the message lists the known ones).
     """
-    if baseline not in BASELINES:
-        raise UsageError(f"edk2 baseline {baseline!r}: one of {', '.join(BASELINES)}")
+    chosen = baseline_named(baseline)
+    return Builder(chosen.source, flags=production_flags(), baseline=chosen,
+                   series=False, progress=progress).firmware()
+
+
+def build_production(target: str = "DEBUG", baseline: str | None = None,
+                     progress: Progress | None = None) -> BuildResult:
+    """The series built as a platform would ship it: without the test define
+    (no trace, knobs, test driver or probe), ``DEBUG`` or ``RELEASE``. DEBUG
+    shares the stock build's workspace (same flags), so it is incremental."""
+    chosen = baseline_named(baseline)
+    return Builder(chosen.source, flags=production_flags(target=target), baseline=chosen,
+                   progress=progress).firmware()
+
+
+def production_flags(**changes: Any) -> BuildFlags:
+    """The test build's flags without ``EBS_HARNESS_TEST``, with ``changes``."""
     defines = tuple(d for d in BuildFlags().defines if d[0] != "EBS_HARNESS_TEST")
-    return Builder(BASELINES[baseline], flags=BuildFlags(defines=defines), series_dir=None,
-                   overlays={}, progress=progress).firmware()
+    return dataclasses.replace(BuildFlags(defines=defines), **changes)
+
+
+def compiles_ia32x64(baseline: str | None = None, progress: Progress | None = None
+                     ) -> Compiled:
+    """The series (without the test define) builds OvmfPkgIa32X64.dsc:
+    PEI in IA32, DXE in X64. Nothing is published.
+
+    :raises BuildError: it does not build.
+    """
+    chosen = baseline_named(baseline)
+    flags = production_flags(platform="OvmfPkg/OvmfPkgIa32X64.dsc", arch="IA32,X64")
+    return Builder(chosen.source, flags=flags, baseline=chosen, progress=progress).compiles()
+
+
+def build_prefixes(baseline: str | Baseline | None = None, progress: Progress | None = None,
+                   patches: Sequence[str] | None = None, cache: Path | None = None
+                   ) -> list[tuple[str, Compiled]]:
+    """Compile every prefix of ``baseline``'s series (or of the ``patches``
+    named, in order), the test build's flags, incrementally in the test
+    build's workspace, nothing published: ``(last patch, what was compiled)``
+    per prefix. A series a maintainer can bisect builds at every patch.
+
+    :raises BuildError: the first prefix that does not build.
+    """
+    chosen = baseline if isinstance(baseline, Baseline) else baseline_named(baseline)
+    every = {p.name: p for p in read_series(chosen.series_dir)}
+    names = list(patches) if patches is not None else list(every)
+    results: list[tuple[str, Compiled]] = []
+    with tempfile.TemporaryDirectory(prefix="ebs-prefix-") as scratch:
+        for count in range(1, len(names) + 1):
+            prefix = Path(scratch, str(count))
+            prefix.mkdir()
+            for name in names[:count]:
+                shutil.copy2(every[name].path, prefix / name)
+            (prefix / "series").write_text("".join(f"{n}\n" for n in names[:count]))
+            if progress:
+                progress.phase("prefix", f"{count}/{len(names)}: {names[count - 1]}")
+            builder = Builder(chosen.source, progress=progress, cache=cache,
+                              baseline=dataclasses.replace(chosen, series_dir=prefix))
+            results.append((names[count - 1], builder.compiles()))
+    return results
 
 
 def pristine_tree(baseline: str, progress: Progress | None = None) -> Path:
     """A baseline's tree as Debian ships it (fetched and made once): its
     own tools read the series, e.g. ``BaseTools/Scripts/PatchCheck.py``."""
-    if baseline not in BASELINES:
-        raise UsageError(f"edk2 baseline {baseline!r}: one of {', '.join(BASELINES)}")
-    return Builder(BASELINES[baseline], series_dir=None, overlays={},
+    chosen = baseline_named(baseline)
+    return Builder(chosen.source, baseline=chosen, series=False,
                    progress=progress).pristine()
 
 
+#: The baseline the test variants (``tests/data/firmware-variants``) are
+#: written against.
+VARIANT_BASELINE = "2022.11"
+
+
 def build_variant(patch: Path, progress: Progress | None = None) -> BuildResult:
-    """The patched firmware with one test variant ``patch`` on top."""
-    return Builder(DebianSource(), extra_patches=(patch,), progress=progress).firmware()
+    """The patched firmware of :data:`VARIANT_BASELINE` with one test
+    variant ``patch`` on top."""
+    chosen = baseline_named(VARIANT_BASELINE)
+    return Builder(chosen.source, baseline=chosen, extra_patches=(patch,),
+                   progress=progress).firmware()
 
 
-def build_firmware(source: SourceProvider | None = None, *, rebuild: bool = False,
-                   progress: Progress | None = None, **kwargs: object) -> BuildResult:
-    """Build (or reuse from the cache) the patched OVMF; ``seconds`` counts
-    everything, the key's inputs (patches, toolchain versions) included."""
+def build_firmware(source: SourceProvider | None = None, *, baseline: Baseline | None = None,
+                   rebuild: bool = False, progress: Progress | None = None,
+                   **kwargs: object) -> BuildResult:
+    """Build (or reuse from the cache) the patched OVMF of ``baseline``
+    (default :func:`baseline_named`), from its Debian source or ``source``;
+    ``seconds`` counts everything, the key's inputs (patches, toolchain
+    versions) included."""
     start = time.monotonic()
-    builder = Builder(source or DebianSource(), progress=progress, **kwargs)  # type: ignore[arg-type]
+    baseline = baseline or baseline_named()
+    builder = Builder(source or baseline.source, baseline=baseline, progress=progress,
+                      **kwargs)  # type: ignore[arg-type]
     result = builder.firmware(rebuild=rebuild)
     return dataclasses.replace(result, seconds=time.monotonic() - start)

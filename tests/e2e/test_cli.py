@@ -112,7 +112,8 @@ def test_demo_tells_the_story(ebs_firmware: edk2.Firmware, ebs_artifacts: Path,
     legacy = json.loads((ebs_artifacts / "legacy" / "result.json").read_text())
     callback = json.loads((ebs_artifacts / "callback" / "result.json").read_text())
     assert legacy["sev"] == callback["sev"] == mode
-    assert {v["check"] for v in legacy["violations"]} >= {"V1", "V3", "D3"}
+    # D1..D3 depend on the SEV mode and the baseline (test_scenarios.py)
+    assert {v["check"] for v in legacy["violations"]} >= {"V1", "V3", "V4"}
     assert callback["verdict"] == "pass"
 
 

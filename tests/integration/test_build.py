@@ -15,7 +15,7 @@ from elftools.elf.elffile import ELFFile
 
 from harness.build import edk2
 from harness.build.series import read_series
-from harness.pytestplugin import option_value
+from harness.pytestplugin import option_value, session_baseline
 
 pytestmark = pytest.mark.build
 
@@ -36,12 +36,15 @@ def test_iommu_module_and_symbols(ebs_firmware: edk2.Firmware) -> None:
     assert "mMapInfos" in ebs_firmware.module_file("IoMmuDxe", ".map").read_text()
 
 
-def test_manifest_records_inputs(ebs_firmware: edk2.Firmware) -> None:
+def test_manifest_records_inputs(ebs_firmware: edk2.Firmware,
+                                 pytestconfig: pytest.Config) -> None:
     manifest = ebs_firmware.manifest
     assert manifest["key"] == ebs_firmware.key == ebs_firmware.path.name
-    series = read_series(edk2.SERIES_DIR)
+    series = read_series(edk2.BASELINES[ebs_firmware.baseline].series_dir)
+    if not option_value(pytestconfig, "--ebs-firmware"):
+        assert ebs_firmware.baseline == session_baseline(pytestconfig).name
     assert [name for name, _ in manifest["patches"]] == [p.name for p in series]  # type: ignore[union-attr]
-    assert str(manifest["source"]).startswith(("debian:edk2=", "tree:"))
+    assert str(manifest["source"]).startswith(("debian:edk2=", "debian-tarballs:edk2=", "tree:"))
     assert "gcc" in str(manifest["toolchain"])
     assert float(manifest["build_seconds"]) > 0  # type: ignore[arg-type]
     assert int(manifest["modules"]) > 100  # type: ignore[call-overload]
@@ -54,10 +57,12 @@ def test_cli_build_json_is_a_cache_hit_for_the_same_inputs(
                                                                    "--ebs-edk2-src"):
         pytest.skip("--ebs-firmware/--ebs-edk2-src: the cache holds no build of Debian's "
                     "source")
-    proc = subprocess.run([sys.executable, "-m", "harness", "-q", "build", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "harness", "-q", "build", "--json",
+                           "--edk2", ebs_firmware.baseline],
                           capture_output=True, text=True, check=False, timeout=600)
     assert proc.returncode == 0, proc.stderr
     reply = json.loads(proc.stdout)
     assert reply["cache_hit"] is True
     assert reply["key"] == ebs_firmware.key
     assert reply["firmware_dir"] == str(ebs_firmware.path)
+    assert reply["edk2"] == ebs_firmware.baseline

@@ -86,12 +86,15 @@ def test_the_wheel_ships_what_the_harness_reads(installed: Path) -> None:
                           capture_output=True, text=True, check=True, cwd="/").stdout.strip()
     package = Path(site).parent
     assert not str(package).startswith(str(REPO))
-    for item in ("share/ovmf-patches/series", "share/qemu-patches/series",
+    for item in ("share/ovmf-patches/edk2-2025.02/series",
+                 "share/ovmf-patches/edk2-2022.11/series", "share/qemu-patches/series",
                  "share/guests/ebs-probe/EbsProbe.c", "share/guests/linux/recipe.toml"):
         path = package / item
         assert path.is_file() and not path.is_symlink(), item
-    shipped = sorted(p.name for p in (package / "share/ovmf-patches").iterdir())
-    assert shipped == sorted(p.name for p in (REPO / "ovmf-patches").iterdir())
+    shipped = sorted(str(p.relative_to(package / "share/ovmf-patches"))
+                     for p in (package / "share/ovmf-patches").rglob("*"))
+    assert shipped == sorted(str(p.relative_to(REPO / "ovmf-patches"))
+                             for p in (REPO / "ovmf-patches").rglob("*"))
 
 
 def test_the_installed_command_works_outside_the_checkout(installed: Path,

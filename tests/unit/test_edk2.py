@@ -87,7 +87,8 @@ def _series(directory: Path, *patches: tuple[str, str]) -> Path:
 
 
 def _builder(fake_edk2: Path, tmp_path: Path, series: Path, **kwargs: object) -> edk2.Builder:
-    return edk2.Builder(edk2.TreeSource(fake_edk2), series_dir=series, overlays={},
+    source = edk2.TreeSource(fake_edk2)
+    return edk2.Builder(source, baseline=edk2.Baseline("test", source, series),
                         cache=tmp_path / "cache", jobs=1, **kwargs)  # type: ignore[arg-type]
 
 
@@ -227,6 +228,28 @@ def test_cli_bad_edk2_src_exits_2_with_one_line(tmp_path: Path,
     assert err.count("\n") == 1 and "is not an edk2 tree" in err
 
 
+@pytest.mark.parametrize("argv", [["build", "--edk2", "2099.01"],
+                                  ["boot", "--edk2", "2099.01", "--accel", "tcg"],
+                                  ["demo", "--edk2", "2099.01"]])
+def test_cli_unknown_edk2_exits_2_listing_the_known_ones(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["-q", *argv])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and "'2099.01'" in err and err.endswith(
+        "known: 2025.02, 2022.11\n"), err
+
+
+def test_the_edk2_variable_chooses_the_baseline(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert edk2.baseline_named().name == edk2.DEFAULT_BASELINE == "2025.02"
+    monkeypatch.setenv("EBS_HARNESS_EDK2", "2022.11")
+    assert edk2.baseline_named().name == "2022.11"
+    assert edk2.baseline_named("2025.02").name == "2025.02", "the option wins"
+    monkeypatch.setenv("EBS_HARNESS_EDK2", "1.0")
+    with pytest.raises(UsageError, match="'1.0'"):
+        edk2.baseline_named()
+
+
 def test_tree_source_is_copied_never_modified(fake_edk2: Path, tmp_path: Path) -> None:
     series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")))
     before = edk2.TreeSource(fake_edk2).identity()
@@ -253,6 +276,7 @@ def test_build_publishes_outputs_and_manifest_then_hits(fake_edk2: Path, tmp_pat
     assert manifest["patches"] == [["0001-a.patch", cache.sha256_bytes(
         (series / "0001-a.patch").read_bytes())]]
     assert "gcc" in manifest["toolchain"]  # type: ignore[operator]
+    assert manifest["edk2"] == firmware.baseline == "test"
     assert (firmware.path / "build.log").read_text().count("Building ...") == 1
     second = _builder(fake_edk2, tmp_path, series).firmware()
     assert second.cache_hit and second.firmware == firmware
@@ -281,8 +305,9 @@ def _build_in_child(fake_edk2: Path, tmp_path: Path, series: Path, env: dict[str
     code = textwrap.dedent(f"""
         from pathlib import Path
         from harness.build import edk2
-        edk2.Builder(edk2.TreeSource(Path({str(fake_edk2)!r})), series_dir=Path({str(series)!r}),
-                     overlays={{}}, cache=Path({str(tmp_path / 'cache')!r}), jobs=1).firmware()
+        source = edk2.TreeSource(Path({str(fake_edk2)!r}))
+        edk2.Builder(source, baseline=edk2.Baseline("test", source, Path({str(series)!r})),
+                     cache=Path({str(tmp_path / 'cache')!r}), jobs=1).firmware()
         """)
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env})
 
@@ -427,3 +452,50 @@ def test_remembered_versions_key_moves_with_the_tools(tmp_path: Path,
     assert cache.remembered_versions("t", ["gcc"], versions) == first and len(asked) == 1
     tool.write_text("#!/bin/sh\necho 'gcc (Debian 14.2.0-19) 14.2.0.1'\n")   # upgraded
     assert cache.remembered_versions("t", ["gcc"], versions)["gcc"].endswith("14.2.0.1")
+
+
+# ------------------------------------------------------- series prefixes
+
+
+def test_every_prefix_is_compiled_once_and_the_first_broken_one_named(
+        fake_edk2: Path, tmp_path: Path) -> None:
+    series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")),
+                     ("0002-b.patch", _patch("line 2", "BROKEN")),
+                     ("0003-c.patch", _patch("BROKEN", "line two")))
+    baseline = edk2.Baseline("test", edk2.TreeSource(fake_edk2), series)
+    cache_root = tmp_path / "cache"
+    built = edk2.build_prefixes(baseline, patches=["0001-a.patch"], cache=cache_root)
+    assert [(name, c.remembered) for name, c in built] == [("0001-a.patch", False)]
+    again = edk2.build_prefixes(baseline, patches=["0001-a.patch"], cache=cache_root)
+    assert again[0][1].remembered and again[0][1].key == built[0][1].key
+    with pytest.raises(BuildError, match="error: BROKEN"):
+        edk2.build_prefixes(baseline, cache=cache_root)
+    assert not list((cache_root / "firmware").glob("[!.]*")), "a prefix is never published"
+
+
+def test_a_build_step_past_its_deadline_is_stopped(fake_edk2: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """edk2's build can hang after an AutoGen error: the step is stopped."""
+    monkeypatch.setenv("FAKE_BUILD_SLEEP", "60")
+    monkeypatch.setenv("FAKE_BUILD_STARTED", str(tmp_path / "started"))
+    monkeypatch.setenv("EBS_HARNESS_BUILD_TIMEOUT", "1.5")
+    series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")))
+    start = time.monotonic()
+    with pytest.raises(BuildError, match="no end after 1.5 s: stopped"):
+        _builder(fake_edk2, tmp_path, series).firmware()
+    assert time.monotonic() - start < 30
+    assert "ebs-harness: stopped after 1.5 s" in (tmp_path / "cache" / "work").rglob(
+        "build.log").__next__().read_text()
+
+
+def test_a_manifest_without_a_baseline_is_named_by_its_debian_source(tmp_path: Path) -> None:
+    """Firmware published before manifests named the baseline."""
+    for name in ("OVMF_CODE.fd", "OVMF_VARS.fd"):
+        (tmp_path / name).write_bytes(b"")
+    manifest = {"key": tmp_path.name, "source": edk2.BASELINES["2025.02"].source.identity()}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert edk2.Firmware.load(tmp_path).baseline == "2025.02"
+    manifest["source"] = "tree:/src/edk2"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert edk2.Firmware.load(tmp_path).baseline == "tree:/src/edk2"
+

@@ -1,0 +1,158 @@
+"""The 2025.02 series as a maintainer receives it: ``git am`` applies it,
+patch by patch, to the files of the pristine tree, the cover letter counts
+its patches, every prefix of it builds, the probe application it adds is
+``guests/ebs-probe``, and an image built without ``-D EBS_HARNESS_TEST``
+(DEBUG and RELEASE) holds the feature and nothing of the test apparatus.
+(The last prefix, the whole series, is the firmware the rest of the suite
+boots.)
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from harness import shared
+from harness.build import cache, edk2, series
+
+pytestmark = pytest.mark.build
+
+BASELINE = edk2.BASELINES["2025.02"]
+PATCHES = series.read_series(BASELINE.series_dir)
+COVER = BASELINE.series_dir / "0000-cover-letter.patch"
+
+#: What only the test apparatus puts into DxeCore and IoMmuDxe.
+TEST_STRINGS = {"DxeCore": (b"EBST ",), "IoMmuDxe": (b"EBST ", b"org.ebs-harness")}
+TEST_SYMBOLS = {
+    "DxeCore": ("gExitBootServicesInProgress", "CoreTraceMemoryService",
+                "CoreBootServiceRaiseTpl"),
+    "IoMmuDxe": ("mIoMmuEbsScheme", "IoMmuFwCfgReadString", "mIoMmuEmulation", "mMapCount"),
+}
+TEST_MODULES = ("EbsAdversaryDxe", "EbsProbe")
+#: What the feature (patches 1 to 4) puts there.
+FEATURE_SYMBOLS = {
+    "DxeCore": ("CoreRegisterIoMmuTeardown", "mIoMmuTeardown"),
+    "IoMmuDxe": ("IoMmuExitBootServicesTeardown", "mCcGuestAttr"),
+}
+
+
+def subject(patch: series.Patch) -> str:
+    """The patch's subject, unfolded, without ``[PATCH n/m]``."""
+    found = re.search(r"^Subject: \[PATCH \d+/\d+\] (.*?)\n(?=\S)", patch.path.read_text(),
+                      re.M | re.S)
+    assert found, patch.name
+    return re.sub(r"\s+", " ", found[1]).strip()
+
+
+def git(repo: Path, *argv: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=ebs-harness test",
+                           "-c", "user.email=test@ebs-harness.invalid", *argv],
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch git repository of the pristine files the series touches,
+    with the series applied by ``git am``."""
+    pristine = edk2.pristine_tree(BASELINE.name, cache.StderrProgress())
+    repo = tmp_path_factory.mktemp("am")
+    git(repo, "init", "-q")
+    for name in sorted({f for patch in PATCHES for f in patch.files()}):
+        if (pristine / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(pristine / name, repo / name)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "pristine edk2 2025.02 files")
+    git(repo, "am", "-q", "--keep-cr", *[str(p.path) for p in PATCHES])
+    return repo
+
+
+def test_git_am_applies_every_patch_as_a_commit(applied: Path) -> None:
+    subjects = git(applied, "log", "--reverse", "--format=%s", "HEAD~%d..HEAD" % len(PATCHES))
+    assert subjects.splitlines() == [subject(p) for p in PATCHES]
+    assert git(applied, "status", "--porcelain") == ""
+
+
+def test_cover_letter_counts_the_series_and_marks_the_test_patches() -> None:
+    text = COVER.read_text()
+    assert f"Subject: [PATCH 00/{len(PATCHES)}] " in text
+    assert "*** SUBJECT HERE ***" not in text and "*** BLURB HERE ***" not in text
+    test_only = [subject(p).endswith("[test only]") for p in PATCHES]
+    assert test_only == sorted(test_only) and 0 < sum(test_only) < len(PATCHES), \
+        "the test apparatus comes last, after the feature"
+
+
+def test_the_probe_the_series_adds_is_guests_ebs_probe(applied: Path) -> None:
+    """Byte for byte, CRLF included: edit ``guests/ebs-probe`` and
+    regenerate the patch, or this fails."""
+    for name in ("EbsProbe.c", "EbsProbe.inf"):
+        assert (applied / "OvmfPkg" / "EbsProbe" / name).read_bytes() == \
+            (shared("guests", "ebs-probe") / name).read_bytes(), name
+
+
+def test_a_patch_that_no_longer_applies_fails_git_am(tmp_path: Path, applied: Path) -> None:
+    """The control of the git am test: the first patch again, on top."""
+    proc = subprocess.run(["git", "-C", str(applied), "am", "--keep-cr", str(PATCHES[0].path)],
+                          capture_output=True, text=True, check=False, timeout=60)
+    subprocess.run(["git", "-C", str(applied), "am", "--abort"], check=False, timeout=60)
+    assert proc.returncode != 0
+
+
+def test_every_prefix_of_the_series_builds() -> None:
+    """Incrementally, in the test build's workspace (remembered by key).
+    The control, a prefix that does not build, is in ``tests/unit/test_edk2.py``
+    on a fake tree: a real one costs two full rebuilds, and edk2's build
+    can hang on an AutoGen error (the harness stops it at its deadline)."""
+    built = edk2.build_prefixes(BASELINE.name, cache.StderrProgress())
+    assert [name for name, _ in built] == [p.name for p in PATCHES]
+    for name, compiled in built:
+        assert any(line.startswith("Build total time") for line in compiled.log_tail), name
+
+
+def symbols(firmware: edk2.Firmware, module: str) -> set[str]:
+    with open(firmware.module_file(module, ".debug"), "rb") as handle:
+        table = ELFFile(handle).get_section_by_name(".symtab")
+        # LTO renames file-local symbols (name.lto_priv.0): compare the stem
+        return {symbol.name.split(".")[0] for symbol in table.iter_symbols()}
+
+
+def apparatus_in(firmware: edk2.Firmware) -> list[str]:
+    found = [f"module {m}" for m in TEST_MODULES if firmware.module_file(m, ".efi").exists()]
+    for module, names in TEST_SYMBOLS.items():
+        image = firmware.module_file(module, ".efi").read_bytes()
+        found += [f"{module}.efi string {s!r}" for s in TEST_STRINGS[module] if s in image]
+        found += [f"{module} symbol {n}" for n in sorted(set(names) & symbols(firmware, module))]
+    return found
+
+
+@pytest.mark.parametrize("target", ["DEBUG", "RELEASE"])
+def test_a_production_build_has_the_feature_and_no_apparatus(target: str) -> None:
+    firmware = edk2.build_production(target, BASELINE.name, cache.StderrProgress()).firmware
+    assert apparatus_in(firmware) == []
+    for module, names in FEATURE_SYMBOLS.items():
+        assert set(names) <= symbols(firmware, module), module
+
+
+def test_the_series_builds_ovmfpkgia32x64() -> None:
+    """PEI in IA32, DXE in X64, without the test define (the apparatus is
+    for OvmfPkgX64 only, and the emulation backend for X64 only)."""
+    compiled = edk2.compiles_ia32x64(BASELINE.name, cache.StderrProgress())
+    argv = compiled.inputs["flags"]
+    assert isinstance(argv, dict) and argv["platform"] == "OvmfPkg/OvmfPkgIa32X64.dsc"
+    assert any(line.startswith("Build total time") for line in compiled.log_tail), \
+        compiled.log_tail
+
+
+def test_the_test_build_has_the_apparatus(
+        ebs_baseline_firmware: object) -> None:
+    """The control: the same checks find every piece in the test build."""
+    firmware = ebs_baseline_firmware(BASELINE.name)  # type: ignore[operator]
+    found = apparatus_in(firmware)
+    expected = (len(TEST_MODULES) + sum(len(s) for s in TEST_STRINGS.values())
+                + sum(len(n) for n in TEST_SYMBOLS.values()))
+    assert len(found) == expected, found
