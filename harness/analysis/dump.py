@@ -516,7 +516,8 @@ def split_by_design(ranges: Sequence[SharedRange]
 
 @dataclass(frozen=True)
 class MapRecord:
-    """A MAP_INFO on the IoMmuDxe list, as edk2 2022.11's ``AmdSevIoMmu.c`` lays it out."""
+    """A MAP_INFO on the IoMmuDxe list, as edk2 lays it out (2022.11 ``AmdSevIoMmu.c``;
+    2025.02 ``CcIoMmu.c`` appends ReservedMemBitmap, which is not read)."""
 
     addr: int
     operation: int

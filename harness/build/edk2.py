@@ -266,11 +266,9 @@ class Baseline:
 
 #: The edk2 releases the harness builds, by name (``--edk2``).
 BASELINES: Mapping[str, Baseline] = {
-    # The series adds the probe application to the tree (OvmfPkg/EbsProbe).
+    # Each series adds the probe application to the tree (OvmfPkg/EbsProbe).
     "2025.02": Baseline("2025.02", DebianTarballSource(), SERIES_ROOT / "edk2-2025.02"),
-    # The series' DSC names EbsProbe/EbsProbe.inf, copied in from guests/.
-    "2022.11": Baseline("2022.11", DebianSource(), SERIES_ROOT / "edk2-2022.11",
-                        {"EbsProbe": shared("guests", "ebs-probe")}),
+    "2022.11": Baseline("2022.11", DebianSource(), SERIES_ROOT / "edk2-2022.11"),
 }
 DEFAULT_BASELINE = "2025.02"
 

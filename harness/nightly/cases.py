@@ -196,7 +196,8 @@ def _firmware(spec: FirmwareSpec) -> edk2.Firmware:
     if key not in _STATE:
         try:
             if spec.kind == "series":
-                _STATE[key] = edk2.build_firmware().firmware
+                _STATE[key] = edk2.build_firmware(
+                    baseline=edk2.baseline_named(spec.edk2)).firmware
             elif spec.kind == "variant":
                 assert spec.path is not None
                 _STATE[key] = edk2.build_variant(spec.path).firmware

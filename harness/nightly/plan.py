@@ -14,6 +14,7 @@
     [[firmware]]
     name = "series"
     build = "series"              # the patched firmware (built or from the cache)
+    # edk2 = "2022.11"            # with build: the baseline (default 2025.02)
     # variant = "PATCH"           # the series plus one test patch
     # dir = "DIR"                 # a published firmware directory
 
@@ -39,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from harness import scenario
+from harness.build import edk2
 from harness.errors import UsageError
 
 HOST_KEYS = {"name", "where", "qemu", "known_hosts", "host_key", "identity"}
-FIRMWARE_KEYS = {"name", "build", "variant", "dir"}
+FIRMWARE_KEYS = {"name", "build", "variant", "dir", "edk2"}
 SCENARIO_KEYS = {"name", "ebs_mode", "requeue_depth", "devices", "leak_mapping",
                  "stale_mapkey", "dump", "memory_mib", "timeout", "sev", "accel"}
 
@@ -63,11 +65,13 @@ class Host:
 
 @dataclass(frozen=True)
 class FirmwareSpec:
-    """``build = "series"``, ``variant = PATCH`` or ``dir = DIR``."""
+    """``build = "series"`` (on ``edk2``, default the default baseline),
+    ``variant = PATCH`` or ``dir = DIR``."""
 
     name: str
     kind: str
     path: Path | None = None
+    edk2: str | None = None
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,14 @@ def _firmware(entry: dict[str, Any], base: Path, what: str) -> FirmwareSpec:
     if kind == "build":
         if entry["build"] != "series":
             raise UsageError(f"{what} ({name}): build = {entry['build']!r}: only \"series\"")
-        return FirmwareSpec(name, "series")
+        baseline = entry.get("edk2")
+        if baseline is not None and baseline not in edk2.BASELINES:
+            raise UsageError(f"{what} ({name}): edk2 = {baseline!r}: one of "
+                             f"{', '.join(edk2.BASELINES)}")
+        return FirmwareSpec(name, "series", edk2=baseline)
+    if "edk2" in entry:
+        raise UsageError(f"{what} ({name}): edk2 goes with build = \"series\" (a variant is "
+                         f"written for {edk2.VARIANT_BASELINE})")
     return FirmwareSpec(name, kind, _existing(base, entry[kind], f"{what} {kind}"))
 
 

@@ -84,7 +84,7 @@ def test_the_2022_11_series_on_2025_02_names_baseline_patch_file_and_hunk() -> N
     with pytest.raises(PatchError) as info:
         builder.firmware()
     message = str(info.value)
-    assert message.startswith("patch 0002-MdeModulePkg-Core-Dxe-call-the-IOMMU-ExitBootService"
+    assert message.startswith("patch 0002-MdeModulePkg-Core-Dxe-call-the-IOMMU-teardown-at-Exi"
                               ".patch does not apply to debian-tarballs:edk2=2025.02-8+deb13u1: "
                               "MdeModulePkg/Core/Dxe/DxeMain/DxeMain.c hunk #"), message
     assert "\n" not in message

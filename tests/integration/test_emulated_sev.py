@@ -117,9 +117,9 @@ def test_the_contract_catches_a_teardown_that_reads_a_dynamic_pcd(
     result = scenario.run_scenario(variant, chosen, ebs_artifacts / "sev", caps=emulated)
     assert result.failed_checks() == {"C1", "C3"}, [v.detail for v in result.violations]
     c1 = next(v for v in result.violations if v.check == "C1")
-    assert c1.culprit == "IoMmuDxe!IoMmuExitBootServices"
+    assert c1.culprit == "IoMmuDxe!IoMmuExitBootServicesTeardown"
     assert re.search(r"RestoreTPL\(\d+\) from PcdDxe!", c1.detail)
-    assert all(v.culprit == "IoMmuDxe!IoMmuExitBootServices"
+    assert all(v.culprit == "IoMmuDxe!IoMmuExitBootServicesTeardown"
                for v in result.violations if v.check == "C3")
     plain = scenario.run_scenario(variant, scenario.Scenario(ebs_mode="callback", requeue_depth=2,
                                                              accel="tcg"),

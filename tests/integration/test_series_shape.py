@@ -1,10 +1,14 @@
-"""The 2025.02 series as a maintainer receives it: ``git am`` applies it,
+"""Each baseline's series as a maintainer receives it: ``git am`` applies it,
 patch by patch, to the files of the pristine tree, the cover letter counts
-its patches, every prefix of it builds, the probe application it adds is
-``guests/ebs-probe``, and an image built without ``-D EBS_HARNESS_TEST``
-(DEBUG and RELEASE) holds the feature and nothing of the test apparatus.
-(The last prefix, the whole series, is the firmware the rest of the suite
-boots.)
+its patches and puts the feature before the test apparatus, and the probe
+application it adds is ``guests/ebs-probe``.
+
+The builds run for the session's baseline (``--ebs-edk2``, default
+2025.02; the nightly passes the other): every prefix of the series builds,
+the whole series builds OvmfPkgIa32X64, and an image built without
+``-D EBS_HARNESS_TEST`` (DEBUG and RELEASE) holds the feature and nothing
+of the test apparatus. (The last prefix, the whole series, is the firmware
+the rest of the suite boots.)
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,12 +24,11 @@ from elftools.elf.elffile import ELFFile
 
 from harness import shared
 from harness.build import cache, edk2, series
+from harness.pytestplugin import session_baseline
 
 pytestmark = pytest.mark.build
 
-BASELINE = edk2.BASELINES["2025.02"]
-PATCHES = series.read_series(BASELINE.series_dir)
-COVER = BASELINE.series_dir / "0000-cover-letter.patch"
+BASELINES = list(edk2.BASELINES)
 
 #: What only the test apparatus puts into DxeCore and IoMmuDxe.
 TEST_STRINGS = {"DxeCore": (b"EBST ",), "IoMmuDxe": (b"EBST ", b"org.ebs-harness")}
@@ -41,6 +45,10 @@ FEATURE_SYMBOLS = {
 }
 
 
+def patches(baseline: str) -> list[series.Patch]:
+    return series.read_series(edk2.BASELINES[baseline].series_dir)
+
+
 def subject(patch: series.Patch) -> str:
     """The patch's subject, unfolded, without ``[PATCH n/m]``."""
     found = re.search(r"^Subject: \[PATCH \d+/\d+\] (.*?)\n(?=\S)", patch.path.read_text(),
@@ -55,63 +63,88 @@ def git(repo: Path, *argv: str) -> str:
                           capture_output=True, text=True, check=True, timeout=120).stdout
 
 
-@pytest.fixture(scope="module")
-def applied(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A scratch git repository of the pristine files the series touches,
-    with the series applied by ``git am``."""
-    pristine = edk2.pristine_tree(BASELINE.name, cache.StderrProgress())
-    repo = tmp_path_factory.mktemp("am")
+@pytest.fixture(scope="module", params=BASELINES)
+def applied(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A baseline, and a scratch git repository of the pristine files its
+    series touches, with the series applied by ``git am``."""
+    baseline: str = request.param
+    pristine = edk2.pristine_tree(baseline, cache.StderrProgress())
+    repo = tmp_path_factory.mktemp(f"am-{baseline}")
     git(repo, "init", "-q")
-    for name in sorted({f for patch in PATCHES for f in patch.files()}):
+    for name in sorted({f for patch in patches(baseline) for f in patch.files()}):
         if (pristine / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(pristine / name, repo / name)
     git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "pristine edk2 2025.02 files")
-    git(repo, "am", "-q", "--keep-cr", *[str(p.path) for p in PATCHES])
-    return repo
+    git(repo, "commit", "-q", "-m", f"pristine edk2 {baseline} files")
+    git(repo, "am", "-q", "--keep-cr", *[str(p.path) for p in patches(baseline)])
+    return baseline, repo
 
 
-def test_git_am_applies_every_patch_as_a_commit(applied: Path) -> None:
-    subjects = git(applied, "log", "--reverse", "--format=%s", "HEAD~%d..HEAD" % len(PATCHES))
-    assert subjects.splitlines() == [subject(p) for p in PATCHES]
-    assert git(applied, "status", "--porcelain") == ""
+def test_git_am_applies_every_patch_as_a_commit(applied: tuple[str, Path]) -> None:
+    baseline, repo = applied
+    wanted = patches(baseline)
+    subjects = git(repo, "log", "--reverse", "--format=%s", "HEAD~%d..HEAD" % len(wanted))
+    assert subjects.splitlines() == [subject(p) for p in wanted]
+    assert git(repo, "status", "--porcelain") == ""
 
 
-def test_cover_letter_counts_the_series_and_marks_the_test_patches() -> None:
-    text = COVER.read_text()
-    assert f"Subject: [PATCH 00/{len(PATCHES)}] " in text
-    assert "*** SUBJECT HERE ***" not in text and "*** BLURB HERE ***" not in text
-    test_only = [subject(p).endswith("[test only]") for p in PATCHES]
-    assert test_only == sorted(test_only) and 0 < sum(test_only) < len(PATCHES), \
-        "the test apparatus comes last, after the feature"
-
-
-def test_the_probe_the_series_adds_is_guests_ebs_probe(applied: Path) -> None:
-    """Byte for byte, CRLF included: edit ``guests/ebs-probe`` and
-    regenerate the patch, or this fails."""
-    for name in ("EbsProbe.c", "EbsProbe.inf"):
-        assert (applied / "OvmfPkg" / "EbsProbe" / name).read_bytes() == \
-            (shared("guests", "ebs-probe") / name).read_bytes(), name
-
-
-def test_a_patch_that_no_longer_applies_fails_git_am(tmp_path: Path, applied: Path) -> None:
+def test_a_patch_that_no_longer_applies_fails_git_am(applied: tuple[str, Path]) -> None:
     """The control of the git am test: the first patch again, on top."""
-    proc = subprocess.run(["git", "-C", str(applied), "am", "--keep-cr", str(PATCHES[0].path)],
+    baseline, repo = applied
+    proc = subprocess.run(["git", "-C", str(repo), "am", "--keep-cr",
+                           str(patches(baseline)[0].path)],
                           capture_output=True, text=True, check=False, timeout=60)
-    subprocess.run(["git", "-C", str(applied), "am", "--abort"], check=False, timeout=60)
+    subprocess.run(["git", "-C", str(repo), "am", "--abort"], check=False, timeout=60)
     assert proc.returncode != 0
 
 
-def test_every_prefix_of_the_series_builds() -> None:
+def test_the_probe_the_series_adds_is_guests_ebs_probe(applied: tuple[str, Path]) -> None:
+    """Byte for byte, CRLF included: edit ``guests/ebs-probe`` and
+    regenerate the patch, or this fails."""
+    _, repo = applied
+    for name in ("EbsProbe.c", "EbsProbe.inf"):
+        assert (repo / "OvmfPkg" / "EbsProbe" / name).read_bytes() == \
+            (shared("guests", "ebs-probe") / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("baseline", BASELINES)
+def test_cover_letter_counts_the_series_and_puts_the_feature_first(baseline: str) -> None:
+    wanted = patches(baseline)
+    text = (edk2.BASELINES[baseline].series_dir / "0000-cover-letter.patch").read_text()
+    assert f"Subject: [PATCH 00/{len(wanted)}] " in text
+    assert "*** SUBJECT HERE ***" not in text and "*** BLURB HERE ***" not in text
+    test_only = [subject(p).endswith("[test only]") for p in wanted]
+    assert test_only == sorted(test_only) and 0 < sum(test_only) < len(wanted), \
+        "the test apparatus comes last, after the feature"
+
+
+@pytest.fixture(scope="module")
+def baseline(pytestconfig: pytest.Config) -> str:
+    """The session's baseline, whose series the builds below check."""
+    return session_baseline(pytestconfig).name
+
+
+def test_every_prefix_of_the_series_builds(baseline: str) -> None:
     """Incrementally, in the test build's workspace (remembered by key).
     The control, a prefix that does not build, is in ``tests/unit/test_edk2.py``
     on a fake tree: a real one costs two full rebuilds, and edk2's build
     can hang on an AutoGen error (the harness stops it at its deadline)."""
-    built = edk2.build_prefixes(BASELINE.name, cache.StderrProgress())
-    assert [name for name, _ in built] == [p.name for p in PATCHES]
+    built = edk2.build_prefixes(baseline, cache.StderrProgress())
+    assert [name for name, _ in built] == [p.name for p in patches(baseline)]
     for name, compiled in built:
         assert any(line.startswith("Build total time") for line in compiled.log_tail), name
+
+
+def test_the_series_builds_ovmfpkgia32x64(baseline: str) -> None:
+    """PEI in IA32, DXE in X64, without the test define (the apparatus is
+    for OvmfPkgX64 only, and the emulation backend for X64 only)."""
+    compiled = edk2.compiles_ia32x64(baseline, cache.StderrProgress())
+    flags = compiled.inputs["flags"]
+    assert isinstance(flags, dict) and flags["platform"] == "OvmfPkg/OvmfPkgIa32X64.dsc"
+    assert any(line.startswith("Build total time") for line in compiled.log_tail), \
+        compiled.log_tail
 
 
 def symbols(firmware: edk2.Firmware, module: str) -> set[str]:
@@ -131,28 +164,18 @@ def apparatus_in(firmware: edk2.Firmware) -> list[str]:
 
 
 @pytest.mark.parametrize("target", ["DEBUG", "RELEASE"])
-def test_a_production_build_has_the_feature_and_no_apparatus(target: str) -> None:
-    firmware = edk2.build_production(target, BASELINE.name, cache.StderrProgress()).firmware
+def test_a_production_build_has_the_feature_and_no_apparatus(baseline: str,
+                                                             target: str) -> None:
+    firmware = edk2.build_production(target, baseline, cache.StderrProgress()).firmware
     assert apparatus_in(firmware) == []
     for module, names in FEATURE_SYMBOLS.items():
         assert set(names) <= symbols(firmware, module), module
 
 
-def test_the_series_builds_ovmfpkgia32x64() -> None:
-    """PEI in IA32, DXE in X64, without the test define (the apparatus is
-    for OvmfPkgX64 only, and the emulation backend for X64 only)."""
-    compiled = edk2.compiles_ia32x64(BASELINE.name, cache.StderrProgress())
-    argv = compiled.inputs["flags"]
-    assert isinstance(argv, dict) and argv["platform"] == "OvmfPkg/OvmfPkgIa32X64.dsc"
-    assert any(line.startswith("Build total time") for line in compiled.log_tail), \
-        compiled.log_tail
-
-
 def test_the_test_build_has_the_apparatus(
-        ebs_baseline_firmware: object) -> None:
+        baseline: str, ebs_baseline_firmware: Callable[[str], edk2.Firmware]) -> None:
     """The control: the same checks find every piece in the test build."""
-    firmware = ebs_baseline_firmware(BASELINE.name)  # type: ignore[operator]
-    found = apparatus_in(firmware)
+    found = apparatus_in(ebs_baseline_firmware(baseline))
     expected = (len(TEST_MODULES) + sum(len(s) for s in TEST_STRINGS.values())
                 + sum(len(n) for n in TEST_SYMBOLS.values()))
     assert len(found) == expected, found

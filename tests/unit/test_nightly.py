@@ -78,6 +78,12 @@ def test_a_plan_is_the_product_of_hosts_firmware_and_scenarios(tmp_path: Path) -
     assert (pcd.kind, pcd.path) == ("variant", tmp_path / "variants" / "pcd.patch")
 
 
+def test_a_series_firmware_names_its_edk2_baseline(tmp_path: Path) -> None:
+    text = PLAN.replace('build = "series"', 'build = "series"\nedk2 = "2022.11"', 1)
+    series = next(f for f in load_plan(write(tmp_path, text)).firmware if f.name == "series")
+    assert (series.kind, series.edk2) == ("series", "2022.11")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (("name = \"lab\"", ""), "needs name ="),
     (("slower = 0.25", "slower = -1"), "slower = -1: a positive fraction"),
@@ -91,8 +97,12 @@ def test_a_plan_is_the_product_of_hosts_firmware_and_scenarios(tmp_path: Path) -
     (("window = 3", "window = [3"), "not TOML"),
     (("variants/pcd.patch", "variants/gone.patch"), "gone.patch does not exist"),
     (("ssh://root@sevbox:2222", "ssh://root@sevbox:port"), "bad port"),
+    (("build = \"series\"", "build = \"series\"\nedk2 = \"2099.01\""),
+     "edk2 = '2099.01': one of 2025.02, 2022.11"),
+    (("variant = \"variants/pcd.patch\"", "variant = \"variants/pcd.patch\"\nedk2 = \"2025.02\""),
+     "edk2 goes with build = \"series\""),
 ], ids=["no-name", "slower", "where", "build", "unknown-key", "ebs-mode", "duplicate",
-        "slash", "toml", "missing-file", "bad-url"])
+        "slash", "toml", "missing-file", "bad-url", "edk2", "edk2-variant"])
 def test_a_wrong_plan_is_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:
     assert change[0] in PLAN
     with pytest.raises(UsageError, match=rf".*{__import__('re').escape(message)}") as info:
