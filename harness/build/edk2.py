@@ -368,9 +368,10 @@ class Builder(CachedBuilder):
     WORK: ClassVar[str] = "work"
     SRC: ClassVar[str] = "src"
     #: A workspace is ~700 MB, a pristine tree ~170 MB, a firmware ~110 MB.
-    #: Per baseline: the test build, stock, and the production DEBUG and
-    #: RELEASE builds each have a workspace (and firmware) of their own.
-    KEEP: ClassVar[Mapping[str, int]] = {"published": 12, "work": 6, "src": 2}
+    #: Per baseline: the test build, stock (shared with production DEBUG),
+    #: production RELEASE, OvmfPkgIa32X64 and the serial-port build each
+    #: have a workspace (and firmware) of their own.
+    KEEP: ClassVar[Mapping[str, int]] = {"published": 12, "work": 8, "src": 2}
 
     def __init__(self, source: SourceProvider, *, flags: BuildFlags | None = None,
                  baseline: Baseline | None = None, series: bool = True,
@@ -500,7 +501,10 @@ def build_prefixes(baseline: str | Baseline | None = None, progress: Progress | 
     """Compile every prefix of ``baseline``'s series (or of the ``patches``
     named, in order), the test build's flags, incrementally in the test
     build's workspace, nothing published: ``(last patch, what was compiled)``
-    per prefix. A series a maintainer can bisect builds at every patch.
+    per prefix, in series order. A series a maintainer can bisect builds at
+    every patch. The longest prefix is compiled first: the workspace usually
+    holds the whole series already, and walking back from it rebuilds less
+    than walking forward from the first patch.
 
     :raises BuildError: the first prefix that does not build.
     """
@@ -509,7 +513,7 @@ def build_prefixes(baseline: str | Baseline | None = None, progress: Progress | 
     names = list(patches) if patches is not None else list(every)
     results: list[tuple[str, Compiled]] = []
     with tempfile.TemporaryDirectory(prefix="ebs-prefix-") as scratch:
-        for count in range(1, len(names) + 1):
+        for count in range(len(names), 0, -1):
             prefix = Path(scratch, str(count))
             prefix.mkdir()
             for name in names[:count]:
@@ -520,7 +524,7 @@ def build_prefixes(baseline: str | Baseline | None = None, progress: Progress | 
             builder = Builder(chosen.source, progress=progress, cache=cache,
                               baseline=dataclasses.replace(chosen, series_dir=prefix))
             results.append((names[count - 1], builder.compiles()))
-    return results
+    return results[::-1]
 
 
 def pristine_tree(baseline: str, progress: Progress | None = None) -> Path:
