@@ -24,8 +24,9 @@ Markers (:data:`MARKERS`: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``,
 capability is missing is skipped with the probe's reason.
 
 Fixtures, all ``ebs_*``: ``ebs_firmware`` (the patched OVMF of the chosen
-edk2 baseline, built once per session), ``ebs_baseline_firmware`` (a function:
-the patched OVMF of any baseline, by name, built once per session), ``ebs_run_probe`` (boot a :class:`~harness.scenario.Scenario` and
+edk2 baseline, built once per session), ``ebs_baseline_firmware`` (a
+function: the patched OVMF of any baseline, by name, built once per
+session), ``ebs_run_probe`` (boot a :class:`~harness.scenario.Scenario` and
 get its verdicts), ``ebs_host_caps``, ``ebs_accel``, ``ebs_qemu_binary``,
 ``ebs_artifacts`` (a per-test directory kept when the test fails) and
 ``ebs_linux_image``. They build objects from :mod:`harness` and clean up;

@@ -681,6 +681,7 @@ class CachedBuilder:
             in one of its AutoGen workers), naming the log.
         """
         tree = workspace or cwd
+        deadline = self.step_deadline()
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
         try:
@@ -697,7 +698,6 @@ class CachedBuilder:
         latest: str | None = None
         last_report = time.monotonic()
         assert proc.stdout is not None
-        deadline = self.step_deadline()
         expired = threading.Event()
 
         def expire() -> None:
@@ -726,9 +726,9 @@ class CachedBuilder:
         log.flush()
         if expired.is_set():
             log.write(f"ebs-harness: stopped after {deadline:g} s\n")
-            raise BuildError(step, argv, Path(log.name),
-                             "\n".join(tail + [f"no end after {deadline:g} s: stopped (set "
-                                               f"{STEP_DEADLINE_ENV} for a longer deadline)"]))
+            stopped = (f"no end after {deadline:g} s: stopped (set {STEP_DEADLINE_ENV} "
+                       "for a longer deadline)")
+            raise BuildError(step, argv, Path(log.name), "\n".join([*tail, stopped]))
         # Exited by itself (success or a compile error): make, ninja and gcc
         # leave no half-written target behind, so the workspace stays usable.
         self._state.update(dirty=False, pgid=None)

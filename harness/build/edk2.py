@@ -44,7 +44,7 @@ from harness.build.cache import (
     as_flag_dict,
     counter,
     remembered_versions,
-    source_label as cache_source_label,
+    source_label,
     system_python_env,
     tool_versions,
 )
@@ -337,7 +337,7 @@ class Firmware(PublishedDir):
             return str(named)
         source = str(self.manifest.get("source", ""))
         return next((name for name, b in BASELINES.items() if b.source.identity() == source),
-                    cache_source_label(source))
+                    source_label(source))
 
     @property
     def debug_on_serial(self) -> bool:
@@ -506,7 +506,8 @@ def build_prefixes(baseline: str | Baseline | None = None, progress: Progress | 
     holds the whole series already, and walking back from it rebuilds less
     than walking forward from the first patch.
 
-    :raises BuildError: the first prefix that does not build.
+    :raises BuildError: the longest prefix that does not build (its log says
+        what failed).
     """
     chosen = baseline if isinstance(baseline, Baseline) else baseline_named(baseline)
     every = {p.name: p for p in read_series(chosen.series_dir)}

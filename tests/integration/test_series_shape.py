@@ -52,7 +52,7 @@ def patches(baseline: str) -> list[series.Patch]:
 def subject(patch: series.Patch) -> str:
     """The patch's subject, unfolded, without ``[PATCH n/m]``."""
     found = re.search(r"^Subject: \[PATCH \d+/\d+\] (.*?)\n(?=\S)", patch.path.read_text(),
-                      re.M | re.S)
+                      re.MULTILINE | re.DOTALL)
     assert found, patch.name
     return re.sub(r"\s+", " ", found[1]).strip()
 
@@ -85,7 +85,7 @@ def applied(request: pytest.FixtureRequest,
 def test_git_am_applies_every_patch_as_a_commit(applied: tuple[str, Path]) -> None:
     baseline, repo = applied
     wanted = patches(baseline)
-    subjects = git(repo, "log", "--reverse", "--format=%s", "HEAD~%d..HEAD" % len(wanted))
+    subjects = git(repo, "log", "--reverse", "--format=%s", f"HEAD~{len(wanted)}..HEAD")
     assert subjects.splitlines() == [subject(p) for p in wanted]
     assert git(repo, "status", "--porcelain") == ""
 
