@@ -453,12 +453,13 @@ class Builder(CachedBuilder):
         shutil.rmtree(tree / "Build", ignore_errors=True)
 
 
-def build_unpatched(progress: Progress | None = None, baseline: str = "2022.11"
+def build_unpatched(progress: Progress | None = None, baseline: str | None = None
                     ) -> BuildResult:
     """A baseline as Debian ships it (:data:`BASELINES`), a DEBUG build
-    without the series, the probe or the test define (so in a workspace of
-    its own): stock OVMF, e.g. the control that it takes the SEV path the
-    harness emulates, or the stock logs ``explain-log`` reads.
+    without the series, the probe or the test define: stock OVMF, e.g. the control that it takes the SEV path the
+    harness emulates, or the stock logs ``explain-log`` reads. The default
+    baseline unless ``baseline`` names one; in a workspace shared with the
+    production DEBUG build of the series (same flags).
 
     :raises UsageError: an unknown baseline (the message lists the known ones).
     """

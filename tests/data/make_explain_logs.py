@@ -72,7 +72,7 @@ def cut(source: Path, name: str) -> None:
 def main() -> None:
     progress = cache.StderrProgress()
     OUT.mkdir(exist_ok=True)
-    stock = edk2.build_unpatched(progress=progress).firmware
+    stock = edk2.build_unpatched(progress=progress, baseline="2022.11").firmware
     faults = edk2.build_variant(FAULTS, progress=progress).firmware
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
