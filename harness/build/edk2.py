@@ -6,16 +6,16 @@ Two baselines (:data:`BASELINES`, chosen with ``--edk2 VERSION``): 2025.02,
 Debian 13's (the default), and 2022.11, Debian 12's.
 
 The engine (:mod:`harness.build.cache`) does the caching, locking and
-publishing; this module is the recipe: which source, which patches and
-overlays, the ``build`` command line, and what a firmware directory holds::
+publishing; this module is the recipe: which source, which patches, the
+``build`` command line, and what a firmware directory holds::
 
     OVMF_CODE.fd  OVMF_VARS.fd  OVMF.fd
     modules/<Module>.efi|.debug|.map     every module (symbols for the analysis)
     build.log  manifest.json             (source identity, patch hashes, flags,
                                           toolchain versions, build seconds)
 
-The key hashes the source identity, every patch's and overlay file's bytes,
-the build flags and the gcc/nasm/iasl versions.
+The key hashes the source identity, every patch's bytes, the build flags and
+the gcc/nasm/iasl versions.
 """
 
 from __future__ import annotations
@@ -255,13 +255,12 @@ class DebianTarballSource:
 @dataclass(frozen=True)
 class Baseline:
     """An edk2 release the harness builds: Debian's source of it, and the
-    series (and overlays: directories of this repository copied into the
-    workspace, keyed like patches) that applies to it."""
+    series that applies to it (which adds everything the harness builds,
+    the probe application included: nothing is copied into the tree)."""
 
     name: str
     source: SourceProvider
     series_dir: Path
-    overlays: Mapping[str, Path] = dataclasses.field(default_factory=dict)
 
 
 #: The edk2 releases the harness builds, by name (``--edk2``).
@@ -378,13 +377,13 @@ class Builder(CachedBuilder):
                  cache: Path | None = None, jobs: int | None = None,
                  progress: Progress | None = None,
                  extra_patches: Sequence[Path] = ()) -> None:
-        """Build ``source`` with ``baseline``'s series and overlays (none
-        with ``series=False``: stock OVMF)."""
+        """Build ``source`` with ``baseline``'s series (none with
+        ``series=False``: stock OVMF)."""
         self.flags: BuildFlags = flags or BuildFlags()
         self.baseline = baseline or baseline_named()
         super().__init__(source, flags=self.flags,
                          series_dir=self.baseline.series_dir if series else None,
-                         overlays=self.baseline.overlays if series else {},
+                         overlays={},
                          toolchain=toolchain_versions(), cache=cache, jobs=jobs,
                          progress=progress, extra_patches=extra_patches)
 
