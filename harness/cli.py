@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from harness import scenario
-from harness.analysis import dump, explain, report, symbols, trace
+from harness.analysis import devices, dump, explain, report, symbols, trace
 from harness.build import cache, edk2, qemu
 from harness.errors import (
     EXIT_ENVIRONMENT,
@@ -176,13 +176,23 @@ def _cmd_analyze_log(args: argparse.Namespace) -> int:
 def _analyze_log(args: argparse.Namespace) -> int:
     html = _writable(args.html, "--html") if args.html else None
     result, sym = trace.analyze_log(args.log, _firmware_dir(args.firmware))
+    side = (devices.analyze_device_trace(args.device_trace, result.timeline.trace.events)
+            if args.device_trace else None)
     if html is not None:
-        html.write_text(report.render_html(result, sym), encoding="utf-8")
+        html.write_text(report.render_html(result, sym, side), encoding="utf-8")
     if args.json:
-        _print_json(_verdict_json(result))
+        data = _verdict_json(result)
+        if side is not None:
+            data["violations"] += [v.as_json() for v in side.violations]
+            data["verdict"] = "fail" if data["violations"] else "pass"
+            data["devices"] = side.as_json()
+        _print_json(data)
     else:
         sys.stdout.write(report.render_text(result, sym))
-    return EXIT_OK if result.passed else EXIT_VIOLATION
+        if side is not None:
+            sys.stdout.write("\n" + devices.render_text(side, report.ebs_images(result, sym)))
+    passed = result.passed and (side is None or not side.violations)
+    return EXIT_OK if passed else EXIT_VIOLATION
 
 
 def _verdict_json(result: trace.LogReport) -> dict[str, Any]:
@@ -301,6 +311,11 @@ def _print_run(result: scenario.RunResult) -> None:
     sys.stdout.write(report.render_text(result.log, result.symbolizer))
     if result.dump is not None:
         sys.stdout.write("\n" + report.render_dump_text(result.dump))
+    if result.devices is not None:
+        sys.stdout.write("\n" + devices.render_text(
+            result.devices, report.ebs_images(result.log, result.symbolizer)))
+    for note in result.device_notes:
+        print(f"note: {note}")
     verdict = "PASS" if result.passed else "FAIL: " + ", ".join(sorted(result.failed_checks()))
     print(f"\n{result.scenario.label()}: {verdict} (parked after {result.park_seconds:.1f} s "
           f"under {result.accel}; artifacts {result.artifacts}, timeline "
@@ -481,6 +496,8 @@ def _parser() -> argparse.ArgumentParser:
     alog.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     alog.add_argument("--html", metavar="FILE",
                       help="also write the timeline as a self-contained HTML page")
+    alog.add_argument("--device-trace", metavar="FILE",
+                      help="the boot's QEMU device trace (device-trace.log): W1, W2")
     alog.set_defaults(func=_cmd_analyze_log)
 
     xlog = add_parser("explain-log",
@@ -539,7 +556,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="sev, sev-es: a SEV guest under KVM (a SEV host); emulated: the "
                            "harness's QEMU emulates SEV under TCG (built on first use)")
     boot.add_argument("--devices", default="virtio-blk", metavar="LIST",
-                      help="comma-separated: virtio-blk,virtio-net,virtio-scsi,virtio-rng")
+                      help="comma-separated: virtio-blk (always), virtio-net, virtio-scsi, "
+                           "virtio-rng, virtio-gpu, nvme, ahci, xhci-storage, usb-kbd, "
+                           "e1000e, pvscsi, mptsas, lsi, adversary-nic (docs/devices.md)")
     boot.add_argument("--ebs-mode", choices=scenario.EBS_MODES, default="callback",
                       help="the IOMMU teardown scheme (none: no teardown, a negative control)")
     boot.add_argument("--requeue-depth", type=int, metavar="N",
@@ -550,6 +569,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="the probe first calls EBS with a stale MapKey")
     boot.add_argument("--dump", action="store_true",
                       help="dump guest memory once parked and judge D1..D3")
+    boot.add_argument("--inject-frames", type=int, default=0, metavar="N",
+                      help="once parked, send N frames to the adversary NIC (adversary-nic)")
+    boot.add_argument("--no-device-trace", action="store_true",
+                      help="no QEMU device trace (W1, W2 not judged)")
     boot.add_argument("--artifacts", metavar="DIR",
                       help="where to keep the run (default artifacts/LABEL-TIME)")
     boot.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",

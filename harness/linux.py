@@ -20,11 +20,11 @@ The result is cached under ``EBS_HARNESS_CACHE/linux/<key>/`` (``vmlinuz``,
 the recipe files and the resolved package versions.
 
 The guest boots from a per-run FAT ESP: the firmware's own UEFI shell as
-``BOOTX64.EFI`` runs ``startup.nsh``, which configures the NIC and starts
+``BOOTX64.EFI`` runs ``startup.nsh``, which sets the NIC's address and starts
 the kernel's EFI stub with its command line; the stub calls
 ExitBootServices, the same patched path the probe exercises, after the
-firmware really drove the virtio disks and NIC (guests/linux/README.md says
-why not QEMU's ``-kernel``). The per-run SSH key travels on the kernel
+firmware really drove the virtio disks (guests/linux/README.md says what
+the NIC does, and why not QEMU's ``-kernel``). The per-run SSH key travels on the kernel
 command line (``ebs.authkey=TYPE:BASE64``); sshd is reached through a
 ``hostfwd`` on 127.0.0.1 (:mod:`harness.vm.ssh`).
 """
@@ -32,6 +32,7 @@ command line (``ebs.authkey=TYPE:BASE64``); sshd is reached through a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -55,6 +56,7 @@ from elftools.elf.elffile import ELFFile
 from filelock import FileLock
 
 from harness import scenario, shared
+from harness.analysis import devices as device_trace
 from harness.build.cache import cache_root, publishing
 from harness.build.edk2 import Firmware
 from harness.errors import DependencyError, EnvironmentFailure, UsageError
@@ -494,9 +496,9 @@ SHELL_COUNTDOWN = r"seconds to skip"   # between ANSI colour codes: keep it plai
 
 
 def startup_script(cmdline: str) -> str:
-    """``startup.nsh``: configure the NIC (so the firmware starts virtio-net
-    and maps its rings, as an OS loader fetching over the network would),
-    then start the kernel's EFI stub with ``cmdline`` and its initrd."""
+    """``startup.nsh``: set the NIC's address (an OS loader's network setup;
+    QEMU's device trace shows that it does not start the NIC), then start
+    the kernel's EFI stub with ``cmdline`` and its initrd."""
     lines = [f"ifconfig -s eth0 static {GUEST_ADDRESS} 255.255.255.0 {GATEWAY}",
              f"fs0:\\vmlinuz {cmdline} initrd=\\initrd.img"]
     return "\r\n".join(lines) + "\r\n"
@@ -524,8 +526,11 @@ def machine_config(firmware: Firmware, boot: LinuxBoot, esp: Path, canary_image:
                machine.BlockDevice(canary_image, bootindex=1, readonly=True),
                machine.NetDevice(hostfwd=((ssh_port, 22),), bootindex=2))
     # The harness types into the firmware shell: the serial port takes input.
-    return scenario.machine_config(firmware, boot.scenario(), devices, caps, canary,
-                                   no_reboot=True, serial_input=True)
+    config = scenario.machine_config(firmware, boot.scenario(), devices, caps, canary,
+                                     no_reboot=True, serial_input=True)
+    # QEMU's device trace: W1, W2 until the kernel first touches each device
+    return dataclasses.replace(config, trace_events=device_trace.trace_events(
+        scenario.trace_kinds(devices)))
 
 
 @contextlib.contextmanager

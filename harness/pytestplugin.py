@@ -171,9 +171,27 @@ def ebs_linux_image() -> linux.LinuxImage:
 # ------------------------------------------------- host, markers, artifacts
 
 
+#: Says how long, not what a test needs: deselected unless ``-m`` names it.
+ZOO_MARKER = ("zoo: the whole device zoo, each device alone with the adversary "
+              "(deselected unless -m names zoo; the nightly runs -m zoo)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for name, meaning in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
+    config.addinivalue_line("markers", ZOO_MARKER)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``zoo`` (the whole device zoo, minutes long) run only when
+    ``-m`` names them; otherwise they are deselected, and pytest's summary
+    counts them."""
+    if "zoo" in (config.option.markexpr or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("zoo") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.get_closest_marker("zoo") is None]
 
 
 def _qemu_option(config: pytest.Config) -> str:

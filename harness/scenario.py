@@ -8,7 +8,9 @@ the per-run FAT image with a fresh canary, boots it through
 (V1..V4) and the dump (D1..D3). What it leaves in the artifact directory::
 
     canary.bin  probe.img  ebs-probe.cfg      the guest's inputs
+    disk-KIND.img                              a zoo storage device's disk
     vm/                                        the machine's artifacts (debugcon.log, ...)
+    device-trace.log                           QEMU's device trace (W1, W2)
     memory.elf                                 the dump (with Scenario.dump)
     timeline.html  result.json                 the verdicts
 """
@@ -19,12 +21,14 @@ import dataclasses
 import json
 import logging
 import secrets
+import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.analysis import devices as device_trace
 from harness.analysis import dump as dumps
 from harness.analysis import report, symbols, trace
 from harness.build.edk2 import Firmware
@@ -66,6 +70,10 @@ class Scenario:
     :param dump: take a memory dump once the probe parked.
     :param memory_mib: guest RAM.
     :param timeout: seconds from QEMU's start to the park.
+    :param device_trace: record QEMU's device trace and judge W1, W2.
+    :param inject_frames: once the probe parked, send this many Ethernet
+        frames to the adversary NIC (``adversary-nic``), each carrying the
+        run's canary.
     """
 
     ebs_mode: str = "callback"
@@ -80,6 +88,8 @@ class Scenario:
     dump: bool = False
     memory_mib: int = 256
     timeout: float = 120.0
+    device_trace: bool = True
+    inject_frames: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "devices", tuple(self.devices))
@@ -97,6 +107,11 @@ class Scenario:
             raise UsageError("--sev emulated runs under TCG: drop --accel kvm")
         if self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout}: must be positive")
+        if not 0 <= self.inject_frames <= 4096:
+            raise UsageError(f"--inject-frames {self.inject_frames}: not in 0..4096")
+        if self.inject_frames and "adversary-nic" not in self.devices:
+            raise UsageError("--inject-frames sends to the adversary NIC: add "
+                             "--devices ...,adversary-nic")
 
     @property
     def emulated(self) -> bool:
@@ -115,6 +130,8 @@ class Scenario:
         if self.requeue_depth is not None:
             knobs[f"{FW_CFG}/requeue-depth"] = str(self.requeue_depth)
             knobs[f"{FW_CFG}/canary"] = canary.decode("ascii")
+        if "adversary-nic" in self.devices:
+            knobs[f"{FW_CFG}/adversary-nic"] = "1"
         return knobs
 
     def probe_config(self) -> str:
@@ -133,6 +150,8 @@ class Scenario:
         parts.append("+".join(d.removeprefix("virtio-") for d in self.devices))
         parts += [name for name, on in (("leak", self.leak_mapping),
                                         ("stale", self.stale_mapkey)) if on]
+        if self.inject_frames:
+            parts.append(f"frames{self.inject_frames}")
         if self.sev != "off":
             parts.append("emulated-sev" if self.sev == "emulated" else self.sev)
         return "-".join(parts)
@@ -157,12 +176,17 @@ class RunResult:
     log: trace.LogReport
     symbolizer: symbols.Symbolizer = field(repr=False)
     dump: dumps.DumpReport | None = None
+    devices: device_trace.DeviceReport | None = None
+    #: why there is no device report, or what limits it
+    device_notes: tuple[str, ...] = ()
 
     @property
     def violations(self) -> list[trace.Violation]:
         found = list(self.log.violations)
         if self.dump is not None:
             found += self.dump.violations
+        if self.devices is not None:
+            found += self.devices.violations
         return found
 
     @property
@@ -198,6 +222,9 @@ class RunResult:
             for key in ("live_mappings", "shared_pages", "canary_hits"):
                 data[key] = dumped.get(key)
             data["dump"] = dumped
+        if self.devices is not None:
+            data["devices"] = self.devices.as_json()
+        data["notes"] += list(self.device_notes)
         return data
 
 
@@ -267,9 +294,12 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     caps = caps or host.cached_probe()
     canary = make_canary()
     image = write_guest(firmware, scenario, artifacts, canary)
-    config = machine_config(firmware, scenario,
-                            machine.parse_devices(",".join(scenario.devices), image),
-                            caps, canary)
+    devices = machine.parse_devices(",".join(scenario.devices), image,
+                                    lambda kind: write_disk(artifacts, kind, canary))
+    config = machine_config(firmware, scenario, devices, caps, canary)
+    if scenario.device_trace:
+        config = dataclasses.replace(
+            config, trace_events=device_trace.trace_events(trace_kinds(devices)))
     LOG.info("%s: %s under %s", scenario.label(), artifacts, config.accel)
     dump_path: Path | None = None
     started = time.monotonic()
@@ -280,6 +310,8 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
         console.expect(PARKED, failure=[*DEFAULT_FAILURES, PROBE_ERROR],
                            timeout=scenario.timeout)
         park_seconds = time.monotonic() - started
+        if scenario.inject_frames:
+            inject(vm, scenario.inject_frames, canary)
         if scenario.dump:
             dump_path = vm.dump(artifacts / "memory.elf")
     log_report, sym = trace.analyze_log(log, firmware.path)
@@ -294,18 +326,110 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
             dump_path, parsed, maphead_symbol=sym.symbol_address("IoMmuDxe", "mMapInfos"),
             canary=canary, cbit=sev.cbit_mask if sev is not None else None,
             encrypted=sev is not None and not sev.emulated)
+    device_report: device_trace.DeviceReport | None = None
+    device_notes: tuple[str, ...] = ()
+    if scenario.device_trace:
+        device_report, device_notes = judge_devices(
+            vm.device_trace_raw, artifacts / DEVICE_TRACE, caps.qemu_version,
+            log_report.timeline.trace.events)
+    if scenario.inject_frames and dump_path is not None and dump_report is not None:
+        device_notes += (late_frames(dump_path, dump_report),)
     result = RunResult(scenario, artifacts, config.accel, caps.qemu_version, firmware.key,
-                       park_seconds, log_report, sym, dump_report)
-    (artifacts / "timeline.html").write_text(report.render_html(log_report, sym),
-                                             encoding="utf-8")
+                       park_seconds, log_report, sym, dump_report, device_report, device_notes)
+    (artifacts / "timeline.html").write_text(
+        report.render_html(log_report, sym, device_report), encoding="utf-8")
     (artifacts / "result.json").write_text(json.dumps(result.as_json(), indent=2) + "\n")
     return result
+
+
+DEVICE_TRACE = "device-trace.log"
+#: Where injected frames go: broadcast, from a locally administered MAC, of
+#: the local experimental EtherType.
+_FRAME_HEAD = bytes.fromhex("ffffffffffff" "525400eb5001" "88b5")
+FRAME_TAG = b"EBS-LATE-DMA "
+#: How long QEMU gets to take injected frames before the dump.
+INJECT_SETTLE = 1.0
+
+
+def trace_kinds(devices: tuple[machine.Device, ...]) -> list[str]:
+    """The device models (``harness.analysis.devices.MODELS``) of ``devices``."""
+    kinds = []
+    for device in devices:
+        if isinstance(device, machine.BlockDevice):
+            kinds.append("virtio-blk")
+        elif isinstance(device, machine.NetDevice):
+            kinds.append("virtio-net")
+        elif isinstance(device, machine.ScsiController):
+            kinds.append("virtio-scsi")
+        elif isinstance(device, machine.RngDevice):
+            kinds.append("virtio-rng")
+        else:
+            kinds.append({"xhci-storage": "xhci", "usb-kbd": "xhci",
+                          "adversary-nic": "virtio-net"}.get(device.kind, device.kind))
+    return kinds
+
+
+def write_disk(artifacts: Path, kind: str, canary: bytes) -> Path:
+    """A zoo storage device's disk: a FAT image holding the canary."""
+    return guest.make_fat_image(artifacts / f"disk-{kind}.img", {CANARY_FILE: canary})
+
+
+def inject(vm: machine.QemuMachine, count: int, canary: bytes) -> None:
+    """Send ``count`` frames carrying ``canary`` to the adversary NIC, and
+    give QEMU a moment to take them."""
+    frames = [_FRAME_HEAD + FRAME_TAG + b"%04d " % n + canary for n in range(count)]
+    sent = vm.send_frames(frames)
+    LOG.info("sent %d of %d frames to the adversary NIC", sent, count)
+    time.sleep(INJECT_SETTLE)
+
+
+def late_frames(dump_path: Path, report: dumps.DumpReport) -> str:
+    """Where the frames injected after the park are in the dump, and whether
+    those pages are shared: what a device's late DMA did to guest memory."""
+    with dumps.QemuDump(dump_path) as dump:
+        hits = dump.scan(FRAME_TAG)
+    if not hits:
+        return "late DMA: no injected frame in guest memory (the device wrote none)"
+    shared = [(r.paddr, r.size) for r in report.shared or ()] + \
+        [(r.paddr, r.size) for r, _ in report.by_design]
+    private = [a for a in hits if not any(p <= a < p + n for p, n in shared)]
+    where = ", ".join(f"{a:#x}" for a in hits[:4]) + (" ..." if len(hits) > 4 else "")
+    if report.shared is None:
+        return (f"late DMA: {len(hits)} injected frame(s) in guest memory at paddr {where} "
+                "(page state not walked)")
+    text = (f"late DMA: {len(hits)} injected frame(s) in guest memory at paddr {where}, "
+            f"{len(private)} in private pages")
+    if private:
+        text += (": the device wrote them after the teardown made its buffers private; under "
+                 "SEV the guest reads such a page through its key, as garbage, so the late "
+                 "DMA corrupts memory")
+    return text
+
+
+def judge_devices(raw: Path, kept: Path, qemu_version: str,
+                  log_events: Sequence[trace.TraceEvent] = ()
+                  ) -> tuple[device_trace.DeviceReport | None, tuple[str, ...]]:
+    """The device trace QEMU wrote to ``raw``, kept as ``kept`` behind its
+    header, and judged; or None and why not."""
+    try:
+        with open(raw, "rb") as source, open(kept, "wb") as target:
+            target.write(device_trace.header(qemu_version).encode())
+            shutil.copyfileobj(source, target)
+    except OSError as exc:
+        return None, (f"no device trace ({raw}: {exc.strerror}): W1, W2 not judged",)
+    raw.unlink()
+    try:
+        return device_trace.analyze_device_trace(kept, log_events), ()
+    except device_trace.DeviceTraceError as exc:
+        return None, (f"device trace unreadable, W1 and W2 not judged: {exc}",)
 
 
 def scenario_from_options(options: Mapping[str, Any]) -> Scenario:
     """A Scenario from the ``boot`` command's options."""
     devices = tuple(d.strip() for d in str(options.get("devices") or "virtio-blk").split(",")
                     if d.strip())
+    if "virtio-blk" not in devices:       # the boot disk, always
+        devices = ("virtio-blk", *devices)
     return Scenario(
         ebs_mode=options.get("ebs_mode") or "callback",
         requeue_depth=options.get("requeue_depth"),
@@ -316,4 +440,6 @@ def scenario_from_options(options: Mapping[str, Any]) -> Scenario:
         sev=options.get("sev") or "off",
         dump=bool(options.get("dump")),
         timeout=float(options.get("timeout") or 120.0),
+        device_trace=not options.get("no_device_trace"),
+        inject_frames=int(options.get("inject_frames") or 0),
     )

@@ -7,7 +7,9 @@
   1. reads "\ebs-probe.cfg" (key=value lines, see README.md) from its own
      volume,
   2. reads the per-run canary file through the file system, so that the data
-     passes through virtio-blk DMA (PciIo->Map -> IOMMU bounce buffers),
+     passes through virtio-blk DMA (PciIo->Map -> IOMMU bounce buffers), then
+     reads the same file from every other volume the firmware has connected
+     (NVMe, AHCI, USB, SCSI disks), so that their controllers do DMA too,
   3. optionally maps a buffer holding the canary bytes on the virtio-blk PciIo
      and never unmaps it ("DMA in flight", leak-mapping=1),
   4. optionally starts and initializes every virtio-net SNP, so that their
@@ -31,6 +33,7 @@
 #include <Library/BaseMemoryLib.h>
 #include <Library/CpuLib.h>
 #include <Library/DebugLib.h>
+#include <Library/DevicePathLib.h>
 #include <Library/MemoryAllocationLib.h>
 #include <Library/UefiBootServicesTableLib.h>
 #include <Library/UefiLib.h>
@@ -44,6 +47,13 @@
 #define PROBE_DEFAULT_CANARY  "canary.bin"
 #define PROBE_NAME_MAX        128
 #define PROBE_EBS_ATTEMPTS    8
+
+//
+// The longest device path text printed, in characters: short enough that the
+// whole "step=canary-device" line fits the 256-byte message buffer of
+// BaseDebugLibSerialPort (DEBUG_ON_SERIAL_PORT builds).
+//
+#define PROBE_PATH_TEXT_MAX  150
 
 typedef struct {
   CHAR16     Canary[PROBE_NAME_MAX];
@@ -181,6 +191,219 @@ ProbeParseConfig (
       DEBUG ((DEBUG_ERROR, "EbsProbe: unknown config key \"%a\"\n", Line));
     }
   }
+}
+
+/**
+  Describe the device path of a handle as printable ASCII without spaces, for
+  a key=value trace line: the text of ConvertDevicePathToText(), with spaces
+  replaced by '_' and other characters outside printable ASCII by '?',
+  truncated to PROBE_PATH_TEXT_MAX characters.
+
+  @param[in]  Handle    The handle whose device path to describe.
+  @param[out] Text      The NUL-terminated description ("unknown" if the handle
+                        has no device path or it cannot be converted).
+  @param[in]  TextSize  The size of Text in bytes, at least 8.
+**/
+STATIC
+VOID
+ProbeDevicePathText (
+  IN  EFI_HANDLE  Handle,
+  OUT CHAR8       *Text,
+  IN  UINTN       TextSize
+  )
+{
+  EFI_STATUS                Status;
+  EFI_DEVICE_PATH_PROTOCOL  *DevicePath;
+  CHAR16                    *PathText;
+  UINTN                     Index;
+
+  PathText = NULL;
+  Status   = gBS->HandleProtocol (Handle, &gEfiDevicePathProtocolGuid, (VOID **)&DevicePath);
+  if (!EFI_ERROR (Status)) {
+    PathText = ConvertDevicePathToText (DevicePath, FALSE, FALSE);
+  }
+
+  if (PathText == NULL) {
+    AsciiStrCpyS (Text, TextSize, "unknown");
+    return;
+  }
+
+  //
+  // Copy by hand rather than with UnicodeStrToAsciiStrS(), which ASSERTs on
+  // a text longer than the buffer and on characters above 0xFF.
+  //
+  for (Index = 0; Index + 1 < TextSize && PathText[Index] != L'\0'; Index++) {
+    if (PathText[Index] == L' ') {
+      Text[Index] = '_';
+    } else if ((PathText[Index] < L'!') || (PathText[Index] > L'~')) {
+      Text[Index] = '?';
+    } else {
+      Text[Index] = (CHAR8)PathText[Index];
+    }
+  }
+
+  Text[Index] = '\0';
+  FreePool (PathText);
+}
+
+/**
+  Read the canary file from one volume: at most one byte more than the
+  canary, so that a longer file does not match.
+
+  @param[in]  Handle      The handle with the Simple File System protocol.
+  @param[in]  CanaryPath  The canary file path, as read from the own volume.
+  @param[in]  Canary      The canary bytes read from the own volume.
+  @param[in]  CanarySize  Their number.
+  @param[out] Bytes       The number of bytes read (0 on an error).
+  @param[out] Match       TRUE if they are the canary bytes, and no more.
+
+  @retval EFI_SUCCESS  The file was read (Match says whether it matched).
+  @return              An error from the file system or the allocator.
+**/
+STATIC
+EFI_STATUS
+ProbeReadCanaryFrom (
+  IN  EFI_HANDLE    Handle,
+  IN  CONST CHAR16  *CanaryPath,
+  IN  CONST UINT8   *Canary,
+  IN  UINTN         CanarySize,
+  OUT UINTN         *Bytes,
+  OUT BOOLEAN       *Match
+  )
+{
+  EFI_STATUS                       Status;
+  EFI_SIMPLE_FILE_SYSTEM_PROTOCOL  *FileSystem;
+  EFI_FILE_PROTOCOL                *Root;
+  EFI_FILE_PROTOCOL                *File;
+  UINT8                            *Buffer;
+  UINTN                            ReadSize;
+
+  *Bytes = 0;
+  *Match = FALSE;
+
+  Status = gBS->HandleProtocol (Handle, &gEfiSimpleFileSystemProtocolGuid, (VOID **)&FileSystem);
+  if (EFI_ERROR (Status)) {
+    return Status;
+  }
+
+  Status = FileSystem->OpenVolume (FileSystem, &Root);
+  if (EFI_ERROR (Status)) {
+    return Status;
+  }
+
+  Status = Root->Open (Root, &File, (CHAR16 *)CanaryPath, EFI_FILE_MODE_READ, 0);
+  if (EFI_ERROR (Status)) {
+    goto CloseRoot;
+  }
+
+  ReadSize = CanarySize + 1;
+  Buffer   = AllocateZeroPool (ReadSize);
+  if (Buffer == NULL) {
+    Status = EFI_OUT_OF_RESOURCES;
+    goto CloseFile;
+  }
+
+  Status = File->Read (File, &ReadSize, Buffer);
+  if (!EFI_ERROR (Status)) {
+    *Bytes = ReadSize;
+    *Match = (BOOLEAN)(ReadSize == CanarySize &&
+                       CompareMem (Buffer, Canary, CanarySize) == 0);
+  }
+
+  FreePool (Buffer);
+
+CloseFile:
+  File->Close (File);
+
+CloseRoot:
+  Root->Close (Root);
+  return Status;
+}
+
+/**
+  Read the canary through every storage device the firmware has connected,
+  other than the probe's own volume, so that each of their controllers does
+  DMA before ExitBootServices(). Prints a "step=canary-device" line per
+  volume and a "step=canary-devices" summary. A volume that cannot be read is
+  reported on its line, and is not a probe error.
+
+  @param[in] OwnDevice   The handle of the probe's own volume (skipped).
+  @param[in] CanaryPath  The canary file path.
+  @param[in] Canary      The canary bytes read from the own volume.
+  @param[in] CanarySize  Their number.
+**/
+STATIC
+VOID
+ProbeReadOtherVolumes (
+  IN EFI_HANDLE    OwnDevice,
+  IN CONST CHAR16  *CanaryPath,
+  IN CONST UINT8   *Canary,
+  IN UINTN         CanarySize
+  )
+{
+  EFI_STATUS  Status;
+  EFI_HANDLE  *Handles;
+  UINTN       HandleCount;
+  UINTN       Index;
+  UINTN       Volumes;
+  UINTN       Matched;
+  UINTN       Bytes;
+  BOOLEAN     Match;
+  CHAR8       PathText[PROBE_PATH_TEXT_MAX + 1];
+
+  Volumes = 0;
+  Matched = 0;
+  Status  = gBS->LocateHandleBuffer (
+                   ByProtocol,
+                   &gEfiSimpleFileSystemProtocolGuid,
+                   NULL,
+                   &HandleCount,
+                   &Handles
+                   );
+  if (EFI_ERROR (Status)) {
+    HandleCount = 0;
+    Handles     = NULL;
+  }
+
+  for (Index = 0; Index < HandleCount; Index++) {
+    if (Handles[Index] == OwnDevice) {
+      continue;
+    }
+
+    Status = ProbeReadCanaryFrom (
+               Handles[Index],
+               CanaryPath,
+               Canary,
+               CanarySize,
+               &Bytes,
+               &Match
+               );
+    ProbeDevicePathText (Handles[Index], PathText, sizeof PathText);
+    DEBUG ((
+      DEBUG_INFO,
+      "EBST probe step=canary-device n=%Lu match=%u bytes=%Lu status=0x%Lx path=%a\n",
+      (UINT64)Volumes,
+      (UINT32)(Match ? 1 : 0),
+      (UINT64)Bytes,
+      (UINT64)Status,
+      PathText
+      ));
+    Volumes++;
+    if (Match) {
+      Matched++;
+    }
+  }
+
+  if (Handles != NULL) {
+    FreePool (Handles);
+  }
+
+  DEBUG ((
+    DEBUG_INFO,
+    "EBST probe step=canary-devices count=%Lu matched=%Lu\n",
+    (UINT64)Volumes,
+    (UINT64)Matched
+    ));
 }
 
 /**
@@ -588,6 +811,11 @@ EbsProbeMain (
   }
 
   DEBUG ((DEBUG_INFO, "EBST probe step=canary-read bytes=%Lu\n", (UINT64)CanarySize));
+
+  //
+  // This frees all it allocates, before the steps below take a memory map.
+  //
+  ProbeReadOtherVolumes (LoadedImage->DeviceHandle, CanaryPath, Canary, CanarySize);
 
   if (Config.LeakMapping) {
     ProbeLeakMapping (LoadedImage->DeviceHandle, Canary, CanarySize);

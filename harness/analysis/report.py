@@ -16,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from harness.analysis.devices import DeviceReport, driven
 from harness.analysis.dump import DumpReport
 from harness.analysis.symbols import Symbolizer
 from harness.analysis.trace import (
@@ -324,11 +325,129 @@ def render_svg(report: LogReport, sym: Symbolizer) -> str:
     return "\n".join(parts)
 
 
-def render_html(report: LogReport, sym: Symbolizer) -> str:
+def ebs_images(report: LogReport, sym: Symbolizer) -> tuple[str, ...]:
+    """The images whose notification functions ran during a successful
+    ExitBootServices() call: the drivers that had an EBS handler."""
+    names: list[str] = []
+    for attempt in report.timeline.attempts:
+        if not attempt.succeeded:
+            continue
+        for dispatch in attempt.dispatches:
+            image = sym.image_for(dispatch.begin.fn)
+            if image is not None and image.name.removesuffix(".efi") not in names:
+                names.append(image.name.removesuffix(".efi"))
+    return tuple(names)
+
+
+_LANE_COLOURS = {"bm": "#c9d8ef", "armed": "#6a8fd0", "dma": "#555", "late": "#d62728",
+                 "quiesce": "#176f2c"}
+
+
+def render_device_svg(devices: DeviceReport, report: LogReport,
+                      first: int = 1) -> str:
+    """The device lane: one row per device the firmware made a bus master,
+    on the device trace's line axis from line ``first`` to its end: bus
+    mastering (light), armed engines (blue), quiesce events (green), DMA
+    (grey, red after the teardown began), and the teardown between its two
+    markers, the same teardown the firmware lane above shows."""
+    rows = list(driven(devices))
+    label_w, width, row_h, top = 330, 1100, 18, 40
+    height = top + (len(rows) + 1) * row_h + 40
+    stop = max(devices.events + 2, first + 1)
+    plot_w = width - label_w - 20
+
+    def x(line: float) -> float:
+        return label_w + (max(line, first) - first) / (stop - first) * plot_w
+
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+              f'viewBox="0 0 {width} {height}" role="img" aria-label="device lane">'),
+             f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fcfcfc"/>']
+    axis_y = height - 25
+    parts.append(f'<line x1="{label_w}" y1="{axis_y}" x2="{width - 20}" y2="{axis_y}" '
+                 f'stroke="#444"/><text x="{label_w - 20}" y="{axis_y + 16}" '
+                 f'text-anchor="end">device trace line</text>')
+    for s in range(first, stop + 1, max(1, (stop - first) // 10)):
+        parts.append(f'<text x="{x(s):.1f}" y="{axis_y + 16}" text-anchor="middle">{s}</text>')
+    if devices.begin_line is not None:
+        end = devices.end_line if devices.end_line is not None else devices.begin_line
+        firmware = [t for t in report.timeline.teardowns]
+        seqs = (f" (firmware seq {firmware[0].begin.seq}..{firmware[0].last_seq})"
+                if firmware else "")
+        x0, x1 = x(devices.begin_line), x(end + 1)
+        parts.append(f'<rect x="{x0:.1f}" y="{top - 14}" width="{max(x1 - x0, 3):.1f}" '
+                     f'height="{axis_y - top + 14}" fill="#ffb84d" fill-opacity="0.35" '
+                     f'stroke="#e08a00"><title>teardown: device trace lines '
+                     f'{devices.begin_line}..{end}{seqs}</title></rect>'
+                     f'<text x="{x0 - 2:.1f}" y="{top - 18}" fill="#b06000" '
+                     f'text-anchor="end">teardown{seqs}</text>')
+    for i, device in enumerate(rows):
+        y = top + i * row_h
+        late = {e.line for e in device.dma_after}
+        parts.append(f'<text x="{label_w - 8}" y="{y + 12}" text-anchor="end" fill="'
+                     f'{"#c00" if late or device.quiesce_text is None else "#222"}">'
+                     f'{html.escape(device.name[-48:])}</text>')
+        open_at: dict[str, int] = {}
+        spans: list[tuple[str, int, int]] = []
+        for mark in device.marks:
+            if mark.kind in ("bm-on", "arm"):
+                open_at.setdefault("bm" if mark.kind == "bm-on" else "armed", mark.line)
+            elif mark.kind == "bm-off" and "bm" in open_at:
+                spans.append(("bm", open_at.pop("bm"), mark.line))
+            elif mark.kind == "quiesce" and "armed" in open_at:
+                spans.append(("armed", open_at.pop("armed"), mark.line))
+        spans += [(kind, line, stop) for kind, line in open_at.items()]
+        for kind, start, end in sorted(spans, key=lambda span: span[0] != "bm"):
+            inset = 2 if kind == "bm" else 5
+            parts.append(f'<rect x="{x(start):.1f}" y="{y + inset}" '
+                         f'width="{max(x(end) - x(start), 2):.1f}" height="{row_h - 2 * inset}" '
+                         f'fill="{_LANE_COLOURS[kind]}"><title>{kind} lines {start}..{end}'
+                         f'</title></rect>')
+        for mark in device.marks:
+            if (mark.kind == "dma" or mark.kind == "quiesce") and mark.line >= first:
+                colour = _LANE_COLOURS["late" if mark.line in late else mark.kind]
+                parts.append(f'<rect x="{x(mark.line) - 1:.1f}" y="{y + 1}" width="2" '
+                             f'height="{row_h - 2}" fill="{colour}"><title>line {mark.line} '
+                             f'{html.escape(mark.text)}</title></rect>')
+        for event in [e for e in device.dma_after if e.line >= first][:200]:
+            parts.append(f'<rect x="{x(event.line) - 1:.1f}" y="{y + 1}" width="2" '
+                         f'height="{row_h - 2}" fill="{_LANE_COLOURS["late"]}"><title>line '
+                         f'{event.line} {html.escape(event.name)} after the teardown began'
+                         f'</title></rect>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+#: The zoomed device lane starts this many trace lines before the teardown.
+_ZOOM_LINES = 60
+
+
+def _device_section(devices: DeviceReport | None, report: LogReport) -> str:
+    if devices is None:
+        return ""
+    items = "".join(f"<li>{html.escape(v.check)}: {html.escape(v.detail)}</li>"
+                    for v in devices.violations)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in devices.notes)
+    verdict = ("" if not devices.judged else
+               '<p class="pass">PASS: W1, W2 held</p>' if not devices.violations else
+               f'<p class="fail">FAIL: {len(devices.violations)} device violation(s)</p>')
+    zoom = ""
+    if devices.begin_line is not None and devices.begin_line > _ZOOM_LINES:
+        zoom = (f"<p>Around the teardown, from device trace line "
+                f"{devices.begin_line - _ZOOM_LINES}:</p>\n"
+                + render_device_svg(devices, report, devices.begin_line - _ZOOM_LINES))
+    return (f"<h2>Devices (QEMU's trace: {html.escape(str(devices.path))})</h2>\n{verdict}\n"
+            f"{render_device_svg(devices, report)}\n{zoom}\n"
+            f'<ul class="violations">{items}</ul>'
+            + (f"<ul>{notes}</ul>" if notes else ""))
+
+
+def render_html(report: LogReport, sym: Symbolizer,
+                devices: DeviceReport | None = None) -> str:
     trace = report.timeline.trace
+    every = (*report.violations, *(devices.violations if devices is not None else ()))
     verdict = (f'<p class="pass">PASS: {held(report)} held</p>'
-               if report.passed else
-               f'<p class="fail">FAIL: {len(report.violations)} violation(s)</p>')
+               if not every else
+               f'<p class="fail">FAIL: {len(every)} violation(s)</p>')
     rows = []
     for row in timeline_rows(report, sym):
         cls = "bad" if row.bad else row.kind
@@ -336,7 +455,7 @@ def render_html(report: LogReport, sym: Symbolizer) -> str:
                     f'<td>{"" if row.tpl is None else row.tpl}</td>'
                     f'<td>{html.escape("  " * row.depth + row.text)}</td></tr>')
     violations = "".join(f"<li>{html.escape(v.check)}: {html.escape(v.detail)}</li>"
-                         for v in report.violations)
+                         for v in every)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.anomalies)
     findings = "".join(f"<li>{html.escape(f.check)}: {html.escape(f.detail)}</li>"
                        for f in report.findings)
@@ -353,6 +472,7 @@ def render_html(report: LogReport, sym: Symbolizer) -> str:
 events, {len(report.timeline.attempts)} ExitBootServices call(s); {html.escape(cfg_text)}</p>
 {verdict}
 {render_svg(report, sym)}
+{_device_section(devices, report)}
 <h2>Violations</h2>
 <ul class="violations">{violations or "<li style='color:#176f2c'>none</li>"}</ul>
 {f"<h2>Findings about other drivers (not failed verdicts)</h2><ul>{findings}</ul>"

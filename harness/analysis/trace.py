@@ -798,7 +798,7 @@ class Violation:
     culprit: str = ""
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[VD][1-4]|C[1-3]", self.check):
+        if not re.fullmatch(r"[VD][1-4]|C[1-3]|W[12]", self.check):
             raise ValueError(f"unknown check {self.check!r}")
 
     def as_json(self) -> dict[str, Any]:

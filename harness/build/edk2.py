@@ -93,6 +93,12 @@ PYTHON_FOR_EDK2 = "/usr/bin/python3"
 # ---------------------------------------------------------- build flags
 
 
+#: The SCSI HBA drivers OVMF has but does not build by default: test builds
+#: have them, for the device zoo (docs/devices.md).
+ZOO_DEFINES = (("PVSCSI_ENABLE", "TRUE"), ("MPT_SCSI_ENABLE", "TRUE"),
+               ("LSI_SCSI_ENABLE", "TRUE"))
+
+
 @dataclass(frozen=True)
 class BuildFlags:
     """What the OVMF build is asked for; part of the cache key."""
@@ -110,6 +116,7 @@ class BuildFlags:
         # Patch 0007: the fw_cfg test knobs, EbsAdversaryDxe and EbsProbe
         # exist only in builds with this define (never in production OVMF).
         ("EBS_HARNESS_TEST", "TRUE"),
+        *ZOO_DEFINES,
     )
     #: DEBUG_ERROR|WARN|INFO|LOAD|FS|... (0x8000004F): shows the DEBUG_INFO
     #: trace lines, hides the noisy DEBUG_VERBOSE.
@@ -478,8 +485,10 @@ def build_production(target: str = "DEBUG", baseline: str | None = None,
 
 
 def production_flags(**changes: Any) -> BuildFlags:
-    """The test build's flags without ``EBS_HARNESS_TEST``, with ``changes``."""
-    defines = tuple(d for d in BuildFlags().defines if d[0] != "EBS_HARNESS_TEST")
+    """The test build's flags without ``EBS_HARNESS_TEST`` and the zoo's
+    SCSI drivers (OVMF's own defaults), with ``changes``."""
+    defines = tuple(d for d in BuildFlags().defines
+                    if d[0] != "EBS_HARNESS_TEST" and d not in ZOO_DEFINES)
     return dataclasses.replace(BuildFlags(defines=defines), **changes)
 
 

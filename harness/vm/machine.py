@@ -33,7 +33,7 @@ import shlex
 import shutil
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TextIO
@@ -148,16 +148,54 @@ class RngDevice:
     source: Path = Path("/dev/urandom")
 
 
-Device = BlockDevice | NetDevice | ScsiController | RngDevice
+#: iPXE's EFI option ROM for e1000e, from Debian's ipxe-qemu.
+E1000E_ROM = Path("/usr/lib/ipxe/qemu/efi-e1000e.rom")
 
-DEVICE_NAMES = ("virtio-blk", "virtio-net", "virtio-scsi", "virtio-rng")
+
+@dataclass(frozen=True)
+class ZooDevice:
+    """A device of the zoo OVMF drives on q35 (``docs/devices.md``).
+
+    :param kind: one of :data:`ZOO_KINDS`.
+    :param image: the disk of a storage kind (nvme, ahci, xhci-storage,
+        pvscsi, mptsas, lsi).
+    :param bootindex: puts it in QEMU's boot order, which OVMF reads as the
+        list of devices to connect.
+    """
+
+    kind: str
+    image: Path | None = None
+    bootindex: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ZOO_KINDS:
+            raise ValueError(f"zoo device {self.kind!r}: one of {', '.join(ZOO_KINDS)}")
+        if (self.kind in STORAGE_KINDS) != (self.image is not None):
+            raise ValueError(f"{self.kind}: a storage kind needs an image, others none")
+        if self.image is not None:
+            object.__setattr__(self, "image", Path(self.image))
 
 
-def parse_devices(names: str, boot_image: Path | None) -> tuple[Device, ...]:
+#: Zoo kinds with a disk.
+STORAGE_KINDS = ("nvme", "ahci", "xhci-storage", "pvscsi", "mptsas", "lsi")
+#: ``adversary-nic``: a legacy virtio-net no OVMF driver connects, which the
+#: adversary driver arms (``docs/devices.md``); frames reach it through a
+#: unix datagram socket (:attr:`QemuMachine.nic_socket`).
+ZOO_KINDS = (*STORAGE_KINDS, "usb-kbd", "virtio-gpu", "e1000e", "adversary-nic")
+
+Device = BlockDevice | NetDevice | ScsiController | RngDevice | ZooDevice
+
+DEVICE_NAMES = ("virtio-blk", "virtio-net", "virtio-scsi", "virtio-rng", *ZOO_KINDS)
+
+
+def parse_devices(names: str, boot_image: Path | None,
+                  disk: Callable[[str], Path] | None = None) -> tuple[Device, ...]:
     """``--devices virtio-blk,virtio-net,...``: the devices, in that order.
 
-    ``virtio-blk`` is the boot disk (``boot_image``, bootindex 0).
-    :raises UsageError: an unknown name, a repeat, or virtio-blk without image.
+    ``virtio-blk`` is the boot disk (``boot_image``, bootindex 0); a storage
+    kind of the zoo gets ``disk(kind)`` as its disk and the next bootindex.
+    :raises UsageError: an unknown name, a repeat, virtio-blk without image,
+        or a storage kind without ``disk``.
     """
     devices: list[Device] = []
     seen: set[str] = set()
@@ -169,6 +207,8 @@ def parse_devices(names: str, boot_image: Path | None) -> tuple[Device, ...]:
         if name in seen:
             raise UsageError(f"device {name} given twice")
         seen.add(name)
+        # after the boot disk's 0, unique whatever the order
+        next_boot = len(devices) + ("virtio-blk" not in seen)
         if name == "virtio-blk":
             if boot_image is None:
                 raise UsageError("virtio-blk needs a boot image")
@@ -177,8 +217,14 @@ def parse_devices(names: str, boot_image: Path | None) -> tuple[Device, ...]:
             devices.append(NetDevice())
         elif name == "virtio-scsi":
             devices.append(ScsiController())
-        else:
+        elif name == "virtio-rng":
             devices.append(RngDevice())
+        elif name in STORAGE_KINDS:
+            if disk is None:
+                raise UsageError(f"{name} needs a disk image")
+            devices.append(ZooDevice(name, disk(name), bootindex=next_boot))
+        else:
+            devices.append(ZooDevice(name, bootindex=next_boot if name == "e1000e" else None))
     return tuple(devices)
 
 
@@ -290,6 +336,8 @@ class MachineConfig:
         (OVMF's QemuKernelLoaderFsDxe) and starts through its EFI stub.
     :param initrd: ``-initrd`` (needs ``kernel``).
     :param append: ``-append``, the kernel command line (needs ``kernel``).
+    :param trace_events: QEMU trace events to enable; their lines go to the
+        device trace (``device-trace.log``, ``harness.analysis.devices``).
     """
 
     code: Path
@@ -310,9 +358,14 @@ class MachineConfig:
     kernel: Path | None = None
     initrd: Path | None = None
     append: str | None = None
+    trace_events: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "code", Path(self.code))
+        object.__setattr__(self, "trace_events", tuple(self.trace_events))
+        for event in self.trace_events:
+            if not re.fullmatch(r"[a-z0-9_]+", event):
+                raise ValueError(f"trace event {event!r}")
         for name in ("kernel", "initrd"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
@@ -331,10 +384,11 @@ class MachineConfig:
         if not 1 <= self.smp <= 288:
             raise ValueError(f"smp {self.smp}: not in 1..288")
         for device in self.devices:
-            if not isinstance(device, (BlockDevice, NetDevice, ScsiController, RngDevice)):
+            if not isinstance(device, (BlockDevice, NetDevice, ScsiController, RngDevice,
+                                       ZooDevice)):
                 raise TypeError(f"not a device: {device!r}")
         boot = [d.bootindex for d in self.devices
-                if isinstance(d, (BlockDevice, NetDevice)) and d.bootindex is not None]
+                if isinstance(d, (BlockDevice, NetDevice, ZooDevice)) and d.bootindex is not None]
         if len(boot) != len(set(boot)):
             raise ValueError(f"duplicate bootindex in {boot}")
         for name, value in self.fw_cfg.items():
@@ -358,7 +412,7 @@ class MachineConfig:
         """The same config with absolute file paths (for reproduce.sh)."""
         devices: list[Device] = []
         for device in self.devices:
-            if isinstance(device, (BlockDevice, ScsiController)) and device.image:
+            if isinstance(device, (BlockDevice, ScsiController, ZooDevice)) and device.image:
                 device = dataclasses.replace(device, image=device.image.absolute())
             devices.append(device)
         return dataclasses.replace(
@@ -381,6 +435,8 @@ class RuntimePaths:
     serial_log: Path
     debugcon_log: Path
     vars_copy: Path
+    trace_log: Path | None = None
+    nic_socket: Path | None = None
 
 
 def build_argv(config: MachineConfig, paths: RuntimePaths, *,
@@ -434,7 +490,11 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
                  "-global", f"isa-debugcon.iobase={DEBUGCON_IOBASE:#x}"]
     for name, value in sorted(config.fw_cfg.items()):
         argv += ["-fw_cfg", f"name={_comma(name)},string={_comma(value)}"]
-    argv += _device_args(config)
+    argv += _device_args(config, paths)
+    if config.trace_events and paths.trace_log is not None:
+        for event in config.trace_events:
+            argv += ["-trace", f"enable={event}"]
+        argv += ["-trace", f"file={_comma(paths.trace_log)}"]
     if config.kernel is not None:
         argv += ["-kernel", str(config.kernel)]
         if config.initrd is not None:
@@ -447,10 +507,17 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
     return argv
 
 
-def _device_args(config: MachineConfig) -> list[str]:
+def _device_args(config: MachineConfig, paths: RuntimePaths) -> list[str]:
     secure = ",disable-legacy=on,iommu_platform=on" if config.virtio_secure else ""
     argv: list[str] = []
+    xhci = False
     for index, device in enumerate(config.devices):
+        if isinstance(device, ZooDevice):
+            if device.kind in ("xhci-storage", "usb-kbd") and not xhci:
+                argv += ["-device", "qemu-xhci,id=xhci"]
+                xhci = True
+            argv += _zoo_args(device, index, secure, paths)
+            continue
         if isinstance(device, BlockDevice):
             ro = ",readonly=on" if device.readonly else ""
             boot = "" if device.bootindex is None else f",bootindex={device.bootindex}"
@@ -479,12 +546,57 @@ def _device_args(config: MachineConfig) -> list[str]:
     return argv
 
 
+def _zoo_args(device: ZooDevice, index: int, secure: str, paths: RuntimePaths) -> list[str]:
+    boot = "" if device.bootindex is None else f",bootindex={device.bootindex}"
+    argv: list[str] = []
+    if device.image is not None:
+        argv += ["-drive", f"if=none,id=zdisk{index},format=raw,file={_comma(device.image)}"]
+    drive = f"drive=zdisk{index}{boot}"
+    kind = device.kind
+    if kind == "nvme":
+        argv += ["-device", f"nvme,id=znvme{index},serial=EBS{index:04d},{drive}"]
+    elif kind == "ahci":
+        # q35's own ICH9 AHCI controller (00:1f.2), first port
+        argv += ["-device", f"ide-hd,bus=ide.0,{drive}"]
+    elif kind == "xhci-storage":
+        argv += ["-device", f"usb-storage,bus=xhci.0,{drive}"]
+    elif kind in ("pvscsi", "mptsas", "lsi"):
+        qom = {"pvscsi": "pvscsi", "mptsas": "mptsas1068", "lsi": "lsi53c895a"}[kind]
+        argv += ["-device", f"{qom},id=zhba{index}",
+                 "-device", f"scsi-hd,bus=zhba{index}.0,{drive}"]
+    elif kind == "usb-kbd":
+        argv += ["-device", "usb-kbd,bus=xhci.0"]
+    elif kind == "virtio-gpu":
+        argv += ["-device", f"virtio-gpu-pci,id=zgpu{index}{secure}"]
+    elif kind == "e1000e":
+        argv += ["-netdev", f"user,id=znet{index},restrict=on",
+                 "-device", (f"e1000e,netdev=znet{index},id=znic{index},"
+                            f"romfile={_comma(E1000E_ROM)}{boot}")]
+    else:   # adversary-nic: legacy only (device ID 0x1000), which no OVMF driver connects
+        if paths.nic_socket is None:
+            raise ValueError("adversary-nic needs a socket path")
+        # QEMU 7.2's dgram netdev needs a remote too: the NIC's transmissions
+        # go there, and nobody reads them.
+        sink = paths.nic_socket.with_name(paths.nic_socket.name + ".out")
+        argv += ["-netdev", (f"dgram,id=znet{index},local.type=unix,"
+                            f"local.path={_comma(paths.nic_socket)},remote.type=unix,"
+                            f"remote.path={_comma(sink)}"),
+                 "-device", (f"virtio-net-pci,netdev=znet{index},id=advnic,"
+                            # a confidential machine turns iommu_platform on for
+                            # every virtio device, which a legacy one cannot have
+                            "disable-legacy=off,disable-modern=on,iommu_platform=off,"
+                            "romfile=")]
+    return argv
+
+
 def reproduce_script(config: MachineConfig, original_vars: Path) -> str:
     """A shell script that runs ``config``'s QEMU by hand, from its directory."""
     paths = RuntimePaths(qmp_socket=Path("repro/qmp.sock"), serial_socket=None,
                          serial_log=Path("repro/serial.log"),
                          debugcon_log=Path("repro/debugcon.log"),
-                         vars_copy=Path("repro/OVMF_VARS.fd"))
+                         vars_copy=Path("repro/OVMF_VARS.fd"),
+                         trace_log=Path("repro/device-trace.raw"),
+                         nic_socket=Path("repro/adversary-nic.sock"))
     argv = build_argv(config, paths, paused=False)
     lines = [
         "#!/bin/sh",
@@ -551,6 +663,9 @@ class QemuMachine:
         self._serial_sock: socket.socket | None = None
         self._launched = False
         self._closed = False
+        #: the adversary NIC's unix datagram socket (QEMU binds it), or None
+        self.nic_socket: Path | None = None
+        self._nic_sock: socket.socket | None = None
 
     # artifact paths
     @property
@@ -568,6 +683,11 @@ class QemuMachine:
     @property
     def qmp_log(self) -> Path:
         return self.artifacts / "qmp.log"
+
+    @property
+    def device_trace_raw(self) -> Path:
+        """QEMU's trace lines, as QEMU wrote them (``config.trace_events``)."""
+        return self.artifacts / "device-trace.raw"
 
     @property
     def pid(self) -> int | None:
@@ -654,7 +774,7 @@ class QemuMachine:
         config = self.config
         devices: list[Device] = []
         for index, device in enumerate(config.devices):
-            if isinstance(device, (BlockDevice, ScsiController)) and device.image:
+            if isinstance(device, (BlockDevice, ScsiController, ZooDevice)) and device.image:
                 device = dataclasses.replace(device, image=runner.place(
                     device.image, f"disk{index}-{device.image.name}"))
             devices.append(device)
@@ -675,10 +795,17 @@ class QemuMachine:
             raise LaunchError(f"cannot copy the firmware VARS {self.config.vars_template}: "
                               f"{exc.strerror}") from exc
         config = self._placed(vars_copy)
+        zoo = {d.kind for d in config.devices if isinstance(d, ZooDevice)}
+        if "adversary-nic" in zoo and runner.where:
+            raise LaunchError(f"adversary-nic needs QEMU on this host, not on {runner.where}")
+        self.nic_socket = work / "adv-nic.sock" if "adversary-nic" in zoo else None
         paths = RuntimePaths(qmp_socket=work / "qmp.sock", serial_socket=work / "serial.sock",
                              serial_log=runner.output(self.serial_log),
                              debugcon_log=runner.output(self.debugcon_log),
-                             vars_copy=config.vars_template)
+                             vars_copy=config.vars_template,
+                             trace_log=(runner.output(self.device_trace_raw)
+                                        if config.trace_events else None),
+                             nic_socket=self.nic_socket)
         stderr = runner.output(self.stderr_log)
         self.command = build_argv(config, paths)
         where = f" on {runner.where}" if runner.where else ""
@@ -700,6 +827,10 @@ class QemuMachine:
         if self.config.serial_input:
             assert paths.serial_socket is not None
             self._serial_sock = runner.connect(paths.serial_socket)
+        if self.nic_socket is not None:
+            # connected now: the working directory and its names go next
+            self._nic_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._nic_sock.connect(str(self.nic_socket))
         runner.sockets_done()
 
         logs = self._logs()
@@ -767,6 +898,20 @@ class QemuMachine:
             raise QmpError(f"QMP {command}: {self.name} is not connected")
         return self._qmp.execute(command, arguments,
                                  self.qmp_timeout if timeout is None else timeout)
+
+    def send_frames(self, frames: Sequence[bytes]) -> int:
+        """Send Ethernet frames to the adversary NIC (``adversary-nic``); how
+        many QEMU took. A frame QEMU's socket refuses is not retried."""
+        if self._nic_sock is None:
+            raise UsageError(f"{self.name}: no adversary-nic to send frames to")
+        sent = 0
+        for frame in frames:
+            try:
+                self._nic_sock.send(frame)
+                sent += 1
+            except OSError as exc:
+                self.log.warning("frame to the adversary NIC not sent: %s", exc)
+        return sent
 
     def wait_event(self, names: str | Sequence[str], timeout: float = 30.0) -> dict[str, Any]:
         """Wait for (and consume) the next QMP event of one of ``names``."""
@@ -845,6 +990,8 @@ class QemuMachine:
                 self._transcript.close()
             if self._serial_sock is not None:
                 self._serial_sock.close()
+            if self._nic_sock is not None:
+                self._nic_sock.close()
             self.runner.close()
             if self.exitcode is not None:
                 self.log.info("QEMU exited with status %s", self.exitcode)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import linux
-from harness.analysis import trace
+from harness.analysis import devices, trace
 from harness.build import edk2
 from harness.errors import ConsoleTimeout, GuestCommandError
 from harness.linux import LinuxBoot, LinuxImage, LinuxRun
@@ -114,7 +114,7 @@ def test_firmware_trace_of_the_linux_boot_passes(callback_guest: LinuxRun,
     teardown, = succeeded[0].teardowns
     assert succeeded[0].dispatches, "no EBS notification was traced"
     # The firmware had really driven the devices: its virtio drivers mapped
-    # through the IOMMU, and mappings (the NIC's rings) were still live when
+    # through the IOMMU, and mappings (the disks' rings) were still live when
     # the teardown began; it unmapped every one.
     maps = [e for e in report.timeline.trace.events if isinstance(e, trace.IommuMap)]
     assert len(maps) > 10
@@ -201,3 +201,28 @@ def test_guest_under_emulated_sev(ebs_firmware: edk2.Firmware, ebs_linux_image: 
     assert report.contract_judged and report.violations == (), \
         [v.as_json() for v in report.violations]
     assert report.timeline.trace.sev_mask == 1 << 47
+
+
+@pytest.mark.tcg
+def test_device_side_of_the_linux_boot(callback_guest: LinuxRun, tmp_path: Path) -> None:
+    """QEMU's device trace of the Linux boot: both disks were reset before
+    the teardown, no device did DMA from then until the kernel first touched
+    it (its PCI config writes), and the kernel then drove each. The firmware
+    never started the NIC: VirtioNetDxe only probed it."""
+    raw = callback_guest.vm.device_trace_raw.read_bytes()
+    kept = tmp_path / "device-trace.log"
+    # QEMU is still running: keep the lines it has finished
+    kept.write_bytes(devices.header("7.2").encode() + raw[:raw.rfind(b"\n") + 1])
+    log, _ = trace.analyze_log(callback_guest.debug_log)
+    report = devices.analyze_device_trace(kept, log.timeline.trace.events)
+    assert report.judged and report.violations == (), [v.detail for v in report.violations]
+    virtio = [d for d in devices.driven(report) if d.qom.startswith("virtio-")]
+    assert sorted(d.qom for d in virtio) == ["virtio-blk-pci", "virtio-blk-pci",
+                                             "virtio-net-pci"]
+    assert report.begin_line is not None
+    for device in virtio:
+        expected = "never armed" if device.qom == "virtio-net-pci" else "virtio reset"
+        assert device.quiesce_text is not None and expected in device.quiesce_text
+        assert device.touched_after is not None and device.touched_after > report.begin_line
+    # the kernel read its disks and answered on the network through them
+    assert all(d.dma_os > 0 for d in virtio), [(d.bdf, d.dma_os) for d in virtio]

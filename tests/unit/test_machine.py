@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -11,11 +12,13 @@ import pytest
 from harness.errors import LaunchError, UsageError
 from harness.vm import host
 from harness.vm.machine import (
+    E1000E_ROM,
     POLICY_ES,
     POLICY_NODBG,
     POLICY_NOKS,
     SEV_STATE_PAUSED,
     SEV_STATE_RUNNING,
+    STORAGE_KINDS,
     BlockDevice,
     MachineConfig,
     NetDevice,
@@ -328,7 +331,8 @@ def test_parse_devices_in_order() -> None:
 
 
 @pytest.mark.parametrize(("names", "message"), [
-    ("virtio-gpu", "unknown device"),
+    ("virtio-vsock", "unknown device"),
+    ("nvme", "needs a disk image"),
     ("virtio-rng,virtio-rng", "twice"),
     ("virtio-blk", "needs a boot image"),
 ])
@@ -421,3 +425,44 @@ def test_query_sev_with_no_firmware_version_is_not_real_sev() -> None:
     info.update({"api-major": 0, "api-minor": 0})
     assert sev_info_problem(info, 0x3) == ("query-sev says SEV API 0.0: no SEV firmware "
                                            "answered the launch")
+
+
+def test_zoo_argv() -> None:
+    disks = {kind: Path(f"/img/{kind}.img") for kind in STORAGE_KINDS}
+    devices = parse_devices(
+        "virtio-blk,nvme,ahci,xhci-storage,usb-kbd,pvscsi,mptsas,lsi,virtio-gpu,e1000e",
+        Path("/img/boot.img"), disks.__getitem__)
+    paths = dataclasses.replace(PATHS, nic_socket=Path("/run/x/adv.sock"))
+    argv = build_argv(MachineConfig(code=Path("/fw/CODE.fd"), vars_template=Path("/fw/V.fd"),
+                                    devices=devices), paths)
+    text = " ".join(argv)
+    assert "nvme,id=znvme1,serial=EBS0001,drive=zdisk1,bootindex=1" in text
+    assert "ide-hd,bus=ide.0,drive=zdisk2,bootindex=2" in text
+    assert argv.count("qemu-xhci,id=xhci") == 1     # one controller for both USB devices
+    assert "usb-storage,bus=xhci.0,drive=zdisk3,bootindex=3" in text
+    assert "usb-kbd,bus=xhci.0" in text
+    for qom, index in (("pvscsi", 5), ("mptsas1068", 6), ("lsi53c895a", 7)):
+        assert f"{qom},id=zhba{index} -device scsi-hd,bus=zhba{index}.0,drive=zdisk{index}" in text
+    assert "virtio-gpu-pci,id=zgpu8" in text
+    assert f"e1000e,netdev=znet9,id=znic9,romfile={E1000E_ROM},bootindex=9" in text
+    assert "-trace" not in argv
+
+
+def test_adversary_nic_and_trace_argv() -> None:
+    devices = parse_devices("virtio-blk,adversary-nic", Path("/img/boot.img"))
+    paths = dataclasses.replace(PATHS, nic_socket=Path("/run/x/adv.sock"),
+                                trace_log=Path("/art/device-trace.raw"))
+    config = MachineConfig(code=Path("/fw/CODE.fd"), vars_template=Path("/fw/V.fd"),
+                           devices=devices, trace_events=("fw_cfg_select", "pci_cfg_write"))
+    argv = build_argv(config, paths)
+    text = " ".join(argv)
+    assert ("dgram,id=znet1,local.type=unix,local.path=/run/x/adv.sock,remote.type=unix,"
+            "remote.path=/run/x/adv.sock.out") in text
+    # legacy only: no OVMF driver connects it, only the adversary driver arms it
+    assert "disable-legacy=off,disable-modern=on,iommu_platform=off,romfile=" in text
+    assert ",bootindex" not in text.split("advnic")[1]
+    assert text.endswith("-trace enable=fw_cfg_select -trace enable=pci_cfg_write "
+                         "-trace file=/art/device-trace.raw -S")
+    with pytest.raises(ValueError, match="trace event"):
+        MachineConfig(code=Path("/fw/CODE.fd"), vars_template=Path("/fw/V.fd"),
+                      trace_events=("x,file=/etc/passwd",))

@@ -83,3 +83,27 @@ def test_markers_are_registered_for_strict_markers(pytester: pytest.Pytester,
     pytester.makepyfile(SEV_TEST.replace("mark.sev", "mark.sevv"))
     result = pytester.runpytest("--strict-markers")
     assert result.ret != 0 and "'sevv' not found in `markers`" in str(result.stdout)
+
+
+ZOO_TEST = """
+import pytest
+
+@pytest.mark.zoo
+def test_long():
+    pass
+
+def test_short():
+    pass
+"""
+
+
+def test_zoo_is_deselected_unless_asked_for(pytester: pytest.Pytester,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole zoo runs only with -m naming it; otherwise pytest's summary
+    counts it as deselected (not a silent skip)."""
+    _stub(monkeypatch, YES)
+    pytester.makepyfile(ZOO_TEST)
+    result = pytester.runpytest("--strict-markers")
+    result.assert_outcomes(passed=1, deselected=1)
+    pytester.runpytest("-m", "zoo").assert_outcomes(passed=1, deselected=1)
+    pytester.runpytest("-m", "zoo or not zoo").assert_outcomes(passed=2)

@@ -1,0 +1,747 @@
+"""The device side: QEMU's own trace of the devices, and verdicts W1 and W2.
+
+The harness runs QEMU with a chosen set of its trace events enabled (the
+``log`` backend, one file per boot, :func:`trace_events`). The device models
+write them as they act: PCI command register writes, virtio status changes
+and virtqueue accesses, NVMe controller enables and PRP mappings, xHCI
+run/stop and TRB fetches, AHCI port engines, e1000e receive control. The
+firmware's test build writes two markers into the same stream: IoMmuDxe
+selects the fw_cfg keys 0x3EB1 when its teardown begins and 0x3EB2 when it
+ends, which QEMU traces as ``fw_cfg_select``. QEMU emits each trace line
+whole, under one lock, in the order the events happen, so "after the
+teardown began" is the line order of one file, not a comparison of clocks.
+
+Verdicts (``docs/devices.md`` says what counts as quiesced per model):
+
+- **W1**: every device the firmware made a bus master was quiesced (its
+  model's reset or stop, or bus mastering off) when the teardown began;
+- **W2**: no device DMA from the teardown's beginning until the operating
+  system first touches that device again (its next PCI config write), or to
+  the end of the trace (the probe parks and touches nothing).
+
+The file the harness keeps is QEMU's trace behind one header line,
+``# ebs-harness device trace v1 qemu=VERSION``. :func:`parse_device_trace`
+reads every line against QEMU 7.2's format of its event and refuses (one
+:class:`DeviceTraceError`, exit 2) a file that is cut, garbled, not a
+device trace, or whose lines have another QEMU version's format.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.analysis.trace import Violation
+from harness.errors import LogFormatError
+
+FORMAT_VERSION = 1
+HEADER = "# ebs-harness device trace"
+_HEADER_RE = re.compile(r"# ebs-harness device trace v(\d+) qemu=(\S+)\Z")
+
+#: fw_cfg keys the firmware's test build selects as markers (invalid keys:
+#: QEMU traces the selection and changes nothing).
+MARK_TEARDOWN_BEGIN = 0x3EB1
+MARK_TEARDOWN_END = 0x3EB2
+MARKERS = {MARK_TEARDOWN_BEGIN: "teardown-begin", MARK_TEARDOWN_END: "teardown-end"}
+
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 0x2
+PCI_COMMAND_MASTER = 0x4
+
+#: QEMU 7.2's format of each event the harness reads (``hw/*/trace-events``,
+#: ``PRIx64`` written out), and the names of its fields.
+FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fw_cfg_select": ("%p key 0x%04x '%s', ret: %d", ("s", "key", "name", "ret")),
+    "pci_cfg_write": ("%s %02x:%02x.%x @0x%x <- 0x%x",
+                      ("dev", "bus", "slot", "func", "offs", "val")),
+    "virtio_set_status": ("vdev %p val %u", ("vdev", "val")),
+    "virtio_queue_notify": ("vdev %p n %d vq %p", ("vdev", "n", "vq")),
+    "virtqueue_pop": ("vq %p elem %p in_num %u out_num %u", ("vq", "elem", "in", "out")),
+    "virtqueue_flush": ("vq %p count %u", ("vq", "count")),
+    "virtio_blk_handle_read": ("vdev %p req %p sector %lu nsectors %zu",
+                               ("vdev", "req", "sector", "n")),
+    "virtio_blk_handle_write": ("vdev %p req %p sector %lu nsectors %zu",
+                                ("vdev", "req", "sector", "n")),
+    "virtio_rng_pushed": ("rng %p: %zd bytes pushed", ("vdev", "len")),
+    "pci_nvme_mmio_start_success": ("setting controller enable bit succeeded", ()),
+    "pci_nvme_mmio_stopped": ("cleared controller enable bit", ()),
+    "pci_nvme_mmio_shutdown_set": ("shutdown bit set", ()),
+    "pci_nvme_admin_cmd": ("cid %u sqid %u opc 0x%x opname '%s'",
+                           ("cid", "sqid", "opc", "opname")),
+    "pci_nvme_io_cmd": ("cid %u nsid 0x%x sqid %u opc 0x%x opname '%s'",
+                        ("cid", "nsid", "sqid", "opc", "opname")),
+    "pci_nvme_map_prp": ("trans_len %lu len %u prp1 0x%lx prp2 0x%lx num_prps %d",
+                         ("trans_len", "len", "prp1", "prp2", "num")),
+    "pci_nvme_enqueue_req_completion": ("cid %u cqid %u dw0 0x%x dw1 0x%x status 0x%x",
+                                        ("cid", "cqid", "dw0", "dw1", "status")),
+    "usb_xhci_run": ("", ()),
+    "usb_xhci_stop": ("", ()),
+    "usb_xhci_reset": ("=== RESET ===", ()),
+    "usb_xhci_fetch_trb": ("addr 0x%016lx, %s, p 0x%016lx, s 0x%08x, c 0x%08x",
+                           ("addr", "trb", "p", "s", "c")),
+    "usb_xhci_queue_event": ("v %d, idx %d, %s, %s, p 0x%016lx, s 0x%08x, c 0x%08x",
+                             ("v", "idx", "trb", "evt", "p", "s", "c")),
+    "ahci_port_write": ("ahci(%p)[%d]: port write [reg:%s] @ 0x%x: 0x%08x",
+                        ("s", "port", "reg", "offset", "val")),
+    "ahci_mem_write_host": ("ahci(%p) write%u [reg:%s] @ 0x%lx: 0x%016lx",
+                            ("s", "size", "reg", "addr", "val")),
+    "ahci_reset": ("ahci(%p): HBA reset", ("s",)),
+    "ahci_start_dma": ("ahci(%p)[%d]: start dma", ("s", "port")),
+    "ahci_dma_rw_buf": ("ahci(%p)[%d] len=0x%x", ("s", "port", "len")),
+    "ahci_cmd_done": ("ahci(%p)[%d]: cmd done", ("s", "port")),
+    "e1000e_core_ctrl_sw_reset": ("Doing SW reset", ()),
+    "e1000e_rx_set_rctl": ("RCTL = 0x%x", ("rctl",)),
+    "e1000e_rx_written_to_guest": ("Received packet written to guest (ICR causes %u)",
+                                   ("causes",)),
+    "e1000e_tx_descr": ("%p : %x %x", ("addr", "lower", "upper")),
+    "e1000e_rx_descr": ("Next RX descriptor: ring #%d, PA: 0x%lx, length: %u",
+                        ("ring", "pa", "len")),
+    "pvscsi_on_cmd_arrived": ("command %s arrived", ("cmd",)),
+    "pvscsi_process_req_descr": ("SCSI cmd 0x%x, ctx: 0x%lx", ("cmd", "ctx")),
+    "pvscsi_cmp_ring_put": ("got completion descriptor 0x%lx", ("addr",)),
+    "mptsas_reset": ("dev %p ", ("s",)),
+    "mptsas_process_message": ("dev %p cmd %d context 0x%08x", ("s", "cmd", "ctx")),
+    "mptsas_process_scsi_io_request": ("dev %p dev %d:%d:%d length %lu",
+                                       ("s", "bus", "target", "lun", "len")),
+    "lsi_reset": ("Reset", ()),
+    "lsi_do_dma": ("DMA addr=0x%lx len=%d", ("addr", "len")),
+}
+
+_CONVERSION_RE = re.compile(r"%(?:0?\d+)?(?:l|z|ll|h|hh)?([dixupsc%])")
+_CONVERSIONS = {"d": r"-?[0-9]+", "i": r"-?[0-9]+", "u": r"[0-9]+", "x": r"[0-9a-f]+",
+                "p": r"0x[0-9a-f]+|\(nil\)", "s": r"[^\n]*?", "c": r"[^\n]"}
+
+
+def _format_regex(fmt: str) -> re.Pattern[str]:
+    """A printf format of QEMU's trace-events as a full-match regex."""
+    out: list[str] = []
+    pos = 0
+    for match in _CONVERSION_RE.finditer(fmt):
+        out.append(re.escape(fmt[pos:match.start()]))
+        kind = match.group(1)
+        out.append("%" if kind == "%" else f"({_CONVERSIONS[kind]})")
+        pos = match.end()
+    out.append(re.escape(fmt[pos:]))
+    return re.compile("".join(out) + r"\Z")
+
+
+_REGEXES = {name: _format_regex(fmt) for name, (fmt, _) in FORMATS.items()}
+# The log backend's line: "NAME ARGS", with -msg timestamp=on "PID@SEC.USEC:NAME ARGS".
+_LINE_RE = re.compile(r"(?:[0-9]+@[0-9]+\.[0-9]+:)?([a-z0-9_]+) (.*)\Z")
+_MAX_LINE = 4096
+
+
+class DeviceTraceError(LogFormatError):
+    """A device trace that cannot be read: cut, garbled, or from another
+    QEMU version (exit 2)."""
+
+    def __init__(self, path: Path | str, line: int | None, reason: str) -> None:
+        self.path = Path(path)
+        self.line = line
+        self.reason = reason
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {reason}")
+
+
+# ------------------------------------------------------------ models
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the harness knows of one device model.
+
+    :param kind: the name reports use (``nvme``, ``virtio-net``, ...).
+    :param qom: QEMU's type names (as ``pci_cfg_write`` prints them).
+    :param events: the trace events it enables for this model.
+    :param quiesced: what counts as quiesced, for reports and docs.
+    :param driver: the UEFI driver that drives it.
+    :param image: that driver's image name in the debug log, under which its
+        EBS handler, if it has one, shows in the firmware timeline.
+    """
+
+    kind: str
+    qom: tuple[str, ...]
+    events: tuple[str, ...]
+    quiesced: str
+    driver: str
+    image: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.image:
+            object.__setattr__(self, "image", self.driver)
+
+
+_VIRTIO_EVENTS = ("virtio_set_status", "virtio_queue_notify", "virtqueue_pop",
+                  "virtqueue_flush")
+
+
+def _virtio(kind: str, driver: str, *extra: str) -> Model:
+    return Model(kind, (f"{kind}-pci",), (*_VIRTIO_EVENTS, *extra),
+                 "device status written 0 (virtio reset), or bus mastering off", driver)
+
+
+MODELS: tuple[Model, ...] = (
+    _virtio("virtio-blk", "VirtioBlkDxe", "virtio_blk_handle_read", "virtio_blk_handle_write"),
+    _virtio("virtio-net", "VirtioNetDxe"),
+    _virtio("virtio-scsi", "VirtioScsiDxe"),
+    _virtio("virtio-rng", "VirtioRngDxe", "virtio_rng_pushed"),
+    _virtio("virtio-gpu", "VirtioGpuDxe"),
+    Model("nvme", ("nvme",),
+          ("pci_nvme_mmio_start_success", "pci_nvme_mmio_stopped", "pci_nvme_mmio_shutdown_set",
+           "pci_nvme_admin_cmd", "pci_nvme_io_cmd", "pci_nvme_map_prp",
+           "pci_nvme_enqueue_req_completion"),
+          "controller disabled (CC.EN cleared) or shutdown set, or bus mastering off",
+          "NvmExpressDxe"),
+    Model("ahci", ("ich9-ahci",),
+          ("ahci_port_write", "ahci_mem_write_host", "ahci_reset", "ahci_start_dma",
+           "ahci_dma_rw_buf", "ahci_cmd_done"),
+          "every port's command list and FIS receive engines stopped (PxCMD.ST and "
+          "PxCMD.FRE clear), or an HBA reset, or bus mastering off", "AtaAtapiPassThruDxe"),
+    Model("xhci", ("qemu-xhci",),
+          ("usb_xhci_run", "usb_xhci_stop", "usb_xhci_reset", "usb_xhci_fetch_trb",
+           "usb_xhci_queue_event"),
+          "controller halted (USBCMD.RS cleared) or reset, or bus mastering off", "XhciDxe"),
+    Model("e1000e", ("e1000e",),
+          ("e1000e_core_ctrl_sw_reset", "e1000e_rx_set_rctl", "e1000e_rx_written_to_guest",
+           "e1000e_tx_descr", "e1000e_rx_descr"),
+          "receiver disabled (RCTL.EN clear) or a software reset, or bus mastering off",
+          # the option ROM's image is named by its PCI vendor and device ID
+          "iPXE (option ROM)", "808610d3"),
+    Model("pvscsi", ("pvscsi",),
+          ("pvscsi_on_cmd_arrived", "pvscsi_process_req_descr", "pvscsi_cmp_ring_put"),
+          "PVSCSI_CMD_ADAPTER_RESET after the rings were set up, or bus mastering off",
+          "PvScsiDxe"),
+    Model("mptsas", ("mptsas1068",),
+          ("mptsas_reset", "mptsas_process_message", "mptsas_process_scsi_io_request"),
+          "an IOC reset after IOC init, or bus mastering off", "MptScsiDxe"),
+    Model("lsi", ("lsi53c895a",), ("lsi_reset", "lsi_do_dma"),
+          "no DMA engine stays armed between commands (SCRIPTS run only when started): "
+          "judged by W2 alone, or bus mastering off", "LsiScsiDxe"),
+)
+_BY_QOM = {qom: model for model in MODELS for qom in model.qom}
+#: q35's chipset functions: the firmware sets their bus master bit, but QEMU
+#: gives them no DMA engine; W1 does not count them.
+NO_DMA_ENGINE = ("mch", "ICH9-LPC", "ICH9-SMB")
+_BY_KIND = {model.kind: model for model in MODELS}
+#: Every trace event enabled whatever the devices: the markers and the PCI
+#: command register.
+BASE_EVENTS = ("fw_cfg_select", "pci_cfg_write")
+
+
+def model_named(kind: str) -> Model:
+    return _BY_KIND[kind]
+
+
+def trace_events(kinds: Iterable[str]) -> tuple[str, ...]:
+    """The QEMU trace events to enable for devices of ``kinds``."""
+    out = list(BASE_EVENTS)
+    for kind in kinds:
+        for event in _BY_KIND[kind].events:
+            if event not in out:
+                out.append(event)
+    return tuple(out)
+
+
+def header(qemu_version: str) -> str:
+    return f"{HEADER} v{FORMAT_VERSION} qemu={qemu_version or 'unknown'}\n"
+
+
+# ------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class DeviceEvent:
+    """One line of the device trace.
+
+    :param line: its line number in the file (the header is line 1).
+    """
+
+    line: int
+    name: str
+    fields: dict[str, str]
+
+    def text(self) -> str:
+        return f"{self.name} " + " ".join(f"{k}={v}" for k, v in self.fields.items())
+
+    def num(self, key: str) -> int:
+        value = self.fields[key]
+        return int(value, 16) if not value.lstrip("-").isdigit() else int(value)
+
+
+@dataclass(frozen=True)
+class DeviceTrace:
+    path: Path
+    qemu: str | None
+    events: tuple[DeviceEvent, ...]
+
+
+def parse_device_trace(path: Path | str) -> DeviceTrace:
+    """Read a device trace whole, or raise :class:`DeviceTraceError`."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DeviceTraceError(path, None, f"cannot read: {exc.strerror}") from exc
+    if not data:
+        raise DeviceTraceError(path, None, "empty: not a device trace")
+    lines = data.split(b"\n")
+    if lines[-1]:
+        raise DeviceTraceError(path, len(lines), "cut: the last line has no newline (the "
+                               "trace ends in the middle of a line)")
+    lines.pop()
+    qemu: str | None = None
+    events: list[DeviceEvent] = []
+    for number, raw in enumerate(lines, 1):
+        if len(raw) > _MAX_LINE:
+            raise DeviceTraceError(path, number, f"line longer than {_MAX_LINE} bytes: "
+                                   "garbled, not a device trace")
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise DeviceTraceError(path, number, "non-ASCII bytes: garbled, not a device "
+                                   "trace") from None
+        if not text.isprintable():
+            raise DeviceTraceError(path, number, "non-printable characters: garbled, not a "
+                                   "device trace")
+        if number == 1 and text.startswith("#"):
+            match = _HEADER_RE.match(text)
+            if match is None or int(match.group(1)) != FORMAT_VERSION:
+                raise DeviceTraceError(path, 1, f"header {text[:60]!r}: not a v{FORMAT_VERSION} "
+                                       "device trace of this harness")
+            qemu = match.group(2)
+            continue
+        events.append(_parse_line(path, number, text, qemu))
+    return DeviceTrace(path, qemu, tuple(events))
+
+
+def _parse_line(path: Path, number: int, text: str, qemu: str | None) -> DeviceEvent:
+    match = _LINE_RE.match(text) or _LINE_RE.match(text + " ")
+    if match is None:
+        raise DeviceTraceError(path, number, f"not a QEMU trace line: {text[:60]!r}")
+    name, args = match.groups()
+    regex = _REGEXES.get(name)
+    if regex is None:
+        raise DeviceTraceError(path, number, f"event {name[:40]!r} is none the harness "
+                               "enables: garbled, or not a device trace")
+    values = regex.match(args)
+    if values is None:
+        made = f" (the trace says qemu={qemu})" if qemu else ""
+        raise DeviceTraceError(path, number, f"{name} does not have QEMU 7.2's format{made}: "
+                               f"garbled, or from another QEMU version: {args[:60]!r}")
+    return DeviceEvent(number, name, dict(zip(FORMATS[name][1], values.groups(), strict=True)))
+
+
+# ------------------------------------------------------------ devices
+
+
+@dataclass
+class LaneMark:
+    """One thing the device lane draws: ``bm-on``, ``bm-off``, ``arm``,
+    ``quiesce``, ``dma``."""
+
+    line: int
+    kind: str
+    text: str
+
+
+@dataclass
+class Device:
+    """One PCI device as the trace shows it."""
+
+    bdf: str
+    qom: str
+    model: Model | None
+    bus_master_since: int | None = None     # line of the write that set it, while on
+    ever_master: bool = False
+    armed: dict[str, int] = field(default_factory=dict)   # what is armed -> since line
+    vdevs: set[str] = field(default_factory=set)
+    marks: list[LaneMark] = field(default_factory=list)
+    touched_after: int | None = None        # first config write after the teardown began
+    dma_before: int = 0
+    dma_after: list[DeviceEvent] = field(default_factory=list)
+    dma_os: int = 0                          # once the OS touched it again
+    quiesce_text: str | None = None
+    #: the driver that armed it when the firmware log says so (the adversary)
+    owner: str | None = None
+    #: the probe read the canary through a volume on it (None: no volume)
+    canary: bool | None = None
+
+    @property
+    def driver(self) -> str:
+        if self.owner is not None:
+            return self.owner
+        return self.model.driver if self.model is not None else self.qom
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.bdf} ({self.qom})"
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind if self.model is not None else self.qom
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """W1 and W2 of one device trace.
+
+    :param begin_line: the teardown-begin marker's line, or None (no
+        teardown, or a firmware without the markers: nothing judged).
+    """
+
+    path: Path
+    qemu: str | None
+    events: int
+    begin_line: int | None
+    end_line: int | None
+    devices: tuple[Device, ...]
+    violations: tuple[Violation, ...]
+    notes: tuple[str, ...]
+    unattributed_dma_after: tuple[DeviceEvent, ...] = ()
+
+    @property
+    def judged(self) -> bool:
+        return self.begin_line is not None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "qemu": self.qemu, "events": self.events,
+            "teardown_begin_line": self.begin_line, "teardown_end_line": self.end_line,
+            "judged": self.judged,
+            "devices": [{"pci": d.bdf, "model": d.qom, "kind": d.kind,
+                         "bus_master": d.ever_master, "quiesced": d.quiesce_text,
+                         "dma_before": d.dma_before, "dma_after": len(d.dma_after),
+                         "dma_by_os": d.dma_os, "os_touched_line": d.touched_after,
+                         "driver": d.driver, "canary_read": d.canary}
+                        for d in self.devices],
+            "violations": [v.as_json() for v in self.violations],
+            "notes": list(self.notes),
+        }
+
+
+class _State:
+    """The devices as the trace unfolds, line by line."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, Device] = {}
+        self.vdev_owner: dict[str, Device] = {}
+        self.vq_vdev: dict[str, str] = {}
+        self.vdev_status: dict[str, tuple[int, int]] = {}   # vdev -> (status, line)
+        self.last_enabled_virtio: Device | None = None
+        self.begin: int | None = None
+        self.end: int | None = None
+        self.unattributed: list[DeviceEvent] = []
+
+    def by_model(self, kind: str) -> Device | None:
+        found = [d for d in self.devices.values() if d.model is not None and d.model.kind == kind]
+        return found[0] if len(found) == 1 else None
+
+    def cfg_write(self, event: DeviceEvent) -> None:
+        bdf = f"{event.num('bus'):02x}:{event.num('slot'):02x}.{event.num('func')}"
+        device = self.devices.get(bdf)
+        if device is None:
+            qom = event.fields["dev"]
+            device = self.devices[bdf] = Device(bdf, qom, _BY_QOM.get(qom))
+        if self.begin is not None and device.touched_after is None:
+            device.touched_after = event.line
+        if event.num("offs") != PCI_COMMAND:
+            return
+        value = event.num("val")
+        if value & PCI_COMMAND_MASTER and device.bus_master_since is None:
+            device.bus_master_since = event.line
+            device.ever_master = True
+            device.marks.append(LaneMark(event.line, "bm-on", "bus mastering on"))
+        elif not value & PCI_COMMAND_MASTER and device.bus_master_since is not None:
+            device.bus_master_since = None
+            device.marks.append(LaneMark(event.line, "bm-off", "bus mastering off"))
+        if value & (PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY) and device.qom.startswith("virtio-"):
+            self.last_enabled_virtio = device
+
+    def virtio_device(self, vdev: str, line: int) -> Device | None:
+        """The device of a virtio backend: the virtio PCI device the
+        driver enabled last before the backend first appeared (drivers
+        enable their PCI device, then reset the virtio device)."""
+        owner = self.vdev_owner.get(vdev)
+        if owner is None and self.last_enabled_virtio is not None \
+                and not self.last_enabled_virtio.vdevs:
+            owner = self.vdev_owner[vdev] = self.last_enabled_virtio
+            owner.vdevs.add(vdev)
+        return owner
+
+    def claim(self, vdev: str, kind: str) -> None:
+        """A backend event only one model has (virtio-blk's, virtio-rng's)."""
+        device = self.by_model(kind)
+        if device is not None and vdev not in device.vdevs:
+            previous = self.vdev_owner.get(vdev)
+            if previous is not None:
+                previous.vdevs.discard(vdev)
+            self.vdev_owner[vdev] = device
+            device.vdevs.add(vdev)
+
+    def arm(self, device: Device | None, what: str, event: DeviceEvent, text: str) -> None:
+        if device is None:
+            return
+        if what not in device.armed:
+            device.armed[what] = event.line
+            device.marks.append(LaneMark(event.line, "arm", text))
+
+    def quiesce(self, device: Device | None, what: str | None, event: DeviceEvent,
+                text: str) -> None:
+        if device is None:
+            return
+        if what is None:
+            cleared = bool(device.armed)
+            device.armed.clear()
+        else:
+            cleared = device.armed.pop(what, None) is not None
+        if cleared:
+            device.marks.append(LaneMark(event.line, "quiesce", text))
+
+    def dma(self, device: Device | None, event: DeviceEvent) -> None:
+        if device is None:
+            if self.begin is not None:
+                self.unattributed.append(event)
+            return
+        if self.begin is None:
+            device.dma_before += 1
+        elif device.touched_after is None:
+            device.dma_after.append(event)
+        else:
+            device.dma_os += 1
+        if device.marks and device.marks[-1].kind == "dma" \
+                and device.marks[-1].line >= event.line - 64:
+            return
+        device.marks.append(LaneMark(event.line, "dma", event.name))
+
+
+def _step(state: _State, event: DeviceEvent) -> None:
+    name = event.name
+    f = event.fields
+    if name == "fw_cfg_select":
+        marker = MARKERS.get(event.num("key"))
+        if marker == "teardown-begin" and state.begin is None:
+            state.begin = event.line
+        elif marker == "teardown-end" and state.end is None and state.begin is not None:
+            state.end = event.line
+        return
+    if name == "pci_cfg_write":
+        state.cfg_write(event)
+        return
+    if name.startswith(("virtio", "virtqueue")):
+        _virtio_step(state, event)
+        return
+    kind = {"pci": "nvme", "ahc": "ahci", "usb": "xhci", "e10": "e1000e", "pvs": "pvscsi",
+            "mpt": "mptsas", "lsi": "lsi"}[name[:3]]
+    device = state.by_model(kind)
+    if name in ("pci_nvme_mmio_start_success", "usb_xhci_run"):
+        state.arm(device, "engine", event, name)
+    elif name in ("pci_nvme_mmio_stopped", "pci_nvme_mmio_shutdown_set", "usb_xhci_stop",
+                  "usb_xhci_reset", "ahci_reset", "e1000e_core_ctrl_sw_reset", "mptsas_reset",
+                  "lsi_reset"):
+        state.quiesce(device, None, event, name)
+    elif name == "ahci_port_write" and f["reg"] == "PxCMD":
+        what = f"port {f['port']}"
+        if event.num("val") & 0x11:
+            state.arm(device, what, event, f"{what} PxCMD={event.num('val'):#x}")
+        else:
+            state.quiesce(device, what, event, f"{what} PxCMD={event.num('val'):#x}")
+    elif name == "ahci_mem_write_host":
+        if f["reg"] == "GHC" and event.num("val") & 1:
+            state.quiesce(device, None, event, "GHC.HR (HBA reset)")
+    elif name == "e1000e_rx_set_rctl":
+        if event.num("rctl") & 0x2:
+            state.arm(device, "receiver", event, f"RCTL={event.num('rctl'):#x}")
+        else:
+            state.quiesce(device, "receiver", event, f"RCTL={event.num('rctl'):#x}")
+    elif name == "pvscsi_on_cmd_arrived":
+        if f["cmd"] == "PVSCSI_CMD_SETUP_RINGS":
+            state.arm(device, "rings", event, f["cmd"])
+        elif f["cmd"] == "PVSCSI_CMD_ADAPTER_RESET":
+            state.quiesce(device, None, event, f["cmd"])
+    elif name == "mptsas_process_message":
+        if event.num("cmd") == 0x02:      # MPI_FUNCTION_IOC_INIT
+            state.arm(device, "ioc", event, "IOC init")
+    elif name not in ("ahci_port_write",):
+        state.dma(device, event)
+
+
+def _virtio_step(state: _State, event: DeviceEvent) -> None:
+    name = event.name
+    f = event.fields
+    if name in ("virtqueue_pop", "virtqueue_flush"):
+        vdev = state.vq_vdev.get(f["vq"])
+        device = state.vdev_owner.get(vdev) if vdev is not None else None
+        state.dma(device, event)
+        return
+    vdev = f["vdev"]
+    if name == "virtio_blk_handle_read" or name == "virtio_blk_handle_write":
+        state.claim(vdev, "virtio-blk")
+        return
+    if name == "virtio_rng_pushed":
+        state.claim(vdev, "virtio-rng")
+        return
+    device = state.virtio_device(vdev, event.line)
+    if name == "virtio_queue_notify":
+        state.vq_vdev[f["vq"]] = vdev
+    elif name == "virtio_set_status":
+        status = event.num("val")
+        state.vdev_status[vdev] = (status, event.line)
+        if status == 0:
+            state.quiesce(device, None, event, "virtio reset (status 0)")
+        elif status & 0x4:
+            state.arm(device, "queues", event, f"virtio status {status:#x} (DRIVER_OK)")
+
+
+def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
+          canary: Mapping[str, bool] | None = None) -> DeviceReport:
+    """W1 and W2 of ``trace``.
+
+    :param owners: PCI address to the driver the firmware log says armed
+        that device, where it is not the model's usual driver
+        (:func:`owners_in_log`).
+    :param canary: PCI address to whether the probe read the canary through
+        a volume on that device (:func:`canary_reads`)."""
+    state = _State()
+    w1: list[Violation] = []
+    at_begin: dict[str, tuple[int | None, dict[str, int]]] = {}
+    for event in trace.events:
+        _step(state, event)
+        if state.begin == event.line:
+            at_begin = {d.bdf: (d.bus_master_since, dict(d.armed))
+                        for d in state.devices.values()}
+    devices = tuple(sorted(state.devices.values(), key=lambda d: d.bdf))
+    for device in devices:
+        device.owner = (owners or {}).get(device.bdf)
+        device.canary = (canary or {}).get(device.bdf)
+    notes: list[str] = []
+    if state.begin is None:
+        notes.append("no teardown-begin marker (fw_cfg key 0x3eb1) in the device trace: no "
+                     "teardown ran, or the firmware is not a test build with the markers; "
+                     "W1 and W2 not judged")
+        return DeviceReport(trace.path, trace.qemu, len(trace.events), None, None, devices,
+                            (), tuple(notes))
+    violations: list[Violation] = []
+    for device in devices:
+        if not device.ever_master or device.qom in NO_DMA_ENGINE:
+            continue
+        master, armed = at_begin.get(device.bdf, (None, {}))
+        if master is None:
+            device.quiesce_text = "bus mastering off"
+        elif not armed and device.model is not None:
+            device.quiesce_text = _quiesced_by(device, state.begin)
+        else:
+            what = (", ".join(f"{k} since line {v}" for k, v in armed.items())
+                    if armed else f"no quiesce event the harness knows of {device.qom}")
+            w1.append(Violation(
+                "W1", f"{device.name} still armed when the teardown began (line "
+                f"{state.begin}): {what}; bus mastering on since line {master}",
+                culprit=device.driver))
+        if device.dma_after:
+            first = device.dma_after[0]
+            violations.append(Violation(
+                "W2", f"{device.name} did DMA after the teardown began (line {state.begin}): "
+                f"{first.name} at line {first.line}"
+                + (f" and {len(device.dma_after) - 1} more" if len(device.dma_after) > 1 else ""),
+                culprit=device.driver))
+    if state.unattributed:
+        first = state.unattributed[0]
+        violations.append(Violation(
+            "W2", f"a device the trace does not name did DMA after the teardown began "
+            f"(line {state.begin}): {first.name} at line {first.line} ({first.text()})"))
+    return DeviceReport(trace.path, trace.qemu, len(trace.events), state.begin, state.end,
+                        devices, (*w1, *violations), tuple(notes),
+                        tuple(state.unattributed))
+
+
+def _quiesced_by(device: Device, begin: int) -> str:
+    """How a device with nothing armed at ``begin`` got there."""
+    before = [m for m in device.marks if m.line < begin and m.kind in ("arm", "quiesce")]
+    if not before:
+        return "never armed"
+    last = before[-1]
+    return f"{last.text} at line {last.line}"
+
+
+def analyze_device_trace(path: Path | str, log_events: Iterable[Any] = ()) -> DeviceReport:
+    """W1 and W2 of the device trace at ``path``; ``log_events``, the same
+    boot's firmware trace events, name the adversary's device and the
+    volumes the probe read."""
+    events = list(log_events)
+    return judge(parse_device_trace(path), owners_in_log(events), canary_reads(events))
+
+
+_PCI_PATH_RE = re.compile(r"PciRoot\(0x[0-9A-Fa-f]+\)/Pci\(0x([0-9A-Fa-f]+),0x([0-9A-Fa-f]+)\)")
+
+
+def canary_reads(events: Iterable[Any]) -> dict[str, bool]:
+    """PCI address (on the root bus) to whether the probe read the canary
+    through a volume behind that device: its ``EBST probe
+    step=canary-device ... match=0|1 ... path=PciRoot(0x0)/Pci(0xD,0xF)/...``
+    lines."""
+    found: dict[str, bool] = {}
+    for event in events:
+        if getattr(event, "name", None) != "probe" or event.get("step") != "canary-device":
+            continue
+        match = _PCI_PATH_RE.match(event.get("path") or "")
+        if match is not None:
+            bdf = f"00:{int(match.group(1), 16):02x}.{int(match.group(2), 16)}"
+            found[bdf] = found.get(bdf, False) or event.get("match") == "1"
+    return found
+
+
+def owners_in_log(events: Iterable[Any]) -> dict[str, str]:
+    """Devices the firmware log says a test driver armed: the adversary's
+    ``EBST adversary-nic state=armed pci=BB:DD.F`` line."""
+    found = {}
+    for event in events:
+        if getattr(event, "name", None) == "adversary-nic" and event.get("state") == "armed":
+            pci = event.get("pci") or ""
+            bus, _, rest = pci.partition(":")
+            found[f"{bus.lower()}:{rest.lower()}"] = "EbsAdversaryDxe"
+    return found
+
+
+def driven(report: DeviceReport) -> Iterator[Device]:
+    """The devices the firmware made bus masters (the chipset's left out)."""
+    return (d for d in report.devices if d.ever_master and d.qom not in NO_DMA_ENGINE)
+
+
+def render_text(report: DeviceReport, ebs_images: Sequence[str] = ()) -> str:
+    """The device side as text: one line per device the firmware drove, the
+    markers, then W1/W2.
+
+    :param ebs_images: images whose notification functions ran during the
+        successful ExitBootServices() (from the firmware timeline): a device
+        driver among them had an EBS handler.
+    """
+    out = [f"device trace: {report.path} ({report.events} events"
+           + (f", QEMU {report.qemu}" if report.qemu else "") + ")"]
+    if report.begin_line is not None:
+        out.append(f"teardown: begin at line {report.begin_line}, end at line "
+                   f"{report.end_line if report.end_line is not None else '(none)'}")
+    for device in driven(report):
+        handler = ""
+        if device.canary is not None:
+            handler += f"; canary read through it: {'yes' if device.canary else 'NO'}"
+        if device.owner is not None:
+            handler += f"; armed by {device.owner}"
+        elif device.model is not None and ebs_images:
+            ran = device.model.image in ebs_images
+            handler += f"; EBS handler of {device.model.driver}: {'ran' if ran else 'none'}"
+        state = device.quiesce_text or "ARMED"
+        later = (f" ({device.dma_os} by the OS once it touched the device at line "
+                 f"{device.touched_after})" if device.touched_after is not None else "")
+        out.append(f"  {device.name}: DMA {device.dma_before} before, {len(device.dma_after)} "
+                   f"after{later}; at the teardown: {state}{handler}")
+    for note in report.notes:
+        out.append(f"note: {note}")
+    if report.judged:
+        if report.violations:
+            out.append(f"FAIL: {len(report.violations)} device violation(s)")
+            out += [f"  {v.check}: {v.detail}" for v in report.violations]
+        else:
+            out.append("PASS: W1, W2 held")
+    return "\n".join(out) + "\n"
