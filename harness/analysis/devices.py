@@ -129,6 +129,11 @@ def _format_regex(fmt: str) -> re.Pattern[str]:
 
 
 _REGEXES = {name: _format_regex(fmt) for name, (fmt, _) in FORMATS.items()}
+#: Each field's base: 16 for ``%x`` and ``%p``, 10 for the decimal ones.
+_BASES = {name: dict(zip(fields, (16 if kind in "xp" else 10
+                                  for kind in _CONVERSION_RE.findall(fmt) if kind != "%"),
+                         strict=True))
+          for name, (fmt, fields) in FORMATS.items()}
 # The log backend's line: "NAME ARGS", with -msg timestamp=on "PID@SEC.USEC:NAME ARGS".
 _LINE_RE = re.compile(r"(?:[0-9]+@[0-9]+\.[0-9]+:)?([a-z0-9_]+) (.*)\Z")
 _MAX_LINE = 4096
@@ -267,8 +272,8 @@ class DeviceEvent:
         return f"{self.name} " + " ".join(f"{k}={v}" for k, v in self.fields.items())
 
     def num(self, key: str) -> int:
-        value = self.fields[key]
-        return int(value, 16) if not value.lstrip("-").isdigit() else int(value)
+        """A numeric field, in the base its format prints it in."""
+        return int(self.fields[key], _BASES[self.name][key])
 
 
 @dataclass(frozen=True)
@@ -429,7 +434,6 @@ class _State:
         self.devices: dict[str, Device] = {}
         self.vdev_owner: dict[str, Device] = {}
         self.vq_vdev: dict[str, str] = {}
-        self.vdev_status: dict[str, tuple[int, int]] = {}   # vdev -> (status, line)
         self.last_enabled_virtio: Device | None = None
         self.begin: int | None = None
         self.end: int | None = None
@@ -460,7 +464,7 @@ class _State:
         if value & (PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY) and device.qom.startswith("virtio-"):
             self.last_enabled_virtio = device
 
-    def virtio_device(self, vdev: str, line: int) -> Device | None:
+    def virtio_device(self, vdev: str) -> Device | None:
         """The device of a virtio backend: the virtio PCI device the
         driver enabled last before the backend first appeared (drivers
         enable their PCI device, then reset the virtio device)."""
@@ -583,12 +587,11 @@ def _virtio_step(state: _State, event: DeviceEvent) -> None:
     if name == "virtio_rng_pushed":
         state.claim(vdev, "virtio-rng")
         return
-    device = state.virtio_device(vdev, event.line)
+    device = state.virtio_device(vdev)
     if name == "virtio_queue_notify":
         state.vq_vdev[f["vq"]] = vdev
     elif name == "virtio_set_status":
         status = event.num("val")
-        state.vdev_status[vdev] = (status, event.line)
         if status == 0:
             state.quiesce(device, None, event, "virtio reset (status 0)")
         elif status & 0x4:

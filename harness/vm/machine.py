@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TextIO
 
-from harness.errors import LaunchError, QmpError, UsageError
+from harness.errors import DependencyError, LaunchError, QmpError, UsageError
 from harness.vm import limits
 from harness.vm.console import Console, debug_console, serial_console, tail_lines
 from harness.vm.qmp import QmpSession
@@ -798,6 +798,9 @@ class QemuMachine:
         zoo = {d.kind for d in config.devices if isinstance(d, ZooDevice)}
         if "adversary-nic" in zoo and runner.where:
             raise LaunchError(f"adversary-nic needs QEMU on this host, not on {runner.where}")
+        if "e1000e" in zoo and not runner.where and not E1000E_ROM.is_file():
+            raise DependencyError(f"e1000e needs iPXE's EFI ROM {E1000E_ROM}: install "
+                                  "Debian's ipxe-qemu (scripts/setup-host)")
         self.nic_socket = work / "adv-nic.sock" if "adversary-nic" in zoo else None
         paths = RuntimePaths(qmp_socket=work / "qmp.sock", serial_socket=work / "serial.sock",
                              serial_log=runner.output(self.serial_log),

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Make the logs of tests/data/explain/ (see README.md here).
 
-    .venv/bin/python tests/data/make_explain_logs.py
+    .venv/bin/python tests/data/make_explain_logs.py [--faults-only]
+
+(``--faults-only``: only the fault logs and ``fw-fault/``, after a change to
+EbsAdversaryDxe or to the variant patch moved the injected lines.)
 
 Real boots, nothing written by hand:
 
@@ -72,29 +75,11 @@ def cut(source: Path, name: str) -> None:
 def main() -> None:
     progress = cache.StderrProgress()
     OUT.mkdir(exist_ok=True)
-    stock = edk2.build_unpatched(progress=progress, baseline="2022.11").firmware
     faults = edk2.build_variant(FAULTS, progress=progress).firmware
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        disk = work / "empty.img"
-        disk.write_bytes(bytes(4 << 20))
-        vm = boot(MachineConfig(code=stock.code, vars_template=stock.vars, accel="tcg",
-                                serial_input=False, devices=(BlockDevice(disk, bootindex=0),)),
-                  "serial", r"startup\.nsh", work / "stock")
-        debug = keep(vm.debugcon_log, "stock-empty-disk.log")
-        keep(vm.serial_log, "stock-empty-disk-serial.log")
-        cut(debug, "stock-cut.log")
-
-        newer = edk2.build_unpatched(progress=progress, baseline="2025.02").firmware
-        vm = boot(MachineConfig(code=newer.code, vars_template=newer.vars, accel="tcg",
-                                serial_input=False, devices=(BlockDevice(disk, bootindex=0),)),
-                  "serial", r"startup\.nsh", work / "newer")
-        keep(vm.debugcon_log, "stock-2025.02-empty-disk.log")
-
-        vm = boot(MachineConfig(code=DEBIAN_CODE, vars_template=DEBIAN_VARS, accel="tcg",
-                                serial_input=False), "serial", r"startup\.nsh", work / "debian")
-        keep(vm.serial_log, "debian-packaged-serial.log")
-
+        if "--faults-only" not in sys.argv[1:]:
+            stock_logs(progress, work)
         for mode, console, pattern in (("pf", "serial", r"!!!! Find image"),
                                        ("assert", "debugcon", r"ASSERT ")):
             vm = boot(MachineConfig(code=faults.code, vars_template=faults.vars, accel="tcg",
@@ -112,6 +97,29 @@ def main() -> None:
     shutil.copyfile(faults.module_file("EbsAdversaryDxe", ".debug"),
                     modules / "EbsAdversaryDxe.debug")
     symbols.write_index(modules)
+
+
+def stock_logs(progress: cache.StderrProgress, work: Path) -> None:
+    """The stock and Debian logs, and the cut one."""
+    stock = edk2.build_unpatched(progress=progress, baseline="2022.11").firmware
+    disk = work / "empty.img"
+    disk.write_bytes(bytes(4 << 20))
+    vm = boot(MachineConfig(code=stock.code, vars_template=stock.vars, accel="tcg",
+                            serial_input=False, devices=(BlockDevice(disk, bootindex=0),)),
+              "serial", r"startup\.nsh", work / "stock")
+    debug = keep(vm.debugcon_log, "stock-empty-disk.log")
+    keep(vm.serial_log, "stock-empty-disk-serial.log")
+    cut(debug, "stock-cut.log")
+
+    newer = edk2.build_unpatched(progress=progress, baseline="2025.02").firmware
+    vm = boot(MachineConfig(code=newer.code, vars_template=newer.vars, accel="tcg",
+                            serial_input=False, devices=(BlockDevice(disk, bootindex=0),)),
+              "serial", r"startup\.nsh", work / "newer")
+    keep(vm.debugcon_log, "stock-2025.02-empty-disk.log")
+
+    vm = boot(MachineConfig(code=DEBIAN_CODE, vars_template=DEBIAN_VARS, accel="tcg",
+                            serial_input=False), "serial", r"startup\.nsh", work / "debian")
+    keep(vm.serial_log, "debian-packaged-serial.log")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ Run = Callable[[Scenario], RunResult]
 ARMED = {
     "nvme": "NvmExpressDxe has no ExitBootServices handler: the controller stays "
             "enabled (CC.EN=1) with its queues in guest memory",
+    "ahci": "AtaAtapiPassThruDxe has no ExitBootServices handler and leaves FIS "
+            "receive on (PxCMD.FRE) on the ports where it found no device",
 }
 #: Storage devices whose disk gives the probe no volume, and why.
 NO_VOLUME = {

@@ -104,12 +104,17 @@ def test_unknown_bus_master_fails_w1(tmp_path: Path) -> None:
 
 
 def test_recorded_zoo_boot() -> None:
-    """The real boot: NVMe stays enabled (NvmExpressDxe has no EBS handler),
-    every other device is quiesced, nothing DMAs after the teardown began."""
+    """The real boot: NVMe stays enabled and AHCI keeps FIS receive on for
+    its empty ports (neither driver has an EBS handler), every other device
+    is quiesced, nothing DMAs after the teardown began."""
     report = analyze_device_trace(ZOO)
     assert report.qemu == "7.2.22" and report.judged
-    assert checks(report) == ["W1"]
-    assert report.violations[0].detail.startswith("nvme 00:02.0 (nvme) still armed")
+    assert checks(report) == ["W1", "W1"]
+    nvme, ahci = report.violations
+    assert nvme.detail.startswith("nvme 00:02.0 (nvme) still armed")
+    assert ahci.detail.startswith("ahci 00:1f.2 (ich9-ahci) still armed")
+    assert "port 1 since line 2576" in ahci.detail and "port 5 since line 2608" in ahci.detail
+    assert "port 0" not in ahci.detail       # FRE cleared after its last command
     kinds = {d.kind: d for d in devices.driven(report)}
     assert set(kinds) == {"virtio-blk", "nvme", "xhci", "virtio-net", "virtio-gpu", "e1000e",
                           "ahci"}
@@ -180,3 +185,14 @@ def test_trace_events_per_kind() -> None:
     assert "virtio_blk_handle_read" in events and "pci_nvme_map_prp" in events
     assert len(events) == len(set(events))
     assert all(e in devices.FORMATS for e in events)
+
+
+def test_fields_are_read_in_their_formats_base(tmp_path: Path) -> None:
+    """``<- 0x%x`` is hex: 0x13 has bus mastering off (decimal 13 would have
+    it on), 0x24 on (decimal 24 off)."""
+    off = "pci_cfg_write some-dma-device 00:09.0 @0x4 <- 0x13\n"
+    report = analyze_device_trace(write(tmp_path, HEADER + off + BEGIN))
+    assert report.violations == () and list(devices.driven(report)) == []
+    on = "pci_cfg_write some-dma-device 00:09.0 @0x4 <- 0x24\n"
+    report = analyze_device_trace(write(tmp_path, HEADER + on + BEGIN))
+    assert checks(report) == ["W1"]
