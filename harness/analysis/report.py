@@ -6,7 +6,8 @@ nesting, IOMMU events folded into counts, the teardown marked, and the
 violations last. The HTML page draws the timeline as an inline SVG picture
 (handlers as bars on the sequence axis, the teardown as a band, violations
 in red) with no external resources, so it opens from an artifacts directory
-or a CI attachment as it is.
+or a CI attachment as it is. Given QEMU's device trace, the page adds the
+device lane (:func:`render_device_svg`) and counts W1/W2 in its verdict.
 """
 
 from __future__ import annotations
@@ -370,7 +371,7 @@ def render_device_svg(devices: DeviceReport, report: LogReport,
         parts.append(f'<text x="{x(s):.1f}" y="{axis_y + 16}" text-anchor="middle">{s}</text>')
     if devices.begin_line is not None:
         end = devices.end_line if devices.end_line is not None else devices.begin_line
-        firmware = [t for t in report.timeline.teardowns]
+        firmware = list(report.timeline.teardowns)
         seqs = (f" (firmware seq {firmware[0].begin.seq}..{firmware[0].last_seq})"
                 if firmware else "")
         x0, x1 = x(devices.begin_line), x(end + 1)

@@ -13,7 +13,7 @@ from coredump import Core
 from htmltags import start_tags
 
 from harness import cli
-from harness.analysis import report, trace
+from harness.analysis import devices, report, trace
 from harness.analysis.trace import analyze_log
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -244,3 +244,22 @@ def test_an_unwritable_output_is_refused_before_any_work(
     blocker.write_text("")
     assert cli.main(["boot", "--artifacts", str(blocker / "run"), "--firmware", "/x"]) == 2
     assert "--artifacts" in capsys.readouterr().err
+
+
+def test_html_device_lane(tmp_path: Path) -> None:
+    """The recorded zoo trace beside a log: one row per device the firmware
+    made a bus master, the two armed ones named in red, a zoomed lane around
+    the teardown, and the page's verdict counting the device violations."""
+    rep, sym = analyze_log(GOOD, FW)
+    side = devices.analyze_device_trace(DATA / "devices" / "zoo-callback.log")
+    page = report.render_html(rep, sym, side)
+    lanes = [a for t, a in start_tags(page) if t == "svg"]
+    assert [a.get("aria-label") for a in lanes] == ["EBS timeline", "device lane",
+                                                    "device lane"]
+    for device in devices.driven(side):
+        assert f">{device.name}</text>" in page
+    assert page.count('fill="#c00">nvme 00:02.0') == 2        # both lanes
+    assert page.count('fill="#c00">ahci 00:1f.2') == 2
+    assert "Around the teardown, from device trace line 2801" in page
+    assert f'FAIL: {len(side.violations)} violation(s)' in page
+    assert page.count("<li>W1") == 2 * len(side.violations)   # the list and the section
