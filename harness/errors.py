@@ -8,6 +8,7 @@
      |    +-- PatchError            a patch of the series does not apply
      |    +-- SeriesError           a series file or a patch it names is missing
      |    +-- TraceFormatError      a debug log the trace parser cannot read
+     |    |    +-- DeviceTraceError QEMU's device trace, cut, garbled or foreign
      |    +-- DumpFormatError       a memory dump that is not QEMU's ELF core
      +-- EnvironmentFailure         the machine could not do it (exit 3)
           +-- DependencyError       a tool or package is missing

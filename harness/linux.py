@@ -32,7 +32,6 @@ command line (``ebs.authkey=TYPE:BASE64``); sshd is reached through a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gzip
 import hashlib
 import io
@@ -56,7 +55,6 @@ from elftools.elf.elffile import ELFFile
 from filelock import FileLock
 
 from harness import scenario, shared
-from harness.analysis import devices as device_trace
 from harness.build.cache import cache_root, publishing
 from harness.build.edk2 import Firmware
 from harness.errors import DependencyError, EnvironmentFailure, UsageError
@@ -526,11 +524,10 @@ def machine_config(firmware: Firmware, boot: LinuxBoot, esp: Path, canary_image:
                machine.BlockDevice(canary_image, bootindex=1, readonly=True),
                machine.NetDevice(hostfwd=((ssh_port, 22),), bootindex=2))
     # The harness types into the firmware shell: the serial port takes input.
-    config = scenario.machine_config(firmware, boot.scenario(), devices, caps, canary,
-                                     no_reboot=True, serial_input=True)
-    # QEMU's device trace: W1, W2 until the kernel first touches each device
-    return dataclasses.replace(config, trace_events=device_trace.trace_events(
-        scenario.trace_kinds(devices)))
+    # QEMU's device trace comes with it: W1, W2 until the kernel first
+    # touches each device.
+    return scenario.machine_config(firmware, boot.scenario(), devices, caps, canary,
+                                   no_reboot=True, serial_input=True)
 
 
 @contextlib.contextmanager

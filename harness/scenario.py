@@ -232,7 +232,7 @@ def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machin
                    caps: host.HostCaps, canary: bytes, *, no_reboot: bool = False,
                    serial_input: bool = False) -> machine.MachineConfig:
     """The QEMU guest for ``scenario`` with ``devices``: the accelerator and
-    SEV the host proved, the firmware's knobs."""
+    SEV the host proved, the firmware's knobs, the device trace's events."""
     sev = host.sev_config(scenario.sev, caps)
     return machine.MachineConfig(
         code=firmware.combined if sev is not None and sev.snp else firmware.code,
@@ -249,6 +249,8 @@ def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machin
         no_reboot=no_reboot,
         # The probe reads no console: a plain file keeps a serial trace intact.
         serial_input=serial_input,
+        trace_events=(device_trace.trace_events(trace_kinds(devices))
+                      if scenario.device_trace else ()),
     )
 
 
@@ -297,9 +299,6 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     devices = machine.parse_devices(",".join(scenario.devices), image,
                                     lambda kind: write_disk(artifacts, kind, canary))
     config = machine_config(firmware, scenario, devices, caps, canary)
-    if scenario.device_trace:
-        config = dataclasses.replace(
-            config, trace_events=device_trace.trace_events(trace_kinds(devices)))
     LOG.info("%s: %s under %s", scenario.label(), artifacts, config.accel)
     dump_path: Path | None = None
     started = time.monotonic()

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.analysis.trace import Violation
-from harness.errors import LogFormatError
+from harness.errors import TraceFormatError
 
 FORMAT_VERSION = 1
 HEADER = "# ebs-harness device trace"
@@ -139,16 +139,9 @@ _LINE_RE = re.compile(r"(?:[0-9]+@[0-9]+\.[0-9]+:)?([a-z0-9_]+) (.*)\Z")
 _MAX_LINE = 4096
 
 
-class DeviceTraceError(LogFormatError):
+class DeviceTraceError(TraceFormatError):
     """A device trace that cannot be read: cut, garbled, or from another
     QEMU version (exit 2)."""
-
-    def __init__(self, path: Path | str, line: int | None, reason: str) -> None:
-        self.path = Path(path)
-        self.line = line
-        self.reason = reason
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {reason}")
 
 
 # ------------------------------------------------------------ models
@@ -234,10 +227,6 @@ _BY_KIND = {model.kind: model for model in MODELS}
 #: Every trace event enabled whatever the devices: the markers and the PCI
 #: command register.
 BASE_EVENTS = ("fw_cfg_select", "pci_cfg_write")
-
-
-def model_named(kind: str) -> Model:
-    return _BY_KIND[kind]
 
 
 def trace_events(kinds: Iterable[str]) -> tuple[str, ...]:
@@ -405,7 +394,6 @@ class DeviceReport:
     devices: tuple[Device, ...]
     violations: tuple[Violation, ...]
     notes: tuple[str, ...]
-    unattributed_dma_after: tuple[DeviceEvent, ...] = ()
 
     @property
     def judged(self) -> bool:
@@ -638,9 +626,10 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
         else:
             what = (", ".join(f"{k} since line {v}" for k, v in armed.items())
                     if armed else f"no quiesce event the harness knows of {device.qom}")
+            means = f" (quiesced would be: {device.model.quiesced})" if device.model else ""
             w1.append(Violation(
                 "W1", f"{device.name} still armed when the teardown began (line "
-                f"{state.begin}): {what}; bus mastering on since line {master}",
+                f"{state.begin}): {what}; bus mastering on since line {master}{means}",
                 culprit=device.driver))
         if device.dma_after:
             first = device.dma_after[0]
@@ -655,8 +644,7 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
             "W2", f"a device the trace does not name did DMA after the teardown began "
             f"(line {state.begin}): {first.name} at line {first.line} ({first.text()})"))
     return DeviceReport(trace.path, trace.qemu, len(trace.events), state.begin, state.end,
-                        devices, (*w1, *violations), tuple(notes),
-                        tuple(state.unattributed))
+                        devices, (*w1, *violations), tuple(notes))
 
 
 def _quiesced_by(device: Device, begin: int) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.analysis import devices
+from harness.analysis import devices, trace
 from harness.analysis.devices import DeviceTraceError, analyze_device_trace, parse_device_trace
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "devices"
@@ -196,3 +196,25 @@ def test_fields_are_read_in_their_formats_base(tmp_path: Path) -> None:
     on = "pci_cfg_write some-dma-device 00:09.0 @0x4 <- 0x24\n"
     report = analyze_device_trace(write(tmp_path, HEADER + on + BEGIN))
     assert checks(report) == ["W1"]
+
+
+def test_the_firmware_log_names_the_adversarys_nic_and_the_probes_volumes(
+        tmp_path: Path) -> None:
+    """From the boot's EBST lines: who armed a device, and whether the probe
+    read the canary through it (match=0 on a volume is a no, not a yes)."""
+    lines = ["EBST version v=1 module=EbsAdversaryDxe",
+             "EBST adversary-nic state=armed pci=00:04.0 rx=8 ring=0xE47D000",
+             "EBST adversary-nic state=absent",
+             ("EBST probe step=canary-device n=0 match=1 bytes=59 status=0x0 "
+              "path=PciRoot(0x0)/Pci(0x4,0x0)/NVMe(0x1,00-00-00-00-00-00-00-00)"),
+             ("EBST probe step=canary-device n=1 match=0 bytes=0 status=0x800000000000000E "
+              "path=PciRoot(0x0)/Pci(0x1F,0x2)/Sata(0x0,0xFFFF,0x0)"),
+             "EBST probe step=canary-devices count=2 matched=1"]
+    events = trace.parse_text("\n".join(lines) + "\n").events
+    assert devices.owners_in_log(events) == {"00:04.0": "EbsAdversaryDxe"}
+    assert devices.canary_reads(events) == {"00:04.0": True, "00:1f.2": False}
+    report = analyze_device_trace(write(tmp_path, HEADER + NET_UP + BEGIN + END), events)
+    (w1,) = report.violations
+    assert w1.culprit == "EbsAdversaryDxe"
+    text = devices.render_text(report)
+    assert "canary read through it: yes; armed by EbsAdversaryDxe" in text
