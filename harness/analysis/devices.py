@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.analysis.trace import Violation
+from harness.analysis.checks import Violation
 from harness.errors import TraceFormatError
 
 FORMAT_VERSION = 1

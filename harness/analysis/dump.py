@@ -42,7 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from harness.analysis.trace import IommuMap, Trace, TraceEvent, Violation, live_mappings
+from harness.analysis.checks import Violation
+from harness.analysis.debuglog import Trace
+from harness.analysis.events import IommuMap, TraceEvent
+from harness.analysis.timeline import live_mappings
 from harness.errors import DumpFormatError, UsageError
 
 LOG = logging.getLogger(__name__)

@@ -17,14 +17,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from harness.analysis.checks import Violation
 from harness.analysis.devices import DeviceReport, driven
 from harness.analysis.dump import DumpReport
-from harness.analysis.symbols import Symbolizer
-from harness.analysis.trace import (
+from harness.analysis.events import (
     IOMMU_EVENTS,
     DeviceAccess,
     EbsCallback,
-    LogReport,
     MemCall,
     NotifyBegin,
     NotifyEnd,
@@ -34,17 +33,11 @@ from harness.analysis.trace import (
     TplChange,
     TraceEvent,
     Version,
-    Violation,
 )
+from harness.analysis.symbols import Symbolizer
+from harness.analysis.verdicts import LogReport
 
 LOG = logging.getLogger(__name__)
-
-def held(report: LogReport) -> str:
-    """The checks a passing log held (C1..C3 only where the trace had their lines)."""
-    text = "V1 order, V2 once, V3 quiet, V4 empty"
-    if report.contract_judged:
-        text += ", C1 interrupts off, C2 no allocation, C3 hook enters no boot service"
-    return text
 
 _FOLD_NAMES = {"iommu-map": "map", "iommu-unmap": "unmap", "iommu-alloc": "alloc",
                "iommu-free": "free"}
@@ -194,7 +187,7 @@ def render_text(report: LogReport, sym: Symbolizer) -> str:
     for finding in report.findings:
         out.append(f"finding ({finding.check}, another driver, not a failed verdict): "
                    f"{finding.detail}")
-    out += _verdict_lines(report.violations, f"{held(report)} all held")
+    out += _verdict_lines(report.violations, f"{report.held()} all held")
     return "\n".join(out) + "\n"
 
 
@@ -446,7 +439,7 @@ def render_html(report: LogReport, sym: Symbolizer,
                 devices: DeviceReport | None = None) -> str:
     trace = report.timeline.trace
     every = (*report.violations, *(devices.violations if devices is not None else ()))
-    verdict = (f'<p class="pass">PASS: {held(report)} held</p>'
+    verdict = (f'<p class="pass">PASS: {report.held()} held</p>'
                if not every else
                f'<p class="fail">FAIL: {len(every)} violation(s)</p>')
     rows = []

@@ -386,10 +386,7 @@ def _contract(text: str, fw: str = "fw-sev") -> trace.LogReport:
     parsed = parse_text(text, str(path))
     timeline = build_timeline(parsed)
     sym = Symbolizer(parsed.images, DATA / fw)
-    contract = trace.check_contract(timeline, sym)
-    return trace.LogReport(timeline,
-                           tuple(check_timeline(timeline, sym)) + contract.violations,
-                           contract.notes, contract.findings, contract.judged)
+    return trace.judge_log(timeline, sym)
 
 
 def test_sev_callback_log_holds_the_contract_and_names_other_drivers() -> None:
