@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import logging
@@ -22,12 +21,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from html import escape as html_escape
 from pathlib import Path
 from typing import Any, NoReturn
 
-from harness import scenario
-from harness.analysis import devices, dump, explain, report, symbols, trace
+from harness import demo, scenario
+from harness.analysis import checks, devices, dump, explain, report, symbols, trace
+from harness.analysis.judgement import Judgement
 from harness.build import cache, edk2, qemu
 from harness.errors import (
     EXIT_ENVIRONMENT,
@@ -37,10 +36,12 @@ from harness.errors import (
     EXIT_USAGE,
     EXIT_VIOLATION,
     HarnessError,
+    SettingError,
     TraceFormatError,
     UsageError,
 )
-from harness.vm import host
+from harness.vm import devices as vm_devices
+from harness.vm import host, sev
 
 LOG = logging.getLogger(__name__)
 
@@ -178,34 +179,14 @@ def _analyze_log(args: argparse.Namespace) -> int:
     result, sym = trace.analyze_log(args.log, _firmware_dir(args.firmware))
     side = (devices.analyze_device_trace(args.device_trace, result.timeline.trace.events)
             if args.device_trace else None)
+    judged = Judgement(result, sym, devices=side)
     if html is not None:
-        html.write_text(report.render_html(result, sym, side), encoding="utf-8")
+        html.write_text(judged.render_html(), encoding="utf-8")
     if args.json:
-        data = _verdict_json(result)
-        if side is not None:
-            data["violations"] += [v.as_json() for v in side.violations]
-            data["verdict"] = "fail" if data["violations"] else "pass"
-            data["devices"] = side.as_json()
-        _print_json(data)
+        _print_json(judged.log_json())
     else:
-        sys.stdout.write(report.render_text(result, sym))
-        if side is not None:
-            sys.stdout.write("\n" + devices.render_text(side, report.ebs_images(result, sym)))
-    passed = result.passed and (side is None or not side.violations)
-    return EXIT_OK if passed else EXIT_VIOLATION
-
-
-def _verdict_json(result: trace.LogReport) -> dict[str, Any]:
-    return {
-        "verdict": "pass" if result.passed else "fail",
-        "violations": [v.as_json() for v in result.violations],
-        "ebs_calls": [{"enter_seq": a.enter.seq, "exit_seq": a.exit.seq,
-                       "succeeded": a.succeeded,
-                       "teardowns": [t.begin.seq for t in a.teardowns]}
-                      for a in result.timeline.attempts],
-        "findings": [f.as_json() for f in result.findings],
-        "notes": list(result.anomalies),
-    }
+        sys.stdout.write(judged.render_text())
+    return EXIT_OK if judged.passed else EXIT_VIOLATION
 
 
 def _cmd_explain_log(args: argparse.Namespace) -> int:
@@ -225,12 +206,11 @@ def _cmd_explain_log(args: argparse.Namespace) -> int:
     if html is not None:
         page = explain.render_html(explained)
         if ebs is not None:
-            page += ("<h2>ExitBootServices trace</h2><pre>"
-                     + html_escape(report.render_text(*ebs)) + "</pre>\n")
+            page += report.ebs_section_html(report.render_text(*ebs))
         html.write_text(page, encoding="utf-8")
     if args.json:
         _print_json({"explanation": explain.to_json(explained),
-                     "ebs": _verdict_json(ebs[0]) if ebs is not None else None,
+                     "ebs": Judgement(*ebs).log_json() if ebs is not None else None,
                      "ebs_error": ebs_error or None})
         return EXIT_OK
     sys.stdout.write(explain.render_text(explained))
@@ -281,7 +261,7 @@ def _cmd_analyze_dump(args: argparse.Namespace) -> int:
     result = dump.analyze_dump(args.dump, parsed, maphead_symbol=maphead_symbol,
                                canary=canary, scope=args.scan, encrypted=args.encrypted)
     if args.json:
-        _print_json(result.as_json())
+        _print_json({**result.as_json(), "checks": checks.states_json(result.outcomes)})
     else:
         sys.stdout.write(report.render_dump_text(result))
     return EXIT_OK if result.passed else EXIT_VIOLATION
@@ -307,27 +287,12 @@ def _artifacts_dir(args: argparse.Namespace, what: str) -> Path:
     return Path("artifacts").absolute() / f"{what}-{stamp}"
 
 
-def _print_run(result: scenario.RunResult) -> None:
-    sys.stdout.write(report.render_text(result.log, result.symbolizer))
-    if result.dump is not None:
-        sys.stdout.write("\n" + report.render_dump_text(result.dump))
-    if result.devices is not None:
-        sys.stdout.write("\n" + devices.render_text(
-            result.devices, report.ebs_images(result.log, result.symbolizer)))
-    for note in result.device_notes:
-        print(f"note: {note}")
-    verdict = "PASS" if result.passed else "FAIL: " + ", ".join(sorted(result.failed_checks()))
-    print(f"\n{result.scenario.label()}: {verdict} (parked after {result.park_seconds:.1f} s "
-          f"under {result.accel}; artifacts {result.artifacts}, timeline "
-          f"{result.artifacts / 'timeline.html'})")
-
-
-def _qemu_for(args: argparse.Namespace, sev: str) -> str:
+def _qemu_for(args: argparse.Namespace, mode: str) -> str:
     """``--qemu``; else for ``--sev emulated`` the harness's QEMU (built or
     from the cache), else the system's."""
     if args.qemu:
         return str(args.qemu)
-    if sev == "emulated":
+    if mode != "off" and sev.MODES[mode].emulated:
         return str(_build_qemu(args).qemu.binary)
     return host.DEFAULT_QEMU
 
@@ -335,14 +300,15 @@ def _qemu_for(args: argparse.Namespace, sev: str) -> str:
 def _cmd_boot(args: argparse.Namespace) -> int:
     chosen = scenario.scenario_from_options(vars(args))
     artifacts = _artifacts_dir(args, chosen.label())
+    emulated = chosen.sev != "off" and sev.MODES[chosen.sev].emulated
     if args.host:
-        if chosen.sev == "emulated":
-            raise UsageError("--sev emulated runs on this host (the harness's QEMU under "
+        if emulated:
+            raise UsageError(f"--sev {chosen.sev} runs on this host (the harness's QEMU under "
                              "TCG), not with --host")
         result = _boot_remote(args, chosen, artifacts)
     else:
         # Under TCG (SEV off or emulated) nothing needs KVM: do not prove it.
-        tcg_only = chosen.sev == "emulated" or (chosen.sev == "off" and chosen.accel == "tcg")
+        tcg_only = emulated or (chosen.sev == "off" and chosen.accel == "tcg")
         caps = host.cached_probe(_qemu_for(args, chosen.sev), tcg_only=tcg_only)
         scenario.check_host(chosen, caps)       # before a possibly long firmware build
         firmware = _firmware_for(args)
@@ -350,7 +316,7 @@ def _cmd_boot(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result.as_json())
     else:
-        _print_run(result)
+        sys.stdout.write(result.render_text())
     return EXIT_OK if result.passed else EXIT_VIOLATION
 
 
@@ -371,75 +337,20 @@ def _boot_remote(args: argparse.Namespace, chosen: scenario.Scenario,
         session.close()
 
 
-#: The demo's story: the 2017 scheme against a driver that re-signals twice,
-#: then the new callback against the same driver.
-DEMO = (
-    ("the 2017 scheme: IoMmuDxe re-signals its EBS event to come last",
-     scenario.Scenario(ebs_mode="legacy", requeue_depth=2, dump=True)),
-    ("the new scheme: CoreExitBootServices() calls the IOMMU once all handlers ran",
-     scenario.Scenario(ebs_mode="callback", requeue_depth=2, dump=True)),
-)
-
-
-def _demo_platform(args: argparse.Namespace) -> tuple[host.HostCaps, str, str]:
-    """The demo's QEMU capabilities, SEV mode and a line saying why: real SEV
-    where the host has it, else the emulated SEV of the harness's QEMU, else
-    (that QEMU could not be had) the IOMMU emulation mode."""
-    system = host.cached_probe(args.qemu or host.DEFAULT_QEMU)
-    if system.sev.available:
-        return system, "sev", "AMD SEV (real encryption)"
-    if args.qemu:
-        caps = system
-    else:
-        try:
-            caps = host.cached_probe(str(_build_qemu(args).qemu.binary))
-        except HarnessError as exc:
-            first = str(exc).splitlines()[0]
-            return system, "off", (f"no SEV here, and the harness's QEMU could not be built "
-                                   f"({first}): IOMMU emulation mode instead")
-    if caps.sev_emulated.available:
-        return caps, "emulated", (f"no SEV here ({system.sev.reason}): emulated SEV on the "
-                                  "harness's QEMU, OVMF on its real SEV code path (memory in "
-                                  "plaintext)")
-    return caps, "off", (f"no SEV here, and {caps.sev_emulated.reason}: IOMMU emulation "
-                         "mode instead")
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     given = edk2.Firmware.load(args.firmware) if args.firmware else None
     if given is None:
         edk2.baseline_named(args.edk2)          # an unknown one: before anything runs
     root = _artifacts_dir(args, "demo")
-    caps, sev, why = _demo_platform(args)
-    accel = "tcg" if sev == "emulated" else host.resolve_accel("auto", caps)
-    print(f"ebs-harness demo: {accel.upper()} ({caps.qemu} {caps.qemu_version}); {why}")
+    system = host.cached_probe(args.qemu or host.DEFAULT_QEMU)
+    platform = demo.choose_platform(
+        system, None if args.qemu else lambda: str(_build_qemu(args).qemu.binary))
+    print(f"ebs-harness demo: {platform.accel.upper()} ({platform.caps.qemu} "
+          f"{platform.caps.qemu_version}); {platform.why}")
     firmware = given or _firmware_for(args)
-    print(f"firmware: edk2 {firmware.baseline}, {firmware.path}")
-    results = []
-    for number, (story, chosen) in enumerate(DEMO, 1):
-        if sev != "off":
-            chosen = dataclasses.replace(chosen, sev=sev, emulation=False)
-        print(f"\n=== {number}. {chosen.label()}: {story}\n")
-        result = scenario.run_scenario(firmware, chosen, root / chosen.ebs_mode, caps=caps)
-        _print_run(result)
-        results.append(result)
-    legacy, callback = results
-    print("\n=== summary")
-    for result in results:
-        verdict = "pass" if result.passed else "FAIL " + ", ".join(
-            sorted(result.failed_checks(), key=lambda c: (c[0] == "D", c)))
-        print(f"  {result.scenario.label():<32} {verdict}")
-    # The prediction: the adversary's late stage lands after the 2017
-    # teardown (V1) and touches its device then (V3); the callback holds.
-    story_held = {"V1", "V3"} <= legacy.failed_checks() and callback.passed
-    print("  " + ("the 2017 scheme lost the race and the callback won it, as predicted"
-                  if story_held else "UNEXPECTED: the demo's prediction did not hold"))
-    # C2 by other drivers: facts about them, the same under both schemes.
-    for finding in sorted({f.culprit for r in results for f in r.log.findings}):
-        print(f"  finding (C2, not a failed verdict): {finding} allocates or frees memory "
-              "after the memory map was terminated")
-    print(f"  artifacts: {root}")
-    return EXIT_OK if story_held else EXIT_VIOLATION
+    print(f"firmware: edk2 {firmware.baseline}, {firmware.path}", flush=True)
+    held = demo.run(firmware, platform, root, sys.stdout)
+    return EXIT_OK if held else EXIT_VIOLATION
 
 
 # ---------------------------------------------------------------- main
@@ -447,13 +358,64 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 EDK2_HELP = (f"the edk2 baseline to build the series on: {', '.join(edk2.BASELINES)} "
              f"(default {edk2.DEFAULT_BASELINE}); also EBS_HARNESS_EDK2")
+_DEFAULTS = scenario.Scenario()
+
+
+def _flag(setting: str) -> str:
+    """The command line's flag for a setting (a field's name)."""
+    return {"device_trace": "--no-device-trace"}.get(setting, "--" + setting.replace("_", "-"))
+
+
+def _options(*adders: Callable[[argparse.ArgumentParser], object]) -> argparse.ArgumentParser:
+    """A parent parser holding the options ``adders`` add, for the commands
+    that share them."""
+    parent = _Parser(add_help=False)
+    for add in adders:
+        add(parent)
+    return parent
+
+
+def _json(parser: argparse.ArgumentParser) -> object:
+    return parser.add_argument("--json", action="store_true",
+                               help="print one JSON object on stdout")
+
+
+def _html(what: str) -> Callable[[argparse.ArgumentParser], object]:
+    return lambda parser: parser.add_argument("--html", metavar="FILE",
+                                              help=f"also write {what} as a self-contained "
+                                                   "HTML page")
+
+
+def _firmware_to_run(parser: argparse.ArgumentParser) -> object:
+    parser.add_argument("--firmware", metavar="DIR",
+                        help="a firmware directory from 'ebs-harness build' (default: build "
+                             "or reuse the patched one)")
+    return parser.add_argument("--edk2", metavar="VERSION", help=EDK2_HELP)
+
+
+def _firmware_symbols(what: str) -> Callable[[argparse.ArgumentParser], object]:
+    return lambda parser: parser.add_argument(
+        "--firmware", metavar="DIR",
+        help=f"the firmware build the log is of (modules/*.debug|.map): {what}")
+
+
+def _artifacts(what: str) -> Callable[[argparse.ArgumentParser], object]:
+    return lambda parser: parser.add_argument(
+        "--artifacts", metavar="DIR", help=f"where to keep {what} (default artifacts/{what}-TIME)")
+
+
+def _qemu(default: str) -> Callable[[argparse.ArgumentParser], object]:
+    return lambda parser: parser.add_argument("--qemu", metavar="BINARY",
+                                              help=f"the QEMU to run (default: {default})")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ebs-harness",
         description="Build a patched OVMF and check the IOMMU teardown at "
-                    "ExitBootServices on QEMU guests.")
+                    "ExitBootServices on QEMU guests.",
+        epilog="checks:\n" + checks.help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     # -q and -v go before or after the command: the command's copies leave
     # the attribute alone unless given (SUPPRESS).
     common = _Parser(add_help=False)
@@ -462,11 +424,16 @@ def _parser() -> argparse.ArgumentParser:
                             help="no progress lines on stderr")
         target.add_argument("-v", "--verbose", action="store_true", default=default,
                             help="debug logging on stderr")
-    sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="COMMAND")
-    add_parser = functools.partial(sub.add_parser, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    build = add_parser("build", help="build (or reuse) the patched OVMF")
+    def add_parser(name: str, *parents: argparse.ArgumentParser,
+                   **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(
+            name, parents=[common, *parents], **kwargs)  # type: ignore[list-item]
+        return parser
+
+    json_out = _options(_json)
+    build = add_parser("build", json_out, help="build (or reuse) the patched OVMF")
     build.add_argument("--edk2-src", metavar="DIR",
                        help="an edk2 tree to use instead of Debian's source "
                             "package (copied, never modified); also "
@@ -478,42 +445,34 @@ def _parser() -> argparse.ArgumentParser:
                        help="the firmware's debug output (and the EBS trace) on the serial "
                             "port instead of the 0x402 debug port (-D DEBUG_ON_SERIAL_PORT), "
                             "for labs that capture only the serial console")
-    build.add_argument("--json", action="store_true",
-                       help="print one JSON object on stdout")
     build.set_defaults(func=_cmd_build)
 
-    bqemu = add_parser("build-qemu",
-                           help="build (or reuse) the harness's QEMU, with the emulated SEV")
+    bqemu = add_parser("build-qemu", json_out,
+                       help="build (or reuse) the harness's QEMU, with the emulated SEV")
     bqemu.add_argument("--rebuild", action="store_true",
                        help="build even if the cache has this QEMU")
-    bqemu.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bqemu.set_defaults(func=_cmd_build_qemu)
 
-    alog = add_parser("analyze-log", help="EBS timeline and verdicts V1..V4 of a debug log")
+    alog = add_parser("analyze-log",
+                      _options(_json, _html("the timeline"),
+                               _firmware_symbols("handlers named as functions")),
+                      help="EBS timeline and verdicts V1..V4, C1..C3 of a debug log")
     alog.add_argument("log", metavar="LOG", help="debug-port or serial log of a boot")
-    alog.add_argument("--firmware", metavar="DIR",
-                      help="firmware dir whose modules/*.debug|.map symbolize handlers")
-    alog.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    alog.add_argument("--html", metavar="FILE",
-                      help="also write the timeline as a self-contained HTML page")
     alog.add_argument("--device-trace", metavar="FILE",
                       help="the boot's QEMU device trace (device-trace.log): W1, W2")
     alog.set_defaults(func=_cmd_analyze_log)
 
     xlog = add_parser("explain-log",
+                      _options(_json, _html("the explanation (load map drawn)"),
+                               _firmware_symbols("crash addresses as function and "
+                                                 "file:line")),
                       help="explain any OVMF boot log: firmware, platform, load map, boot "
                            "options, crashes symbolized, where and how it ends")
     xlog.add_argument("log", metavar="LOG", help="debug-port or serial log of an OVMF boot, "
                                                  "ours or stock, whole or cut")
-    xlog.add_argument("--firmware", metavar="DIR",
-                      help="the firmware build the log is of (modules/*.debug): crash "
-                           "addresses as function and file:line")
-    xlog.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    xlog.add_argument("--html", metavar="FILE",
-                      help="also write a self-contained HTML page (load map drawn)")
     xlog.set_defaults(func=_cmd_explain_log)
 
-    night = add_parser("nightly",
+    night = add_parser("nightly", _options(_json, _html("the morning report")),
                        help="run a plan of hosts x firmware x scenarios, keep it in a history, "
                             "report what regressed since the last run")
     night.add_argument("--plan", required=True, metavar="PLAN.toml",
@@ -522,20 +481,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="the SQLite history file (made on first use)")
     night.add_argument("--artifacts", metavar="DIR",
                        help="where each run keeps its cases' artifacts (default: beside DB)")
-    night.add_argument("--html", metavar="FILE", help="also write the morning report as HTML")
     night.add_argument("--junit", metavar="FILE", help="junit XML of the cases, for the CI")
     night.add_argument("--keep-days", type=float, metavar="N",
                        help="remove the artifacts of runs older than N days first")
-    night.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     night.set_defaults(func=_cmd_nightly)
 
     adump = add_parser("analyze-dump",
-                           help="verdicts D1..D3 of a dump-guest-memory ELF core")
+                       _options(_json, _firmware_symbols("cross-checks maphead with "
+                                                         "IoMmuDxe's mMapInfos")),
+                       help="verdicts D1..D3 of a dump-guest-memory ELF core")
     adump.add_argument("dump", metavar="DUMP", help="QEMU dump-guest-memory file (ELF)")
     adump.add_argument("--log", required=True, metavar="LOG",
                        help="the debug log of the same boot (maphead, sharedbit, images)")
-    adump.add_argument("--firmware", metavar="DIR",
-                       help="firmware dir; cross-checks maphead with IoMmuDxe's mMapInfos")
     adump.add_argument("--canary", metavar="FILE", help="the run's canary file (D3)")
     adump.add_argument("--scan", choices=("auto", "shared", "all"), default="auto",
                        help="D3 scope: auto = the shared pages where they are known (SEV's "
@@ -543,24 +500,24 @@ def _parser() -> argparse.ArgumentParser:
     adump.add_argument("--encrypted", action="store_true",
                        help="the dump is of a real SEV guest: private memory is ciphertext "
                             "(D1 and D2 are skipped, D3 scans all RAM)")
-    adump.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     adump.set_defaults(func=_cmd_analyze_dump)
 
-    boot = add_parser("boot", help="boot the probe guest once and judge it")
-    boot.add_argument("--firmware", metavar="DIR",
-                      help="a firmware directory from 'ebs-harness build' (default: build)")
-    boot.add_argument("--edk2", metavar="VERSION", help=EDK2_HELP)
-    boot.add_argument("--accel", choices=("auto", "tcg", "kvm"), default="auto",
-                      help="auto: KVM where the host probe proved it, else TCG")
-    boot.add_argument("--sev", choices=scenario.SEV_MODES, default="off",
-                      help="sev, sev-es: a SEV guest under KVM (a SEV host); emulated: the "
-                           "harness's QEMU emulates SEV under TCG (built on first use)")
-    boot.add_argument("--devices", default="virtio-blk", metavar="LIST",
-                      help="comma-separated: virtio-blk (always), virtio-net, virtio-scsi, "
-                           "virtio-rng, virtio-gpu, nvme, ahci, xhci-storage, usb-kbd, "
-                           "e1000e, pvscsi, mptsas, lsi, adversary-nic (docs/devices.md)")
-    boot.add_argument("--ebs-mode", choices=scenario.EBS_MODES, default="callback",
-                      help="the IOMMU teardown scheme (none: no teardown, a negative control)")
+    # The scenario's options default to None: Scenario holds the defaults.
+    boot = add_parser("boot", _options(_json, _firmware_to_run, _artifacts("LABEL"),
+                                       _qemu("qemu-system-x86_64; with --sev emulated, the "
+                                             "harness's QEMU")),
+                      help="boot the probe guest once and judge it")
+    boot.add_argument("--accel", choices=("auto", "tcg", "kvm"),
+                      help="auto (default): KVM where the host probe proved it, else TCG")
+    boot.add_argument("--sev", choices=sev.SEV_MODES,
+                      help="off (default); " + "; ".join(f"{m.name}: {m.about}"
+                                                        for m in sev.MODES.values()))
+    boot.add_argument("--devices", metavar="LIST",
+                      help="comma-separated: " + ", ".join(vm_devices.DEVICE_NAMES)
+                           + " (virtio-blk, the boot disk, always; docs/devices.md)")
+    boot.add_argument("--ebs-mode", choices=scenario.EBS_MODES,
+                      help=f"the IOMMU teardown scheme (default {_DEFAULTS.ebs_mode}; none: no "
+                           "teardown, a negative control)")
     boot.add_argument("--requeue-depth", type=int, metavar="N",
                       help="turn on the adversary driver, re-signalling N times")
     boot.add_argument("--leak-mapping", action="store_true",
@@ -569,40 +526,28 @@ def _parser() -> argparse.ArgumentParser:
                       help="the probe first calls EBS with a stale MapKey")
     boot.add_argument("--dump", action="store_true",
                       help="dump guest memory once parked and judge D1..D3")
-    boot.add_argument("--inject-frames", type=int, default=0, metavar="N",
+    boot.add_argument("--inject-frames", type=int, metavar="N",
                       help="once parked, send N frames to the adversary NIC (adversary-nic)")
-    boot.add_argument("--no-device-trace", action="store_true",
-                      help="no QEMU device trace (W1, W2 not judged)")
-    boot.add_argument("--artifacts", metavar="DIR",
-                      help="where to keep the run (default artifacts/LABEL-TIME)")
-    boot.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                      help="deadline from QEMU's start to the probe's park")
-    boot.add_argument("--qemu", metavar="BINARY",
-                      help="the QEMU to run (default: qemu-system-x86_64; with --sev "
-                           "emulated, the harness's QEMU)")
+    boot.add_argument("--no-device-trace", dest="device_trace", action="store_false",
+                      default=None, help="no QEMU device trace (W1, W2 not judged)")
+    boot.add_argument("--timeout", type=float, metavar="SECONDS",
+                      help=f"deadline from QEMU's start to the probe's park (default "
+                           f"{_DEFAULTS.timeout:g})")
     boot.add_argument("--host", metavar="ssh://USER@HOST[:PORT]",
                       help="run QEMU on that host over SSH (host key from ~/.ssh/known_hosts, "
                            "key from the agent or ~/.ssh/id_*); analysis stays here")
-    boot.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     boot.set_defaults(func=_cmd_boot)
 
-    demo = add_parser("demo", help="the 2017 scheme against the callback, side by side")
-    demo.add_argument("--firmware", metavar="DIR",
-                      help="a firmware directory from 'ebs-harness build' (default: build)")
-    demo.add_argument("--edk2", metavar="VERSION", help=EDK2_HELP)
-    demo.add_argument("--artifacts", metavar="DIR",
-                      help="where to keep the runs (default artifacts/demo-TIME)")
-    demo.add_argument("--qemu", metavar="BINARY",
-                      help="the QEMU to run (default: the harness's QEMU for emulated SEV "
-                           "where the host has no SEV)")
-    demo.set_defaults(func=_cmd_demo)
+    demo_cmd = add_parser("demo", _options(_firmware_to_run, _artifacts("demo"),
+                                           _qemu("the harness's QEMU for emulated SEV where "
+                                                 "the host has no SEV")),
+                          help="the 2017 scheme against the callback, side by side")
+    demo_cmd.set_defaults(func=_cmd_demo)
 
-    check = add_parser("host-check",
-                           help="what this host can run: TCG, KVM, SEV, SEV-ES, SNP")
+    check = add_parser("host-check", json_out,
+                       help="what this host can run: TCG, KVM, SEV, SEV-ES, SNP")
     check.add_argument("--qemu", metavar="BINARY",
                        help="the QEMU to probe (default: qemu-system-x86_64)")
-    check.add_argument("--json", action="store_true",
-                       help="print one JSON object on stdout")
     check.set_defaults(func=_cmd_host_check)
 
     return parser
@@ -628,8 +573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except HarnessError as exc:
         # One line says what went wrong; environment failures (a timeout, a
-        # launch error) may add the log tails that explain it below.
-        first, _, rest = str(exc).partition("\n")
+        # launch error) may add the log tails that explain it below. A
+        # setting is named by its flag here.
+        text = exc.spelled(_flag(exc.setting)) if isinstance(exc, SettingError) else str(exc)
+        first, _, rest = text.partition("\n")
         return _fail(command, exc.exit_status, first, json_mode,
                      rest if exc.exit_status == EXIT_ENVIRONMENT else "")
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@
 
     HarnessError                    anything the harness raises on purpose
      +-- UsageError                 bad input from the user (exit 2)
+     |    +-- SettingError          a setting's value (by field name) is refused
      |    +-- SourceError           --edk2-src is not an edk2 tree, bad checksum
      |    +-- PatchError            a patch of the series does not apply
      |    +-- SeriesError           a series file or a patch it names is missing
@@ -14,6 +15,7 @@
           +-- DependencyError       a tool or package is missing
           +-- BuildError            BaseTools or the OVMF build failed
           +-- LaunchError           QEMU would not start or died early
+          +-- AbnormalShutdown      QEMU crashed, or had to be killed, at the end
           +-- ConsoleTimeout        an awaited pattern did not come in time
           +-- ConsoleFailure        a failure pattern came instead
           +-- QmpError              a QMP command failed
@@ -47,6 +49,27 @@ class UsageError(HarnessError):
     """The user's input is wrong; nothing on this machine is to blame."""
 
     exit_status = EXIT_USAGE
+
+
+class SettingError(UsageError):
+    """A setting's value is refused. The setting is named by its field
+    (``requeue_depth``), as the nightly's plans and the pytest options spell
+    it; the command line names its flag instead (:attr:`setting` maps).
+
+    :param setting: the field's name.
+    :param value: the value refused, as given.
+    :param reason: why, in the domain's words.
+    """
+
+    def __init__(self, setting: str, value: object, reason: str) -> None:
+        super().__init__(f"{setting}={value}: {reason}")
+        self.setting = setting
+        self.value = value
+        self.reason = reason
+
+    def spelled(self, name: str) -> str:
+        """The message with the setting spelled ``name`` (a flag)."""
+        return f"{name} {self.value}: {self.reason}"
 
 
 class SourceError(UsageError):
@@ -176,6 +199,21 @@ def _tails_text(tails: dict[str, str], command: Sequence[str]) -> str:
     if command:
         parts.append("--- command line:\n    " + shlex.join(command))
     return "\n".join(parts)
+
+
+class AbnormalShutdown(EnvironmentFailure):
+    """QEMU did not end by the harness's ``quit``: it crashed or exited with
+    an error on its own, or did not quit in time and was killed.
+
+    :param reason: how it ended.
+    :param log: the tail of QEMU's stderr.
+    """
+
+    def __init__(self, reason: str, log: str = "") -> None:
+        super().__init__(f"QEMU ended abnormally: {reason}"
+                         + (f"\n{log}" if log else ""))
+        self.reason = reason
+        self.log = log
 
 
 class ConsoleTimeout(EnvironmentFailure):

@@ -60,6 +60,8 @@ from harness.build.edk2 import Firmware
 from harness.errors import DependencyError, EnvironmentFailure, UsageError
 from harness.tools import run_tool
 from harness.vm import guest, host, machine, remote, ssh
+from harness.vm.config import MachineConfig
+from harness.vm.devices import BlockDevice, NetDevice
 
 LOG = logging.getLogger(__name__)
 
@@ -436,7 +438,7 @@ class LinuxBoot:
     """
 
     ebs_mode: str = "callback"
-    emulation: bool | None = None
+    iommu_emulation: bool | None = None
     sev: str = "off"
     accel: str = "auto"
     memory_mib: int = 512
@@ -452,7 +454,7 @@ class LinuxBoot:
     def scenario(self) -> scenario.Scenario:
         """The firmware side as a probe Scenario (for its fw_cfg knobs)."""
         return scenario.Scenario(ebs_mode=self.ebs_mode, devices=("virtio-blk", "virtio-net"),
-                                 emulation=self.emulation, accel=self.accel, sev=self.sev,
+                                 iommu_emulation=self.iommu_emulation, accel=self.accel, sev=self.sev,
                                  memory_mib=self.memory_mib)
 
     def kernel_cmdline(self, client_key: ssh.ClientKey) -> str:
@@ -516,13 +518,13 @@ def write_esp(path: Path, firmware: Firmware, image: LinuxImage, cmdline: str) -
 
 
 def machine_config(firmware: Firmware, boot: LinuxBoot, esp: Path, canary_image: Path,
-                   ssh_port: int, caps: host.HostCaps, canary: bytes) -> machine.MachineConfig:
+                   ssh_port: int, caps: host.HostCaps, canary: bytes) -> MachineConfig:
     # All three in QEMU's boot order, which OVMF's BDS also reads as the list
     # of devices to connect: its virtio drivers map through the IOMMU before
     # EBS, and their EBS handlers reset the devices.
-    devices = (machine.BlockDevice(esp, bootindex=0),
-               machine.BlockDevice(canary_image, bootindex=1, readonly=True),
-               machine.NetDevice(hostfwd=((ssh_port, 22),), bootindex=2))
+    devices = (BlockDevice(esp, bootindex=0),
+               BlockDevice(canary_image, bootindex=1, readonly=True),
+               NetDevice(hostfwd=((ssh_port, 22),), bootindex=2))
     # The harness types into the firmware shell: the serial port takes input.
     # QEMU's device trace comes with it: W1, W2 until the kernel first
     # touches each device.

@@ -356,6 +356,6 @@ def _html_extras(item: pytest.Item, report: pytest.TestReport) -> None:
         return
     found = list(getattr(report, "extras", []))
     for result in runs:
-        svg = timeline_report.render_svg(result.log, result.symbolizer)
+        svg = timeline_report.render_svg(result.log, result.judgement.symbolizer)
         found.append(extras.html(f"<p>{result.scenario.label()}: {result.artifacts}</p>{svg}"))
     report.extras = found  # type: ignore[attr-defined]

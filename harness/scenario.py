@@ -24,22 +24,26 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.analysis import devices as device_trace
 from harness.analysis import dump as dumps
-from harness.analysis import report, symbols, trace
+from harness.analysis import trace
+from harness.analysis.judgement import Judgement, summary_checks
 from harness.build.edk2 import Firmware
-from harness.errors import UsageError
-from harness.vm import guest, host, machine
+from harness.errors import SettingError, UsageError
+from harness.vm import guest, host
+from harness.vm.config import MachineConfig
 from harness.vm.console import DEFAULT_FAILURES
+from harness.vm.devices import Device, parse_devices, trace_models
+from harness.vm.machine import QemuMachine
+from harness.vm.sev import MODES, SEV_MODES
 
 LOG = logging.getLogger(__name__)
 
 EBS_MODES = ("callback", "legacy", "none")
-SEV_MODES = machine.SEV_MODES
 FW_CFG = "opt/org.ebs-harness"
 PARKED = r"EBST probe-parked"
 #: The probe gives up before EBS: no park will come.
@@ -48,7 +52,7 @@ CANARY_FILE = "canary.bin"
 #: Said of every boot in IoMmuDxe's emulation mode.
 EMULATION_MODE_NOTE = ("IoMmuDxe's emulation mode (page-table bit 52): the teardown ran, but "
                        "not the code that ships under SEV (MemEncryptSevLib, the "
-                       "confidential-computing PCD); --sev emulated runs that path")
+                       "confidential-computing PCD); the emulated SEV runs that path")
 
 
 @dataclass(frozen=True)
@@ -57,16 +61,16 @@ class Scenario:
 
     :param ebs_mode: the IOMMU's teardown scheme.
     :param requeue_depth: the adversary driver's re-signal depth; None: off.
-    :param devices: ``--devices`` names; virtio-blk (the boot disk) first.
+    :param devices: device names (``harness.vm.devices.KINDS``); virtio-blk,
+        the boot disk, is always there, first unless placed.
     :param leak_mapping: the probe leaves one mapping with canary bytes live.
     :param stale_mapkey: the probe first calls EBS with a stale MapKey.
     :param start_net: the probe starts virtio-net's SNP (default: when
         virtio-net is among the devices).
-    :param emulation: IOMMU emulation mode (default: when SEV is off).
+    :param iommu_emulation: IoMmuDxe's emulation mode (default: when SEV is
+        off); not QEMU's emulated SEV, which is the ``sev`` mode ``emulated``.
     :param accel: ``auto``, ``tcg`` or ``kvm``.
-    :param sev: ``off``, ``sev``, ``sev-es``, ``snp`` (KVM on a SEV host; SNP
-        with a QEMU >= 9.1) or ``emulated`` (TCG on the harness's QEMU,
-        ``docs/emulated-sev.md``).
+    :param sev: ``off`` or a mode of ``harness.vm.sev.MODES``.
     :param dump: take a memory dump once the probe parked.
     :param memory_mib: guest RAM.
     :param timeout: seconds from QEMU's start to the park.
@@ -82,7 +86,7 @@ class Scenario:
     leak_mapping: bool = False
     stale_mapkey: bool = False
     start_net: bool | None = None
-    emulation: bool | None = None
+    iommu_emulation: bool | None = None
     accel: str = "auto"
     sev: str = "off"
     dump: bool = False
@@ -92,30 +96,34 @@ class Scenario:
     inject_frames: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "devices", tuple(self.devices))
+        devices = tuple(self.devices)
+        if "virtio-blk" not in devices:     # the boot disk, always
+            devices = ("virtio-blk", *devices)
+        object.__setattr__(self, "devices", devices)
         if self.ebs_mode not in EBS_MODES:
-            raise UsageError(f"--ebs-mode {self.ebs_mode!r}: one of {', '.join(EBS_MODES)}")
+            raise SettingError("ebs_mode", self.ebs_mode, f"one of {', '.join(EBS_MODES)}")
         if self.requeue_depth is not None and not 0 <= self.requeue_depth <= 64:
-            raise UsageError(f"--requeue-depth {self.requeue_depth}: not in 0..64")
-        if "virtio-blk" not in self.devices:
-            raise UsageError("--devices must include virtio-blk: the probe boots from it")
-        if self.sev not in machine.SEV_MODES:
-            raise UsageError(f"--sev {self.sev!r}: one of {', '.join(machine.SEV_MODES)}")
-        if self.emulation and self.sev != "off":
-            raise UsageError("emulation mode is for guests without SEV")
-        if self.sev == "emulated" and self.accel == "kvm":
-            raise UsageError("--sev emulated runs under TCG: drop --accel kvm")
+            raise SettingError("requeue_depth", self.requeue_depth, "not in 0..64")
+        if self.sev not in SEV_MODES:
+            raise SettingError("sev", self.sev, f"one of {', '.join(SEV_MODES)}")
+        if self.iommu_emulation and self.sev != "off":
+            raise SettingError("iommu_emulation", self.iommu_emulation,
+                               "IoMmuDxe's emulation mode is for guests without SEV")
+        if self.sev != "off" and self.accel not in ("auto", MODES[self.sev].accel):
+            raise SettingError("sev", self.sev, f"runs under {MODES[self.sev].accel}, "
+                                                f"not accel {self.accel}")
         if self.timeout <= 0:
-            raise UsageError(f"--timeout {self.timeout}: must be positive")
+            raise SettingError("timeout", self.timeout, "must be positive")
         if not 0 <= self.inject_frames <= 4096:
-            raise UsageError(f"--inject-frames {self.inject_frames}: not in 0..4096")
+            raise SettingError("inject_frames", self.inject_frames, "not in 0..4096")
         if self.inject_frames and "adversary-nic" not in self.devices:
-            raise UsageError("--inject-frames sends to the adversary NIC: add "
-                             "--devices ...,adversary-nic")
+            raise SettingError("inject_frames", self.inject_frames,
+                               "frames go to the adversary NIC: add the device adversary-nic")
 
     @property
-    def emulated(self) -> bool:
-        return self.sev == "off" if self.emulation is None else self.emulation
+    def iommu_emulated(self) -> bool:
+        """IoMmuDxe runs in its emulation mode."""
+        return self.sev == "off" if self.iommu_emulation is None else self.iommu_emulation
 
     @property
     def net(self) -> bool:
@@ -125,7 +133,7 @@ class Scenario:
         """The firmware's knobs (docs/emulation.md); the adversary driver
         puts ``canary`` in the buffer it maps."""
         knobs = {f"{FW_CFG}/ebs-mode": self.ebs_mode}
-        if self.emulated:
+        if self.iommu_emulated:
             knobs[f"{FW_CFG}/emulation"] = "1"
         if self.requeue_depth is not None:
             knobs[f"{FW_CFG}/requeue-depth"] = str(self.requeue_depth)
@@ -153,7 +161,7 @@ class Scenario:
         if self.inject_frames:
             parts.append(f"frames{self.inject_frames}")
         if self.sev != "off":
-            parts.append("emulated-sev" if self.sev == "emulated" else self.sev)
+            parts.append(MODES[self.sev].label)
         return "-".join(parts)
 
 
@@ -165,7 +173,7 @@ def make_canary() -> bytes:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What one boot showed."""
+    """What one boot showed: the run, and its evidence judged."""
 
     scenario: Scenario
     artifacts: Path
@@ -173,49 +181,67 @@ class RunResult:
     qemu_version: str
     firmware_key: str
     park_seconds: float
-    log: trace.LogReport
-    symbolizer: symbols.Symbolizer = field(repr=False)
-    dump: dumps.DumpReport | None = None
-    devices: device_trace.DeviceReport | None = None
-    #: why there is no device report, or what limits it
-    device_notes: tuple[str, ...] = ()
+    judgement: Judgement
+
+    @property
+    def log(self) -> trace.LogReport:
+        return self.judgement.log
+
+    @property
+    def dump(self) -> dumps.DumpReport | None:
+        return self.judgement.dump
+
+    @property
+    def devices(self) -> device_trace.DeviceReport | None:
+        return self.judgement.devices
 
     @property
     def violations(self) -> list[trace.Violation]:
-        found = list(self.log.violations)
-        if self.dump is not None:
-            found += self.dump.violations
-        if self.devices is not None:
-            found += self.devices.violations
-        return found
+        return self.judgement.violations
 
     @property
     def passed(self) -> bool:
-        return not self.violations
+        return self.judgement.passed
 
     def failed_checks(self) -> set[str]:
-        return {v.check for v in self.violations}
+        return self.judgement.failed_checks()
 
     @property
     def debug_log(self) -> Path:
         """The log the trace was read from (debug port, or serial)."""
         return Path(self.log.timeline.trace.path)
 
+    def verdict_line(self) -> str:
+        """``LABEL: PASS (parked after ...)``, or the failed checks in registry order."""
+        verdict = ("PASS" if self.passed else
+                   "FAIL: " + ", ".join(summary_checks(self.failed_checks())))
+        return (f"{self.scenario.label()}: {verdict} (parked after {self.park_seconds:.1f} s "
+                f"under {self.accel}; artifacts {self.artifacts}, timeline "
+                f"{self.artifacts / 'timeline.html'})")
+
+    def render_text(self) -> str:
+        """The timeline, the dump's and the devices' reports, the notes on
+        the device trace, and the verdict line."""
+        notes = "".join(f"note: {note}\n" for note in self.judgement.device_notes)
+        return f"{self.judgement.render_text()}{notes}\n{self.verdict_line()}\n"
+
     def as_json(self) -> dict[str, Any]:
+        judged = self.judgement
         data: dict[str, Any] = {
             "scenario": self.scenario.label(),
             "settings": dataclasses.asdict(self.scenario),
             "verdict": "pass" if self.passed else "fail",
             "violations": [v.as_json() for v in self.violations],
+            "checks": judged.checks_json(),
             "accel": self.accel,
             "sev": self.scenario.sev,
-            "emulation": self.scenario.emulated,
+            "emulation": self.scenario.iommu_emulated,
             "qemu_version": self.qemu_version,
             "firmware_key": self.firmware_key,
             "park_seconds": round(self.park_seconds, 3),
             "artifacts": str(self.artifacts),
             "findings": [f.as_json() for f in self.log.findings],
-            "notes": list(self.log.anomalies),
+            "notes": [*self.log.anomalies, *judged.device_notes],
         }
         if self.dump is not None:
             dumped = self.dump.as_json()
@@ -224,17 +250,16 @@ class RunResult:
             data["dump"] = dumped
         if self.devices is not None:
             data["devices"] = self.devices.as_json()
-        data["notes"] += list(self.device_notes)
         return data
 
 
-def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machine.Device, ...],
+def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[Device, ...],
                    caps: host.HostCaps, canary: bytes, *, no_reboot: bool = False,
-                   serial_input: bool = False) -> machine.MachineConfig:
+                   serial_input: bool = False) -> MachineConfig:
     """The QEMU guest for ``scenario`` with ``devices``: the accelerator and
     SEV the host proved, the firmware's knobs, the device trace's events."""
     sev = host.sev_config(scenario.sev, caps)
-    return machine.MachineConfig(
+    return MachineConfig(
         code=firmware.combined if sev is not None and sev.snp else firmware.code,
         vars_template=firmware.vars,
         accel=sev.accel if sev is not None else host.resolve_accel(scenario.accel, caps),
@@ -244,12 +269,12 @@ def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[machin
         fw_cfg=scenario.fw_cfg(canary),
         # Modern-only virtio with the IOMMU feature: OVMF's legacy virtio
         # driver never calls PciIo->Map, so nothing would reach the IOMMU.
-        iommu_platform=True if scenario.emulated else None,
+        iommu_platform=True if scenario.iommu_emulated else None,
         qemu=caps.qemu,
         no_reboot=no_reboot,
         # The probe reads no console: a plain file keeps a serial trace intact.
         serial_input=serial_input,
-        trace_events=(device_trace.trace_events(trace_kinds(devices))
+        trace_events=(device_trace.trace_events(trace_models(devices))
                       if scenario.device_trace else ()),
     )
 
@@ -282,7 +307,7 @@ def write_guest(firmware: Firmware, scenario: Scenario, artifacts: Path,
 
 def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
                  caps: host.HostCaps | None = None,
-                 launcher: Callable[..., machine.QemuMachine] = machine.QemuMachine
+                 launcher: Callable[..., QemuMachine] = QemuMachine
                  ) -> RunResult:
     """Boot ``scenario`` and judge it. Raises only for the environment
     (:class:`~harness.errors.LaunchError`, a console timeout or failure) or bad
@@ -296,7 +321,7 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     caps = caps or host.cached_probe()
     canary = make_canary()
     image = write_guest(firmware, scenario, artifacts, canary)
-    devices = machine.parse_devices(",".join(scenario.devices), image,
+    devices = parse_devices(",".join(scenario.devices), image,
                                     lambda kind: write_disk(artifacts, kind, canary))
     config = machine_config(firmware, scenario, devices, caps, canary)
     LOG.info("%s: %s under %s", scenario.label(), artifacts, config.accel)
@@ -314,9 +339,8 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
         if scenario.dump:
             dump_path = vm.dump(artifacts / "memory.elf")
     log_report, sym = trace.analyze_log(log, firmware.path)
-    if scenario.emulated:
-        log_report = dataclasses.replace(
-            log_report, anomalies=(*log_report.anomalies, EMULATION_MODE_NOTE))
+    if scenario.iommu_emulated:
+        log_report = trace.with_notes(log_report, EMULATION_MODE_NOTE)
     dump_report = None
     if dump_path is not None:
         parsed = log_report.timeline.trace
@@ -324,7 +348,7 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
         dump_report = dumps.analyze_dump(
             dump_path, parsed, maphead_symbol=sym.symbol_address("IoMmuDxe", "mMapInfos"),
             canary=canary, cbit=sev.cbit_mask if sev is not None else None,
-            encrypted=sev is not None and not sev.emulated)
+            encrypted=sev is not None and sev.kind.encrypted)
     device_report: device_trace.DeviceReport | None = None
     device_notes: tuple[str, ...] = ()
     if scenario.device_trace:
@@ -334,9 +358,9 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     if scenario.inject_frames and dump_path is not None and dump_report is not None:
         device_notes += (late_frames(dump_path, dump_report),)
     result = RunResult(scenario, artifacts, config.accel, caps.qemu_version, firmware.key,
-                       park_seconds, log_report, sym, dump_report, device_report, device_notes)
-    (artifacts / "timeline.html").write_text(
-        report.render_html(log_report, sym, device_report), encoding="utf-8")
+                       park_seconds, Judgement(log_report, sym, dump_report, device_report,
+                                               device_notes))
+    (artifacts / "timeline.html").write_text(result.judgement.render_html(), encoding="utf-8")
     (artifacts / "result.json").write_text(json.dumps(result.as_json(), indent=2) + "\n")
     return result
 
@@ -350,30 +374,12 @@ FRAME_TAG = b"EBS-LATE-DMA "
 INJECT_SETTLE = 1.0
 
 
-def trace_kinds(devices: tuple[machine.Device, ...]) -> list[str]:
-    """The device models (``harness.analysis.devices.MODELS``) of ``devices``."""
-    kinds = []
-    for device in devices:
-        if isinstance(device, machine.BlockDevice):
-            kinds.append("virtio-blk")
-        elif isinstance(device, machine.NetDevice):
-            kinds.append("virtio-net")
-        elif isinstance(device, machine.ScsiController):
-            kinds.append("virtio-scsi")
-        elif isinstance(device, machine.RngDevice):
-            kinds.append("virtio-rng")
-        else:
-            kinds.append({"xhci-storage": "xhci", "usb-kbd": "xhci",
-                          "adversary-nic": "virtio-net"}.get(device.kind, device.kind))
-    return kinds
-
-
 def write_disk(artifacts: Path, kind: str, canary: bytes) -> Path:
     """A zoo storage device's disk: a FAT image holding the canary."""
     return guest.make_fat_image(artifacts / f"disk-{kind}.img", {CANARY_FILE: canary})
 
 
-def inject(vm: machine.QemuMachine, count: int, canary: bytes) -> None:
+def inject(vm: QemuMachine, count: int, canary: bytes) -> None:
     """Send ``count`` frames carrying ``canary`` to the adversary NIC, and
     give QEMU a moment to take them."""
     frames = [_FRAME_HEAD + FRAME_TAG + b"%04d " % n + canary for n in range(count)]
@@ -424,21 +430,11 @@ def judge_devices(raw: Path, kept: Path, qemu_version: str,
 
 
 def scenario_from_options(options: Mapping[str, Any]) -> Scenario:
-    """A Scenario from the ``boot`` command's options."""
-    devices = tuple(d.strip() for d in str(options.get("devices") or "virtio-blk").split(",")
-                    if d.strip())
-    if "virtio-blk" not in devices:       # the boot disk, always
-        devices = ("virtio-blk", *devices)
-    return Scenario(
-        ebs_mode=options.get("ebs_mode") or "callback",
-        requeue_depth=options.get("requeue_depth"),
-        devices=devices,
-        leak_mapping=bool(options.get("leak_mapping")),
-        stale_mapkey=bool(options.get("stale_mapkey")),
-        accel=options.get("accel") or "auto",
-        sev=options.get("sev") or "off",
-        dump=bool(options.get("dump")),
-        timeout=float(options.get("timeout") or 120.0),
-        device_trace=not options.get("no_device_trace"),
-        inject_frames=int(options.get("inject_frames") or 0),
-    )
+    """A Scenario from settings named by its fields (a command line's
+    options, a plan's table); a setting that is absent or None keeps the
+    field's default. ``devices`` may be one comma-separated string."""
+    given = {f.name: options[f.name] for f in dataclasses.fields(Scenario)
+             if options.get(f.name) is not None}
+    if isinstance(given.get("devices"), str):
+        given["devices"] = tuple(d.strip() for d in given["devices"].split(",") if d.strip())
+    return Scenario(**given)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.analysis import checks
 from harness.analysis.checks import Violation
 from harness.errors import TraceFormatError
 
@@ -398,6 +399,15 @@ class DeviceReport:
     @property
     def judged(self) -> bool:
         return self.begin_line is not None
+
+    @property
+    def outcomes(self) -> dict[str, checks.Outcome]:
+        """W1 and W2: held or failed, or not judged (without the teardown's
+        marker) for the reason the notes give."""
+        ids = checks.of(checks.Evidence.DEVICE_TRACE)
+        if not self.judged:
+            return checks.not_judged(ids, self.notes[0] if self.notes else "no teardown marker")
+        return checks.outcomes(ids, self.violations, {})
 
     def as_json(self) -> dict[str, Any]:
         return {

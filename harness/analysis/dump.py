@@ -38,11 +38,12 @@ import os
 import stat
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from harness.analysis.checks import Violation
+from harness.analysis import checks
+from harness.analysis.checks import Outcome, Violation
 from harness.analysis.debuglog import Trace
 from harness.analysis.events import IommuMap, TraceEvent
 from harness.analysis.timeline import live_mappings
@@ -620,6 +621,7 @@ class DumpReport:
     violations: tuple[Violation, ...]
     notes: tuple[str, ...]
     by_design: tuple[tuple[SharedRange, str], ...] = ()
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -665,6 +667,168 @@ def _fmt_ranges(ranges: Sequence[SharedRange], limit: int = 8) -> str:
     return ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class DumpEvidence:
+    """What the dump checks read besides the dump: the boot's trace and the
+    caller's knowledge of the guest.
+
+    :param sev: the C-bit decides what is shared (SEV, real or emulated),
+        rather than IoMmuDxe's emulation bit.
+    """
+
+    trace: Trace
+    maphead: int | None
+    canary: bytes | None
+    scope: str
+    cbit: int | None
+    encrypted: bool
+
+    @property
+    def emulation(self) -> bool:
+        config = self.trace.config
+        return config is not None and config.emulation == 1
+
+    @property
+    def sharedbit(self) -> int:
+        config = self.trace.config
+        return config.sharedbit if config is not None and config.sharedbit else 52
+
+    @property
+    def sev(self) -> bool:
+        return self.cbit is not None and not self.emulation
+
+
+@dataclass(frozen=True)
+class DumpJudged:
+    """What one dump check found; ``skipped`` is its reason, where it could
+    not be judged on this dump."""
+
+    violations: tuple[Violation, ...] = ()
+    notes: tuple[str, ...] = ()
+    skipped: str = ""
+
+
+def _skip(check: str, reason: str) -> DumpJudged:
+    return DumpJudged(notes=(f"{check} skipped: {reason}",), skipped=reason)
+
+
+def no_live_mapping(dump: QemuDump, ev: DumpEvidence) -> tuple[DumpJudged, ListWalk | None]:
+    """D1: the IoMmuDxe mapping list, walked with bounds and cycle checks,
+    is empty; and the walk."""
+    if ev.encrypted:
+        return _skip("D1", "under real SEV the mapping list is in private memory, which the "
+                           "dump holds as ciphertext; V4 (the trace) is the live-mapping "
+                           "evidence"), None
+    if ev.maphead is None:
+        return _skip("D1", "no maphead in the log (no iommu-config line) and no IoMmuDxe "
+                           "symbols (--firmware)"), None
+    notes: list[str] = []
+    violations: list[Violation] = []
+    walk = walk_map_list(dump, ev.maphead)
+    if ev.sev:
+        notes.append("D1 reads the mapping list in plaintext memory: emulation-only evidence "
+                     "(under real SEV it is ciphertext)")
+    by_map = {e.map: e for e in ev.trace.events if isinstance(e, IommuMap)}
+    for rec in walk.records:
+        event: TraceEvent | None = by_map.get(rec.addr)
+        origin = f" (iommu-map seq {event.seq})" if event is not None else ""
+        violations.append(Violation(
+            "D1", f"live MAP_INFO at {rec.addr:#x}: {rec.op_name} host {rec.crypted:#x} dev "
+                  f"{rec.plain:#x} {rec.pages} page(s){origin}",
+            (event.seq,) if event is not None else ()))
+    for problem in walk.problems:
+        violations.append(Violation("D1", f"mapping list at {ev.maphead:#x} cannot be proven "
+                                          f"empty: {problem}"))
+    mapped = live_mappings(ev.trace.events)
+    if mapped and not walk.records and not walk.problems:
+        notes.append(f"the log leaves {len(mapped)} mapping(s) live but the dump's list is "
+                     f"empty")
+    return DumpJudged(tuple(violations), tuple(notes)), walk
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The host-readable RAM D2 found: judged, and shared by design."""
+
+    ranges: tuple[SharedRange, ...]
+    by_design: tuple[tuple[SharedRange, str], ...] = ()
+
+
+def no_shared_page(dump: QemuDump, ev: DumpEvidence) -> tuple[DumpJudged, Shared | None]:
+    """D2: no page is left shared (C-bit clear under SEV, bit 52 in the
+    emulation mode) beyond those shared by design, walked from CR3; and
+    what is shared, where it could be walked."""
+    cr3 = dump.cpus[0].cr3 if dump.cpus else None
+    if ev.encrypted:
+        return _skip("D2", "under real SEV the page tables are private (ciphertext in the "
+                           "dump)"), None
+    if not ev.emulation and not ev.sev:
+        return _skip("D2", "neither SEV nor the IOMMU emulation mode: nothing is shared"), None
+    if cr3 is None:
+        return _skip("D2", "the dump has no QEMU CPU-state note (no CR3)"), None
+    if dump.cpus[0].cr4 & CR4_LA57:
+        return _skip("D2", "the guest uses 5-level paging (CR4.LA57), which the page walker "
+                           "does not read"), None
+    findings: list[str] = []
+    notes: list[str] = []
+    by_design: list[tuple[SharedRange, str]] = []
+    if ev.emulation:
+        shared = shared_ranges(dump, cr3, ev.sharedbit, findings)
+        what = f"bit {ev.sharedbit}"
+    else:
+        assert ev.cbit is not None
+        shared, by_design = split_by_design(unencrypted_ranges(dump, cr3, ev.cbit, findings))
+        for rng, why in by_design:
+            notes.append(f"D2: {rng.size // PAGE} page(s) at {rng.paddr:#x} shared by "
+                         f"design: {why}")
+        what = f"C-bit {ev.cbit.bit_length() - 1} clear"
+    notes.extend(f"page walk: {f}" for f in findings[:20])
+    violations: list[Violation] = []
+    if shared:
+        total = sum(r.size for r in shared)
+        violations.append(Violation(
+            "D2", f"{total // PAGE} page(s) in {len(shared)} range(s) still shared ({what}): "
+                  f"{_fmt_ranges(shared)}"))
+    return DumpJudged(tuple(violations), tuple(notes)), Shared(tuple(shared), tuple(by_design))
+
+
+def no_canary(dump: QemuDump, ev: DumpEvidence, shared: Shared | None
+              ) -> tuple[DumpJudged, tuple[CanaryHit, ...], str]:
+    """D3: the canary is nowhere the host can read: in the shared pages
+    where D2 knows them, else (and under real SEV) anywhere in RAM; its
+    hits and the scope scanned."""
+    use = ev.scope if ev.scope != "auto" else ("all" if ev.encrypted or shared is None
+                                               else "shared")
+    notes: list[str] = []
+    if use == "shared" and shared is None:
+        notes.append("D3 scans all RAM: the shared-page set is unknown")
+        use = "all"
+    skip = ("no --canary" if ev.canary is None else
+            "no IOMMU in this boot (no iommu-config line), so no memory is shared and a plain "
+            "guest's memory is all host-readable; use --scan all to scan anyway"
+            if ev.trace.config is None and not ev.sev and ev.scope == "auto" else "")
+    if skip or ev.canary is None:
+        return DumpJudged(notes=(*notes, f"D3 skipped: {skip}"), skipped=skip), (), use
+    canary = ev.canary[:CANARY_NEEDLE]
+    if use == "shared":
+        assert shared is not None
+        readable = [(r.paddr, r.size) for r in shared.ranges]
+        readable += [(r.paddr, r.size) for r, _ in shared.by_design]
+        found = dump.scan(canary, readable) if readable else []
+        hits = [CanaryHit(a, True) for a in found]
+        elsewhere = len(dump.scan(canary)) - len(found)
+        if elsewhere:
+            notes.append(f"the canary is also in {elsewhere} place(s) of private memory (not "
+                         f"host-readable under SEV)")
+    else:
+        hits = [CanaryHit(a, None) for a in dump.scan(canary)]
+    violations = [Violation("D3", f"canary at paddr {hit.paddr:#x} in host-readable memory "
+                                  f"({use} scanned)") for hit in hits[:8]]
+    if len(hits) > 8:
+        violations.append(Violation("D3", f"and {len(hits) - 8} more canary hits"))
+    return DumpJudged(tuple(violations), tuple(notes)), tuple(hits), use
+
+
 def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None = None,
                  canary: bytes | None = None, scope: str = "auto", cbit: int | None = None,
                  encrypted: bool = False) -> DumpReport:
@@ -680,114 +844,21 @@ def analyze_dump(path: Path | str, trace: Trace, *, maphead_symbol: int | None =
     """
     if scope not in ("auto", "shared", "all"):
         raise UsageError(f"scan scope {scope!r}: use auto, shared or all")
-    config = trace.config
-    emulation = config is not None and config.emulation == 1
-    sharedbit = config.sharedbit if config is not None and config.sharedbit else 52
-    if cbit is None:
-        cbit = trace.sev_mask
-    sev = cbit is not None and not emulation
-    notes: list[str] = []
-    violations: list[Violation] = []
-    maphead = resolve_maphead(trace, maphead_symbol)
-    mapped = live_mappings(trace.events)
-    by_map = {e.map: e for e in trace.events if isinstance(e, IommuMap)}
+    ev = DumpEvidence(trace, resolve_maphead(trace, maphead_symbol), canary, scope,
+                      trace.sev_mask if cbit is None else cbit, encrypted)
     with QemuDump(path) as dump:
         cr3 = dump.cpus[0].cr3 if dump.cpus else None
-        # D1
-        walk: ListWalk | None = None
-        if encrypted:
-            notes.append("D1 skipped: under real SEV the mapping list is in private memory, "
-                         "which the dump holds as ciphertext; V4 (the trace) is the "
-                         "live-mapping evidence")
-        elif maphead is None:
-            notes.append("D1 skipped: no maphead in the log (no iommu-config line) and no "
-                         "IoMmuDxe symbols (--firmware)")
-        else:
-            walk = walk_map_list(dump, maphead)
-            if sev:
-                notes.append("D1 reads the mapping list in plaintext memory: "
-                             "emulation-only evidence (under real SEV it is ciphertext)")
-            for rec in walk.records:
-                ev: TraceEvent | None = by_map.get(rec.addr)
-                origin = f" (iommu-map seq {ev.seq})" if ev is not None else ""
-                violations.append(Violation(
-                    "D1", f"live MAP_INFO at {rec.addr:#x}: {rec.op_name} host "
-                          f"{rec.crypted:#x} dev {rec.plain:#x} {rec.pages} page(s){origin}",
-                    (ev.seq,) if ev is not None else ()))
-            for problem in walk.problems:
-                violations.append(Violation("D1", f"mapping list at {maphead:#x} cannot be "
-                                                  f"proven empty: {problem}"))
-            if mapped and not walk.records and not walk.problems:
-                notes.append(f"the log leaves {len(mapped)} mapping(s) live but the dump's "
-                             f"list is empty")
-        # D2
-        shared: list[SharedRange] | None = None
-        by_design: list[tuple[SharedRange, str]] = []
-        if encrypted:
-            notes.append("D2 skipped: under real SEV the page tables are private (ciphertext "
-                         "in the dump)")
-        elif not emulation and not sev:
-            notes.append("D2 skipped: neither SEV nor the IOMMU emulation mode: nothing is "
-                         "shared")
-        elif cr3 is None:
-            notes.append("D2 skipped: the dump has no QEMU CPU-state note (no CR3)")
-        elif dump.cpus[0].cr4 & CR4_LA57:
-            notes.append("D2 skipped: the guest uses 5-level paging (CR4.LA57), which the "
-                         "page walker does not read")
-        else:
-            findings: list[str] = []
-            if emulation:
-                shared = shared_ranges(dump, cr3, sharedbit, findings)
-                what = f"bit {sharedbit}"
-            else:
-                assert cbit is not None
-                shared, by_design = split_by_design(unencrypted_ranges(dump, cr3, cbit,
-                                                                       findings))
-                for rng, why in by_design:
-                    notes.append(f"D2: {rng.size // PAGE} page(s) at {rng.paddr:#x} shared by "
-                                 f"design: {why}")
-                what = f"C-bit {cbit.bit_length() - 1} clear"
-            notes.extend(f"page walk: {f}" for f in findings[:20])
-            if shared:
-                total = sum(r.size for r in shared)
-                violations.append(Violation(
-                    "D2", f"{total // PAGE} page(s) in {len(shared)} range(s) still shared "
-                          f"({what}): {_fmt_ranges(shared)}"))
-        # D3
-        use = scope if scope != "auto" else ("all" if encrypted or shared is None
-                                             else "shared")
-        if use == "shared" and shared is None:
-            notes.append("D3 scans all RAM: the shared-page set is unknown")
-            use = "all"
-        hits: list[CanaryHit] = []
-        if canary is None:
-            notes.append("D3 skipped: no --canary")
-        elif config is None and not sev and scope == "auto":
-            notes.append("D3 skipped: no IOMMU in this boot (no iommu-config line), so no "
-                         "memory is shared and a plain guest's memory is all host-readable; "
-                         "use --scan all to scan anyway")
-        else:
-            canary = canary[:CANARY_NEEDLE]
-            if use == "shared":
-                assert shared is not None
-                readable = [(r.paddr, r.size) for r in shared]
-                readable += [(r.paddr, r.size) for r, _ in by_design]
-                found = dump.scan(canary, readable) if readable else []
-                hits = [CanaryHit(a, True) for a in found]
-                elsewhere = len(dump.scan(canary)) - len(found)
-                if elsewhere:
-                    notes.append(f"the canary is also in {elsewhere} place(s) of private "
-                                 f"memory (not host-readable under SEV)")
-            else:
-                hits = [CanaryHit(a, None) for a in dump.scan(canary)]
-            for hit in hits[:8]:
-                violations.append(Violation("D3", f"canary at paddr {hit.paddr:#x} in "
-                                                  f"host-readable memory ({use} scanned)"))
-            if len(hits) > 8:
-                violations.append(Violation("D3", f"and {len(hits) - 8} more canary hits"))
-    return DumpReport(str(path), cr3, maphead, walk,
-                      tuple(shared) if shared is not None else None, tuple(hits), use,
-                      tuple(violations), tuple(notes), tuple(by_design))
+        d1, walk = no_live_mapping(dump, ev)
+        d2, shared = no_shared_page(dump, ev)
+        d3, hits, use = no_canary(dump, ev, shared)
+    judged = {"D1": d1, "D2": d2, "D3": d3}
+    violations = tuple(v for j in judged.values() for v in j.violations)
+    return DumpReport(
+        str(path), cr3, ev.maphead, walk, shared.ranges if shared is not None else None,
+        hits, use, violations, tuple(n for j in judged.values() for n in j.notes),
+        shared.by_design if shared is not None else (),
+        checks.outcomes(judged, violations, {c: j.skipped for c, j in judged.items()
+                                             if j.skipped}))
 
 
 def load_canary(path: Path | str) -> bytes:

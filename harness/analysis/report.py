@@ -226,6 +226,11 @@ def _verdict_lines(violations: Sequence[Violation], held: str) -> list[str]:
 
 # ------------------------------------------------------------------- HTML
 
+
+def ebs_section_html(text: str) -> str:
+    """The EBS timeline's text as a section of another page (``explain-log``'s)."""
+    return "<h2>ExitBootServices trace</h2><pre>" + html.escape(text) + "</pre>\n"
+
 _CSS = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }

@@ -46,6 +46,7 @@ import pexpect.fdpexpect
 import pexpect.spawnbase
 
 from harness.errors import ConsoleFailure, ConsoleTimeout, UsageError
+from harness.logtext import strip_ansi
 
 LOG = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ DEFAULT_FAILURES: tuple[str, ...] = (
 
 #: How many lines of each log a timeout or failure quotes.
 TAIL_LINES = 40
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]")
 
 Pattern = str | re.Pattern[str]
 
@@ -74,7 +73,7 @@ def tail_lines(path: Path, count: int = TAIL_LINES) -> str:
             data = handle.read()
     except OSError:
         return ""
-    text = _ANSI.sub("", data.decode("utf-8", "replace")).replace("\r", "")
+    text = strip_ansi(data.decode("utf-8", "replace")).replace("\r", "")
     return "\n".join(text.splitlines()[-count:])
 
 
@@ -91,7 +90,7 @@ class _LineLogger:
         self._partial += data
         *complete, self._partial = re.split(r"\r?\n", self._partial)
         for raw in complete:
-            line = _ANSI.sub("", raw).replace("\r", "")
+            line = strip_ansi(raw).replace("\r", "")
             self.lines.append(line)
             self._logger.debug("%s: %s", self._console, line)
 
@@ -366,7 +365,7 @@ class Console:
     def _line_around(self, match: re.Match[str]) -> str:
         before = str(self._spawn.before or "").rsplit("\n", 1)[-1]
         after = str(self._spawn.buffer or "").split("\n", 1)[0]
-        return _ANSI.sub("", before + match.group(0) + after).replace("\r", "")
+        return strip_ansi(before + match.group(0) + after).replace("\r", "")
 
     def send(self, text: str) -> None:
         """Write ``text`` to the console (the guest's serial input)."""

@@ -43,12 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from harness.build.cache import cache_root, identity, remembered
-from harness.errors import HarnessError, LaunchError, QmpError, UsageError
+from harness.errors import HarnessError, LaunchError, QmpError, SettingError
 from harness.tools import scratch
 from harness.vm import limits
-from harness.vm.machine import MachineConfig, QemuMachine, SevConfig
+from harness.vm.config import MachineConfig
+from harness.vm.machine import QemuMachine
 from harness.vm.qmp import QmpSession
 from harness.vm.runner import LocalRunner, Runner
+from harness.vm.sev import MODES, SEV_MODES, SevConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -324,39 +326,38 @@ class HostCaps:
 
 
 def sev_config(mode: str, caps: HostCaps, policy: int | None = None) -> SevConfig | None:
-    """``--sev off|sev|sev-es|emulated`` as a
-    :class:`~harness.vm.machine.SevConfig` with the host's (or the
-    emulation's) C-bit and reduced-phys-bits; a mode the host lacks is a
-    usage error naming the reason (a SEV test never runs a plain guest)."""
+    """A SEV mode (``off`` or one of :data:`~harness.vm.sev.MODES`) as a
+    :class:`~harness.vm.sev.SevConfig` with the host's (or the emulation's)
+    C-bit and reduced-phys-bits; a mode the host lacks is a
+    :class:`~harness.errors.SettingError` naming the reason (a SEV test never
+    runs a plain guest)."""
     if mode == "off":
         return None
-    if mode == "emulated":
-        if not caps.sev_emulated.available:
-            raise UsageError(f"--sev emulated: not available: {caps.sev_emulated.reason}")
-        assert caps.emulated_cbitpos is not None and caps.emulated_reduced_phys_bits is not None
-        return SevConfig(mode=mode, cbitpos=caps.emulated_cbitpos,
-                         reduced_phys_bits=caps.emulated_reduced_phys_bits, policy=policy)
-    if mode not in ("sev", "sev-es", "snp"):
-        raise UsageError(f"--sev {mode!r}: off, sev, sev-es, snp or emulated")
-    cap = {"sev": caps.sev, "sev-es": caps.sev_es, "snp": caps.snp}[mode]
+    if mode not in MODES:
+        raise SettingError("sev", mode, f"one of {', '.join(SEV_MODES)}")
+    cap = caps.capability(MODES[mode].capability)
     if not cap.available:
-        raise UsageError(f"--sev {mode}: not available here: {cap.reason}")
-    if caps.cbitpos is None or caps.reduced_phys_bits is None:
-        raise UsageError(f"--sev {mode}: query-sev-capabilities gave no cbitpos")
-    return SevConfig(mode=mode, cbitpos=caps.cbitpos,
-                     reduced_phys_bits=caps.reduced_phys_bits, policy=policy)
+        raise SettingError("sev", mode, f"not available here: {cap.reason}")
+    if MODES[mode].emulated:
+        cbitpos, reduced = caps.emulated_cbitpos, caps.emulated_reduced_phys_bits
+    else:
+        cbitpos, reduced = caps.cbitpos, caps.reduced_phys_bits
+    if cbitpos is None or reduced is None:
+        raise SettingError("sev", mode, "query-sev-capabilities gave no cbitpos")
+    return SevConfig(mode=mode, cbitpos=cbitpos, reduced_phys_bits=reduced, policy=policy)
 
 
 def resolve_accel(option: str, caps: HostCaps) -> str:
-    """``--accel``: ``auto`` is KVM only where the probe proved it; an explicit
-    accelerator the host lacks is a usage error naming the reason."""
+    """An accelerator setting: ``auto`` is KVM only where the probe proved
+    it; an explicit accelerator the host lacks is a
+    :class:`~harness.errors.SettingError` naming the reason."""
     if option == "auto":
         return caps.best_accel()
     if option not in ("tcg", "kvm"):
-        raise UsageError(f"--accel {option!r}: auto, tcg or kvm")
+        raise SettingError("accel", option, "auto, tcg or kvm")
     cap = caps.capability(option)
     if not cap.available:
-        raise UsageError(f"--accel {option}: not usable here: {cap.reason}")
+        raise SettingError("accel", option, f"not usable here: {cap.reason}")
     return option
 
 

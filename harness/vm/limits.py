@@ -101,5 +101,5 @@ def ensure_memlock(needed: int, limits: Memlock | None = None) -> str | None:
 def ulimit_command(needed: int) -> str:
     """A shell line for a remote wrapper: raise the soft limit to ``needed``
     where the hard limit allows. Where it cannot, QEMU's own refusal follows,
-    which :func:`harness.vm.machine.sev_launch_reason` explains."""
+    which :func:`harness.vm.sev.sev_launch_reason` explains."""
     return f"ulimit -l {needed // 1024} 2>/dev/null || true"

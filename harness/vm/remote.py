@@ -11,7 +11,7 @@ analysis, verdicts), QEMU runs on the SEV host. The machine is the usual
   made by a *lease* (:data:`LEASE`): a remote command that removes the
   directory when its stdin ends, that is when the harness is done with it or
   its connection dies, however the harness dies;
-- the argv is :func:`~harness.vm.machine.build_argv`'s, for the remote paths;
+- the argv is :func:`~harness.vm.config.build_argv`'s, for the remote paths;
   QMP and the serial port are the remote QEMU's unix sockets in that
   (0700) directory, each joined to a local socket by an SSH exec channel
   (:data:`SOCKET_BRIDGE`), so QMP is spoken with
@@ -54,6 +54,7 @@ from harness.errors import (
     UsageError,
 )
 from harness.vm import host, limits, machine
+from harness.vm.config import MachineConfig
 from harness.vm.runner import describe_exit, dies_with_us
 from harness.vm.ssh import ClientKey, GuestSsh, free_port
 
@@ -171,7 +172,7 @@ class RemoteHost:
     def launcher(self, session: GuestSsh) -> Callable[..., machine.QemuMachine]:
         """A ``launcher`` for :func:`harness.scenario.run_scenario`: machines
         whose QEMU (this host's :attr:`qemu`) runs there."""
-        def launch(config: machine.MachineConfig, artifacts: Path, *,
+        def launch(config: MachineConfig, artifacts: Path, *,
                    name: str = "vm") -> machine.QemuMachine:
             return machine.QemuMachine(replace(config, qemu=self.qemu), artifacts, name=name,
                                        runner=SshRunner(session), launch_timeout=60.0)

@@ -43,7 +43,9 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from harness.analysis import symbols
 from harness.build import cache, edk2
-from harness.vm.machine import BlockDevice, MachineConfig, QemuMachine
+from harness.vm.config import MachineConfig
+from harness.vm.devices import BlockDevice
+from harness.vm.machine import QemuMachine
 
 FAULTS = HERE / "firmware-variants" / "adversary-faults.patch"
 DEBIAN_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")

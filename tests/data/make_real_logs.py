@@ -29,7 +29,7 @@ from make_sev_logs import NOISE, trimmed_map
 
 from harness import scenario
 from harness.build import cache, edk2
-from harness.vm import host, machine
+from harness.vm import devices, host, machine
 
 #: Log name -> the scenario, and fw_cfg knobs replacing the scenario's
 #: (None: the scenario's own).
@@ -40,7 +40,7 @@ CASES: dict[str, tuple[scenario.Scenario, dict[str, str] | None]] = {
     "none-leak": (scenario.Scenario(ebs_mode="none", leak_mapping=True), None),
     "callback-stale": (scenario.Scenario(leak_mapping=True, stale_mapkey=True), None),
     # no knob at all: the firmware as a plain guest runs it
-    "stock-noknobs": (scenario.Scenario(emulation=False), {}),
+    "stock-noknobs": (scenario.Scenario(iommu_emulation=False), {}),
 }
 #: Modules whose symbols the tests read, as .debug files.
 DEBUG_MODULES = ("IoMmuDxe", "VirtioBlkDxe", "EbsAdversaryDxe", "EbsProbe")
@@ -53,7 +53,7 @@ def record(firmware: edk2.Firmware, caps: host.HostCaps, name: str,
         canary = scenario.make_canary()
         image = scenario.write_guest(firmware, chosen, Path(tmp), canary)
         config = scenario.machine_config(
-            firmware, chosen, machine.parse_devices(",".join(chosen.devices), image), caps,
+            firmware, chosen, devices.parse_devices(",".join(chosen.devices), image), caps,
             canary)
         if knobs is not None:
             config = dataclasses.replace(config, fw_cfg=knobs)

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.build import edk2
-from harness.vm.machine import BlockDevice, MachineConfig, QemuMachine, SevConfig
+from harness.vm.config import MachineConfig
+from harness.vm.devices import BlockDevice
+from harness.vm.machine import QemuMachine
+from harness.vm.sev import SevConfig
 
 
 def boot_to_shell(firmware: edk2.Firmware, where: Path, *, sev: SevConfig | None = None,

@@ -25,8 +25,9 @@ from harness.analysis.dump import QemuDump, split_by_design, unencrypted_ranges,
 from harness.build import cache, edk2
 from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
+from harness.vm.config import MachineConfig
 from harness.vm.host import HostCaps
-from harness.vm.machine import MachineConfig, QemuMachine
+from harness.vm.machine import QemuMachine
 
 pytestmark = pytest.mark.sev_emulated
 

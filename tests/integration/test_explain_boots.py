@@ -16,7 +16,8 @@ from shellboot import boot_to_shell, explain_json
 from harness.build import cache, edk2
 from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
-from harness.vm.machine import MachineConfig, QemuMachine
+from harness.vm.config import MachineConfig
+from harness.vm.machine import QemuMachine
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 FAULTS = DATA / "firmware-variants" / "adversary-faults.patch"

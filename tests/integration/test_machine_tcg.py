@@ -22,13 +22,10 @@ from elftools.elf.elffile import ELFFile
 from harness.build import edk2
 from harness.errors import ConsoleTimeout, LaunchError
 from harness.vm import guest, host
-from harness.vm.machine import (
-    SEV_STATE_PAUSED,
-    BlockDevice,
-    MachineConfig,
-    QemuMachine,
-    SevConfig,
-)
+from harness.vm.config import MachineConfig
+from harness.vm.devices import BlockDevice
+from harness.vm.machine import QemuMachine
+from harness.vm.sev import SEV_STATE_PAUSED, SevConfig
 
 pytestmark = pytest.mark.tcg
 

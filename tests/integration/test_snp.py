@@ -18,8 +18,10 @@ import pytest
 from harness.build import cache, edk2, qemu
 from harness.errors import LaunchError
 from harness.vm import host
+from harness.vm.config import MachineConfig
 from harness.vm.host import HostCaps
-from harness.vm.machine import MachineConfig, QemuMachine, SevConfig
+from harness.vm.machine import QemuMachine
+from harness.vm.sev import SevConfig
 
 pytestmark = pytest.mark.tcg
 

@@ -304,9 +304,9 @@ def test_sev_config_from_caps() -> None:
     assert (config.cbitpos, config.reduced_phys_bits, config.effective_policy) == (51, 1, 0x3)
     with pytest.raises(UsageError, match="sev-es: not available here: kvm_amd sev_es=N"):
         host.sev_config("sev-es", sev_host)
-    with pytest.raises(UsageError, match="off, sev, sev-es, snp or emulated"):
+    with pytest.raises(UsageError, match="sev=tdx: one of off, sev, sev-es, snp, emulated"):
         host.sev_config("tdx", sev_host)
-    with pytest.raises(UsageError, match="--sev snp: not available here"):
+    with pytest.raises(UsageError, match="sev=snp: not available here"):
         host.sev_config("snp", sev_host)
     with pytest.raises(UsageError, match="not available here"):
         host.sev_config("sev", caps(NO_KVM))
@@ -319,7 +319,7 @@ def test_emulated_sev_from_caps() -> None:
     config = host.sev_config("emulated", emulated)
     assert config is not None and config.emulated and config.accel == "tcg"
     assert (config.cbitpos, config.reduced_phys_bits, config.effective_policy) == (47, 1, 0x3)
-    with pytest.raises(UsageError, match="--sev emulated: not available: no emulation here"):
+    with pytest.raises(UsageError, match="sev=emulated: not available here: no emulation here"):
         host.sev_config("emulated", caps(NO_KVM, sev_emulated=Capability(False,
                                                                           "no emulation here")))
 

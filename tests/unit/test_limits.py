@@ -19,8 +19,10 @@ import pytest
 
 from harness.errors import LaunchError
 from harness.vm import limits
+from harness.vm.config import MachineConfig
 from harness.vm.host import Capability, sev_proven
-from harness.vm.machine import MachineConfig, QemuMachine, SevConfig, sev_launch_reason
+from harness.vm.machine import QemuMachine
+from harness.vm.sev import SevConfig, sev_launch_reason
 
 MIB = 1 << 20
 

@@ -11,25 +11,24 @@ import pytest
 
 from harness.errors import LaunchError, UsageError
 from harness.vm import host
-from harness.vm.machine import (
+from harness.vm.config import MachineConfig, RuntimePaths, build_argv, reproduce_script
+from harness.vm.devices import (
     E1000E_ROM,
+    STORAGE_KINDS,
+    BlockDevice,
+    NetDevice,
+    RngDevice,
+    ScsiController,
+    parse_devices,
+)
+from harness.vm.machine import QemuMachine
+from harness.vm.sev import (
     POLICY_ES,
     POLICY_NODBG,
     POLICY_NOKS,
     SEV_STATE_PAUSED,
     SEV_STATE_RUNNING,
-    STORAGE_KINDS,
-    BlockDevice,
-    MachineConfig,
-    NetDevice,
-    QemuMachine,
-    RngDevice,
-    RuntimePaths,
-    ScsiController,
     SevConfig,
-    build_argv,
-    parse_devices,
-    reproduce_script,
     sev_info_problem,
 )
 

@@ -90,7 +90,7 @@ def test_a_series_firmware_names_its_edk2_baseline(tmp_path: Path) -> None:
     (("where = \"ssh://root@sevbox:2222\"", "where = \"ftp://x\""), "\"local\" or \"ssh://...\""),
     (("build = \"series\"", "build = \"main\""), "only \"series\""),
     (("leak_mapping = true", "leak_mapping = true\ncolour = 1"), "unknown key(s) colour"),
-    (("ebs_mode = \"none\"", "ebs_mode = \"later\""), "--ebs-mode 'later'"),
+    (("ebs_mode = \"none\"", "ebs_mode = \"later\""), "ebs_mode=later: one of callback, legacy, none"),
     (("name = \"sevbox\"", "name = \"here\""), "two host tables share a name"),
     (("[[scenario]]\nname = \"callback-d2\"", "[[scenario]]\nname = \"a/b\""),
      "needs a name without '/'"),

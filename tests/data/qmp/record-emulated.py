@@ -20,9 +20,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))
 
+from harness.vm.config import MachineConfig
 from harness.vm.host import bare_qemu_qmp
-from harness.vm.machine import MachineConfig, QemuMachine, SevConfig
+from harness.vm.machine import QemuMachine
 from harness.vm.runner import LocalRunner
+from harness.vm.sev import SevConfig
 
 STOCK_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 STOCK_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
