@@ -32,6 +32,7 @@ from harness.analysis import devices as device_trace
 from harness.analysis import dump as dumps
 from harness.analysis import trace
 from harness.analysis.judgement import Judgement, summary_checks
+from harness.analysis.memdump import QemuDump
 from harness.build.edk2 import Firmware
 from harness.errors import SettingError, UsageError
 from harness.vm import guest, host
@@ -391,7 +392,7 @@ def inject(vm: QemuMachine, count: int, canary: bytes) -> None:
 def late_frames(dump_path: Path, report: dumps.DumpReport) -> str:
     """Where the frames injected after the park are in the dump, and whether
     those pages are shared: what a device's late DMA did to guest memory."""
-    with dumps.QemuDump(dump_path) as dump:
+    with QemuDump(dump_path) as dump:
         hits = dump.scan(FRAME_TAG)
     if not hits:
         return "late DMA: no injected frame in guest memory (the device wrote none)"

@@ -180,7 +180,7 @@ def test_stale_mapkey_fails_without_teardown_then_succeeds_once(ebs_run_probe: R
 def test_without_emulation_the_firmware_is_stock(ebs_run_probe: Run) -> None:
     """No emulation knob on a guest without SEV: no IOMMU protocol, no
     teardown, nothing to tear down (stock OVMF behaviour)."""
-    result = ebs_run_probe(Scenario(ebs_mode="callback", emulation=False))
+    result = ebs_run_probe(Scenario(ebs_mode="callback", iommu_emulation=False))
     events = result.log.timeline.trace.events
     assert result.log.timeline.trace.config is None
     assert not any(isinstance(e, (trace.IommuMap, trace.TeardownBegin)) for e in events)

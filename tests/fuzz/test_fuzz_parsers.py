@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from harness.analysis import explain
-from harness.analysis.dump import QemuDump, shared_ranges, walk_map_list, walk_page_tables
+from harness.analysis.memdump import QemuDump, shared_ranges, walk_map_list, walk_page_tables
 from harness.analysis.trace import build_timeline, check_timeline, parse_text
 from harness.errors import DumpFormatError, LogFormatError, TraceFormatError
 

@@ -21,7 +21,12 @@ import pytest
 
 from harness import scenario
 from harness.analysis import trace
-from harness.analysis.dump import QemuDump, split_by_design, unencrypted_ranges, walk_page_tables
+from harness.analysis.memdump import (
+    QemuDump,
+    split_by_design,
+    unencrypted_ranges,
+    walk_page_tables,
+)
 from harness.build import cache, edk2
 from harness.pytestplugin import session_emulated_caps
 from harness.vm import host

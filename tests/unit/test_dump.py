@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 from coredump import PAGE, Core, map_info
 
-from harness.analysis.dump import (
+from harness.analysis.dump import analyze_dump, load_canary
+from harness.analysis.memdump import (
     QemuDump,
     SharedRange,
-    analyze_dump,
-    load_canary,
     shared_ranges,
     split_by_design,
     unencrypted_ranges,
