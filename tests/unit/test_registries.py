@@ -12,8 +12,8 @@ from coredump import Core
 from harness import cli, scenario
 from harness.analysis import checks, devices, verdicts
 from harness.analysis.checks import Evidence, Outcome, State, Violation
-from harness.vm import host, sev
 from harness.vm import devices as vm_devices
+from harness.vm import host, sev
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 WITH_CONTRACT = DATA / "callback-depth2.log"
