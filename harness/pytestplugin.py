@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,9 @@ from harness import linux, scenario
 from harness.analysis import report as timeline_report
 from harness.build import cache, edk2, qemu
 from harness.errors import HarnessError
+from harness.memo import Memo
 from harness.vm import host
+from harness.vm.sev import MODES
 
 _OPTIONS: list[tuple[str, str, str, str, bool]] = [
     # (option, ini, env, help, is_flag)
@@ -85,8 +88,9 @@ MARKERS = {
                      "per session, cached); a QEMU without it fails the test"),
 }
 
+_SETTINGS = pytest.StashKey["Settings"]()
 _HOST_CAPS = pytest.StashKey[host.HostCaps]()
-_EMULATED_CAPS = pytest.StashKey[host.HostCaps | HarnessError]()
+_EMULATED_CAPS = pytest.StashKey[Memo[str, host.HostCaps]]()
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 _ARTIFACTS = pytest.StashKey[Path]()
 _RUNS = pytest.StashKey[list[scenario.RunResult]]()
@@ -105,46 +109,113 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini(ini, text, default="")
 
 
-def option_value(config: pytest.Config, option: str) -> str | bool | None:
-    """The value of one of our options: command line, then env, then ini."""
-    for opt, ini, env, _text, is_flag in _OPTIONS:
-        if opt != option:
-            continue
-        value = config.getoption(opt.lstrip("-").replace("-", "_"))
-        if value is not None:
-            return bool(value) if is_flag else str(value)
-        if env in os.environ:
-            raw = os.environ[env]
-            return raw not in ("", "0", "false", "no") if is_flag else raw
-        ini_value = config.getini(ini)
-        if is_flag:
-            return bool(ini_value)
-        return str(ini_value) or None
-    raise KeyError(option)
+def _raw(config: pytest.Config, option: str, ini: str, env: str,
+         is_flag: bool) -> tuple[str | bool | None, str]:
+    """One option's value and where it came from: the command line, then
+    the environment, then the ini file, else the default."""
+    value = config.getoption(option.lstrip("-").replace("-", "_"))
+    if value is not None:
+        return (bool(value) if is_flag else str(value)), f"command line {option}"
+    if env in os.environ:
+        raw = os.environ[env]
+        return (raw not in ("", "0", "false", "no") if is_flag else raw), f"env {env}"
+    ini_value = config.getini(ini)
+    if ini_value:
+        return (bool(ini_value) if is_flag else str(ini_value)), f"ini {ini}"
+    return None, "default"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The plugin's settings, resolved and checked once at configure.
+
+    :param sources: each setting's source (``command line --ebs-accel``,
+        ``env EBS_HARNESS_ACCEL``, ``ini ebs_accel``, ``default``), for
+        errors and the report header.
+    """
+
+    firmware: str | None
+    baseline: edk2.Baseline
+    edk2_src: str | None
+    rebuild: bool
+    accel: str
+    qemu: str
+    keep_artifacts: bool
+    require: frozenset[str]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(cls, config: pytest.Config) -> Settings:
+        """:raises pytest.UsageError: a value refused, naming its source."""
+        raw: dict[str, str | bool | None] = {}
+        sources: dict[str, str] = {}
+        for option, ini, env, _text, is_flag in _OPTIONS:
+            raw[ini], sources[ini] = _raw(config, option, ini, env, is_flag)
+
+        def text(ini: str) -> str | None:
+            value = raw[ini]
+            return value if isinstance(value, str) and value else None
+
+        def refuse(ini: str, reason: str) -> pytest.UsageError:
+            return pytest.UsageError(f"ebs-harness: {ini} = {raw[ini]!r} (from "
+                                     f"{sources[ini]}): {reason}")
+
+        try:
+            baseline = edk2.baseline_named(text("ebs_edk2"))
+        except HarnessError as exc:
+            raise refuse("ebs_edk2", str(exc)) from exc
+        accel = text("ebs_accel") or "auto"
+        if accel not in ("auto", "tcg", "kvm"):
+            raise refuse("ebs_accel", "one of auto, tcg, kvm")
+        require = frozenset(n for n in (text("ebs_require") or "").split(",") if n)
+        if unknown := require - set(MARKERS):
+            raise refuse("ebs_require", f"unknown {', '.join(sorted(unknown))}; one of "
+                                        f"{', '.join(MARKERS)}")
+        return cls(firmware=text("ebs_firmware"), baseline=baseline,
+                   edk2_src=text("ebs_edk2_src"), rebuild=bool(raw["ebs_rebuild"]),
+                   accel=accel, qemu=text("ebs_qemu") or host.DEFAULT_QEMU,
+                   keep_artifacts=bool(raw["ebs_keep_artifacts"]), require=require,
+                   sources=sources)
+
+    def header(self) -> str:
+        """One line: what this session builds and runs on, and why."""
+        def given(ini: str) -> str:
+            return "" if self.sources[ini] == "default" else f" ({self.sources[ini]})"
+        firmware = (f"firmware {self.firmware}{given('ebs_firmware')}" if self.firmware else
+                    f"firmware: edk2 {self.baseline.name}{given('ebs_edk2')} with the series, "
+                    "built once per session")
+        return (f"ebs-harness: {firmware}; qemu {self.qemu}{given('ebs_qemu')}; accel "
+                f"{self.accel}{given('ebs_accel')}; require "
+                f"{','.join(sorted(self.require)) or 'nothing'}{given('ebs_require')}")
+
+
+def settings(config: pytest.Config) -> Settings:
+    """The session's :class:`Settings` (resolved at configure)."""
+    if _SETTINGS not in config.stash:        # a plugin loaded after configure
+        config.stash[_SETTINGS] = Settings.resolve(config)
+    return config.stash[_SETTINGS]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return settings(config).header()
 
 
 @pytest.fixture(scope="session")
 def ebs_firmware(pytestconfig: pytest.Config) -> Iterator[edk2.Firmware]:
     """The patched OVMF: a prebuilt ``--ebs-firmware`` dir, or built (cached)."""
-    prebuilt = option_value(pytestconfig, "--ebs-firmware")
-    if isinstance(prebuilt, str) and prebuilt:
-        yield edk2.Firmware.load(prebuilt)
+    chosen = settings(pytestconfig)
+    if chosen.firmware:
+        yield edk2.Firmware.load(chosen.firmware)
         return
-    src = option_value(pytestconfig, "--ebs-edk2-src")
-    baseline = session_baseline(pytestconfig)
     result = edk2.build_firmware(
-        source=edk2.source_from_option(src if isinstance(src, str) else None, baseline),
-        baseline=baseline,
-        rebuild=bool(option_value(pytestconfig, "--ebs-rebuild")),
-        progress=cache.StderrProgress(),
-    )
+        source=edk2.source_from_option(chosen.edk2_src, chosen.baseline),
+        baseline=chosen.baseline, rebuild=chosen.rebuild, progress=cache.StderrProgress())
     yield result.firmware
 
 
 def session_baseline(config: pytest.Config) -> edk2.Baseline:
     """``--ebs-edk2`` (its ini key, its variable), else the default baseline."""
-    name = option_value(config, "--ebs-edk2")
-    return edk2.baseline_named(name if isinstance(name, str) else None)
+    return settings(config).baseline
 
 
 @pytest.fixture(scope="session")
@@ -177,6 +248,7 @@ ZOO_MARKER = ("zoo: the whole device zoo, each device alone with the adversary "
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SETTINGS] = Settings.resolve(config)
     for name, meaning in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
     config.addinivalue_line("markers", ZOO_MARKER)
@@ -195,8 +267,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _qemu_option(config: pytest.Config) -> str:
-    value = option_value(config, "--ebs-qemu")
-    return value if isinstance(value, str) and value else host.DEFAULT_QEMU
+    return settings(config).qemu
 
 
 def session_host_caps(config: pytest.Config) -> host.HostCaps:
@@ -210,18 +281,12 @@ def session_emulated_caps(config: pytest.Config) -> host.HostCaps:
     """The harness's QEMU (built or from the cache) and its probe, once per
     session: a build that failed fails every test that needs it with the same
     error, without building again."""
-    if _EMULATED_CAPS not in config.stash:
-        try:
-            built = qemu.build_qemu(progress=cache.StderrProgress())
-            # its emulated SEV runs under TCG: KVM is not asked of it
-            config.stash[_EMULATED_CAPS] = host.cached_probe(str(built.qemu.binary),
-                                                             tcg_only=True)
-        except HarnessError as exc:
-            config.stash[_EMULATED_CAPS] = exc
-    found = config.stash[_EMULATED_CAPS]
-    if isinstance(found, HarnessError):
-        raise found
-    return found
+    def make() -> host.HostCaps:
+        built = qemu.build_qemu(progress=cache.StderrProgress())
+        # its emulated SEV runs under TCG: KVM is not asked of it
+        return host.cached_probe(str(built.qemu.binary), tcg_only=True)
+    memo = config.stash.setdefault(_EMULATED_CAPS, Memo(keeps=(HarnessError,)))
+    return memo.get("emulated", make)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -238,19 +303,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if not needed:
         return
     caps = session_host_caps(item.config)
-    required = option_value(item.config, "--ebs-require")
-    required_names = set(required.split(",")) if isinstance(required, str) else set()
-    unknown = required_names - set(MARKERS)
-    if unknown:
-        raise pytest.UsageError(f"--ebs-require {required}: unknown "
-                                f"{', '.join(sorted(unknown))}; one of {', '.join(MARKERS)}")
+    chosen = settings(item.config)
     for name in needed:
         cap = caps.capability(name)
         if cap.available:
             continue
-        if name in required_names:
-            pytest.fail(f"--ebs-require {name}, but this host lacks it: {cap.reason}",
-                        pytrace=False)
+        if name in chosen.require:
+            pytest.fail(f"{name} is required ({chosen.sources['ebs_require']}), but this host "
+                        f"lacks it: {cap.reason}", pytrace=False)
         pytest.skip(f"needs {name}: {cap.reason}")
 
 
@@ -281,9 +341,7 @@ def ebs_qemu_binary(pytestconfig: pytest.Config) -> str:
 @pytest.fixture(scope="session")
 def ebs_accel(pytestconfig: pytest.Config) -> str:
     """``--ebs-accel`` resolved: ``auto`` is KVM only where the probe proved it."""
-    value = option_value(pytestconfig, "--ebs-accel")
-    option = value if isinstance(value, str) and value else "auto"
-    return host.resolve_accel(option, session_host_caps(pytestconfig))
+    return host.resolve_accel(settings(pytestconfig).accel, session_host_caps(pytestconfig))
 
 
 @pytest.fixture
@@ -300,7 +358,7 @@ def ebs_artifacts(request: pytest.FixtureRequest,
     yield path
     reports = request.node.stash.get(_REPORTS, {})
     failed = any(report.failed for report in reports.values())
-    if failed or option_value(request.config, "--ebs-keep-artifacts"):
+    if failed or settings(request.config).keep_artifacts:
         print(f"ebs-harness artifacts: {path}")
         return
     shutil.rmtree(path, ignore_errors=True)
@@ -325,7 +383,7 @@ def ebs_run_probe(request: pytest.FixtureRequest, ebs_firmware: edk2.Firmware,
             firmware: edk2.Firmware | None = None) -> scenario.RunResult:
         firmware = firmware or ebs_firmware
         caps = ebs_host_caps
-        if chosen.sev == "emulated":
+        if chosen.sev != "off" and MODES[chosen.sev].emulated:
             caps = session_emulated_caps(request.config)
         elif chosen.sev == "off" and chosen.accel == "auto":
             chosen = dataclasses.replace(chosen, accel=ebs_accel)

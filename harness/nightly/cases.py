@@ -12,21 +12,54 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 
 from harness import scenario
 from harness.build import edk2, qemu
-from harness.errors import ConsoleFailure, ConsoleTimeout, HarnessError, UsageError
+from harness.errors import ConsoleFailure, ConsoleTimeout, HarnessError
+from harness.memo import Memo
 from harness.nightly.history import History, Result
 from harness.nightly.plan import Case, FirmwareSpec, Host, load_plan
 from harness.vm import host as hostcaps
+from harness.vm.sev import MODES
 
-_STATE: dict[Any, Any] = {}     # per worker: hosts, firmware, the history connection
+#: What reaching a host can fail with besides the harness's own errors: the
+#: network and SSH.
+_HOST_ERRORS: tuple[type[Exception], ...] = (HarnessError, OSError, EOFError,
+                                             paramiko.SSHException)
+
+
+@dataclass
+class Worker:
+    """What one worker (or the runner's own process) keeps across its
+    cases: each host reached once, each firmware built once, the history."""
+
+    hosts: Memo[tuple[str, bool], _Place] = field(
+        default_factory=lambda: Memo(keeps=_HOST_ERRORS))
+    firmware: Memo[str, edk2.Firmware] = field(
+        default_factory=lambda: Memo(keeps=(HarnessError,)))
+    history: History | None = None
+
+    def close(self) -> None:
+        """Close the history and the SSH sessions."""
+        if self.history is not None:
+            self.history.close()
+        for place in self.hosts.values():
+            if place.session is not None:
+                try:
+                    place.session.close()
+                except OSError:
+                    pass     # closing at the end; nothing to save
+
+
+_WORKER = pytest.StashKey[Worker]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,16 +77,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Close what this worker (or this process) opened: the history, SSH sessions."""
-    for value in _STATE.values():
-        closer = value.close if isinstance(value, History) else None
-        if isinstance(value, _Place) and value.session is not None:
-            closer = value.session.close
-        if closer is not None:
-            try:
-                closer()
-            except Exception:  # noqa: BLE001, S110 - closing at the end; nothing to save
-                pass
-    _STATE.clear()
+    worker = session.config.stash.get(_WORKER, None)
+    if worker is not None:
+        worker.close()
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.File | None:
@@ -81,11 +107,11 @@ class CaseItem(pytest.Item):
 
     def runtest(self) -> None:
         config = self.config
-        result = run_case(self.case, Path(config.getoption("--ebs-nightly-artifacts")))
-        history = _STATE.get("history")
-        if history is None:
-            history = _STATE["history"] = History(Path(config.getoption("--ebs-nightly-history")))
-        history.record(config.getoption("--ebs-nightly-run"), result)
+        worker = config.stash.setdefault(_WORKER, Worker())
+        result = run_case(self.case, Path(config.getoption("--ebs-nightly-artifacts")), worker)
+        if worker.history is None:
+            worker.history = History(Path(config.getoption("--ebs-nightly-history")))
+        worker.history.record(config.getoption("--ebs-nightly-run"), result)
         if result.status == "fail":
             raise CaseFailed(f"{', '.join(result.violations)}  (artifacts {result.artifacts})")
         if result.status == "error":
@@ -104,26 +130,41 @@ class CaseItem(pytest.Item):
 # ------------------------------------------------------------- running
 
 
-def run_case(case: Case, artifacts_root: Path) -> Result:
-    """Boot one case and judge it; never raises for the host or the firmware."""
+def run_case(case: Case, artifacts_root: Path, worker: Worker | None = None) -> Result:
+    """Boot one case and judge it; never raises for the host or the firmware.
+
+    The harness's own errors and the host's are the case's result (not run,
+    or an error naming them); anything else is a bug of ours: an error whose
+    reason says so and names the traceback kept in the case's artifacts."""
+    worker = worker or Worker()
     base = Result(case.key, case.host.name, case.firmware.name, case.name, case.scenario.sev,
                   case.scenario.accel, "error")
+    artifacts = artifacts_root / case.key.replace("/", "_")
     try:
-        place = _host(case.host, case.scenario.sev)
-    except Exception as exc:  # noqa: BLE001 - any failure to reach the host is the host's
+        return _run_case(case, artifacts, worker, base)
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: kept, never a firmware verdict
+        saved = _save_traceback(artifacts)
+        return dataclasses.replace(base, reason=f"internal error ({type(exc).__name__}: "
+                                                f"{_line(exc)}); a bug of ebs-harness, "
+                                                f"traceback in {saved}")
+
+
+def _run_case(case: Case, artifacts: Path, worker: Worker, base: Result) -> Result:
+    try:
+        place = _host(worker, case.host, case.scenario.sev)
+    except _HOST_ERRORS as exc:
         return dataclasses.replace(base, status="not-run",
                                    reason=f"host {case.host.name} unreachable: {_line(exc)}")
     caps, launcher, kernel = place.caps, place.launcher, place.kernel
     try:
         scenario.check_host(case.scenario, caps)
-    except UsageError as exc:
+    except HarnessError as exc:
         return dataclasses.replace(base, status="not-run", reason=_line(exc), kernel=kernel,
                                    qemu_version=caps.qemu_version)
     try:
-        firmware = _firmware(case.firmware)
-    except Exception as exc:  # noqa: BLE001 - a firmware that cannot be had: every case's error
+        firmware = worker.firmware.get(case.firmware.name, lambda: _firmware(case.firmware))
+    except HarnessError as exc:     # a firmware that cannot be had: every case's error
         return dataclasses.replace(base, reason=f"firmware {case.firmware.name}: {_line(exc)}")
-    artifacts = artifacts_root / case.key.replace("/", "_")
     base = dataclasses.replace(base, firmware_key=firmware.key,
                                baseline=str(firmware.manifest.get("source", "")),
                                qemu_version=caps.qemu_version, kernel=kernel,
@@ -136,11 +177,22 @@ def run_case(case: Case, artifacts_root: Path) -> Result:
         return dataclasses.replace(base, status="fail", reason=_line(exc),
                                    violations=("boot: crash" if isinstance(exc, ConsoleFailure)
                                                else "boot: no park",))
-    except Exception as exc:  # noqa: BLE001 - QEMU or the host failed: recorded, not raised
+    except _HOST_ERRORS as exc:     # QEMU or the host failed: recorded, not raised
         return dataclasses.replace(base, reason=_line(exc))
     return dataclasses.replace(base, status="pass" if run.passed else "fail",
                                violations=tuple(sorted(run.failed_checks())),
                                boot_seconds=run.park_seconds)
+
+
+def _save_traceback(artifacts: Path) -> Path:
+    """The exception being handled, written into the case's artifacts."""
+    path = artifacts / "traceback.txt"
+    try:
+        artifacts.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return Path("(not kept: the artifacts directory is not writable)")
+    return path
 
 
 def _line(exc: BaseException) -> str:
@@ -159,54 +211,33 @@ class _Place:
     session: Any = None
 
 
-def _host(spec: Host, sev: str) -> _Place:
+def _host(worker: Worker, spec: Host, sev: str) -> _Place:
     """The host, once per worker (and per QEMU: the emulated SEV runs on the
     harness's own, here)."""
-    key = ("host", spec.name, spec.local and sev == "emulated")
-    if key in _STATE:
-        found = _STATE[key]
-        if isinstance(found, Exception):
-            raise found
-        return found  # type: ignore[no-any-return]
-    try:
+    emulated = sev != "off" and MODES[sev].emulated
+
+    def reach() -> _Place:
         if spec.local:
             binary = spec.qemu or hostcaps.DEFAULT_QEMU
-            if sev == "emulated" and spec.qemu is None:
+            if emulated and spec.qemu is None:
                 binary = str(qemu.build_qemu().qemu.binary)
             from harness.vm.machine import QemuMachine
-            made = _Place(hostcaps.cached_probe(binary), QemuMachine, os.uname().release)
-        else:
-            from harness.vm import remote
-            where = remote.RemoteHost.parse(spec.where, qemu=spec.qemu or hostcaps.DEFAULT_QEMU,
-                                            known_hosts=spec.known_hosts,
-                                            host_key=spec.host_key, identity=spec.identity)
-            session = where.connect(timeout=30)
-            caps = remote.remote_caps(session, where.qemu)
-            kernel = session.run("uname -r", timeout=30)[1].strip()
-            made = _Place(caps, where.launcher(session), kernel, session)
-    except Exception as exc:
-        _STATE[key] = exc       # remembered: the host's next cases say the same
-        raise
-    _STATE[key] = made
-    return made
+            return _Place(hostcaps.cached_probe(binary), QemuMachine, os.uname().release)
+        from harness.vm import remote
+        where = remote.RemoteHost.parse(spec.where, qemu=spec.qemu or hostcaps.DEFAULT_QEMU,
+                                        known_hosts=spec.known_hosts,
+                                        host_key=spec.host_key, identity=spec.identity)
+        session = where.connect(timeout=30)
+        caps = remote.remote_caps(session, where.qemu)
+        kernel = session.run("uname -r", timeout=30)[1].strip()
+        return _Place(caps, where.launcher(session), kernel, session)
+    return worker.hosts.get((spec.name, spec.local and emulated), reach)
 
 
 def _firmware(spec: FirmwareSpec) -> edk2.Firmware:
-    key = ("firmware", spec.name)
-    if key not in _STATE:
-        try:
-            if spec.kind == "series":
-                _STATE[key] = edk2.build_firmware(
-                    baseline=edk2.baseline_named(spec.edk2)).firmware
-            elif spec.kind == "variant":
-                assert spec.path is not None
-                _STATE[key] = edk2.build_variant(spec.path).firmware
-            else:
-                assert spec.path is not None
-                _STATE[key] = edk2.Firmware.load(spec.path)
-        except Exception as exc:  # noqa: BLE001 - remembered: the next case fails the same way
-            _STATE[key] = exc
-    found = _STATE[key]
-    if isinstance(found, Exception):
-        raise found
-    return found  # type: ignore[no-any-return]
+    if spec.kind == "series":
+        return edk2.build_firmware(baseline=edk2.baseline_named(spec.edk2)).firmware
+    assert spec.path is not None
+    if spec.kind == "variant":
+        return edk2.build_variant(spec.path).firmware
+    return edk2.Firmware.load(spec.path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.build import cache, edk2
-from harness.pytestplugin import option_value
+from harness.pytestplugin import settings
 from harness.scenario import Scenario, run_scenario
 from harness.vm import host
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.build, pytest.mark.tcg]
 
 @pytest.fixture(scope="session")
 def serial_firmware(pytestconfig: pytest.Config) -> edk2.Firmware:
-    if option_value(pytestconfig, "--ebs-firmware"):
+    if settings(pytestconfig).firmware:
         pytest.skip("--ebs-firmware: the serial variant is built from source, not given")
     return edk2.build_firmware(flags=edk2.BuildFlags(debug_on_serial=True),
                                progress=cache.StderrProgress()).firmware

@@ -336,3 +336,47 @@ def test_a_case_that_could_not_run_yesterday_still_regresses_today(tmp_path: Pat
         report = morning_report(history, "lab", ids[-1], 0.25, 3)
     assert [(c.kind, c.detail) for c in report.regressions] == [
         ("newly failing", f"V2 (passed in run #{ids[0]})")]
+
+
+def _case_that_boots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     boot: Exception) -> tuple[Result, Path]:
+    """The first case of the plan, run with a stand-in host, firmware and
+    boot that raises ``boot``."""
+    from harness import scenario as scenarios
+    from harness.nightly import cases
+    from harness.vm.host import Capability, HostCaps
+
+    yes = Capability(True, "stub")
+    caps = HostCaps(qemu="q", qemu_version="7.2.22", tcg=yes, kvm=yes, sev=yes, sev_es=yes,
+                    snp=yes, sev_emulated=yes, emulated_cbitpos=47,
+                    emulated_reduced_phys_bits=1)
+    place = cases._Place(caps, object(), "6.1")
+    firmware = type("Fw", (), {"key": "k", "manifest": {}})()
+    worker = cases.Worker()
+    monkeypatch.setattr(cases, "_host", lambda worker, spec, sev: place)
+    monkeypatch.setattr(cases, "_firmware", lambda spec: firmware)
+
+    def run_scenario(*args: object, **kwargs: object) -> None:
+        raise boot
+    monkeypatch.setattr(scenarios, "run_scenario", run_scenario)
+    case = load_plan(write(tmp_path, PLAN)).cases[0]
+    return cases.run_case(case, tmp_path / "artifacts", worker), \
+        tmp_path / "artifacts" / case.key.replace("/", "_") / "traceback.txt"
+
+
+def test_a_bug_of_ours_in_a_case_is_an_internal_error_with_its_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result, kept = _case_that_boots(tmp_path, monkeypatch, TypeError("a bug"))
+    assert result.status == "error"
+    assert result.reason.startswith("internal error (TypeError: a bug); a bug of ebs-harness, "
+                                    f"traceback in {kept}")
+    assert "TypeError: a bug" in kept.read_text()
+
+
+def test_the_environment_failing_a_case_is_its_error_without_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: the harness's own error is the case's reason, as it says it."""
+    from harness.errors import LaunchError
+    result, kept = _case_that_boots(tmp_path, monkeypatch, LaunchError("QEMU would not start"))
+    assert (result.status, result.reason) == ("error", "QEMU would not start")
+    assert not kept.exists()

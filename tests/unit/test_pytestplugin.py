@@ -51,7 +51,8 @@ def test_require_turns_the_skip_into_a_failure(pytester: pytest.Pytester,
     pytester.makepyfile(SEV_TEST)
     result = pytester.runpytest("--ebs-require", "sev")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*--ebs-require sev, but this host lacks it: stubbed*"])
+    result.stdout.fnmatch_lines(["*sev is required (command line --ebs-require), but this "
+                                 "host lacks it: stubbed*"])
 
 
 def test_require_from_the_environment_and_the_ini(pytester: pytest.Pytester,
@@ -59,10 +60,14 @@ def test_require_from_the_environment_and_the_ini(pytester: pytest.Pytester,
     _stub(monkeypatch, NO)
     pytester.makepyfile(SEV_TEST)
     monkeypatch.setenv("EBS_HARNESS_REQUIRE", "sev,sev_es")
-    pytester.runpytest().assert_outcomes(errors=1)
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*sev is required (env EBS_HARNESS_REQUIRE)*"])
     monkeypatch.delenv("EBS_HARNESS_REQUIRE")
     pytester.makeini("[pytest]\nebs_require = sev\n")
-    pytester.runpytest().assert_outcomes(errors=1)
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*sev is required (ini ebs_require)*"])
 
 
 def test_require_names_are_checked(pytester: pytest.Pytester,
@@ -70,8 +75,36 @@ def test_require_names_are_checked(pytester: pytest.Pytester,
     _stub(monkeypatch, NO)
     pytester.makepyfile(SEV_TEST)
     result = pytester.runpytest("--ebs-require", "sevv")
-    assert result.ret != 0
-    assert "unknown sevv" in str(result.stdout) + str(result.stderr)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert ("ebs_require = 'sevv' (from command line --ebs-require): unknown sevv"
+            in str(result.stdout) + str(result.stderr))
+
+
+def test_settings_are_checked_once_at_configure_naming_their_source(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong value stops the session before any test, whatever the tests
+    need (pytest-timeout's way), and says where it came from."""
+    _stub(monkeypatch, YES)
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    monkeypatch.setenv("EBS_HARNESS_ACCEL", "hvf")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ebs_accel = 'hvf' (from env EBS_HARNESS_ACCEL): one of auto, tcg, kvm" in \
+        str(result.stderr)
+    monkeypatch.delenv("EBS_HARNESS_ACCEL")
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_the_report_header_says_what_the_session_runs_on(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    _stub(monkeypatch, YES)
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    monkeypatch.setenv("EBS_HARNESS_ACCEL", "tcg")
+    result = pytester.runpytest("--ebs-edk2", "2022.11")
+    result.stdout.fnmatch_lines([
+        "ebs-harness: firmware: edk2 2022.11 (command line --ebs-edk2) with the series, built "
+        "once per session; qemu qemu-system-x86_64; accel tcg (env EBS_HARNESS_ACCEL); "
+        "require nothing"])
 
 
 def test_markers_are_registered_for_strict_markers(pytester: pytest.Pytester,
