@@ -51,8 +51,8 @@ def test_require_turns_the_skip_into_a_failure(pytester: pytest.Pytester,
     pytester.makepyfile(SEV_TEST)
     result = pytester.runpytest("--ebs-require", "sev")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*sev is required (command line --ebs-require), but this "
-                                 "host lacks it: stubbed*"])
+    result.stdout.fnmatch_lines([("*sev is required (command line --ebs-require), but this "
+                                 "host lacks it: stubbed*")])
 
 
 def test_require_from_the_environment_and_the_ini(pytester: pytest.Pytester,
@@ -102,9 +102,9 @@ def test_the_report_header_says_what_the_session_runs_on(
     monkeypatch.setenv("EBS_HARNESS_ACCEL", "tcg")
     result = pytester.runpytest("--ebs-edk2", "2022.11")
     result.stdout.fnmatch_lines([
-        "ebs-harness: firmware: edk2 2022.11 (command line --ebs-edk2) with the series, built "
+        ("ebs-harness: firmware: edk2 2022.11 (command line --ebs-edk2) with the series, built "
         "once per session; qemu qemu-system-x86_64; accel tcg (env EBS_HARNESS_ACCEL); "
-        "require nothing"])
+        "require nothing")])
 
 
 def test_markers_are_registered_for_strict_markers(pytester: pytest.Pytester,
