@@ -244,6 +244,18 @@ svg text { font-family: monospace; font-size: 11px; }
 """
 
 
+#: The plot's width in a picture, right of the labels.
+_PLOT_WIDTH = 750
+#: Pixels per character of the pictures' 11 px monospace labels: more than
+#: any monospace face's advance (0.6 em, 6.6 px), so no label is cut.
+_LABEL_CHAR = 7
+
+
+def _label_width(labels: Sequence[str]) -> int:
+    """The label column's width: the longest label whole, and at least 330."""
+    return max(330, 16 + _LABEL_CHAR * max(map(len, labels), default=0))
+
+
 def render_svg(report: LogReport, sym: Symbolizer) -> str:
     timeline = report.timeline
     events = timeline.trace.events
@@ -251,7 +263,10 @@ def render_svg(report: LogReport, sym: Symbolizer) -> str:
     start = max(timeline.attempts[0].enter.seq - 3, 1)
     stop = events[-1].seq + 1
     dispatches = [d for a in timeline.attempts for d in a.dispatches]
-    label_w, width, row_h = 330, 1100, 18
+    labels = [f"{'> ' * d.depth}{sym.symbolize(d.begin.fn)} tpl {d.begin.tpl}"
+              for d in dispatches]
+    label_w = _label_width(labels)
+    width, row_h = label_w + _PLOT_WIDTH + 20, 18
     top = 40
     lanes = len(dispatches) + 2
     height = top + lanes * row_h + 40
@@ -280,7 +295,9 @@ def render_svg(report: LogReport, sym: Symbolizer) -> str:
                      f'height="{axis_y - top + 14}" fill="#ffb84d" fill-opacity="0.35" '
                      f'stroke="#e08a00"><title>teardown seq {td.begin.seq}..{td.last_seq} '
                      f'scheme={html.escape(td.begin.scheme)}</title></rect>')
-        parts.append(f'<text x="{x0 + 2:.1f}" y="{top - 18}" fill="#b06000">teardown</text>')
+        # the word inside the picture, however near its right edge the band is
+        word_x = min(x0 + 2, width - 2 - _LABEL_CHAR * len("teardown"))
+        parts.append(f'<text x="{word_x:.1f}" y="{top - 18}" fill="#b06000">teardown</text>')
     # EBS enter / exit lines
     for a in timeline.attempts:
         for ev, colour in ((a.enter, "#2a5db0"), (a.exit, "#2a5db0" if a.succeeded else "#888")):
@@ -290,14 +307,13 @@ def render_svg(report: LogReport, sym: Symbolizer) -> str:
             parts.append(f'<text x="{x(ev.seq) + dx:.1f}" y="{top - 2}" fill="{colour}" '
                          f'text-anchor="{anchor}">{html.escape(ev.name)} {ev.seq}</text>')
     # handlers
-    for i, d in enumerate(dispatches):
+    for i, (d, label) in enumerate(zip(dispatches, labels, strict=True)):
         y = top + (i + 1) * row_h
         name = sym.symbolize(d.begin.fn)
         is_bad = d.begin.seq in bad
         fill = "#d62728" if is_bad else ("#6a8fd0" if d.begin.tpl <= 8 else "#4cae7a")
-        label = f"{'> ' * d.depth}{name} tpl {d.begin.tpl}"
         parts.append(f'<text x="{label_w - 8}" y="{y + 12}" text-anchor="end" '
-                     f'fill="{"#c00" if is_bad else "#222"}">{html.escape(label[-48:])}</text>')
+                     f'fill="{"#c00" if is_bad else "#222"}">{html.escape(label)}</text>')
         x0, x1 = x(d.begin.seq), x(d.end.seq + 1)
         parts.append(f'<rect x="{x0:.1f}" y="{y + 2}" width="{max(x1 - x0, 3):.1f}" '
                      f'height="{row_h - 4}" rx="3" fill="{fill}"><title>'
@@ -350,7 +366,8 @@ def render_device_svg(devices: DeviceReport, report: LogReport,
     (grey, red after the teardown began), and the teardown between its two
     markers, the same teardown the firmware lane above shows."""
     rows = list(driven(devices))
-    label_w, width, row_h, top = 330, 1100, 18, 40
+    label_w = _label_width([device.name for device in rows])
+    width, row_h, top = label_w + _PLOT_WIDTH + 20, 18, 40
     height = top + (len(rows) + 1) * row_h + 40
     stop = max(devices.events + 2, first + 1)
     plot_w = width - label_w - 20
@@ -384,7 +401,7 @@ def render_device_svg(devices: DeviceReport, report: LogReport,
         late = {e.line for e in device.dma_after}
         parts.append(f'<text x="{label_w - 8}" y="{y + 12}" text-anchor="end" fill="'
                      f'{"#c00" if late or device.quiesce_text is None else "#222"}">'
-                     f'{html.escape(device.name[-48:])}</text>')
+                     f'{html.escape(device.name)}</text>')
         open_at: dict[str, int] = {}
         spans: list[tuple[str, int, int]] = []
         for mark in device.marks:

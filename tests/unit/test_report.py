@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from html import unescape as html_unescape
 import shutil
 import subprocess
 from pathlib import Path
@@ -165,6 +166,59 @@ def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (1200, 800)
     assert len(data) > 20_000          # a drawn page, not a blank one
+
+
+#: Run in the page: the text of every picture label that sticks out of its
+#: picture, as the browser lays it out.
+_CUT_LABELS = """<script>
+const cut = [];
+for (const svg of document.querySelectorAll("svg")) {
+  const box = svg.getBoundingClientRect();
+  for (const text of svg.querySelectorAll("text")) {
+    const r = text.getBoundingClientRect();
+    if (r.left < box.left - 0.5 || r.right > box.right + 0.5) cut.push(text.textContent);
+  }
+}
+document.body.dataset.cut = JSON.stringify(cut);
+document.body.dataset.labels = document.querySelectorAll("svg text").length;
+</script>"""
+
+
+def _cut_labels(page: str, tmp_path: Path) -> tuple[list[str], int]:
+    """The labels Chromium draws outside their picture, and how many it drew;
+    a screenshot of the page is kept beside it."""
+    path = tmp_path / "timeline.html"
+    path.write_text(page.replace("</body>", _CUT_LABELS + "</body>"), encoding="utf-8")
+    argv = ["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1600,1000"]
+    subprocess.run([*argv, f"--screenshot={tmp_path / 'shot.png'}", path.as_uri()],
+                   check=True, capture_output=True, timeout=60)
+    dom = subprocess.run([*argv, "--dump-dom", path.as_uri()], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    found = re.search(r'data-cut="([^"]*)" data-labels="(\d+)"', dom)
+    assert found is not None, dom[-500:]
+    return json.loads(html_unescape(found.group(1))), int(found.group(2))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (apt-get install chromium)")
+def test_no_timeline_label_is_cut_in_the_browser(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handler names as long as ``ReportStatusCodeRouterRuntimeDxe!RuntimeLibExitBootServicesEvent``
+    and the device lane's names are drawn whole; the control is the old fixed
+    label column, which Chromium shows cutting them."""
+    rep, sym = analyze_log(DATA / "emulated-sev-callback-depth2.log", DATA / "fw-sev")
+    side = devices.analyze_device_trace(DATA / "devices" / "zoo-callback.log")
+    page = report.render_html(rep, sym, side)
+    assert "ReportStatusCodeRouterRuntimeDxe!RuntimeLibExitBootServicesEvent tpl 16" in page
+    cut, drawn = _cut_labels(page, tmp_path)
+    assert drawn > 40 and cut == []
+    assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setattr(report, "_label_width", lambda labels: 330)
+    cut, _ = _cut_labels(report.render_html(rep, sym, side), tmp_path)
+    assert "ReportStatusCodeRouterRuntimeDxe!RuntimeLibExitBootServicesEvent tpl 16" in cut
 
 
 def test_a_bug_of_ours_exits_4_naming_the_traceback(tmp_path: Path,
