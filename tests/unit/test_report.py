@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from html import unescape as html_unescape
 import shutil
 import subprocess
+from html import unescape as html_unescape
 from pathlib import Path
 
 import pytest
