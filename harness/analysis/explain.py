@@ -159,6 +159,10 @@ _FOREIGN = (
     ("a U-Boot log", re.compile(r"U-Boot \d{4}\.\d{2}|Hit any key to stop autoboot")),
 )
 
+#: The stable keys of :attr:`Explanation.firmware` (the JSON's ``firmware``).
+FIRMWARE_KEYS = ("family", "arch", "version", "built", "build_platform", "build_target",
+                 "build_toolchain", "build_directory", "uefi", "shell")
+
 #: The stable keys of :attr:`Boot.values` (the JSON's ``facts``), in order.
 FACT_KEYS = ("cpu_vendor", "phys_address_bits", "cpus_boot", "cpus_max", "pei_memory_kib",
              "dxe_memory_base", "dxe_memory_length", "sev_mask", "ghcb_pages",
@@ -980,13 +984,10 @@ def _firmware_keys(reader: _Reader, boot: Boot) -> dict[str, str | None]:
         family = "OVMF"
     if family is None and ident.get("family") == "edk2-arm":
         family = "edk2-arm"
-    arch = ident.get("build_arch") or ident.get("exception_arch")
-    return {"family": family, "arch": arch, "version": ident.get("version"),
-            "built": ident.get("built"), "build_platform": platform,
-            "build_target": ident.get("build_target"),
-            "build_toolchain": ident.get("build_toolchain"),
-            "build_directory": ident.get("build_directory"),
-            "uefi": ident.get("uefi"), "shell": ident.get("shell")}
+    found: dict[str, str | None] = {key: ident.get(key) for key in FIRMWARE_KEYS}
+    found.update(family=family, build_platform=platform,
+                 arch=ident.get("build_arch") or ident.get("exception_arch"))
+    return found
 
 
 _FAMILY_SAYS = {
