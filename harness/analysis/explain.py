@@ -482,6 +482,9 @@ class _Reader:
         self.tail: deque[str] = deque(maxlen=TAIL)
         #: Up to MIN_FIRMWARE_LINES distinct edk2 lines: (line, text).
         self.evidence: list[tuple[int, str]] = []
+        #: Enough of them: the file is an OVMF log (checks that only the gate
+        #: needs stop here).
+        self._proven = False
         self.foreign: dict[str, int] = {}
         self.crlf = False
         self.ansi = False
@@ -527,11 +530,11 @@ class _Reader:
             return
         match = _DISPATCH.search(text)
         if match is None:
-            if len(self.evidence) < MIN_FIRMWARE_LINES or _OS_LINE.match(text):
+            if not self._proven or _OS_LINE.match(text):
                 self._other(number, text)
             return
         word = match.group(0)
-        if word in _VOCABULARY and len(self.evidence) >= MIN_FIRMWARE_LINES:
+        if self._proven and word in _VOCABULARY:
             # the common case, kept short: an edk2 line of no consequence
             boot.last_firmware = (number, text)
             if boot.os_lines or boot.efi_stub_exit:
@@ -548,7 +551,7 @@ class _Reader:
         line that is no milestone, None for a line that did not parse."""
         if word in _VOCABULARY:
             # checked in full only until the file has shown it is an OVMF log
-            if len(self.evidence) >= MIN_FIRMWARE_LINES or _EDK2_LINE.search(text):
+            if self._proven or _EDK2_LINE.search(text):
                 return ""
             return None
         handler = self._handlers.get(word)
@@ -588,9 +591,9 @@ class _Reader:
         """A line the firmware printed: evidence, the last firmware line,
         maybe a milestone; the OS has not taken over (yet, or again)."""
         boot = self.boot
-        if len(self.evidence) < MIN_FIRMWARE_LINES and all(
-                text != seen for _, seen in self.evidence):
+        if not self._proven and all(text != seen for _, seen in self.evidence):
             self.evidence.append((number, text))
+            self._proven = len(self.evidence) >= MIN_FIRMWARE_LINES
         boot.last_firmware = (number, text)
         if milestone is not None:
             boot.milestone = Milestone(number, milestone, text[:200])
@@ -612,7 +615,7 @@ class _Reader:
                     boot.efi_stub_exit = number
             if (match := _OS_FACTS.search(text)) is not None and len(boot.os_says) < 8:
                 boot.os_says.append((match.group(0), number))
-        if len(self.evidence) >= MIN_FIRMWARE_LINES:
+        if self._proven:
             return      # an OVMF log: what else it looks like is never asked
         for what, pattern in _FOREIGN:
             if pattern.match(text) or (what != "a Linux kernel log" and pattern.search(text)):
