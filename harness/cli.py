@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from harness import demo, scenario
-from harness.analysis import checks, devices, dump, explain, report, symbols, trace
+from harness.analysis import checks, devices, dump, explain, explain_render, report, symbols, trace
 from harness.analysis.judgement import Judgement
 from harness.build import cache, edk2, qemu
 from harness.errors import (
@@ -204,16 +204,16 @@ def _cmd_explain_log(args: argparse.Namespace) -> int:
             except TraceFormatError as exc:
                 ebs_error = str(exc)
     if html is not None:
-        page = explain.render_html(explained)
+        page = explain_render.render_html(explained)
         if ebs is not None:
             page += report.ebs_section_html(report.render_text(*ebs))
         html.write_text(page, encoding="utf-8")
     if args.json:
-        _print_json({"explanation": explain.to_json(explained),
+        _print_json({"explanation": explain_render.to_json(explained),
                      "ebs": Judgement(*ebs).log_json() if ebs is not None else None,
                      "ebs_error": ebs_error or None})
         return EXIT_OK
-    sys.stdout.write(explain.render_text(explained))
+    sys.stdout.write(explain_render.render_text(explained))
     if ebs is not None:
         sys.stdout.write("\nExitBootServices trace (the analyze-log verdicts):\n")
         sys.stdout.write(report.render_text(*ebs))

@@ -3,7 +3,7 @@
 The serial console carries the firmware's terminal escapes (colours, cursor
 moves, character-set selections), and a debug log captured from it keeps
 them; the console expecter, the trace parser and ``explain-log`` strip the
-same set. PlatformPei's line under SEV gives the C-bit mask; the trace
+same set. PlatformPei's line under SEV gives the C-bit mask (its group: ``0x...``); the trace
 parser and ``explain-log`` both read it.
 """
 
@@ -19,7 +19,7 @@ ANSI_RE = re.compile(ANSI)
 LEADING_JUNK_RE = re.compile(rb"^(?:\r|" + ANSI.encode() + rb")*")
 
 #: OvmfPkg PlatformPei (AmdSev.c) under SEV: ``SEV is enabled (mask 0x800000000000)``.
-SEV_MASK = r"SEV is enabled \(mask 0x([0-9a-fA-F]{1,16})\)"
+SEV_MASK = r"SEV is enabled \(mask (0x[0-9a-fA-F]{1,16})\)"
 SEV_MASK_RE = re.compile(SEV_MASK)
 
 

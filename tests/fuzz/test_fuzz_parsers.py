@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from harness.analysis import explain
+from harness.analysis import explain, explain_render
 from harness.analysis.memdump import QemuDump, shared_ranges, walk_map_list, walk_page_tables
 from harness.analysis.trace import build_timeline, check_timeline, parse_text
 from harness.errors import DumpFormatError, LogFormatError, TraceFormatError
@@ -187,9 +187,9 @@ def explained(data: bytes, tmp: Path) -> None:
     except LogFormatError as exc:
         assert "\n" not in str(exc)
         return
-    explain.render_text(exp)
-    explain.render_html(exp)
-    explain.to_json(exp)
+    explain_render.render_text(exp)
+    explain_render.render_html(exp)
+    explain_render.to_json(exp)
 
 
 @FUZZ

@@ -16,7 +16,7 @@ import pytest
 from htmltags import start_tags
 
 from harness import cli
-from harness.analysis import explain
+from harness.analysis import explain, explain_reader
 from harness.errors import LogFormatError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -257,12 +257,12 @@ def test_a_boot_option_retried_is_a_new_attempt(tmp_path: Path) -> None:
 
 
 def test_past_the_caps_the_last_one_is_kept_and_the_rest_counted(tmp_path: Path) -> None:
-    asserts = "".join(f"ASSERT [M] f.c({n}): x\n" for n in range(explain.MAX_CRASHES + 11))
+    asserts = "".join(f"ASSERT [M] f.c({n}): x\n" for n in range(explain_reader.MAX_CRASHES + 11))
     exp = _explain(tmp_path, SEC + asserts)
-    assert len(exp.boot.crashes) == explain.MAX_CRASHES
-    assert exp.boot.crashes[-1].source == f"f.c:{explain.MAX_CRASHES + 10}"
+    assert len(exp.boot.crashes) == explain_reader.MAX_CRASHES
+    assert exp.boot.crashes[-1].source == f"f.c:{explain_reader.MAX_CRASHES + 10}"
     assert exp.end.summary.startswith(
-        f"the log ends after an ASSERT at line {explain.MAX_CRASHES + 12}")
+        f"the log ends after an ASSERT at line {explain_reader.MAX_CRASHES + 12}")
     assert any("11 crashes between the first" in note for note in exp.notes)
 
 
