@@ -378,12 +378,14 @@ class QemuMachine:
                 self.log.warning("frame to the adversary NIC not sent: %s", exc)
         return sent
 
-    def wait_event(self, names: str | Sequence[str], timeout: float = 30.0) -> dict[str, Any]:
-        """Wait for (and consume) the next QMP event of one of ``names``."""
+    def wait_event(self, names: str | Sequence[str], timeout: float = 30.0,
+                   match: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Wait for (and consume) the next QMP event of one of ``names``
+        whose fields hold ``match`` (``{"data": {"guest": True}}``)."""
         if self._qmp is None:
             raise QmpError(f"{self.name} is not connected")
         wanted = [names] if isinstance(names, str) else list(names)
-        return self._qmp.wait_event(wanted, timeout)
+        return self._qmp.wait_event(wanted, timeout, match)
 
     def status(self) -> str:
         """The run state from ``query-status`` ("running", "paused", ...)."""

@@ -101,17 +101,21 @@ class QmpSession:
         self._write("<-", {"return": result})
         return result
 
-    def take_event(self, names: Iterable[str]) -> dict[str, Any] | None:
+    def take_event(self, names: Iterable[str],
+                   match: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The first pending event of one of ``names`` that ``match`` (consumed)."""
         wanted = set(names)
         for index, event in enumerate(self._pending):
-            if event.get("event") in wanted:
+            if event.get("event") in wanted and matches(event, match):
                 return self._pending.pop(index)
         return None
 
-    def wait_event(self, names: Sequence[str], timeout: float) -> dict[str, Any]:
-        """The next event of one of ``names`` (consumed), or :class:`QmpError`."""
+    def wait_event(self, names: Sequence[str], timeout: float,
+                   match: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The next event of one of ``names`` whose fields hold ``match``
+        (consumed), or :class:`QmpError`."""
         self._collect()
-        found = self.take_event(names)
+        found = self.take_event(names, match)
         if found is not None:
             return found
 
@@ -119,13 +123,14 @@ class QmpSession:
             while True:
                 event = dict(await self._client.events.get())
                 self._record(event)
-                if event.get("event") in names:
+                if event.get("event") in names and matches(event, match):
                     return self._pending.pop()
 
         try:
             return self._run(_wait(), timeout)
         except TimeoutError as exc:
-            raise QmpError(f"no QMP event {'/'.join(names)} in {timeout:g} s") from exc
+            raise QmpError(f"no QMP event {'/'.join(names)}"
+                           f"{f' matching {match}' if match else ''} in {timeout:g} s") from exc
 
     def close(self) -> None:
         try:
@@ -135,3 +140,18 @@ class QmpSession:
         finally:
             self._collect()
             self._loop.close()
+
+
+def matches(event: Mapping[str, Any], match: Mapping[str, Any] | None) -> bool:
+    """``event`` holds every field of ``match``, nested dicts compared
+    field by field (as QEMU's ``QEMUMachine.event_match``)."""
+    if match is None:
+        return True
+    for key, want in match.items():
+        got = event.get(key)
+        if isinstance(want, Mapping):
+            if not isinstance(got, Mapping) or not matches(got, want):
+                return False
+        elif got != want:
+            return False
+    return True

@@ -20,7 +20,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from harness.build import edk2
-from harness.errors import ConsoleTimeout, LaunchError
+from harness.errors import AbnormalShutdown, ConsoleTimeout, LaunchError, QmpError
 from harness.vm import guest, host
 from harness.vm.config import MachineConfig
 from harness.vm.devices import BlockDevice
@@ -143,7 +143,10 @@ def test_qmp_events_are_waitable(ebs_artifacts: Path) -> None:
         vm.qmp("cont")
         assert vm.wait_event("RESUME", timeout=5)["event"] == "RESUME"
         vm.qmp("system_reset")
-        assert vm.wait_event("RESET", timeout=5)["data"]["guest"] is False
+        # a filter on the event's fields: the host's reset, not a guest's
+        with pytest.raises(QmpError, match="matching"):
+            vm.wait_event("RESET", timeout=1, match={"data": {"guest": True}})
+        assert vm.wait_event("RESET", timeout=5, match={"data": {"guest": False}})
         assert [e["event"] for e in vm.events][:2] == ["RESUME", "STOP"]
     assert vm.exitcode == 0  # shutdown: QMP quit
     assert vm.events[-1]["data"] == {"guest": False, "reason": "host-qmp-quit"}
@@ -223,8 +226,11 @@ def test_sev_on_a_host_without_sev_is_a_launch_error(ebs_host_caps: host.HostCap
 
 def test_qemu_killed_mid_wait_says_so_and_quotes_its_stderr(ebs_artifacts: Path) -> None:
     """QEMU dies by a signal while a console waits: the error names the
-    signal (not a timeout, not "exited") and quotes qemu-stderr.log."""
-    with QemuMachine(stock_config(), ebs_artifacts, name="killed") as vm:
+    signal (not a timeout, not "exited") and quotes qemu-stderr.log; and the
+    machine, closed, reports the ungraceful end."""
+    with (pytest.raises(AbnormalShutdown, match="it ended by itself before the shutdown: "
+                                                "QEMU was killed by SIGKILL"),
+          QemuMachine(stock_config(), ebs_artifacts, name="killed") as vm):
         assert vm.pid is not None
         os.kill(vm.pid, signal.SIGKILL)
         with pytest.raises(ConsoleTimeout) as info:
