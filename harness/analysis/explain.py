@@ -151,8 +151,8 @@ def explain_log(path: Path | str, firmware_dir: Path | None = None) -> Explanati
             reader.feed(number, raw.decode("latin-1"))
     _gate(path, reader, number)
     boot = reader.boot
-    if boot.boots:
-        attempt = boot.boots[-1]
+    if boot.options:
+        attempt = boot.options[-1]
         if not attempt.outcome:
             attempt.outcome = (f"{attempt.image} running when the log ends" if attempt.image
                                else "no outcome in the log")
@@ -178,7 +178,7 @@ def explain_log(path: Path | str, firmware_dir: Path | None = None) -> Explanati
     if boot.images_dropped:
         notes.append(f"{boot.images_dropped} image loads beyond the first {MAX_IMAGES} are "
                      "counted, not listed")
-    for dropped, what, cap in ((boot.boots_dropped, "boot attempts", MAX_BOOTS),
+    for dropped, what, cap in ((boot.options_dropped, "boot attempts", MAX_BOOTS),
                                (boot.crashes_dropped, "crashes", MAX_CRASHES)):
         if dropped:
             notes.append(f"{dropped} {what} between the first {cap - 1} and the last are "
@@ -371,7 +371,7 @@ def _end(boot: Boot, reader: Reader, lines: int, cut: bool) -> LogEnd:
     last_crash = boot.crashes[-1] if boot.crashes else None
     last_image = boot.last_image
     milestone = boot.milestone
-    attempt = boot.boots[-1] if boot.boots else None
+    attempt = boot.options[-1] if boot.options else None
 
     def end(kind: str, summary: str) -> LogEnd:
         if cut:

@@ -338,7 +338,7 @@ class Boot:
     phases: dict[str, int] = field(default_factory=dict)
     images: list[LoadedImage] = field(default_factory=list)
     images_dropped: int = 0
-    boots: list[BootAttempt] = field(default_factory=list)
+    options: list[BootAttempt] = field(default_factory=list)
     crashes: list[Crash] = field(default_factory=list)
     facts: dict[str, tuple[str, int]] = field(default_factory=dict)
     #: FACT_KEYS -> (value, line).
@@ -348,7 +348,7 @@ class Boot:
     trace_lines: int = 0
     #: The last image loaded (listed or not: :data:`MAX_IMAGES`).
     last_image: LoadedImage | None = None
-    boots_dropped: int = 0
+    options_dropped: int = 0
     crashes_dropped: int = 0
     #: The line of a successful ExitBootServices() return (the harness's trace).
     ebs_returned: int = 0
@@ -565,7 +565,7 @@ class Reader:
             boot.images_dropped += 1
             return
         boot.images.append(image)
-        attempt = boot.boots[-1] if boot.boots else None
+        attempt = boot.options[-1] if boot.options else None
         if phase == "DXE" and "BDS" in boot.phases and attempt is not None \
                 and not attempt.image and not attempt.outcome:
             attempt.image = image.file
@@ -610,7 +610,7 @@ class Reader:
         return "start-failed"
 
     def _add_attempt(self, attempt: BootAttempt) -> None:
-        self.boot.boots_dropped += _keep_last(self.boot.boots, attempt, MAX_BOOTS)
+        self.boot.options_dropped += _keep_last(self.boot.options, attempt, MAX_BOOTS)
 
     def _add_crash(self, crash: Crash) -> None:
         self.boot.crashes_dropped += _keep_last(self.boot.crashes, crash, MAX_CRASHES)
@@ -623,8 +623,8 @@ class Reader:
         if (match := _BDS_BOOTING.match(body)) is not None:
             self._close_attempt("another boot option was tried next")
             self._add_attempt(BootAttempt(number, match.group(1).strip()))
-        elif (match := _BDS_EXPAND.match(body)) is not None and boot.boots:
-            attempt = boot.boots[-1]
+        elif (match := _BDS_EXPAND.match(body)) is not None and boot.options:
+            attempt = boot.options[-1]
             if match.group(2).strip() == "<null string>":
                 attempt.device_path = match.group(1)
                 attempt.outcome = "no boot file found on the device"
@@ -636,7 +636,7 @@ class Reader:
         elif (match := _BDSDXE.match(body)) is not None:
             verb, option, description, path, status = match.groups()
             description = description.strip()
-            previous = boot.boots[-1] if boot.boots else None
+            previous = boot.options[-1] if boot.options else None
             # the same attempt: its "loading" line, or the debug port's [Bds]Booting
             if previous is not None and not previous.outcome and (
                     previous.option == option
@@ -654,8 +654,8 @@ class Reader:
         return "bds"
 
     def _close_attempt(self, why: str) -> None:
-        if self.boot.boots:
-            attempt = self.boot.boots[-1]
+        if self.boot.options:
+            attempt = self.boot.options[-1]
             if not attempt.outcome:
                 attempt.outcome = (f"{attempt.image} returned or failed; {why}" if attempt.image
                                    else f"no outcome printed; {why}")

@@ -55,7 +55,7 @@ def to_json(exp: Explanation) -> dict[str, Any]:
         "images_not_listed": boot.images_dropped,
         "boot_options": [{"line": a.line, "option": a.option, "description": a.description,
                           "device_path": a.device_path, "image": a.image,
-                          "outcome": a.outcome} for a in boot.boots],
+                          "outcome": a.outcome} for a in boot.options],
         "crashes": [_crash_json(c) for c in boot.crashes],
         "crash": None if last_crash is None else
         dict(_crash_json(last_crash), ended_log=exp.end.kind == "crash"),
@@ -104,10 +104,10 @@ def render_text(exp: Explanation, *, all_images: bool = True) -> str:
     else:
         out += [f"  #{i.order} {i.file} (line {i.line}): start failed: {i.start_failed}"
                 for i in failed]
-    if boot.boots:
+    if boot.options:
         out.append("")
         out.append("Boot options tried:")
-        for attempt in boot.boots:
+        for attempt in boot.options:
             option = f"{attempt.option} " if attempt.option else ""
             path = f" from {attempt.device_path}" if attempt.device_path else ""
             out.append(f"  line {attempt.line}: {option}\"{attempt.description}\"{path}: "
@@ -187,11 +187,11 @@ def render_html(exp: Explanation) -> str:
                          f"<td class=mono>{image.entry:#x}</td><td>{image.line}</td>{failed}"
                          "</tr>")
         parts.append("</table>")
-    if boot.boots:
+    if boot.options:
         parts.append("<h2>Boot options tried</h2><table>")
         parts += [f"<tr><td>{a.line}</td><td>{esc(a.option)}</td><td>{esc(a.description)}</td>"
                   f"<td class=mono>{esc(a.device_path)}</td><td>{esc(a.outcome)}</td></tr>"
-                  for a in boot.boots]
+                  for a in boot.options]
         parts.append("</table>")
     parts.append("<h2>Crashes</h2>")
     if not boot.crashes:

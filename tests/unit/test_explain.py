@@ -46,7 +46,7 @@ def test_a_stock_debug_log_gives_its_load_map_boot_options_and_end() -> None:
     assert facts["sev"] == "AmdSevDxe did not start (Unsupported): not a SEV guest"
     assert facts["iommu"].startswith("IoMmuDxe loaded")
     # the empty disk first, then the shell
-    first, shell = boot.boots
+    first, shell = boot.options
     assert first.description == "UEFI Misc Device"
     assert first.outcome == "no boot file found on the device"
     assert shell.description == "EFI Internal Shell" and shell.image == "Shell.efi"
@@ -59,14 +59,14 @@ def test_the_console_says_the_same_boot_in_its_own_words() -> None:
     """The serial log of the same boot: BdsDxe's own lines, with status."""
     exp = explain.explain_log(EXPLAIN / "stock-empty-disk-serial.log")
     assert exp.ansi
-    assert [(a.option, a.outcome) for a in exp.boot.boots] == [
+    assert [(a.option, a.outcome) for a in exp.boot.options] == [
         ("Boot0001", "failed to load: Not Found"), ("Boot0002", "started")]
     assert "UEFI 2.70, firmware vendor EDK II, revision 0x00010000" in exp.identity
 
 
 def test_debians_packaged_ovmf_prints_only_its_console() -> None:
     exp = explain.explain_log(DEBIAN)
-    assert [(a.option, a.description, a.outcome) for a in exp.boot.boots] == [
+    assert [(a.option, a.description, a.outcome) for a in exp.boot.options] == [
         ("Boot0001", "EFI Internal Shell", "started")]
     assert not exp.boot.images
 
@@ -249,7 +249,7 @@ def test_a_boot_option_retried_is_a_new_attempt(tmp_path: Path) -> None:
              'BdsDxe: loading Boot0001 "PXE " from PciRoot(0x0)/Pci(0x2,0x0)',
              'BdsDxe: starting Boot0001 "PXE " from PciRoot(0x0)/Pci(0x2,0x0)']
     exp = _explain(tmp_path, "\n".join(lines) + "\n")
-    assert [(a.option, a.description, a.outcome) for a in exp.boot.boots] == [
+    assert [(a.option, a.description, a.outcome) for a in exp.boot.options] == [
         ("Boot0001", "PXE", "failed to load: Not Found"),
         ("Boot0002", "Disk", "failed to load: Not Found"),
         ("Boot0001", "PXE", "started")]
@@ -290,6 +290,6 @@ def test_the_2025_02_stock_log_reads_the_same_way() -> None:
     assert len(exp.boot.images) == len(LOAD_LINE.findall(raw))
     assert sum(1 for i in exp.boot.images if i.start_failed) == raw.count(b"start failed:")
     assert list(exp.boot.phases) == ["SEC", "PEI", "DXE", "BDS"]
-    assert [(a.description, a.outcome) for a in exp.boot.boots] == [
+    assert [(a.description, a.outcome) for a in exp.boot.options] == [
         ("UEFI Misc Device", "no boot file found on the device"),
         ("EFI Internal Shell", "Shell.efi running when the log ends")]
