@@ -606,7 +606,6 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
     :param canary: PCI address to whether the probe read the canary through
         a volume on that device (:func:`canary_reads`)."""
     state = _State()
-    w1: list[Violation] = []
     at_begin: dict[str, tuple[int | None, dict[str, int]]] = {}
     for event in trace.events:
         _step(state, event)
@@ -624,7 +623,20 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
                      "W1 and W2 not judged")
         return DeviceReport(trace.path, trace.qemu, len(trace.events), None, None, devices,
                             (), tuple(notes))
-    violations: list[Violation] = []
+    violations = (*quiesced(devices, at_begin, state.begin),
+                  *no_late_dma(devices, state.begin, state.unattributed))
+    return DeviceReport(trace.path, trace.qemu, len(trace.events), state.begin, state.end,
+                        devices, violations, tuple(notes))
+
+
+def quiesced(devices: Sequence[Device], at_begin: Mapping[str, tuple[int | None,
+                                                                   dict[str, int]]],
+             begin: int) -> list[Violation]:
+    """W1: every device the firmware made a bus master (q35's chipset
+    functions aside) had bus mastering off or nothing armed at line
+    ``begin``; ``at_begin``: each device's bus-master line and armed engines
+    then. Says, of each device, how it was quiesced."""
+    found: list[Violation] = []
     for device in devices:
         if not device.ever_master or device.qom in NO_DMA_ENGINE:
             continue
@@ -632,29 +644,37 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
         if master is None:
             device.quiesce_text = "bus mastering off"
         elif not armed and device.model is not None:
-            device.quiesce_text = _quiesced_by(device, state.begin)
+            device.quiesce_text = _quiesced_by(device, begin)
         else:
             what = (", ".join(f"{k} since line {v}" for k, v in armed.items())
                     if armed else f"no quiesce event the harness knows of {device.qom}")
             means = f" (quiesced would be: {device.model.quiesced})" if device.model else ""
-            w1.append(Violation(
+            found.append(Violation(
                 "W1", f"{device.name} still armed when the teardown began (line "
-                f"{state.begin}): {what}; bus mastering on since line {master}{means}",
+                f"{begin}): {what}; bus mastering on since line {master}{means}",
                 culprit=device.driver))
-        if device.dma_after:
+    return found
+
+
+def no_late_dma(devices: Sequence[Device], begin: int,
+                unattributed: Sequence[DeviceEvent]) -> list[Violation]:
+    """W2: no device did DMA from line ``begin`` until the OS touched it,
+    nor did one the trace does not name."""
+    found: list[Violation] = []
+    for device in devices:
+        if device.ever_master and device.qom not in NO_DMA_ENGINE and device.dma_after:
             first = device.dma_after[0]
-            violations.append(Violation(
-                "W2", f"{device.name} did DMA after the teardown began (line {state.begin}): "
+            found.append(Violation(
+                "W2", f"{device.name} did DMA after the teardown began (line {begin}): "
                 f"{first.name} at line {first.line}"
                 + (f" and {len(device.dma_after) - 1} more" if len(device.dma_after) > 1 else ""),
                 culprit=device.driver))
-    if state.unattributed:
-        first = state.unattributed[0]
-        violations.append(Violation(
+    if unattributed:
+        first = unattributed[0]
+        found.append(Violation(
             "W2", f"a device the trace does not name did DMA after the teardown began "
-            f"(line {state.begin}): {first.name} at line {first.line} ({first.text()})"))
-    return DeviceReport(trace.path, trace.qemu, len(trace.events), state.begin, state.end,
-                        devices, (*w1, *violations), tuple(notes))
+            f"(line {begin}): {first.name} at line {first.line} ({first.text()})"))
+    return found
 
 
 def _quiesced_by(device: Device, begin: int) -> str:
