@@ -150,7 +150,7 @@ def _qemu_running(artifacts: Path) -> bool:
 
 @pytest.mark.parametrize(("options", "message"), [
     (("--sev", "bogus"), "argument --sev: invalid choice: 'bogus'"),
-    (("--sev", "emulated", "--accel", "kvm"), "--sev emulated runs under TCG: drop --accel kvm"),
+    (("--sev", "emulated", "--accel", "kvm"), "--sev emulated: runs under tcg, not accel kvm"),
     (("--sev", "emulated", "--host", "ssh://nobody@127.0.0.1"),
      "--sev emulated runs on this host"),
 ], ids=["unknown-mode", "with-kvm", "with-host"])
@@ -171,7 +171,7 @@ def test_boot_emulated_on_a_qemu_without_the_emulation_exits_2_before_any_build(
                 str(tmp_path / "no-such-firmware"))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("ebs-harness boot: --sev emulated: not available: ")
+    assert proc.stderr.startswith("ebs-harness boot: --sev emulated: not available here: ")
     assert "has no emulated SEV" in proc.stderr and "build-qemu" in proc.stderr
 
 
