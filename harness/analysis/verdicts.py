@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -83,6 +83,13 @@ class LogEvidence:
             elif isinstance(event, EbsCallbackEnd) and spans:
                 spans[-1] = (spans[-1][0], event.seq)
         return spans
+
+    def succeeded(self) -> Iterator[tuple[EbsAttempt, list[tuple[EbsCallback, int]]]]:
+        """Each successful ExitBootServices() call, with the IOMMU member's
+        calls in it (what the contract checks judge)."""
+        for attempt in self.timeline.attempts:
+            if attempt.succeeded:
+                yield attempt, self.hooks(attempt)
 
     def span(self, attempt: EbsAttempt) -> tuple[TraceEvent, ...]:
         """The events of ``attempt``, ``ebs-enter`` to its exit."""
@@ -294,9 +301,7 @@ def interrupts_off(ev: LogEvidence) -> Judged:
     it ran."""
     found: list[Violation] = []
     notes: list[str] = []
-    for attempt in ev.timeline.attempts:
-        if not attempt.succeeded:
-            continue
+    for attempt, hooks in ev.succeeded():
         ints = attempt.exit.get("ints")
         if ints is None:
             notes.append(f"C1 not judged for ebs-return seq {attempt.exit.seq}: no ints= field")
@@ -311,7 +316,7 @@ def interrupts_off(ev: LogEvidence) -> Judged:
         how, who = "", ""
         if enabling:
             last = enabling[-1]
-            where, who, _ = ev.context(last.seq, ev.hooks(attempt))
+            where, who, _ = ev.context(last.seq, hooks)
             how = (f": RestoreTPL({last.tpl}) from {ev.sym.symbolize(last.caller)} in "
                    f"{where} turned them back on at seq {last.seq}")
         found.append(Violation(
@@ -327,10 +332,7 @@ def no_allocation(ev: LogEvidence) -> Judged:
     core or the IOMMU driver a violation, by another driver a finding."""
     found: list[Violation] = []
     findings: list[Violation] = []
-    for attempt in ev.timeline.attempts:
-        if not attempt.succeeded:
-            continue
-        hooks = ev.hooks(attempt)
+    for attempt, hooks in ev.succeeded():
         for event in ev.span(attempt):
             if not isinstance(event, MemCall):
                 continue
@@ -349,10 +351,7 @@ def hook_enters_no_boot_service(ev: LogEvidence) -> Judged:
     """The IOMMU member ``CoreExitBootServices()`` calls changes no TPL and
     calls no memory service."""
     found: list[Violation] = []
-    for attempt in ev.timeline.attempts:
-        if not attempt.succeeded:
-            continue
-        hooks = ev.hooks(attempt)
+    for attempt, hooks in ev.succeeded():
         for event in ev.span(attempt):
             if not isinstance(event, (TplChange, MemCall)):
                 continue
