@@ -26,7 +26,7 @@ from html import escape as html_escape
 from pathlib import Path
 from typing import Any, NoReturn
 
-from harness import scenario
+from harness import cli_check_firmware, scenario
 from harness.analysis import devices, dump, explain, report, symbols, trace
 from harness.build import cache, edk2, qemu
 from harness.errors import (
@@ -596,6 +596,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="the QEMU to run (default: the harness's QEMU for emulated SEV "
                            "where the host has no SEV)")
     demo.set_defaults(func=_cmd_demo)
+
+    cli_check_firmware.add_parser(sub, parents=[common])
 
     check = add_parser("host-check",
                            help="what this host can run: TCG, KVM, SEV, SEV-ES, SNP")
