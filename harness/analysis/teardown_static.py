@@ -677,12 +677,25 @@ def _flags(mnemonic: str, a: int, b: int, bits: int) -> int:
             | (_CF if carry else 0) | (_OF if overflow else 0))
 
 
+class _CS:
+    """capstone's constants, bound when the first disassembler is made (the
+    import costs 50 ms that a CLI start need not pay)."""
+
+    CS_GRP_JUMP = CS_GRP_RET = CS_GRP_CALL = 0
+    X86_OP_IMM = X86_OP_REG = X86_OP_MEM = X86_REG_RIP = 0
+
+
 class _Disassembler:
     """capstone over one image, and the dataflow of each function."""
 
     def __init__(self, image: _Image) -> None:
         import capstone
+        import capstone.x86
 
+        for name in ("CS_GRP_JUMP", "CS_GRP_RET", "CS_GRP_CALL"):
+            setattr(_CS, name, getattr(capstone, name))
+        for name in ("X86_OP_IMM", "X86_OP_REG", "X86_OP_MEM", "X86_REG_RIP"):
+            setattr(_CS, name, getattr(capstone.x86, name))
         self.image = image
         self.cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self.cs.detail = True
@@ -730,7 +743,6 @@ class _Disassembler:
         return facts
 
     def _run(self, function: Function, entry: _State) -> _Facts:
-        from capstone import CS_GRP_JUMP, CS_GRP_RET
 
         insns = self.instructions(function)
         facts = _Facts(instructions=len(insns))
@@ -742,9 +754,9 @@ class _Disassembler:
         succ: list[list[int]] = []
         for i, insn in enumerate(insns):
             nxt = [i + 1] if i + 1 < len(insns) else []
-            if insn.group(CS_GRP_RET) or insn.mnemonic in ("hlt", "ud2"):
+            if insn.group(_CS.CS_GRP_RET) or insn.mnemonic in ("hlt", "ud2"):
                 succ.append([])
-            elif insn.group(CS_GRP_JUMP):
+            elif insn.group(_CS.CS_GRP_JUMP):
                 target = self._direct_target(insn)
                 inside = [index[target]] if target in index else []
                 if target is None:
@@ -752,6 +764,7 @@ class _Disassembler:
                 succ.append(inside + (nxt if insn.mnemonic != "jmp" else []))
             else:
                 succ.append(nxt)
+        preds = collections.Counter(j for targets in succ for j in targets)
         states: list[_State | None] = [None] * len(insns)
         states[0] = entry
         work = collections.deque([0])
@@ -764,11 +777,12 @@ class _Disassembler:
             assert state is not None
             insn = insns[i]
             out = self._step(function, insn, dict(state), facts)
-            if insn.group(CS_GRP_RET):
+            if insn.group(_CS.CS_GRP_RET):
                 returns |= {v for v in state.get("rax", _EMPTY) if v.table is not None}
             for j in self._feasible(insn, state, succ[i], i, facts):
                 old = states[j]
-                merged = out if old is None else _join(old, out)
+                # One way in (most instructions): its state is the latest out.
+                merged = out if old is None or (preds[j] <= 1 and j) else _join(old, out)
                 if old is None or merged != old:
                     states[j] = merged
                     if j not in queued:
@@ -805,28 +819,24 @@ class _Disassembler:
         return [target] if taken.pop() else [fallthrough]
 
     def _direct_target(self, insn: Any) -> int | None:
-        from capstone.x86 import X86_OP_IMM
 
         ops = insn.operands
-        if len(ops) == 1 and ops[0].type == X86_OP_IMM:
+        if len(ops) == 1 and ops[0].type == _CS.X86_OP_IMM:
             return int(ops[0].imm)
         return None
 
     def _consts(self, insn: Any, op: Any, state: _State) -> set[int] | None:
         """The possible values of operand ``op``, or None if unknown."""
-        from capstone.x86 import X86_OP_IMM, X86_OP_REG
 
-        if op.type == X86_OP_IMM:
+        if op.type == _CS.X86_OP_IMM:
             return {int(op.imm)}
-        if op.type == X86_OP_REG:
+        if op.type == _CS.X86_OP_REG:
             values = state.get(self.reg(insn, op.reg), _EMPTY)
             if values and all(v.kind == "const" for v in values):
                 return {v.offset for v in values}
         return None
 
     def _step(self, function: Function, insn: Any, state: _State, facts: _Facts) -> _State:
-        from capstone import CS_GRP_CALL, CS_GRP_JUMP
-        from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG, X86_REG_RIP
 
         mnemonic = insn.mnemonic
         ops = insn.operands
@@ -837,8 +847,8 @@ class _Disassembler:
         if mnemonic == "sti":
             facts.sites.append(_Site("interrupts", "sti (interrupts enabled)", insn.address,
                                      _text(insn)))
-        is_call = insn.group(CS_GRP_CALL)
-        is_jump = insn.group(CS_GRP_JUMP) and not is_call
+        is_call = insn.group(_CS.CS_GRP_CALL)
+        is_jump = insn.group(_CS.CS_GRP_JUMP) and not is_call
         if is_call or (is_jump and mnemonic == "jmp"):
             target = self._direct_target(insn)
             returned: frozenset[_Value] = _EMPTY
@@ -864,18 +874,18 @@ class _Disassembler:
                                                   offset=_flags(mnemonic, a, b, bits))
                                            for a in left for b in right)
             return state
-        if len(ops) == 2 and ops[0].type == X86_OP_REG:
+        if len(ops) == 2 and ops[0].type == _CS.X86_OP_REG:
             dest = self.reg(insn, ops[0].reg)
             src = ops[1]
             size = ops[0].size
-            if mnemonic in ("mov", "movabs") and src.type == X86_OP_IMM and size >= 4:
+            if mnemonic in ("mov", "movabs") and src.type == _CS.X86_OP_IMM and size >= 4:
                 state[dest] = frozenset([_Value("const", offset=int(src.imm) & _mask(size))])
                 return state
-            if mnemonic == "xor" and src.type == X86_OP_REG and src.reg == ops[0].reg \
+            if mnemonic == "xor" and src.type == _CS.X86_OP_REG and src.reg == ops[0].reg \
                     and size >= 4:
                 state[dest] = frozenset([_Value("const", offset=0)])
                 return state
-            if mnemonic in ("mov", "movzx") and src.type == X86_OP_REG and \
+            if mnemonic in ("mov", "movzx") and src.type == _CS.X86_OP_REG and \
                     (size >= 4 or mnemonic == "movzx"):
                 values = state.get(self.reg(insn, src.reg), _EMPTY)
                 if src.size < 8:
@@ -883,10 +893,10 @@ class _Disassembler:
                                        for v in values if v.kind == "const")
                 state[dest] = values
                 return state
-            if mnemonic in ("mov", "lea", "movsxd") and src.type == X86_OP_MEM:
+            if mnemonic in ("mov", "lea", "movsxd") and src.type == _CS.X86_OP_MEM:
                 mem = src.mem
                 base = self.reg(insn, mem.base)
-                if mem.base == X86_REG_RIP:
+                if mem.base == _CS.X86_REG_RIP:
                     address = insn.address + insn.size + mem.disp
                     state[dest] = self._global(insn, address, mnemonic == "lea", facts)
                     return state
@@ -901,20 +911,26 @@ class _Disassembler:
                     return state
                 state[dest] = self._load(base, mem.disp, state) if size == 8 else _EMPTY
                 return state
+            if mnemonic == "add" and src.type == _CS.X86_OP_IMM and size == 8:
+                # A pointer into a table: the address of its member.
+                state[dest] = frozenset(
+                    _Value("slot", v.table, v.via, v.origin, v.offset + int(src.imm))
+                    for v in state.get(dest, _EMPTY) if v.kind in ("table", "slot"))
+                return state
             if mnemonic == "add":
                 values = state.get(dest, _EMPTY)
-                if src.type == X86_OP_REG:
+                if src.type == _CS.X86_OP_REG:
                     values = values | state.get(self.reg(insn, src.reg), _EMPTY)
                 state[dest] = frozenset(v for v in values if v.kind == "jumptable")
                 return state
-        if mnemonic == "mov" and len(ops) == 2 and ops[0].type == X86_OP_MEM and \
-                ops[1].type == X86_OP_REG:
+        if mnemonic == "mov" and len(ops) == 2 and ops[0].type == _CS.X86_OP_MEM and \
+                ops[1].type == _CS.X86_OP_REG:
             base = self.reg(insn, ops[0].mem.base)
             if base in ("rsp", "rbp") and not ops[0].mem.index and ops[0].size == 8:
                 state[f"[{base}{ops[0].mem.disp:+#x}]"] = \
                     state.get(self.reg(insn, ops[1].reg), _EMPTY)
             return state
-        if mnemonic == "xchg" and len(ops) == 2 and all(o.type == X86_OP_REG for o in ops):
+        if mnemonic == "xchg" and len(ops) == 2 and all(o.type == _CS.X86_OP_REG for o in ops):
             a, b = self.reg(insn, ops[0].reg), self.reg(insn, ops[1].reg)
             state[a], state[b] = state.get(b, _EMPTY), state.get(a, _EMPTY)
             return state
@@ -932,12 +948,11 @@ class _Disassembler:
     def _note_reads(self, insn: Any, facts: _Facts) -> None:
         """Any RIP-relative operand naming a tracked global, other than a
         ``lea``: a read of the table pointer."""
-        from capstone.x86 import X86_OP_MEM, X86_REG_RIP
 
         if insn.mnemonic == "lea":
             return
         for op in insn.operands:
-            if op.type == X86_OP_MEM and op.mem.base == X86_REG_RIP:
+            if op.type == _CS.X86_OP_MEM and op.mem.base == _CS.X86_REG_RIP:
                 known = self.image.globals_.get(insn.address + insn.size + op.mem.disp)
                 if known is not None and known[1] is not None:
                     facts.reads[insn.address] = (known[0], _text(insn))
@@ -990,20 +1005,19 @@ class _Disassembler:
         return self.facts(callee, passed).returns if is_call else _EMPTY
 
     def _indirect(self, insn: Any, state: _State, facts: _Facts, is_call: bool) -> None:
-        from capstone.x86 import X86_OP_MEM, X86_OP_REG, X86_REG_RIP
 
         op = insn.operands[0] if insn.operands else None
         values: frozenset[_Value] = _EMPTY
-        if op is not None and op.type == X86_OP_REG:
+        if op is not None and op.type == _CS.X86_OP_REG:
             values = frozenset(v for v in state.get(self.reg(insn, op.reg), _EMPTY)
                                if v.kind in ("member", "jumptable"))
-        elif op is not None and op.type == X86_OP_MEM and op.mem.base != X86_REG_RIP \
+        elif op is not None and op.type == _CS.X86_OP_MEM and op.mem.base != _CS.X86_REG_RIP \
                 and not op.mem.index:
             values = self._load(self.reg(insn, op.mem.base), op.mem.disp, state)
         members = [v for v in values if v.kind == "member" and v.table is not None]
         if not is_call and not members and any(v.kind == "jumptable" for v in values):
             return                              # a switch inside the function
-        if not is_call and op is not None and op.type == X86_OP_MEM and op.mem.index:
+        if not is_call and op is not None and op.type == _CS.X86_OP_MEM and op.mem.index:
             return                              # jmp *table(,%reg,8): a switch
         if members:
             for value in members:
