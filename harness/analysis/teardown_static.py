@@ -183,8 +183,9 @@ class BranchFamily:
     """Functions that run only on one kind of guest.
 
     :param names: matches a function's name (compiler suffixes cut).
-    :param files: searched in the last three components of its source path
-        (the library directory and the file).
+    :param files: searched in its source path (``/``-separated): the
+        library directories of the family. IoMmuDxe's own files are in no
+        family (2022.11's is ``AmdSevIoMmu.c`` and runs on every guest).
     """
 
     branch: str
@@ -199,12 +200,12 @@ class BranchFamily:
 #: ``TdxLib``'s ``Td*``, SEV's ``MemEncryptSev*``, ``Snp*``, ...).
 BRANCH_FAMILIES = (
     BranchFamily("TDX", re.compile(r"(MemEncryptTdx|Tdx|Td[A-Z])"),
-                 re.compile(r"Tdx")),
+                 re.compile(r"/(BaseMemEncryptTdxLib|TdxLib|TdxMailboxLib)/")),
     BranchFamily("SEV", re.compile(r"(MemEncryptSev|InternalMemEncryptSev|Sev[A-Z]|Snp|"
                                    r"AmdSev|AmdSvsm|Svsm|CcExitVmg|VmgExit)"),
-                 re.compile(r"(MemEncryptSev|AmdSev|CcExitLib|VmgExitLib|AmdSvsm)")),
+                 re.compile(r"/(BaseMemEncryptSevLib|CcExitLib|VmgExitLib|AmdSvsmLib)/")),
     BranchFamily("emulation", re.compile(r"(IoMmuEmu|Emu[A-Z])"),
-                 re.compile(r"EmulatedPageState")),
+                 re.compile(r"/EmulatedPageState\.c$")),
 )
 NO_BRANCH = "none"
 
@@ -304,12 +305,12 @@ class StaticCheck:
         return dict(sorted(counts.items()))
 
     def summary(self) -> str:
-        """One line: what ``build`` prints."""
+        """One line: what ``build`` prints after ``static C3:``."""
         if not self.findings:
-            return (f"static C3: pass ({self.entry} reaches {len(self.functions)} functions, "
+            return (f"pass ({self.entry} reaches {len(self.functions)} functions, "
                     f"no boot service, PCD protocol or unfollowed call)")
         per = ", ".join(f"{n} {b}" for b, n in self.branches.items())
-        return (f"static C3: {len(self.findings)} path(s) from {self.entry} ({per}); "
+        return (f"{len(self.findings)} path(s) from {self.entry} ({per}); "
                 f"first: {self.findings[0].line()}")
 
     def as_dict(self) -> dict[str, object]:
@@ -643,6 +644,9 @@ _REGS64 = {
     "bpl": "rbp", "spl": "rsp",
     **{f"r{n}{s}": f"r{n}" for n in range(8, 16) for s in ("", "d", "w", "b")},
 }
+#: What a call or jump passes on to its target (a switch's computed target
+#: stays in its function).
+_PASSED_KINDS = ("table", "slot", "member", "global", "const")
 #: Registers a function may receive a tracked value in (SysV and MS ABI).
 _ARGUMENT_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 #: Instructions that leave the flags as they were.
@@ -1000,7 +1004,9 @@ class _Disassembler:
         # into the function's ``.cold`` part) passes every register.
         keys = _ARGUMENT_REGS if is_call else tuple(
             k for k in state if not k.startswith("[") and k != "flags")
-        passed = tuple(sorted((k, state[k]) for k in keys if state.get(k)))
+        passed = tuple(sorted(
+            (k, v) for k, v in ((k, frozenset(x for x in state.get(k, _EMPTY)
+                                              if x.kind in _PASSED_KINDS)) for k in keys) if v))
         facts.edges.append(_Edge(insn.address, callee, passed))
         return self.facts(callee, passed).returns if is_call else _EMPTY
 
@@ -1089,8 +1095,9 @@ def branch_of(names: Iterable[str], files: Iterable[str] = ()) -> str | None:
             if family.names.match(plain_name(name)):
                 return family.branch
     for file in files:
+        path = "/" + file.replace("\\", "/").lstrip("/")
         for family in BRANCH_FAMILIES:
-            if any(family.files.search(part) for part in Path(file).parts[-3:]):
+            if family.files.search(path):
                 return family.branch
     return None
 
@@ -1207,6 +1214,9 @@ def _path(image: _Image, parent: Mapping[_Node, tuple[_Node, int] | None], node:
 
 #: Where ``build`` records the check in ``manifest.json``.
 MANIFEST_KEY = "static_c3"
+#: The check's own version, in that record: a firmware built by an older
+#: check keeps the older check's answer (``check-firmware`` gives today's).
+CHECK_VERSION = 1
 
 
 def module_path(firmware_dir: Path) -> Path:
@@ -1231,7 +1241,8 @@ def check_firmware(firmware_dir: Path, entry: str = ENTRY) -> StaticCheck:
 def manifest_record(result: StaticCheck) -> dict[str, object]:
     """What ``build`` writes under :data:`MANIFEST_KEY`: the verdict and the
     paths as text (the whole result is ``ebs-harness check-firmware --json``)."""
-    return {"verdict": result.verdict, "entry": result.entry, "summary": result.summary(),
+    return {"check_version": CHECK_VERSION,
+            "verdict": result.verdict, "entry": result.entry, "summary": result.summary(),
             "findings": [f.line() for f in result.findings],
             "branches": result.branches, "functions": len(result.functions),
             "seconds": round(result.seconds, 3)}
@@ -1262,11 +1273,12 @@ def build_record(modules: Path) -> dict[str, object]:
     module = modules / f"{MODULE}.debug"
     if not module.is_file():
         why = f"no modules/{MODULE}.debug"
-        return {"verdict": "unchecked", "reason": why, "summary": f"static C3: unchecked: {why}"}
+        return {"check_version": CHECK_VERSION, "verdict": "unchecked", "reason": why,
+                "summary": f"unchecked: {why}"}
     try:
         result = check_module(module)
     except UsageError as exc:
-        return {"verdict": "unchecked", "reason": str(exc),
-                "summary": f"static C3: unchecked: {exc}"}
-    LOG.info("%s", result.summary())
+        return {"check_version": CHECK_VERSION, "verdict": "unchecked", "reason": str(exc),
+                "summary": f"unchecked: {exc}"}
+    LOG.info("static C3: %s", result.summary())
     return manifest_record(result)
