@@ -862,6 +862,10 @@ class _Disassembler:
                 self._indirect(insn, state, facts, is_call)
             if is_call:
                 state["rax"] = returned
+                # The callee may write through a pointer to a local (an OUT
+                # parameter): a constant in a stack slot is no longer known.
+                for key in [k for k in state if k.startswith("[")]:
+                    state[key] = frozenset(v for v in state[key] if v.kind != "const")
             return state
         if is_jump:
             target = self._direct_target(insn)
@@ -934,6 +938,10 @@ class _Disassembler:
                 state[f"[{base}{ops[0].mem.disp:+#x}]"] = \
                     state.get(self.reg(insn, ops[1].reg), _EMPTY)
             return state
+        if ops and ops[0].type == _CS.X86_OP_MEM and not ops[0].mem.index and \
+                self.reg(insn, ops[0].mem.base) in ("rsp", "rbp"):
+            # Any other write to a stack slot: what it held is gone.
+            state.pop(f"[{self.reg(insn, ops[0].mem.base)}{ops[0].mem.disp:+#x}]", None)
         if mnemonic == "xchg" and len(ops) == 2 and all(o.type == _CS.X86_OP_REG for o in ops):
             a, b = self.reg(insn, ops[0].reg), self.reg(insn, ops[1].reg)
             state[a], state[b] = state.get(b, _EMPTY), state.get(a, _EMPTY)
