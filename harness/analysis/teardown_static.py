@@ -9,8 +9,11 @@ end of ExitBootServices()::
     modules/IoMmuDxe.debug --pyelftools--> functions (.symtab), globals and
         |                                  their types, inlined frames (DWARF)
         +--capstone--> instructions per function --> per-function dataflow:
-                       which registers hold gBS, gST, a PCD protocol, a member
-        --> call graph from the teardown, one state per branch (TDX/SEV/...)
+                       which registers and stack slots hold gBS, gST, a PCD
+                       protocol, a member of one, or a constant that decides
+                       a branch (``MemoryMapLocked`` = TRUE)
+        --> call graph from the teardown (argument constants passed on),
+            one node per branch (TDX/SEV/emulation/none)
         --> findings: teardown -> f -> g -> gBS->LocateProtocol  [TDX]
 
 A *finding* is one of:
@@ -40,8 +43,9 @@ guarding it: a call made on every guest is ``none``.
 What it does not see (``docs/static-check.md``): calls through pointers
 (reported, not followed), code outside IoMmuDxe (the DXE core, other
 drivers' protocols), another compiler or a RELEASE build's inlining (the
-check reads the build it is given), and conditions (a path the guards make
-impossible is still a path).
+check reads the build it is given), and conditions on data (only constants
+decide a branch: a path behind a first-use cache or a page split is still
+a path).
 """
 
 from __future__ import annotations

@@ -318,9 +318,12 @@ def test_compiled_edge_cases_each_found_with_its_service(edge_cases: Path) -> No
     assert by_function[("TailToFree", "FreeIt")].target == "gBS->FreePool"
     # A call through a global function pointer: reported, not followed.
     assert by_function[("Callback",)].kind == "indirect"
+    # gBS kept in a callee-saved register across a call.
+    assert by_function[("AcrossCall",)].target == "gBS->HandleProtocol"
+    assert by_function[("AcrossCall",)].group == "protocol lookup"
     # Guarded(1): the constant decides the branch; nothing else is found.
     assert ("Guarded",) not in by_function
-    assert len(result.findings) == 4, [f.line() for f in result.findings]
+    assert len(result.findings) == 5, [f.line() for f in result.findings]
 
 
 def test_compiled_guard_taken_with_the_other_constant(edge_cases: Path) -> None:

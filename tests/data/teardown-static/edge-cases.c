@@ -37,6 +37,15 @@ NOIPA void TailToFree (void) { FreeIt (); }
 
 NOIPA void Callback (void) { mCallback (); }
 
+/* gBS read before a call, kept in a callee-saved register, used after it. */
+NOIPA void Other (void) { mSink++; }
+NOIPA void AcrossCall (void)
+{
+  EFI_BOOT_SERVICES *Bs = gBS;
+  Other ();
+  SERVICE_AT (Bs, 0x98) ();                     /* HandleProtocol */
+}
+
 NOIPA void Guarded (int Locked) { if (!Locked) SERVICE_AT (gBS, 0x30) (); }  /* FreePages */
 
 void Teardown (void)
@@ -45,6 +54,7 @@ void Teardown (void)
   Spilled (3);
   TailToFree ();
   Callback ();
+  AcrossCall ();
   Guarded (1);
 }
 
