@@ -152,6 +152,20 @@ def test_unmap_with_the_map_unlocked_frees_pages() -> None:
     assert {"gBS->FreePages", "gBS->FreePool"} <= freed
 
 
+def test_a_module_without_dwarf_is_checked_by_symbol_names() -> None:
+    """The reference (unpatched) build's IoMmuDxe, ``.symtab`` only
+    (``fw-ref/``): ``gBS`` and ``mPcd`` are known by name, and the paths
+    are found; without the DWARF's inlined frames the TDX library's entry
+    (inlined into the worker) is invisible, so the branch is ``none``: the
+    stricter side."""
+    stock = DATA.parent / "fw-ref"
+    result = ts.check_firmware(stock, entry="IoMmuUnmap")
+    targets = {(f.functions[-1], f.target, f.branch) for f in result.findings}
+    assert ("SetOrClearSharedBit", "gBS->LocateProtocol", ts.NO_BRANCH) in targets
+    assert ("LibPcdGet64", "mPcd->Get64", ts.NO_BRANCH) in targets
+    assert ("IoMmuUnmapWorker", "gBS->FreePages", ts.NO_BRANCH) in targets
+
+
 # ------------------------------------------- negative: the PCD variant
 
 
