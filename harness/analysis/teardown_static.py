@@ -329,6 +329,8 @@ class StaticCheck:
 
 @dataclass(frozen=True)
 class Function:
+    """A function of the module: its symbol name and its RVA range."""
+
     name: str
     start: int
     size: int
@@ -634,8 +636,6 @@ class _Facts:
     consumed: set[int] = field(default_factory=set)
     #: What the function may return in rax (tracked tables only).
     returns: frozenset[_Value] = _EMPTY
-    #: Conditional jumps whose direction the constants decided.
-    decided: int = 0
     instructions: int = 0
 
 
@@ -787,7 +787,7 @@ class _Disassembler:
             out = self._step(function, insn, dict(state), facts)
             if insn.group(_CS.CS_GRP_RET):
                 returns |= {v for v in state.get("rax", _EMPTY) if v.table is not None}
-            for j in self._feasible(insn, state, succ[i], i, facts):
+            for j in self._feasible(insn, state, succ[i], i):
                 old = states[j]
                 # One way in (most instructions): its state is the latest out.
                 merged = out if old is None or (preds[j] <= 1 and j) else _join(old, out)
@@ -808,8 +808,8 @@ class _Disassembler:
         facts.edges = _unique(facts.edges)
         return facts
 
-    def _feasible(self, insn: Any, state: _State, successors: list[int], i: int,
-                  facts: _Facts) -> list[int]:
+    def _feasible(self, insn: Any, state: _State, successors: list[int], i: int
+                  ) -> list[int]:
         """The successors the constants allow: a conditional jump whose
         flags are known goes one way."""
         condition = _CONDITIONS.get(insn.mnemonic)
@@ -820,7 +820,6 @@ class _Disassembler:
                                 bool(f.offset & _CF), bool(f.offset & _OF))) for f in flags}
         if len(taken) != 1:
             return successors
-        facts.decided += 1
         target, fallthrough = successors
         if fallthrough != i + 1:
             return successors
