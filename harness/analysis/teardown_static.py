@@ -1138,7 +1138,7 @@ def check_module(module: Path, entry: str = ENTRY) -> StaticCheck:
     parent: dict[_Node, tuple[_Node, int] | None] = {first: None}
     queue = collections.deque([first])
     found: dict[tuple[int, str, str], Finding] = {}
-    reads_at: dict[int, tuple[_Node, str, str]] = {}
+    reads_at: dict[tuple[int, str], tuple[_Node, str, str]] = {}
     consumed: set[int] = set()
     reached: dict[str, None] = {}
 
@@ -1154,7 +1154,7 @@ def check_module(module: Path, entry: str = ENTRY) -> StaticCheck:
         facts = dis.facts(node.function, node.state)
         consumed |= facts.consumed
         for origin, (name, text) in facts.reads.items():
-            reads_at.setdefault(origin, (node, name, text))
+            reads_at.setdefault((origin, _branch_at(image, node, origin)), (node, name, text))
         for site in facts.sites:
             add(Finding(site.kind, site.target, _branch_at(image, node, site.site),
                         _path(image, parent, node, site.site), site.site, site.instruction,
@@ -1167,7 +1167,7 @@ def check_module(module: Path, entry: str = ENTRY) -> StaticCheck:
                 queue.append(child)
     # A read of a table that no followed call went through: the pointer is
     # compared, passed on or stored; a reference all the same.
-    for origin, (node, name, text) in sorted(reads_at.items()):
+    for (origin, _), (node, name, text) in sorted(reads_at.items(), key=lambda kv: kv[0]):
         if origin not in consumed:
             add(Finding("reference", f"{name} (read, not called through)",
                         _branch_at(image, node, origin), _path(image, parent, node, origin),
