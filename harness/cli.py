@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from harness import demo, scenario
-from harness.analysis import checks, devices, dump, explain, explain_render, report, symbols, trace
+from harness.analysis import (
+    checks,
+    devices,
+    dump,
+    explain,
+    explain_render,
+    report,
+    symbols,
+    teardown_static,
+    trace,
+)
 from harness.analysis.judgement import Judgement
 from harness.build import cache, edk2, qemu
 from harness.errors import (
@@ -108,12 +118,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
         progress=progress,
         flags=edk2.BuildFlags(debug_on_serial=args.debug_on_serial),
     )
-    return _print_build(args, result.firmware.path, {"firmware_dir": str(result.firmware.path),
-                                                     "edk2": baseline.name},
-                        result.firmware.key, result.cache_hit, result.seconds)
+    return _print_build(args, result.firmware.path, {
+        "firmware_dir": str(result.firmware.path), "edk2": baseline.name,
+        # C3S as the build recorded it (None: a build from before the check)
+        "static_c3": result.firmware.manifest.get(teardown_static.MANIFEST_KEY)},
+        result.firmware.key, result.cache_hit, result.seconds)
 
 
-def _print_build(args: argparse.Namespace, path: Path, fields: dict[str, str], key: str,
+def _print_build(args: argparse.Namespace, path: Path, fields: Mapping[str, object], key: str,
                  cache_hit: bool, seconds: float) -> int:
     """What ``build`` and ``build-qemu`` print: ``path (built, 12.3 s)``, or JSON."""
     if args.json:
@@ -223,6 +235,20 @@ def _cmd_explain_log(args: argparse.Namespace) -> int:
         sys.stdout.write("\nExitBootServices trace: none in this log (no EBST lines), "
                          "so no EBS verdict\n")
     return EXIT_OK
+
+
+def _cmd_check_firmware(args: argparse.Namespace) -> int:
+    """C3S alone: 0 when no path is found, 1 when one is, 2 for a directory
+    that is no firmware build."""
+    result = teardown_static.check_firmware(Path(args.firmware), args.entry)
+    violations = [checks.Violation("C3S", finding.line()) for finding in result.findings]
+    if args.json:
+        _print_json({**result.as_dict(), "violations": [v.as_json() for v in violations],
+                     "checks": checks.states_json(checks.outcomes(["C3S"], violations, {}))})
+    else:
+        for line in teardown_static.lines(result):
+            print(line)
+    return EXIT_VIOLATION if violations else EXIT_OK
 
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
@@ -543,6 +569,17 @@ def _parser() -> argparse.ArgumentParser:
                                                  "the host has no SEV")),
                           help="the 2017 scheme against the callback, side by side")
     demo_cmd.set_defaults(func=_cmd_demo)
+
+    static = add_parser("check-firmware", json_out,
+                        help="C3S: every path from the IOMMU teardown to a boot service, read "
+                             "from the built IoMmuDxe (docs/static-check.md)")
+    static.add_argument("firmware", metavar="DIR",
+                        help="a firmware directory from 'ebs-harness build' "
+                             "(reads modules/IoMmuDxe.debug)")
+    static.add_argument("--entry", metavar="FUNCTION", default=teardown_static.ENTRY,
+                        help=f"the function to start from (default: "
+                             f"{teardown_static.ENTRY}, the one the DXE core calls)")
+    static.set_defaults(func=_cmd_check_firmware)
 
     check = add_parser("host-check", json_out,
                        help="what this host can run: TCG, KVM, SEV, SEV-ES, SNP")

@@ -34,13 +34,15 @@ class Evidence(enum.Enum):
     CONTRACT = "contract lines"         #: the DXE core's own EBST contract lines
     DUMP = "memory dump"                #: dump-guest-memory, parked after EBS
     DEVICE_TRACE = "device trace"       #: QEMU's trace events of the devices
+    MODULES = "built modules"           #: the firmware's modules/*.debug, read statically
 
 
 @dataclass(frozen=True)
 class Check:
     """One verdict.
 
-    :param id: ``V1``: a letter for the evidence family and a number.
+    :param id: ``V1``: a letter for the evidence family and a number
+        (``C3S``: C3, proven statically).
     :param name: the short name reports print after the id (``order``).
     :param means: what holding it means, one sentence (CLI help, docs).
     :param evidence: what it reads.
@@ -73,6 +75,10 @@ CHECKS: Mapping[str, Check] = {check.id: check for check in (
           Evidence.CONTRACT),
     Check("C3", "hook enters no boot service", "the IOMMU member CoreExitBootServices() calls "
           "enters no boot service: no TPL change, no allocation", Evidence.CONTRACT),
+    Check("C3S", "no boot service on any path", "no function the IOMMU member can reach, "
+          "on any vendor's branch, calls a boot service, a PCD protocol or an allocator, or "
+          "enables interrupts (read from the built IoMmuDxe, not from a boot)",
+          Evidence.MODULES),
     Check("D1", "no live mapping", "the dump's IoMmuDxe mapping list is empty", Evidence.DUMP),
     Check("D2", "no shared page", "no page is left shared beyond those shared by design",
           Evidence.DUMP),

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from harness import shared
+from harness.analysis import teardown_static
 from harness.analysis.symbols import write_index
 from harness.build.cache import (
     CachedBuilder,
@@ -447,12 +448,16 @@ class Builder(CachedBuilder):
             shutil.copy2(mapfile, modules / mapfile.name)
         self.progress.phase("publish", "indexing the modules' symbols")
         write_index(modules)
+        # Recorded, not enforced (docs/static-check.md): a finding does not fail the build.
+        self._static_c3 = teardown_static.build_record(modules)
+        self.progress.phase("static C3", str(self._static_c3.get("summary")))
 
     def _manifest_extra(self) -> dict[str, object]:
         modules = self.workspace_dir / "tree" / self.flags.output_dir / self.flags.module_arch
         return {"edk2": self.baseline.name,
                 "build_argv": self.flags.argv(self.jobs),
-                "modules": len(list(modules.glob("*.efi")))}
+                "modules": len(list(modules.glob("*.efi"))),
+                teardown_static.MANIFEST_KEY: getattr(self, "_static_c3", None)}
 
     def _discard_partial(self, tree: Path) -> None:
         # edk2's build has no notion of a half-written object: build afresh.
