@@ -63,7 +63,7 @@ def _detail(result: RunResult) -> str:
 def _expect_zoo(result: RunResult, kinds: tuple[str, ...], sev: str) -> None:
     """Every firmware-side verdict holds; on the device side exactly the
     armed devices fail W1, each named, and nothing DMAs after the teardown."""
-    assert result.devices is not None, result.device_notes
+    assert result.devices is not None, result.judgement.device_notes
     report = result.devices
     assert report.judged, report.notes
     firmware_side = {v.check for v in result.violations if not v.check.startswith("W")}
@@ -108,7 +108,7 @@ def test_zoo_device_alone(ebs_run_probe: Run, kind: str, sev: str) -> None:
 
 
 def _nic(result: RunResult) -> devices.Device:
-    assert result.devices is not None, result.device_notes
+    assert result.devices is not None, result.judgement.device_notes
     (nic,) = [d for d in result.devices.devices if d.qom == "virtio-net-pci"]
     return nic
 
@@ -141,5 +141,5 @@ def test_late_frames_fail_w2(ebs_run_probe: Run, sev: str) -> None:
     assert nic.dma_after and nic.dma_after[0].line > result.devices.begin_line
     if sev == "emulated":
         # what the late DMA did: the frames sit in pages the teardown made private
-        (late,) = [n for n in result.device_notes if n.startswith("late DMA")]
+        (late,) = [n for n in result.judgement.device_notes if n.startswith("late DMA")]
         assert "late DMA: 4 injected frame(s)" in late and "4 in private pages" in late, late

@@ -74,7 +74,7 @@ def _handlers_after_teardown(result: RunResult) -> list[str]:
         for teardown in attempt.teardowns:
             for dispatch in attempt.dispatches:
                 if dispatch.begin.seq > teardown.begin.seq:
-                    names.append(result.symbolizer.symbolize(dispatch.begin.fn))
+                    names.append(result.judgement.symbolizer.symbolize(dispatch.begin.fn))
     return names
 
 
