@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.analysis.service_tables import TABLES, Table
+from harness.analysis.symbols import die_name, die_ranges, file_of
 from harness.errors import UsageError
 
 LOG = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def _read_dwarf(dwarf: Any, image: ModuleImage) -> None:
             state = entry.state
             if state is None or state.end_sequence:
                 continue
-            image.lines.append((state.address, _file_name(program, state.file)))
+            image.lines.append((state.address, file_of(unit, program, state.file)))
     image.lines.sort()
     image.scopes.sort()
 
@@ -187,8 +188,8 @@ def _walk_dies(dwarf: Any, unit: Any, die: Any, chain: tuple[str, ...], image: M
         if tag == "DW_TAG_variable":
             _note_variable(child, image)
         elif tag in ("DW_TAG_subprogram", "DW_TAG_inlined_subroutine"):
-            inner = (*chain, _die_name(child))
-            for low, high in _ranges(dwarf, unit, child):
+            inner = (*chain, die_name(child))
+            for low, high in die_ranges(dwarf, unit, child):
                 image.scopes.append((low, high, inner))
             _walk_dies(dwarf, unit, child, inner, image)
         elif tag == "DW_TAG_lexical_block":
@@ -239,61 +240,4 @@ def _pointee_name(die: Any) -> str:
             return ""
     return ""
 
-
-def _die_name(die: Any) -> str:
-    for _ in range(4):
-        if "DW_AT_name" in die.attributes:
-            return str(die.attributes["DW_AT_name"].value.decode(errors="replace"))
-        key = next((k for k in ("DW_AT_abstract_origin", "DW_AT_specification")
-                    if k in die.attributes), None)
-        if key is None:
-            break
-        die = die.get_DIE_from_attribute(key)
-    return "?"
-
-
-def _ranges(dwarf: Any, unit: Any, die: Any) -> list[tuple[int, int]]:
-    attrs = die.attributes
-    if "DW_AT_low_pc" in attrs and "DW_AT_high_pc" in attrs:
-        low = attrs["DW_AT_low_pc"].value
-        high = attrs["DW_AT_high_pc"]
-        end = low + high.value if high.form.startswith("DW_FORM_data") else high.value
-        return [(int(low), int(end))]
-    if "DW_AT_ranges" not in attrs:
-        return []
-    from elftools.dwarf.ranges import BaseAddressEntry, RangeEntry
-
-    top = unit.get_top_DIE().attributes.get("DW_AT_low_pc")
-    base = top.value if top is not None else 0
-    out: list[tuple[int, int]] = []
-    ranges = dwarf.range_lists()
-    if ranges is None:
-        return out
-    for entry in ranges.get_range_list_at_offset(attrs["DW_AT_ranges"].value, cu=unit):
-        if isinstance(entry, BaseAddressEntry):
-            base = entry.base_address
-        elif isinstance(entry, RangeEntry):
-            start = entry.begin_offset if entry.is_absolute else base + entry.begin_offset
-            end = entry.end_offset if entry.is_absolute else base + entry.end_offset
-            out.append((int(start), int(end)))
-    return out
-
-
-def _file_name(program: Any, index: int) -> str:
-    version = program.header.version
-    files = program["file_entry"]
-    try:
-        entry = files[index - 1] if version < 5 else files[index]
-    except IndexError:
-        return ""
-    name = bytes(entry.name).decode(errors="replace")
-    dirs = program["include_directory"]
-    directory = b""
-    if version < 5 and entry.dir_index > 0:
-        directory = dirs[entry.dir_index - 1]
-    elif version >= 5:
-        directory = dirs[entry.dir_index]
-    if directory and not name.startswith("/"):
-        return f"{bytes(directory).decode(errors='replace').rstrip('/')}/{name}"
-    return name
 

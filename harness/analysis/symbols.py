@@ -387,36 +387,44 @@ def _functions_at(dwarf: Any, rva: int) -> tuple[str, ...]:
         if inner is None:
             return tuple(reversed(chain))
         if inner.tag != "DW_TAG_lexical_block":
-            chain.append(_die_name(inner))
+            chain.append(die_name(inner))
         die = inner
 
 
 def _die_holds(dwarf: Any, unit: Any, die: Any, rva: int) -> bool:
+    return any(start <= rva < end for start, end in die_ranges(dwarf, unit, die))
+
+
+def die_ranges(dwarf: Any, unit: Any, die: Any) -> list[tuple[int, int]]:
+    """The address ranges of a DWARF scope (its low/high pc, or its range list)."""
     attrs = die.attributes
     if "DW_AT_low_pc" in attrs and "DW_AT_high_pc" in attrs:
         low = attrs["DW_AT_low_pc"].value
         high = attrs["DW_AT_high_pc"]
         end = low + high.value if high.form.startswith("DW_FORM_data") else high.value
-        return bool(low <= rva < end)
+        return [(int(low), int(end))]
     if "DW_AT_ranges" not in attrs:
-        return False
+        return []
     from elftools.dwarf.ranges import BaseAddressEntry, RangeEntry
 
     top = unit.get_top_DIE().attributes.get("DW_AT_low_pc")
     base = top.value if top is not None else 0
-    for entry in dwarf.range_lists().get_range_list_at_offset(attrs["DW_AT_ranges"].value,
-                                                              cu=unit):
+    out: list[tuple[int, int]] = []
+    ranges = dwarf.range_lists()
+    if ranges is None:
+        return out
+    for entry in ranges.get_range_list_at_offset(attrs["DW_AT_ranges"].value, cu=unit):
         if isinstance(entry, BaseAddressEntry):
             base = entry.base_address
         elif isinstance(entry, RangeEntry):
             start = entry.begin_offset if entry.is_absolute else base + entry.begin_offset
             end = entry.end_offset if entry.is_absolute else base + entry.end_offset
-            if start <= rva < end:
-                return True
-    return False
+            out.append((int(start), int(end)))
+    return out
 
 
-def _die_name(die: Any) -> str:
+def die_name(die: Any) -> str:
+    """A DWARF scope's name, through its abstract origin or specification."""
     for _ in range(4):
         if "DW_AT_name" in die.attributes:
             return str(die.attributes["DW_AT_name"].value.decode(errors="replace"))
@@ -426,6 +434,7 @@ def _die_name(die: Any) -> str:
             break
         die = die.get_DIE_from_attribute(key)
     return "?"
+
 
 def _line_of(dwarf: Any, rva: int) -> tuple[str, int] | None:
     for unit in dwarf.iter_CUs():
@@ -438,17 +447,21 @@ def _line_of(dwarf: Any, rva: int) -> tuple[str, int] | None:
             if state is None:
                 continue
             if previous is not None and previous.address <= rva < state.address:
-                return _file_of(unit, program, previous.file), previous.line
+                return file_of(unit, program, previous.file), previous.line
             previous = None if state.end_sequence else state
     return None
 
 
-def _file_of(unit: Any, program: Any, index: int) -> str:
+def file_of(unit: Any, program: Any, index: int) -> str:
     """A line program's file ``index`` as a path (DWARF 4 counts from 1,
-    DWARF 5 from 0; directory 0 is the unit's compilation directory)."""
+    DWARF 5 from 0; directory 0 is the unit's compilation directory); ""
+    for an index the program does not have."""
     version = program.header.version
     files = program["file_entry"]
-    entry = files[index - 1] if version < 5 else files[index]
+    try:
+        entry = files[index - 1] if version < 5 else files[index]
+    except IndexError:
+        return ""
     name = str(entry.name.decode(errors="replace"))
     dirs = program["include_directory"]
     directory = b""
