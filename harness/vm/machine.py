@@ -48,7 +48,7 @@ LOG = logging.getLogger(__name__)
 
 ACCELS = ("tcg", "kvm")
 #: ``emulated``: the harness's QEMU (``ebs-harness build-qemu``) gives a TCG
-#: guest the platform side of plain SEV (``sev-emulated-guest``), with memory
+#: guest the platform side of plain SEV (``sev-emulated``), with memory
 #: in plaintext.
 SEV_MODES = ("off", "sev", "sev-es", "snp", "emulated")
 
@@ -240,7 +240,7 @@ class SevConfig:
     ``query-sev-capabilities``); ``snp`` is ``sev-snp-guest`` (QEMU >= 9.1),
     whose memory is a memfd backend and whose firmware is one ``-bios``
     image (KVM's SNP VM type has no read-only memory slots for pflash);
-    ``emulated`` is ``sev-emulated-guest`` under TCG (plain SEV only).
+    ``emulated`` is ``sev-emulated`` under TCG (plain SEV only).
     ``policy`` defaults to NODBG|NOKS, plus ES for SEV-ES, and to
     :data:`SNP_POLICY_DEFAULT` for SNP; an explicit SEV policy must agree with
     the mode about ES.
@@ -281,8 +281,7 @@ class SevConfig:
 
     @property
     def qom_type(self) -> str:
-        return {"emulated": "sev-emulated-guest", "snp": "sev-snp-guest"}.get(self.mode,
-                                                                               "sev-guest")
+        return {"emulated": "sev-emulated", "snp": "sev-snp-guest"}.get(self.mode, "sev-guest")
 
     @property
     def snp(self) -> bool:
@@ -1076,6 +1075,6 @@ def sev_info_problem(info: Mapping[str, Any], policy: int, *, emulated: bool = F
             == (0, 0):
         return "query-sev says SEV API 0.0: no SEV firmware answered the launch"
     if is_emulated != emulated:
-        return ("query-sev says the SEV is emulated (sev-emulated-guest), not real"
+        return ("query-sev says the SEV is emulated (sev-emulated), not real"
                 if is_emulated else "query-sev does not say emulated=true")
     return None
