@@ -20,6 +20,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,7 @@ def test_info_tlb_and_a_paging_dump_read_the_cbit_guests_tables(
             vm.serial.expect(r"UEFI Interactive Shell", timeout=90)
             flat = vm.dump(ebs_artifacts / "memory.elf")
             tlb = _hmp(monitor, "info tlb")
+            mem = _hmp(monitor, "info mem")
             paged = ebs_artifacts / "paged.elf"
             vm.qmp("dump-guest-memory", {"paging": True, "protocol": f"file:{paged}"},
                    timeout=300)
@@ -200,6 +202,11 @@ def test_info_tlb_and_a_paging_dump_read_the_cbit_guests_tables(
     lines = [m.groups() for m in map(_TLB_LINE.match, tlb.splitlines()) if m]
     assert len(lines) == len(leaves), tlb[:2000]
     assert {(int(v, 16), int(p, 16)) for v, p in lines} == ours
+    # info mem: the same mapped total, in ranges of one protection
+    ranges = re.findall(r"^[0-9a-f]{16}-[0-9a-f]{16} ([0-9a-f]{16}) [-urw]{3}$", mem,
+                        re.MULTILINE)
+    assert ranges
+    assert sum(int(size, 16) for size in ranges) == sum(leaf.size for leaf in leaves)
     # The paging dump: one PT_LOAD per run of mapped RAM, at its virtual
     # address (QEMU writes the lower half with bits 63..48 set: cut them).
     starts = sorted(leaf.vaddr for leaf in leaves)
@@ -217,6 +224,49 @@ def test_info_tlb_and_a_paging_dump_read_the_cbit_guests_tables(
             assert paddr == leaf.paddr + vaddr - leaf.vaddr
             mapped += size
     assert mapped >= 200 << 20
+
+
+#: A 64 KiB ``-bios`` in real mode: point the #GP vector at a HLT of its own,
+#: read SEV_STATUS into ESI, write it, HLT. EIP after a HLT says which one:
+#: 0x24 the write went through, 0x27 it raised #GP.
+SEV_STATUS_BIOS = bytes.fromhex(
+    "31C0" "8ED8"                       # xor ax,ax; mov ds,ax
+    "C70634002600" "C706360000F0"       # IVT[13] = F000:0026
+    "66B9310101C0" "0F32" "6689C6"      # mov ecx,0xC0010131; rdmsr; mov esi,eax
+    "6631C0" "6631D2" "0F30"            # xor eax,eax; xor edx,edx; wrmsr
+    "F4EBFD"                            # 0x23: hlt (no #GP)
+    "F4EBFD")                           # 0x26: hlt (the #GP handler)
+
+
+def _sev_status_run(qemu: str, directory: Path, *args: str) -> tuple[int, int]:
+    """ESI (what RDMSR read) and EIP (which HLT) after :data:`SEV_STATUS_BIOS`."""
+    image = bytearray(b"\xf4" * 0x10000)
+    image[:len(SEV_STATUS_BIOS)] = SEV_STATUS_BIOS
+    image[0xFFF0:0xFFF5] = bytes.fromhex("EA000000F0")   # reset: jmp F000:0000
+    bios = directory / "sev-status.bin"
+    bios.write_bytes(bytes(image))
+    proc = subprocess.Popen([qemu, "-accel", "tcg", "-display", "none", "-nodefaults",
+                             "-bios", str(bios), "-monitor", "stdio", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1.5)     # the guest runs into its HLT long before
+        out, _ = proc.communicate("info registers\nquit\n", timeout=30)
+    finally:
+        proc.kill()
+    esi, eip = re.search(r"ESI=([0-9a-f]{8})", out), re.search(r"EIP=([0-9a-f]{8})", out)
+    assert esi and eip, out
+    return int(esi.group(1), 16), int(eip.group(1), 16)
+
+
+def test_sev_status_reads_1_and_a_write_raises_gp(emulated: HostCaps, ebs_host_caps: HostCaps,
+                                                  tmp_path: Path) -> None:
+    sev = ("-machine", "q35,confidential-guest-support=sev0", "-object", "sev-emulated,id=sev0")
+    assert _sev_status_run(emulated.qemu, tmp_path, *sev) == (1, 0x27)
+    # without the emulation the MSR reads 0, and is still read-only
+    assert _sev_status_run(emulated.qemu, tmp_path) == (0, 0x27)
+    # the control: Debian's QEMU ignores the write
+    assert _sev_status_run(ebs_host_caps.qemu, tmp_path) == (0, 0x24)
 
 
 def _qemu_error(qemu: str, *args: str) -> subprocess.CompletedProcess[str]:
