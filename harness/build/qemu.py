@@ -17,8 +17,9 @@ by sha256 and downloaded once into the cache; and the repack ships no ROMs
 does, in the directories of :data:`FIRMWARE_PATH`, which ``setup-host``
 fills with Debian's packages.
 
-A QEMU directory holds ``bin/qemu-system-x86_64``, ``build.log`` and
-``manifest.json``. The key hashes the source identity (Debian's package and
+A QEMU directory holds ``bin/qemu-system-x86_64``, ``share/trace-events-all``
+(the formats of its trace events, which the device trace reads:
+:mod:`harness.analysis.trace_events`), ``build.log`` and ``manifest.json``. The key hashes the source identity (Debian's package and
 the meson wheel), every patch's bytes, the configure flags, and the versions
 of the compiler, ninja and the libraries the binary links (glib, pixman,
 slirp).
@@ -78,6 +79,8 @@ MESON_WHEEL = "meson-1.5.0-py3-none-any.whl"
 MESON_WHEEL_SHA256 = "52b34f4903b882df52ad0d533146d4b992c018ea77399f825579737672ae7b20"
 
 BINARY = "qemu-system-x86_64"
+#: The build's list of trace events and their formats (ninja target).
+TRACE_EVENTS = "trace/trace-events-all"
 #: Where Debian's QEMU looks for ROMs (qemu-system-data, seabios, ipxe-qemu):
 #: its ``debian/rules`` configures ``--firmwarepath`` so.
 FIRMWARE_PATH = "/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu"
@@ -237,7 +240,7 @@ def _ninja_progress(line: str) -> str | None:
 class QemuBuilder(CachedBuilder):
     """Builds the harness's QEMU for one set of inputs under one cache root."""
 
-    RECIPE: ClassVar[str] = "qemu/2"
+    RECIPE: ClassVar[str] = "qemu/3"
     PUBLISHED: ClassVar[str] = "qemu"
     WORK: ClassVar[str] = "qemu-work"
     SRC: ClassVar[str] = "qemu-src"
@@ -269,7 +272,7 @@ class QemuBuilder(CachedBuilder):
                 argv = self.flags.argv()
                 self.progress.phase("QEMU", "configure " + " ".join(argv[1:]))
                 self._stream(argv, build, env, log, "configure", workspace=tree)
-            argv = ["ninja", "-j", str(self.jobs), BINARY]
+            argv = ["ninja", "-j", str(self.jobs), BINARY, TRACE_EVENTS]
             self.progress.phase("QEMU", " ".join(argv))
             self._stream(argv, build, env, log, "QEMU", _ninja_progress, workspace=tree)
         seconds = time.monotonic() - start
@@ -279,6 +282,8 @@ class QemuBuilder(CachedBuilder):
     def _publish_into(self, tree: Path, tmp: Path) -> None:
         (tmp / "bin").mkdir()
         shutil.copy2(tree / BUILD_DIR / BINARY, tmp / "bin" / BINARY)
+        (tmp / "share").mkdir()
+        shutil.copy2(tree / BUILD_DIR / TRACE_EVENTS, tmp / "share" / "trace-events-all")
 
     def _manifest_extra(self) -> dict[str, object]:
         return {"configure_argv": self.flags.argv(), "binary": f"bin/{BINARY}"}

@@ -31,7 +31,10 @@ echo "configure $*" > configure-args
 cat > build.ninja <<'EOF'
 rule cc
   command = cc -o $out $in
+rule cat
+  command = cat $in > $out
 build qemu-system-x86_64: cc ../main.c
+build trace/trace-events-all: cat ../main.c
 EOF
 """
 
@@ -88,6 +91,7 @@ def test_builds_publishes_then_hits(tmp_path: Path) -> None:
                                             '    return puts("patched") < 0;'))
     first = _builder(tmp_path, series).qemu()
     assert not first.cache_hit and first.qemu.binary.is_file()
+    assert (first.qemu.path / "share" / "trace-events-all").is_file()
     assert first.qemu.manifest["configure_argv"][0] == "../configure"  # type: ignore[index]
     tree = _builder(tmp_path, series).workspace_dir / "tree"
     assert "--target-list=x86_64-softmmu" in (tree / qemu.BUILD_DIR / "configure-args").read_text()
