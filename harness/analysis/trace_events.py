@@ -49,12 +49,16 @@ def _format(literal: str) -> str:
     return "".join(out)
 
 
-def parse_trace_events(text: str) -> dict[str, str]:
-    """Event name -> its format, from the text of a ``trace-events`` file."""
+def parse_trace_events(text: str, names: Iterable[str] | None = None) -> dict[str, str]:
+    """Event name -> its format, from the text of a ``trace-events`` file;
+    only the events of ``names``, when given (a whole file has thousands)."""
+    wanted = None if names is None else frozenset(names)
     formats: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
+            continue
+        if wanted is not None and line.split("(", 1)[0].split()[-1] not in wanted:
             continue
         match = _DECLARATION.match(line)
         if match:
@@ -76,15 +80,15 @@ def events_file(qemu: str | Path) -> Path | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _load(path: Path, mtime_ns: int) -> dict[str, str]:
+def _load(path: Path, mtime_ns: int, names: frozenset[str] | None) -> dict[str, str]:
     del mtime_ns    # part of the cache key only
-    return parse_trace_events(path.read_text(errors="replace"))
+    return parse_trace_events(path.read_text(errors="replace"), names)
 
 
-def load(path: Path) -> dict[str, str]:
+def load(path: Path, names: Iterable[str] | None = None) -> dict[str, str]:
     """:func:`parse_trace_events` of the file at ``path`` (read once while
     it is unchanged)."""
-    return _load(path, path.stat().st_mtime_ns)
+    return _load(path, path.stat().st_mtime_ns, None if names is None else frozenset(names))
 
 
 def lacking(formats: Mapping[str, str], names: Iterable[str], qemu: str) -> str | None:
@@ -110,6 +114,6 @@ def formats_for_trace(qemu: str | None, events: Path | None,
         note = (f"no trace-events-all of QEMU {qemu or '(unknown)'} ({where}): read with "
                 "QEMU 7.2's formats")
         return {name: fmt for name, (fmt, _) in fallback.items()}, (note,)
-    formats = load(events)
+    formats = load(events, fallback)
     lacks = lacking(formats, fallback, qemu or "unknown")
     return formats, (lacks,) if lacks else ()
