@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from harness import scenario
 from harness.analysis import devices, trace_events
-from harness.build import cache, qemu
+from harness.build import cache, edk2, qemu
 from harness.pytestplugin import session_emulated_caps
+from harness.vm import host
 from harness.vm.host import HostCaps
 
 #: 10.0 changed this event's format (7.2: "(ICR causes %u)").
@@ -55,3 +57,23 @@ def test_a_10_0_line_is_read_with_10_0s_format(ebs_host_caps: HostCaps, ours: Ho
     with pytest.raises(devices.DeviceTraceError, match="e1000e_rx_written_to_guest does not "
                        f"have QEMU {ebs_host_caps.qemu_version}'s format"):
         devices.parse_device_trace(trace)
+
+
+def test_a_boot_on_backports_10_0_2_is_judged_with_its_own_formats(
+        ebs_firmware: edk2.Firmware, ebs_artifacts: Path) -> None:
+    """A real boot on the third QEMU: its device trace names its
+    trace-events-all, is read with it, and W1 names the devices the stock
+    drivers leave armed (docs/devices.md), as on the other two."""
+    newer = qemu.fetch_newer_qemu(cache.StderrProgress())
+    caps = host.cached_probe(str(newer), tcg_only=True)
+    chosen = scenario.Scenario(devices=("virtio-blk", "nvme", "ahci", "xhci-storage"),
+                               requeue_depth=2, accel="tcg")
+    result = scenario.run_scenario(ebs_firmware, chosen, ebs_artifacts, caps=caps)
+    header = (result.artifacts / scenario.DEVICE_TRACE).read_text().splitlines()[0]
+    assert header == (f"# ebs-harness device trace v1 qemu=10.0.2 "
+                      f"events={trace_events.events_file(newer)}")
+    assert result.devices is not None and result.devices.judged, result.device_notes
+    assert result.devices.notes == ()
+    assert {v.detail.split(" ")[0] for v in result.violations if v.check == "W1"} == \
+        {"nvme", "ahci"}
+    assert result.failed_checks() == {"W1"}
