@@ -31,6 +31,7 @@ from typing import Any
 from harness.analysis import devices as device_trace
 from harness.analysis import dump as dumps
 from harness.analysis import trace
+from harness.analysis import trace_events as qemu_events
 from harness.analysis.judgement import Judgement, summary_checks
 from harness.analysis.memdump import QemuDump
 from harness.build.edk2 import Firmware
@@ -355,7 +356,7 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     if scenario.device_trace:
         device_report, device_notes = judge_devices(
             vm.device_trace_raw, artifacts / DEVICE_TRACE, caps.qemu_version,
-            log_report.timeline.trace.events)
+            log_report.timeline.trace.events, qemu_events.events_file(caps.qemu))
     if scenario.inject_frames and dump_path is not None and dump_report is not None:
         device_notes += (late_frames(dump_path, dump_report),)
     result = RunResult(scenario, artifacts, config.accel, caps.qemu_version, firmware.key,
@@ -413,13 +414,15 @@ def late_frames(dump_path: Path, report: dumps.DumpReport) -> str:
 
 
 def judge_devices(raw: Path, kept: Path, qemu_version: str,
-                  log_events: Sequence[trace.TraceEvent] = ()
+                  log_events: Sequence[trace.TraceEvent] = (),
+                  events: Path | None = None
                   ) -> tuple[device_trace.DeviceReport | None, tuple[str, ...]]:
     """The device trace QEMU wrote to ``raw``, kept as ``kept`` behind its
-    header, and judged; or None and why not."""
+    header (which names ``events``, the QEMU's ``trace-events-all``), and
+    judged; or None and why not."""
     try:
         with open(raw, "rb") as source, open(kept, "wb") as target:
-            target.write(device_trace.header(qemu_version).encode())
+            target.write(device_trace.header(qemu_version, events).encode())
             shutil.copyfileobj(source, target)
     except OSError as exc:
         return None, (f"no device trace ({raw}: {exc.strerror}): W1, W2 not judged",)

@@ -20,14 +20,18 @@ Verdicts (``docs/devices.md`` says what counts as quiesced per model):
   the end of the trace (the probe parks and touches nothing).
 
 The file the harness keeps is QEMU's trace behind one header line,
-``# ebs-harness device trace v1 qemu=VERSION``. :func:`parse_device_trace`
-reads every line against QEMU 7.2's format of its event and refuses (one
+``# ebs-harness device trace v1 qemu=VERSION events=PATH``.
+:func:`parse_device_trace` reads every line against the format of its event
+in the QEMU that wrote it (``PATH``, its ``trace-events-all``:
+:mod:`harness.analysis.trace_events`; QEMU 7.2's, :data:`FORMATS`, when the
+header names none) and refuses (one
 :class:`DeviceTraceError`, exit 2) a file that is cut, garbled, not a
 device trace, or whose lines have another QEMU version's format.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,12 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from harness.analysis import checks
+from harness.analysis import trace_events as qemu_events
 from harness.analysis.checks import Violation
 from harness.errors import TraceFormatError
 
 FORMAT_VERSION = 1
 HEADER = "# ebs-harness device trace"
-_HEADER_RE = re.compile(r"# ebs-harness device trace v(\d+) qemu=(\S+)\Z")
+_HEADER_RE = re.compile(r"# ebs-harness device trace v(\d+) qemu=(\S+)(?: events=(\S+))?\Z")
 
 #: fw_cfg keys the firmware's test build selects as markers (invalid keys:
 #: QEMU traces the selection and changes nothing).
@@ -240,8 +245,11 @@ def trace_events(kinds: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def header(qemu_version: str) -> str:
-    return f"{HEADER} v{FORMAT_VERSION} qemu={qemu_version or 'unknown'}\n"
+def header(qemu_version: str, events: Path | None = None) -> str:
+    """The kept trace's first line; ``events``: the QEMU's ``trace-events-all``."""
+    named = f" events={events}" if events is not None and not re.search(r"\s", str(events)) \
+        else ""
+    return f"{HEADER} v{FORMAT_VERSION} qemu={qemu_version or 'unknown'}{named}\n"
 
 
 # ------------------------------------------------------------- parsing
@@ -257,13 +265,15 @@ class DeviceEvent:
     line: int
     name: str
     fields: dict[str, str]
+    #: each field's base in the format the line was read with
+    bases: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def text(self) -> str:
         return f"{self.name} " + " ".join(f"{k}={v}" for k, v in self.fields.items())
 
     def num(self, key: str) -> int:
         """A numeric field, in the base its format prints it in."""
-        return int(self.fields[key], _BASES[self.name][key])
+        return int(self.fields[key], self.bases.get(key) or _BASES[self.name][key])
 
 
 @dataclass(frozen=True)
@@ -271,6 +281,7 @@ class DeviceTrace:
     path: Path
     qemu: str | None
     events: tuple[DeviceEvent, ...]
+    notes: tuple[str, ...] = ()
 
 
 def parse_device_trace(path: Path | str) -> DeviceTrace:
@@ -288,6 +299,8 @@ def parse_device_trace(path: Path | str) -> DeviceTrace:
                                "trace ends in the middle of a line)")
     lines.pop()
     qemu: str | None = None
+    events_file: Path | None = None
+    formats: Mapping[str, str] | None = None
     events: list[DeviceEvent] = []
     for number, raw in enumerate(lines, 1):
         if len(raw) > _MAX_LINE:
@@ -307,26 +320,42 @@ def parse_device_trace(path: Path | str) -> DeviceTrace:
                 raise DeviceTraceError(path, 1, f"header {text[:60]!r}: not a v{FORMAT_VERSION} "
                                        "device trace of this harness")
             qemu = match.group(2)
+            events_file = Path(match.group(3)) if match.group(3) else None
             continue
-        events.append(_parse_line(path, number, text, qemu))
-    return DeviceTrace(path, qemu, tuple(events))
+        if formats is None:
+            formats, notes = qemu_events.formats_for_trace(qemu, events_file, FORMATS)
+        events.append(_parse_line(path, number, text, qemu, formats))
+    if formats is None:
+        formats, notes = qemu_events.formats_for_trace(qemu, events_file, FORMATS)
+    return DeviceTrace(path, qemu, tuple(events), notes)
 
 
-def _parse_line(path: Path, number: int, text: str, qemu: str | None) -> DeviceEvent:
+def _parse_line(path: Path, number: int, text: str, qemu: str | None,
+                formats: Mapping[str, str]) -> DeviceEvent:
     match = _LINE_RE.match(text) or _LINE_RE.match(text + " ")
     if match is None:
         raise DeviceTraceError(path, number, f"not a QEMU trace line: {text[:60]!r}")
     name, args = match.groups()
-    regex = _REGEXES.get(name)
-    if regex is None:
+    if name not in FORMATS or name not in formats:
         raise DeviceTraceError(path, number, f"event {name[:40]!r} is none the harness "
                                "enables: garbled, or not a device trace")
+    regex, kinds = _compiled(formats[name])
     values = regex.match(args)
-    if values is None:
+    if values is None or len(kinds) != len(FORMATS[name][1]):
         made = f" (the trace says qemu={qemu})" if qemu else ""
-        raise DeviceTraceError(path, number, f"{name} does not have QEMU 7.2's format{made}: "
-                               f"garbled, or from another QEMU version: {args[:60]!r}")
-    return DeviceEvent(number, name, dict(zip(FORMATS[name][1], values.groups(), strict=True)))
+        raise DeviceTraceError(path, number, f"{name} does not have QEMU {qemu or '7.2'}'s "
+                               f"format{made}: garbled, or from another QEMU version: "
+                               f"{args[:60]!r}")
+    fields = FORMATS[name][1]
+    return DeviceEvent(number, name, dict(zip(fields, values.groups(), strict=True)),
+                       {f: 16 if kind in "xp" else 10 for f, kind in zip(fields, kinds,
+                                                                          strict=True)})
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(fmt: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
+    """A format's regex and the kinds of its fields (``d``, ``x``, ``p``...)."""
+    return _format_regex(fmt), tuple(k for k in _CONVERSION_RE.findall(fmt) if k != "%")
 
 
 # ------------------------------------------------------------ devices
@@ -622,11 +651,11 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
                      "teardown ran, or the firmware is not a test build with the markers; "
                      "W1 and W2 not judged")
         return DeviceReport(trace.path, trace.qemu, len(trace.events), None, None, devices,
-                            (), tuple(notes))
+                            (), (*notes, *trace.notes))
     violations = (*quiesced(devices, at_begin, state.begin),
                   *no_late_dma(devices, state.begin, state.unattributed))
     return DeviceReport(trace.path, trace.qemu, len(trace.events), state.begin, state.end,
-                        devices, violations, tuple(notes))
+                        devices, violations, (*notes, *trace.notes))
 
 
 def quiesced(devices: Sequence[Device], at_begin: Mapping[str, tuple[int | None,

@@ -1,29 +1,40 @@
-"""The harness's own QEMU: Debian's QEMU 7.2 source package with the series
-in ``qemu-patches/`` (an emulated SEV for TCG, ``sev-emulated-guest``),
+"""The harness's QEMU: Debian's QEMU 10.0 source package with the series in
+``qemu-patches/`` (an emulated SEV for TCG, the ``sev-emulated`` object),
 configured for what the harness runs, cached by key like the firmware.
 
-Why 7.2: it is the QEMU Debian 12 runs, so the emulated-SEV binary differs
-from the system's only by the series (same device models, trace events and
-QMP replies), and it builds from the source package as it is.
-``docs/emulated-sev.md`` says more.
+Why 10.0 (trixie's ``1:10.0.13+ds-0+deb13u1``): upstream's SEV class split
+(``sev-common`` with ``sev-guest`` and ``sev-snp-guest``) and the
+confidential-guest hooks live there, so the series is a port toward QEMU's
+master rather than a fork of Debian 12's 7.2, and SEV-ES and SNP emulation
+can follow on the same base. ``docs/emulated-sev.md`` says more, and what
+Debian 12's 7.2 is still used for.
 
-A QEMU directory holds ``bin/qemu-system-x86_64``, ``build.log`` and
-``manifest.json``. The binary finds its ROMs (SeaBIOS, option ROMs: the +dfsg
-source ships none) where Debian's own QEMU does, in the directories of
-:data:`FIRMWARE_PATH`, which ``setup-host`` fills with Debian's packages.
+Two catches of Debian's ``+ds`` repack, handled here: configure's ``mkvenv``
+installs meson from ``python/wheels/``, which the repack empties, so the
+wheel it wants (:data:`MESON_REQUIREMENT`) comes from PyPI through pip, pinned
+by sha256 and downloaded once into the cache; and the repack ships no ROMs
+(SeaBIOS, option ROMs), so the binary looks for them where Debian's own QEMU
+does, in the directories of :data:`FIRMWARE_PATH`, which ``setup-host``
+fills with Debian's packages.
 
-The key hashes the source identity, every patch's bytes, the configure
-flags, and the versions of the compiler, meson, ninja and the libraries the
-binary links (glib, pixman, slirp).
+A QEMU directory holds ``bin/qemu-system-x86_64``, ``share/trace-events-all``
+(the formats of its trace events, which the device trace reads:
+:mod:`harness.analysis.trace_events`), ``build.log`` and ``manifest.json``. The key hashes the source identity (Debian's package and
+the meson wheel), every patch's bytes, the configure flags, and the versions
+of the compiler, ninja and the libraries the binary links (glib, pixman,
+slirp).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,12 +53,13 @@ from harness.build.cache import (
     locked,
     publishing,
     remembered_versions,
+    sha256_file,
     short_hash,
     system_python_env,
     tool_versions,
 )
 from harness.build.debian import DebianSourcePackage, PrivateApt
-from harness.errors import UsageError
+from harness.errors import DependencyError, SourceError, UsageError
 from harness.tools import run_tool
 
 LOG = logging.getLogger(__name__)
@@ -55,12 +67,20 @@ LOG = logging.getLogger(__name__)
 SERIES_DIR = shared("qemu-patches")
 
 DEBIAN_PACKAGE = "qemu"
-DEBIAN_VERSION = "1:7.2+dfsg-7+deb12u18"
-DEBIAN_RELEASE = "bookworm"
-DEBIAN_ORIG = "qemu_7.2+dfsg.orig.tar.xz"
-DEBIAN_ORIG_SHA256 = "91aca71520040edc40b8d437aa3004dae614f58e286cf653ee8996c07af2962f"
+DEBIAN_VERSION = "1:10.0.13+ds-0+deb13u1"
+DEBIAN_RELEASE = "trixie"
+DEBIAN_ORIG = "qemu_10.0.13+ds.orig.tar.xz"
+DEBIAN_ORIG_SHA256 = "6a0888e806c2ffc0c5f0733e974f9aea55491950d3c47c98669c8b236dde59ae"
+
+#: What configure's ``mkvenv`` installs from ``python/wheels/`` (the tree's
+#: ``pythondeps.toml``), and the wheel's sha256 as PyPI serves it.
+MESON_REQUIREMENT = "meson==1.5.0"
+MESON_WHEEL = "meson-1.5.0-py3-none-any.whl"
+MESON_WHEEL_SHA256 = "52b34f4903b882df52ad0d533146d4b992c018ea77399f825579737672ae7b20"
 
 BINARY = "qemu-system-x86_64"
+#: The build's list of trace events and their formats (ninja target).
+TRACE_EVENTS = "trace/trace-events-all"
 #: Where Debian's QEMU looks for ROMs (qemu-system-data, seabios, ipxe-qemu):
 #: its ``debian/rules`` configures ``--firmwarepath`` so.
 FIRMWARE_PATH = "/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu"
@@ -74,8 +94,9 @@ LIBRARIES = ("glib-2.0", "pixman-1", "slirp")
 @dataclass(frozen=True)
 class QemuFlags:
     """``configure``'s options: one target, only the features the harness
-    uses (TCG; KVM too, since QEMU builds ``sev.c`` only with it; slirp for
-    the Linux guest's network; the system's libfdt)."""
+    uses (TCG; KVM too, since QEMU builds ``sev.c``, and with it the
+    emulated SEV, only with it; slirp for the Linux guest's network; the
+    system's libfdt; no ROMs to install, the repack has none)."""
 
     target_list: str = "x86_64-softmmu"
     options: tuple[str, ...] = (
@@ -86,6 +107,7 @@ class QemuFlags:
         "--enable-kvm",
         "--enable-slirp",
         "--enable-fdt=system",
+        "--disable-install-blobs",
         f"--firmwarepath={FIRMWARE_PATH}",
     )
 
@@ -106,16 +128,17 @@ class QemuFlags:
 
 
 def toolchain_versions() -> dict[str, str]:
-    """Compiler, meson and ninja versions, and the linked libraries'
-    (remembered: :func:`remembered_versions`)."""
-    return remembered_versions("qemu", ["gcc", "meson", "ninja", "pkg-config"],
+    """Compiler and ninja versions, and the linked libraries' (remembered:
+    :func:`remembered_versions`). Meson is the pinned wheel's, in the source
+    identity."""
+    return remembered_versions("qemu10", ["gcc", "ninja", "pkg-config"],
                                _toolchain_versions)
 
 
 def _toolchain_versions() -> dict[str, str]:
-    hint = ("run ./run setup as root (installs build-essential, meson, ninja-build, "
+    hint = ("run ./run setup as root (installs build-essential, ninja-build, python3-venv, "
             "libglib2.0-dev, libpixman-1-dev, libslirp-dev, libfdt-dev)")
-    versions = tool_versions({"gcc": ["gcc", "--version"], "meson": ["meson", "--version"],
+    versions = tool_versions({"gcc": ["gcc", "--version"],
                               "ninja": ["ninja", "--version"]}, hint)
     for library in LIBRARIES:
         try:
@@ -128,9 +151,62 @@ def _toolchain_versions() -> dict[str, str]:
     return versions
 
 
-def debian_source() -> DebianSourcePackage:
-    return DebianSourcePackage(DEBIAN_PACKAGE, DEBIAN_VERSION, DEBIAN_RELEASE, DEBIAN_ORIG,
-                               DEBIAN_ORIG_SHA256)
+def fetch_meson_wheel(progress: Progress) -> Path:
+    """:data:`MESON_WHEEL`, downloaded once with pip (PyPI) into the cache's
+    ``downloads/wheels/`` and checked against :data:`MESON_WHEEL_SHA256`.
+
+    :raises DependencyError: pip is missing or could not download it.
+    :raises SourceError: what PyPI served is not the pinned wheel.
+    """
+    root = cache_root()
+    dest = root / "downloads" / "wheels" / MESON_WHEEL
+    if dest.is_file() and sha256_file(dest) == MESON_WHEEL_SHA256:
+        return dest
+    with locked(root / "locks" / "meson-wheel.lock", progress, "the meson wheel"):
+        if dest.is_file() and sha256_file(dest) == MESON_WHEEL_SHA256:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        progress.phase("fetch", f"pip download {MESON_REQUIREMENT} (PyPI)")
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                 "--disable-pip-version-check", "-q", "-d", tmp, MESON_REQUIREMENT],
+                capture_output=True, text=True, check=False)
+            got = Path(tmp) / MESON_WHEEL
+            if proc.returncode != 0 or not got.is_file():
+                said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+                raise DependencyError(
+                    f"pip download {MESON_REQUIREMENT} (QEMU's configure needs it) failed: "
+                    f"{said[-1] if said else f'exit {proc.returncode}, no {MESON_WHEEL}'}")
+            actual = sha256_file(got)
+            if actual != MESON_WHEEL_SHA256:
+                raise SourceError(f"{MESON_WHEEL} from PyPI: sha256 {actual} is not the "
+                                  f"pinned {MESON_WHEEL_SHA256}")
+            os.replace(got, dest)
+    return dest
+
+
+@dataclass(frozen=True)
+class QemuSource:
+    """Debian's QEMU source package, made buildable: the pinned meson wheel
+    in ``python/wheels/``, where configure's ``mkvenv`` looks for it."""
+
+    package: DebianSourcePackage
+
+    def identity(self) -> str:
+        return f"{self.package.identity()}:meson-wheel-sha256={MESON_WHEEL_SHA256}"
+
+    def materialize(self, dest: Path, progress: Progress) -> None:
+        wheel = fetch_meson_wheel(progress)
+        self.package.materialize(dest, progress)
+        wheels = dest / "python" / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(wheel, wheels / MESON_WHEEL)
+
+
+def debian_source() -> QemuSource:
+    return QemuSource(DebianSourcePackage(DEBIAN_PACKAGE, DEBIAN_VERSION, DEBIAN_RELEASE,
+                                          DEBIAN_ORIG, DEBIAN_ORIG_SHA256))
 
 
 @dataclass(frozen=True)
@@ -164,12 +240,12 @@ def _ninja_progress(line: str) -> str | None:
 class QemuBuilder(CachedBuilder):
     """Builds the harness's QEMU for one set of inputs under one cache root."""
 
-    RECIPE: ClassVar[str] = "qemu/1"
+    RECIPE: ClassVar[str] = "qemu/3"
     PUBLISHED: ClassVar[str] = "qemu"
     WORK: ClassVar[str] = "qemu-work"
     SRC: ClassVar[str] = "qemu-src"
-    #: A workspace is ~520 MB (source and objects), a pristine tree ~300 MB,
-    #: a published QEMU ~60 MB.
+    #: A workspace is ~700 MB (source and objects), a pristine tree ~400 MB,
+    #: a published QEMU ~70 MB.
     KEEP: ClassVar[Mapping[str, int]] = {"published": 4, "work": 1, "src": 1}
 
     def __init__(self, source: SourceProvider | None = None, *, flags: QemuFlags | None = None,
@@ -196,7 +272,7 @@ class QemuBuilder(CachedBuilder):
                 argv = self.flags.argv()
                 self.progress.phase("QEMU", "configure " + " ".join(argv[1:]))
                 self._stream(argv, build, env, log, "configure", workspace=tree)
-            argv = ["ninja", "-j", str(self.jobs), BINARY]
+            argv = ["ninja", "-j", str(self.jobs), BINARY, TRACE_EVENTS]
             self.progress.phase("QEMU", " ".join(argv))
             self._stream(argv, build, env, log, "QEMU", _ninja_progress, workspace=tree)
         seconds = time.monotonic() - start
@@ -206,6 +282,8 @@ class QemuBuilder(CachedBuilder):
     def _publish_into(self, tree: Path, tmp: Path) -> None:
         (tmp / "bin").mkdir()
         shutil.copy2(tree / BUILD_DIR / BINARY, tmp / "bin" / BINARY)
+        (tmp / "share").mkdir()
+        shutil.copy2(tree / BUILD_DIR / TRACE_EVENTS, tmp / "share" / "trace-events-all")
 
     def _manifest_extra(self) -> dict[str, object]:
         return {"configure_argv": self.flags.argv(), "binary": f"bin/{BINARY}"}

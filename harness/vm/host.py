@@ -7,9 +7,11 @@ Every capability is proven, not assumed, and comes with its reason:
   ``/dev/kvm`` can exist and still be useless for firmware (a paravirtual KVM
   that cannot emulate real-mode code stops the guest with "KVM internal
   error ... emulation failure"), so a ``stat`` proves nothing.
-- **emulated SEV**: QEMU under TCG answers ``query-sev-capabilities`` with
-  ``"emulated": true`` (the harness's QEMU, ``ebs-harness build-qemu``, has
-  ``sev-emulated-guest``; other QEMUs refuse the command without KVM).
+- **emulated SEV**: QEMU has the ``sev-emulated`` object type, and its
+  ``cbitpos`` and ``reduced-phys-bits`` defaults (QMP ``qom-list-properties``
+  under TCG; the harness's QEMU, ``ebs-harness build-qemu``, has it; other
+  QEMUs have no such class). ``query-sev-capabilities`` is not asked: it
+  describes a host's SEV firmware, and fails under TCG.
 - **SEV / SEV-ES / SNP**: the ``kvm_amd`` module parameters ``sev``,
   ``sev_es``, ``sev_snp`` (``Y``/``N`` or ``1``/``0``), ``/dev/sev``, CPUID
   leaf 0x8000001F (``/dev/cpu/0/cpuid``, else the ``sev``/``sev_es``/
@@ -399,7 +401,8 @@ def _boot_probe(qemu: str, accel: str, code: Path, vars_template: Path,
             return Capability(False, f"QEMU failed under {accel}: {why}")
 
 
-def bare_qemu_qmp(runner: Runner, qemu: str, accel: str, command: str) -> Any:
+def bare_qemu_qmp(runner: Runner, qemu: str, accel: str, command: str,
+                  arguments: Mapping[str, object] | None = None) -> Any:
     """``command``'s ``return`` from a bare QEMU (``-machine none``) under
     ``accel``, started by ``runner`` (this host, or another over SSH).
 
@@ -423,7 +426,7 @@ def bare_qemu_qmp(runner: Runner, qemu: str, accel: str, command: str) -> Any:
             session = QmpSession(f"bare-{accel}", io.StringIO(), LOG)
             try:
                 session.connect(runner.connect(sock), 10)
-                return session.execute(command, None, 10)
+                return session.execute(command, arguments, 10)
             finally:
                 session.close()
         finally:
@@ -469,19 +472,49 @@ def sev_proven(claimed: Capability, memlock: str | None, boot: Capability | None
     return Capability(True, f"{claimed.reason}; {boot.reason}")
 
 
+#: The QOM type of the harness's emulated SEV (``qemu-patches/``).
+EMULATED_SEV_TYPE = MODES["emulated"].qom_type
+
+
+def parse_emulated_sev_properties(reply: Any) -> SevCapabilities:
+    """``qom-list-properties`` of :data:`EMULATED_SEV_TYPE` (its ``return``):
+    the ``cbitpos`` and ``reduced-phys-bits`` defaults, as emulated."""
+    body = reply.get("return", reply) if isinstance(reply, Mapping) else reply
+    if not isinstance(body, list):
+        raise ValueError(f"not a property list: {reply!r}")  # noqa: TRY004 - a bad reply
+    defaults = {p.get("name"): p.get("default-value") for p in body if isinstance(p, Mapping)}
+    parsed = parse_sev_capabilities({"cbitpos": defaults.get("cbitpos"),
+                                     "reduced-phys-bits": defaults.get("reduced-phys-bits")})
+    return SevCapabilities(parsed.cbitpos, parsed.reduced_phys_bits, emulated=True)
+
+
+def emulated_sev_capabilities(runner: Runner, qemu: str) -> SevCapabilities | str:
+    """The emulated SEV of a bare QEMU under TCG (:func:`bare_qemu_qmp`), from
+    its :data:`EMULATED_SEV_TYPE` class, or why there is none."""
+    try:
+        return parse_emulated_sev_properties(bare_qemu_qmp(
+            runner, qemu, "tcg", "qom-list-properties", {"typename": EMULATED_SEV_TYPE}))
+    except QmpError as exc:
+        return str(exc).removeprefix("QMP qom-list-properties: ")
+    except LaunchError as exc:
+        return exc.reason
+    except (ValueError, OSError) as exc:
+        return str(exc)
+
+
 def emulated_sev_verdict(tcg: Capability, qmp: SevCapabilities | str, qemu: str,
                          version: str) -> Capability:
-    """Emulated SEV from TCG's proof and ``query-sev-capabilities`` under TCG
-    (a pure decision)."""
+    """Emulated SEV from TCG's proof and the QEMU's :data:`EMULATED_SEV_TYPE`
+    class (:func:`emulated_sev_capabilities`; a pure decision)."""
     if not tcg.available:
         return Capability(False, f"needs TCG: {tcg.reason}")
     if isinstance(qmp, SevCapabilities) and qmp.emulated:
-        return Capability(True, f"QEMU {version} emulates SEV under TCG (sev-emulated-guest, "
+        return Capability(True, f"QEMU {version} emulates SEV under TCG ({EMULATED_SEV_TYPE}, "
                                 f"cbitpos {qmp.cbitpos}, reduced-phys-bits "
                                 f"{qmp.reduced_phys_bits})")
-    why = qmp if isinstance(qmp, str) else "its answer has no emulated=true"
+    why = qmp if isinstance(qmp, str) else "not an emulation"
     return Capability(False, f"{qemu} (QEMU {version}) has no emulated SEV "
-                             f"(query-sev-capabilities under TCG: {why}); the harness's QEMU "
+                             f"(no {EMULATED_SEV_TYPE} object type: {why}); the harness's QEMU "
                              "has it: ebs-harness build-qemu")
 
 
@@ -556,7 +589,7 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
         sev = sev_proven(sev, memlock, boots["sev"])
         sev_es = (sev_proven(sev_es, memlock, boots["sev-es"]) if sev.available
                   else Capability(False, f"needs SEV: {sev.reason}"))
-    emulation = (query_sev_capabilities(LocalRunner(), path, "tcg") if tcg.available
+    emulation = (emulated_sev_capabilities(LocalRunner(), path) if tcg.available
                  else "TCG is not usable")
     sev_emulated = emulated_sev_verdict(tcg, emulation, path, version)
     emulated = emulation if isinstance(emulation, SevCapabilities) and sev_emulated else None

@@ -91,7 +91,7 @@ MODES: Mapping[str, SevMode] = {mode.name: mode for mode in (
             about="a SEV-ES guest under KVM (a SEV host)"),
     SevMode("snp", "sev-snp-guest", "kvm", "snp", es=True, snp=True, label="snp",
             about="a SEV-SNP guest under KVM (a SEV-SNP host, QEMU >= 9.1)"),
-    SevMode("emulated", "sev-emulated-guest", "tcg", "sev_emulated", emulated=True,
+    SevMode("emulated", "sev-emulated", "tcg", "sev_emulated", emulated=True,
             cpu=EMULATED_SEV_CPU, label="emulated-sev",
             about="the harness's QEMU emulates plain SEV under TCG (built on first use)"),
 )}
@@ -108,7 +108,7 @@ class SevConfig:
     ``query-sev-capabilities``); ``snp`` is ``sev-snp-guest`` (QEMU >= 9.1),
     whose memory is a memfd backend and whose firmware is one ``-bios``
     image (KVM's SNP VM type has no read-only memory slots for pflash);
-    ``emulated`` is ``sev-emulated-guest`` under TCG (plain SEV only).
+    ``emulated`` is ``sev-emulated`` under TCG (plain SEV only).
     ``policy`` defaults to NODBG|NOKS, plus ES for SEV-ES, and to
     :data:`SNP_POLICY_DEFAULT` for SNP; an explicit SEV policy must agree with
     the mode about ES.
@@ -249,6 +249,6 @@ def sev_info_problem(info: Mapping[str, Any], policy: int, *, emulated: bool = F
             == (0, 0):
         return "query-sev says SEV API 0.0: no SEV firmware answered the launch"
     if is_emulated != emulated:
-        return ("query-sev says the SEV is emulated (sev-emulated-guest), not real"
+        return ("query-sev says the SEV is emulated (sev-emulated), not real"
                 if is_emulated else "query-sev does not say emulated=true")
     return None

@@ -135,7 +135,7 @@ def test_recorded_zoo_boot() -> None:
     (HEADER + "not a trace line at all\n", 2, "none the harness enables"),
     # QEMU 6.2's pci_cfg_write had no bus number: "%s %02u:%u @0x%x <- 0x%x"
     (HEADER + "pci_cfg_write virtio-net-pci 04:0 @0x4 <- 0x7\n", 2,
-     "does not have QEMU 7.2's format (the trace says qemu=7.2.22)"),
+     "does not have QEMU 7.2.22's format (the trace says qemu=7.2.22)"),
     ("# ebs-harness device trace v9 qemu=7.2.22\n", 1, "not a v1 device trace"),
 ])
 def test_bad_traces_are_refused(tmp_path: Path, text: str, line: int, reason: str) -> None:

@@ -325,18 +325,21 @@ def test_emulated_sev_from_caps() -> None:
 
 
 def test_emulated_sev_verdict() -> None:
-    """From query-sev-capabilities under TCG, as the harness's QEMU answers it
-    (recorded) and as Debian's QEMU refuses it."""
-    ours = host.parse_sev_capabilities(json.loads(
-        (QMP_DATA / "query-sev-capabilities-emulated.json").read_text()))
+    """From the sev-emulated class's properties, as the harness's QEMU lists
+    them (recorded) and as Debian's QEMU, which has no such class, refuses."""
+    ours = host.parse_emulated_sev_properties(json.loads(
+        (QMP_DATA / "qom-list-properties-sev-emulated.json").read_text()))
     assert ours.emulated and (ours.cbitpos, ours.reduced_phys_bits) == (47, 1)
-    cap = host.emulated_sev_verdict(YES, ours, "ours", "7.2.22")
-    assert cap.available and "sev-emulated-guest, cbitpos 47" in cap.reason
-    debian = host.emulated_sev_verdict(YES, "GenericError: KVM not enabled",
+    cap = host.emulated_sev_verdict(YES, ours, "ours", "10.0.13")
+    assert cap.available and "sev-emulated, cbitpos 47" in cap.reason
+    debian = host.emulated_sev_verdict(YES, "DeviceNotFound: Class 'sev-emulated' not found",
                                        "/usr/bin/qemu-system-x86_64", "7.2.22")
     assert not debian.available
-    assert "has no emulated SEV (query-sev-capabilities under TCG: GenericError: KVM not " \
-           "enabled); the harness's QEMU has it: ebs-harness build-qemu" in debian.reason
+    assert "has no emulated SEV (no sev-emulated object type: DeviceNotFound: Class " \
+           "'sev-emulated' not found); the harness's QEMU has it: ebs-harness build-qemu" \
+           in debian.reason
+    with pytest.raises(ValueError, match="are not integers"):   # no defaults: not ours
+        host.parse_emulated_sev_properties([{"name": "cbitpos", "type": "uint32"}])
     real = host.parse_sev_capabilities(json.loads((QMP_DATA / "query-sev-capabilities.json")
                                                   .read_text()))
     assert not real.emulated

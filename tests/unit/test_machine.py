@@ -210,7 +210,7 @@ def test_emulated_sev_argv() -> None:
     argv = build_argv(config(accel="tcg", sev=SevConfig("emulated", 47, 1),
                              devices=(RngDevice(),)), PATHS)
     assert "q35,confidential-guest-support=sev0" in argv
-    assert "sev-emulated-guest,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x3" in argv
+    assert "sev-emulated,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x3" in argv
     assert argv[argv.index("-cpu") + 1] == "qemu64,+rdrand", "TCG's CPU with RDRAND, not host"
     assert any("disable-legacy=on,iommu_platform=on" in arg for arg in argv)
 
@@ -348,7 +348,7 @@ def test_query_sev_of_an_emulated_guest(name: str) -> None:
     info = json.loads((QMP_DATA / name).read_text())["return"]
     assert sev_info_problem(info, 0x3, emulated=True) is None
     assert sev_info_problem(info, 0x3) == ("query-sev says the SEV is emulated "
-                                           "(sev-emulated-guest), not real")
+                                           "(sev-emulated), not real")
     real = json.loads((QMP_DATA / "query-sev-sev.json").read_text())["return"]
     assert sev_info_problem(real, 0x3, emulated=True) == "query-sev does not say emulated=true"
 

@@ -11,7 +11,9 @@ build.log, nothing published), and the CLI's one line for each.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 from harness.build import qemu
 from harness.build.cache import Progress, QuietProgress
 from harness.cli import main
-from harness.errors import BuildError, PatchError
+from harness.errors import BuildError, PatchError, SourceError
 
 FAKE_CONFIGURE = r"""#!/bin/bash
 # Fake QEMU configure: run in the build directory, write build.ninja.
@@ -29,7 +31,10 @@ echo "configure $*" > configure-args
 cat > build.ninja <<'EOF'
 rule cc
   command = cc -o $out $in
+rule cat
+  command = cat $in > $out
 build qemu-system-x86_64: cc ../main.c
+build trace/trace-events-all: cat ../main.c
 EOF
 """
 
@@ -86,6 +91,7 @@ def test_builds_publishes_then_hits(tmp_path: Path) -> None:
                                             '    return puts("patched") < 0;'))
     first = _builder(tmp_path, series).qemu()
     assert not first.cache_hit and first.qemu.binary.is_file()
+    assert (first.qemu.path / "share" / "trace-events-all").is_file()
     assert first.qemu.manifest["configure_argv"][0] == "../configure"  # type: ignore[index]
     tree = _builder(tmp_path, series).workspace_dir / "tree"
     assert "--target-list=x86_64-softmmu" in (tree / qemu.BUILD_DIR / "configure-args").read_text()
@@ -138,3 +144,77 @@ def test_cli_build_qemu_failures_are_one_line(tmp_path: Path, monkeypatch: pytes
     assert main(["-q", "build-qemu", "--json"]) == 0
     reply = json.loads(capsys.readouterr().out)
     assert Path(reply["qemu"]).is_file() and reply["cache_hit"] is False
+
+
+# ------------------------------------------- the meson wheel of the +ds repack
+
+
+class FakePackage:
+    """Stands for DebianSourcePackage: a tree without ``python/wheels/``'s wheel."""
+
+    def identity(self) -> str:
+        return "debian:qemu=fake"
+
+    def materialize(self, dest: Path, progress: Progress) -> None:
+        (dest / "python" / "wheels").mkdir(parents=True)
+
+
+def _fake_pip(monkeypatch: pytest.MonkeyPatch, content: bytes) -> list[list[str]]:
+    """``pip download`` as qemu.py runs it, writing ``content`` as the wheel."""
+    calls: list[list[str]] = []
+    real_run = subprocess.run
+
+    def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        if argv[1:4] != ["-m", "pip", "download"]:
+            return real_run(argv, **kwargs)  # type: ignore[call-overload,no-any-return]
+        calls.append(argv)
+        directory = Path(argv[argv.index("-d") + 1])
+        (directory / qemu.MESON_WHEEL).write_bytes(content)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(qemu.subprocess, "run", run)
+    return calls
+
+
+def test_the_meson_wheel_is_fetched_once_and_put_where_mkvenv_looks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBS_HARNESS_CACHE", str(tmp_path / "cache"))
+    wheel = b"the meson wheel"
+    monkeypatch.setattr(qemu, "MESON_WHEEL_SHA256", hashlib.sha256(wheel).hexdigest())
+    calls = _fake_pip(monkeypatch, wheel)
+    source = qemu.QemuSource(FakePackage())  # type: ignore[arg-type]
+    assert source.identity() == ("debian:qemu=fake:meson-wheel-sha256="
+                                 f"{hashlib.sha256(wheel).hexdigest()}")
+    for tree in (tmp_path / "a", tmp_path / "b"):
+        source.materialize(tree, QuietProgress())
+        assert (tree / "python" / "wheels" / qemu.MESON_WHEEL).read_bytes() == wheel
+    assert len(calls) == 1, "the second tree reads the cached wheel"
+    assert qemu.MESON_REQUIREMENT in calls[0] and "--only-binary=:all:" in calls[0]
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBS_HARNESS_CACHE", str(tmp_path / "cache"))
+    _fake_pip(monkeypatch, b"something else")
+    with pytest.raises(SourceError, match=r"meson-1.5.0-py3-none-any.whl from PyPI: sha256 "):
+        qemu.fetch_meson_wheel(QuietProgress())
+    assert not (tmp_path / "cache" / "downloads" / "wheels" / qemu.MESON_WHEEL).exists()
+
+
+def test_the_key_moves_with_the_source_and_the_patches(tmp_path: Path) -> None:
+    series = _series(tmp_path / "s", _patch('    return puts("fake qemu") < 0;',
+                                            '    return puts("patched") < 0;'))
+    key = _builder(tmp_path, series).inputs.key
+    other = _series(tmp_path / "t", _patch('    return puts("fake qemu") < 0;',
+                                           '    return puts("other") < 0;'))
+    assert _builder(tmp_path, other).inputs.key != key
+
+    class OtherSource(FakeSource):
+        def identity(self) -> str:
+            return "fake-qemu:2"
+
+    moved = qemu.QemuBuilder(OtherSource(), series_dir=series, cache=tmp_path / "cache",
+                             jobs=1, progress=QuietProgress())
+    assert moved.inputs.key != key
+    assert qemu.debian_source().identity().startswith(
+        "debian:qemu=1:10.0.13+ds-0+deb13u1:orig-sha256=")

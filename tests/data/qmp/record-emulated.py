@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Record the QMP replies of the harness's QEMU (emulated SEV) that the unit
-tests read: query-sev-capabilities under TCG, and query-sev of a
-sev-emulated-guest while paused (-S, after machine creation) and running.
+tests read: qom-list-properties of the sev-emulated class under TCG (how the
+host probe finds the emulation), and query-sev of a sev-emulated guest while
+paused (-S, after machine creation) and running.
 
     .venv/bin/python tests/data/qmp/record-emulated.py QEMU_BINARY
 
@@ -38,8 +39,9 @@ def save(name: str, result: object) -> None:
 
 def main() -> None:
     qemu = sys.argv[1]
-    save("query-sev-capabilities-emulated.json",
-         bare_qemu_qmp(LocalRunner(), qemu, "tcg", "query-sev-capabilities"))
+    save("qom-list-properties-sev-emulated.json",
+         bare_qemu_qmp(LocalRunner(), qemu, "tcg", "qom-list-properties",
+                       {"typename": "sev-emulated"}))
     config = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="tcg",
                            sev=SevConfig("emulated", 47, 1, policy=0x3), qemu=qemu,
                            debugcon=False, serial_input=False)
