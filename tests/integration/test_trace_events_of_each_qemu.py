@@ -72,7 +72,7 @@ def test_a_boot_on_backports_10_0_2_is_judged_with_its_own_formats(
     header = (result.artifacts / scenario.DEVICE_TRACE).read_text().splitlines()[0]
     assert header == (f"# ebs-harness device trace v1 qemu=10.0.2 "
                       f"events={trace_events.events_file(newer)}")
-    assert result.devices is not None and result.devices.judged, result.device_notes
+    assert result.devices is not None and result.devices.judged, result.judgement.device_notes
     assert result.devices.notes == ()
     assert {v.detail.split(" ")[0] for v in result.violations if v.check == "W1"} == \
         {"nvme", "ahci"}
