@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.analysis import devices as device_trace
+from harness.analysis import devicetrace, trace
 from harness.analysis import dump as dumps
-from harness.analysis import trace
 from harness.analysis import trace_events as qemu_events
 from harness.analysis.judgement import Judgement, summary_checks
 from harness.analysis.memdump import QemuDump
@@ -422,14 +422,14 @@ def judge_devices(raw: Path, kept: Path, qemu_version: str,
     judged; or None and why not."""
     try:
         with open(raw, "rb") as source, open(kept, "wb") as target:
-            target.write(device_trace.header(qemu_version, events).encode())
+            target.write(devicetrace.header(qemu_version, events).encode())
             shutil.copyfileobj(source, target)
     except OSError as exc:
         return None, (f"no device trace ({raw}: {exc.strerror}): W1, W2 not judged",)
     raw.unlink()
     try:
         return device_trace.analyze_device_trace(kept, log_events), ()
-    except device_trace.DeviceTraceError as exc:
+    except devicetrace.DeviceTraceError as exc:
         return None, (f"device trace unreadable, W1 and W2 not judged: {exc}",)
 
 

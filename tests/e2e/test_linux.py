@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import linux
-from harness.analysis import devices, trace
+from harness.analysis import devices, devicetrace, trace
 from harness.build import edk2
 from harness.errors import ConsoleTimeout, GuestCommandError
 from harness.linux import LinuxBoot, LinuxImage, LinuxRun
@@ -212,7 +212,7 @@ def test_device_side_of_the_linux_boot(callback_guest: LinuxRun, tmp_path: Path)
     raw = callback_guest.vm.device_trace_raw.read_bytes()
     kept = tmp_path / "device-trace.log"
     # QEMU is still running: keep the lines it has finished
-    kept.write_bytes(devices.header("7.2").encode() + raw[:raw.rfind(b"\n") + 1])
+    kept.write_bytes(devicetrace.header("7.2").encode() + raw[:raw.rfind(b"\n") + 1])
     log, _ = trace.analyze_log(callback_guest.debug_log)
     report = devices.analyze_device_trace(kept, log.timeline.trace.events)
     assert report.judged and report.violations == (), [v.detail for v in report.violations]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import scenario
-from harness.analysis import devices, trace_events
+from harness.analysis import devicetrace, trace_events
 from harness.build import cache, edk2, qemu
 from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
@@ -34,7 +34,7 @@ def _formats(binary: str | Path) -> dict[str, str]:
 def test_each_qemu_has_its_formats(ebs_host_caps: HostCaps, ours: HostCaps) -> None:
     newer = qemu.fetch_newer_qemu(cache.StderrProgress())
     debian, harness, backports = (_formats(q) for q in (ebs_host_caps.qemu, ours.qemu, newer))
-    wanted = list(devices.FORMATS)
+    wanted = list(devicetrace.FORMATS)
     for formats, version in ((debian, ebs_host_caps.qemu_version),
                              (harness, ours.qemu_version), (backports, "10.0.2")):
         assert trace_events.lacking(formats, wanted, version) is None, version
@@ -46,17 +46,17 @@ def test_each_qemu_has_its_formats(ebs_host_caps: HostCaps, ours: HostCaps) -> N
 def test_a_10_0_line_is_read_with_10_0s_format(ebs_host_caps: HostCaps, ours: HostCaps,
                                                tmp_path: Path) -> None:
     trace = tmp_path / "t.log"
-    trace.write_text(devices.header(ours.qemu_version, trace_events.events_file(ours.qemu))
+    trace.write_text(devicetrace.header(ours.qemu_version, trace_events.events_file(ours.qemu))
                      + E1000E_RX_10)
-    parsed = devices.parse_device_trace(trace)
+    parsed = devicetrace.parse_device_trace(trace)
     assert parsed.notes == () and parsed.events[0].num("causes") == 0
     # the control: the same line written by Debian's 7.2 is refused
-    trace.write_text(devices.header(ebs_host_caps.qemu_version,
+    trace.write_text(devicetrace.header(ebs_host_caps.qemu_version,
                                     trace_events.events_file(ebs_host_caps.qemu))
                      + E1000E_RX_10)
-    with pytest.raises(devices.DeviceTraceError, match="e1000e_rx_written_to_guest does not "
+    with pytest.raises(devicetrace.DeviceTraceError, match="e1000e_rx_written_to_guest does not "
                        f"have QEMU {ebs_host_caps.qemu_version}'s format"):
-        devices.parse_device_trace(trace)
+        devicetrace.parse_device_trace(trace)
 
 
 def test_a_boot_on_backports_10_0_2_is_judged_with_its_own_formats(

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.analysis import devices, trace
-from harness.analysis.devices import DeviceTraceError, analyze_device_trace, parse_device_trace
+from harness.analysis import devices, devicetrace, trace
+from harness.analysis.devices import analyze_device_trace
+from harness.analysis.devicetrace import DeviceTraceError, parse_device_trace
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "devices"
 ZOO = DATA / "zoo-callback.log"
@@ -184,7 +185,7 @@ def test_trace_events_per_kind() -> None:
     assert events[:2] == ("fw_cfg_select", "pci_cfg_write")
     assert "virtio_blk_handle_read" in events and "pci_nvme_map_prp" in events
     assert len(events) == len(set(events))
-    assert all(e in devices.FORMATS for e in events)
+    assert all(e in devicetrace.FORMATS for e in events)
 
 
 def test_fields_are_read_in_their_formats_base(tmp_path: Path) -> None:

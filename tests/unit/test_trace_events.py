@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.analysis import devices, trace_events
+from harness.analysis import devicetrace, trace_events
 
 SNIPPET = r'''
 # hw/ide/trace-events
@@ -33,10 +33,10 @@ def test_formats_spell_out_the_pri_macros() -> None:
 @pytest.mark.skipif(not DEBIAN_72.is_file(), reason=f"no {DEBIAN_72} (Debian's qemu-system-data)")
 def test_debians_72_formats_are_the_fallback() -> None:
     """Read from Debian 12's QEMU 7.2, every format the harness knows is
-    the one :data:`devices.FORMATS` keeps as the fallback."""
+    the one :data:`devicetrace.FORMATS` keeps as the fallback."""
     formats = trace_events.load(DEBIAN_72)
-    assert {name: formats[name] for name in devices.FORMATS} == \
-        {name: fmt for name, (fmt, _) in devices.FORMATS.items()}
+    assert {name: formats[name] for name in devicetrace.FORMATS} == \
+        {name: fmt for name, (fmt, _) in devicetrace.FORMATS.items()}
     assert trace_events.events_file("/usr/bin/qemu-system-x86_64") == DEBIAN_72
 
 
@@ -51,8 +51,8 @@ def test_a_lacking_event_is_named_in_one_line() -> None:
 
 def test_a_trace_of_an_unknown_qemu_is_read_with_72s_formats(tmp_path: Path) -> None:
     trace = tmp_path / "t.log"
-    trace.write_text(devices.header("0.0.1") + "virtio_set_status vdev 0x55d0 val 15\n")
-    parsed = devices.parse_device_trace(trace)
+    trace.write_text(devicetrace.header("0.0.1") + "virtio_set_status vdev 0x55d0 val 15\n")
+    parsed = devicetrace.parse_device_trace(trace)
     assert parsed.events[0].fields == {"vdev": "0x55d0", "val": "15"}
     (note,) = parsed.notes
     assert note == ("no trace-events-all of QEMU 0.0.1 (the trace names none): read with "
@@ -64,13 +64,13 @@ def test_the_header_names_the_formats_it_was_written_with(tmp_path: Path) -> Non
     events.write_text(SNIPPET)
     trace = tmp_path / "t.log"
     line = "e1000e_rx_written_to_guest Received packet written to guest (queue 1)\n"
-    trace.write_text(devices.header("9.9.9", events) + line)
+    trace.write_text(devicetrace.header("9.9.9", events) + line)
     assert trace.read_text().splitlines()[0] == \
         f"# ebs-harness device trace v1 qemu=9.9.9 events={events}"
-    parsed = devices.parse_device_trace(trace)
+    parsed = devicetrace.parse_device_trace(trace)
     assert parsed.events[0].num("causes") == 1
     (note,) = parsed.notes   # the snippet lacks most of the harness's events
     assert note.startswith("QEMU 9.9.9 has no trace event ahci_cmd_done, ")
     events.unlink()
-    with pytest.raises(devices.DeviceTraceError, match="does not have QEMU 9.9.9's format"):
-        devices.parse_device_trace(trace)
+    with pytest.raises(devicetrace.DeviceTraceError, match="does not have QEMU 9.9.9's format"):
+        devicetrace.parse_device_trace(trace)
