@@ -30,6 +30,11 @@ Data flows one way::
 A recipe (:class:`harness.build.edk2.Builder`,
 :class:`harness.build.qemu.QemuBuilder`) subclasses :class:`CachedBuilder`
 and supplies the build and what to publish.
+
+The module is longer than most (about 790 lines): it holds the engine and
+the few things every recipe asks of it (the cache root, progress lines, the
+tools' versions a key is made of, remembered answers), which have no user
+but the engine and its recipes.
 """
 
 from __future__ import annotations
