@@ -118,11 +118,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
         progress=progress,
         flags=edk2.BuildFlags(debug_on_serial=args.debug_on_serial),
     )
-    return _print_build(args, result.firmware.path, {
-        "firmware_dir": str(result.firmware.path), "edk2": baseline.name,
+    return _print_build(args, result.output.path, {
+        "firmware_dir": str(result.output.path), "edk2": baseline.name,
         # C3S as the build recorded it (None: a build from before the check)
-        "static_c3": result.firmware.manifest.get(teardown_static.MANIFEST_KEY)},
-        result.firmware.key, result.cache_hit, result.seconds)
+        "static_c3": result.output.manifest.get(teardown_static.MANIFEST_KEY)},
+        result.output.key, result.cache_hit, result.seconds)
 
 
 def _print_build(args: argparse.Namespace, path: Path, fields: Mapping[str, object], key: str,
@@ -138,9 +138,9 @@ def _print_build(args: argparse.Namespace, path: Path, fields: Mapping[str, obje
 
 def _cmd_build_qemu(args: argparse.Namespace) -> int:
     result = _build_qemu(args, rebuild=args.rebuild)
-    return _print_build(args, result.qemu.binary, {"qemu": str(result.qemu.binary),
-                                                   "qemu_dir": str(result.qemu.path)},
-                        result.qemu.key, result.cache_hit, result.seconds)
+    return _print_build(args, result.output.binary, {"qemu": str(result.output.binary),
+                                                   "qemu_dir": str(result.output.path)},
+                        result.output.key, result.cache_hit, result.seconds)
 
 
 def _build_qemu(args: argparse.Namespace, rebuild: bool = False) -> qemu.QemuBuildResult:
@@ -303,7 +303,7 @@ def _firmware_for(args: argparse.Namespace) -> edk2.Firmware:
     progress = None if args.quiet else cache.StderrProgress()
     baseline = edk2.baseline_named(getattr(args, "edk2", None))
     return edk2.build_firmware(source=edk2.source_from_option(None, baseline),
-                               baseline=baseline, progress=progress).firmware
+                               baseline=baseline, progress=progress).output
 
 
 def _artifacts_dir(args: argparse.Namespace, what: str) -> Path:
@@ -319,7 +319,7 @@ def _qemu_for(args: argparse.Namespace, mode: str) -> str:
     if args.qemu:
         return str(args.qemu)
     if mode != "off" and sev.MODES[mode].emulated:
-        return str(_build_qemu(args).qemu.binary)
+        return str(_build_qemu(args).output.binary)
     return host.DEFAULT_QEMU
 
 
@@ -370,7 +370,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     root = _artifacts_dir(args, "demo")
     system = host.cached_probe(args.qemu or host.DEFAULT_QEMU)
     platform = demo.choose_platform(
-        system, None if args.qemu else lambda: str(_build_qemu(args).qemu.binary))
+        system, None if args.qemu else lambda: str(_build_qemu(args).output.binary))
     print(f"ebs-harness demo: {platform.accel.upper()} ({platform.caps.qemu} "
           f"{platform.caps.qemu_version}); {platform.why}")
     firmware = given or _firmware_for(args)

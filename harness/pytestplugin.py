@@ -210,7 +210,7 @@ def ebs_firmware(pytestconfig: pytest.Config) -> Iterator[edk2.Firmware]:
     result = edk2.build_firmware(
         source=edk2.source_from_option(chosen.edk2_src, chosen.baseline),
         baseline=chosen.baseline, rebuild=chosen.rebuild, progress=cache.StderrProgress())
-    yield result.firmware
+    yield result.output
 
 
 def session_baseline(config: pytest.Config) -> edk2.Baseline:
@@ -228,7 +228,7 @@ def ebs_baseline_firmware() -> Callable[[str], edk2.Firmware]:
     def get(name: str) -> edk2.Firmware:
         if name not in built:
             built[name] = edk2.build_firmware(baseline=edk2.baseline_named(name),
-                                              progress=cache.StderrProgress()).firmware
+                                              progress=cache.StderrProgress()).output
         return built[name]
     return get
 
@@ -284,7 +284,7 @@ def session_emulated_caps(config: pytest.Config) -> host.HostCaps:
     def make() -> host.HostCaps:
         built = qemu.build_qemu(progress=cache.StderrProgress())
         # its emulated SEV runs under TCG: KVM is not asked of it
-        return host.cached_probe(str(built.qemu.binary), tcg_only=True)
+        return host.cached_probe(str(built.output.binary), tcg_only=True)
     memo = config.stash.setdefault(_EMULATED_CAPS, Memo(keeps=(HarnessError,)))
     return memo.get("emulated", make)
 

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, ClassVar, Protocol, Self, TypeVar
+from typing import IO, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 from filelock import FileLock, Timeout
 
@@ -481,18 +481,21 @@ class PublishedDir:
 # -------------------------------------------------------------- builder
 
 
-@dataclass(frozen=True)
-class Published:
-    """A published build: its directory, key, whether the cache had it, and
-    the seconds the whole call took."""
+P = TypeVar("P", bound=PublishedDir)
 
-    path: Path
-    key: str
+
+@dataclass(frozen=True)
+class Built(Generic[P]):
+    """What a build call gives, whatever the recipe: its published directory,
+    loaded as the recipe's type (a firmware, a QEMU), whether the cache had
+    it, and the seconds the whole call took."""
+
+    output: P
     cache_hit: bool
     seconds: float
 
 
-class CachedBuilder:
+class CachedBuilder(Generic[P]):
     """One recipe's build of one set of inputs under one cache root.
 
     Subclasses set the class attributes and implement :meth:`_compile` and
@@ -554,19 +557,20 @@ class CachedBuilder:
 
     # Steps -------------------------------------------------------------
 
-    def build(self, rebuild: bool = False) -> Published:
-        """The published directory for these inputs: from the cache, or built."""
+    def build(self, rebuild: bool = False) -> Built[P]:
+        """The published directory for these inputs, from the cache or built,
+        loaded (:meth:`load`)."""
         start = time.monotonic()
         key = self.inputs.key
         final = self.published_dir
         if not rebuild and final.is_dir():
             os.utime(final)             # most recently used: pruned last
-            return Published(final, key, True, time.monotonic() - start)
+            return Built(self.load(final), True, time.monotonic() - start)
         with locked(self._lock(f"{self.PUBLISHED}-{key}"), self.progress,
                     f"{self.PUBLISHED} {key}"):
             if not rebuild and final.is_dir():
                 self.progress.phase("cache", f"another build published {key}")
-                return Published(final, key, True, time.monotonic() - start)
+                return Built(self.load(final), True, time.monotonic() - start)
             pristine = self._pristine()
             with locked(self._lock(f"{self.WORK}-{self.inputs.workspace_id}"), self.progress,
                         "the build workspace"):
@@ -587,7 +591,7 @@ class CachedBuilder:
         prune(self.cache, self.PUBLISHED, self.KEEP["published"], spare=key)
         prune(self.cache, self.WORK, self.KEEP["work"], spare=self.inputs.workspace_id)
         prune(self.cache, self.SRC, self.KEEP["src"], spare=self.pristine_dir.name)
-        return Published(final, key, False, time.monotonic() - start)
+        return Built(self.load(final), False, time.monotonic() - start)
 
     def compiles(self) -> Compiled:
         """Compile these inputs in the workspace without publishing anything
@@ -752,6 +756,10 @@ class CachedBuilder:
             raise UsageError(f"{STEP_DEADLINE_ENV}={raw!r}: seconds, a number") from None
 
     # Recipe ------------------------------------------------------------
+
+    def load(self, path: Path) -> P:
+        """The published directory at ``path`` as this recipe's type."""
+        raise NotImplementedError
 
     def _compile(self, tree: Path) -> float:
         """Build in ``tree``, logging to ``tree.parent / "build.log"``; seconds taken."""

@@ -37,6 +37,7 @@ from harness import shared
 from harness.analysis import teardown_static
 from harness.analysis.symbols import write_index
 from harness.build.cache import (
+    Built,
     CachedBuilder,
     Compiled,
     Progress,
@@ -357,17 +358,14 @@ class Firmware(PublishedDir):
         return self.path / "modules" / f"{name}{suffix}"
 
 
-@dataclass(frozen=True)
-class BuildResult:
-    firmware: Firmware
-    cache_hit: bool
-    seconds: float
+#: A firmware build's outcome (``.output`` is the :class:`Firmware`).
+BuildResult = Built[Firmware]
 
 
 # ----------------------------------------------------------------- build
 
 
-class Builder(CachedBuilder):
+class Builder(CachedBuilder[Firmware]):
     """Builds OVMF for one set of inputs under one cache root."""
 
     RECIPE: ClassVar[str] = "edk2-ovmf/2"     # 2: modules/symbols.json
@@ -400,9 +398,11 @@ class Builder(CachedBuilder):
         return self.published_dir
 
     def firmware(self, rebuild: bool = False) -> BuildResult:
-        published = self.build(rebuild)
-        return BuildResult(Firmware.load(published.path), published.cache_hit,
-                           published.seconds)
+        """The firmware of these inputs, from the cache or built."""
+        return self.build(rebuild)
+
+    def load(self, path: Path) -> Firmware:
+        return Firmware.load(path)
 
     def _env(self, tree: Path) -> dict[str, str]:
         env = system_python_env()

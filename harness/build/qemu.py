@@ -43,6 +43,7 @@ from typing import ClassVar
 
 from harness import shared
 from harness.build.cache import (
+    Built,
     CachedBuilder,
     Progress,
     PublishedDir,
@@ -222,11 +223,8 @@ class QemuBuild(PublishedDir):
         return self.path / "bin" / BINARY
 
 
-@dataclass(frozen=True)
-class QemuBuildResult:
-    qemu: QemuBuild
-    cache_hit: bool
-    seconds: float
+#: A QEMU build's outcome (``.output`` is the :class:`QemuBuild`).
+QemuBuildResult = Built[QemuBuild]
 
 
 _NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
@@ -237,7 +235,7 @@ def _ninja_progress(line: str) -> str | None:
     return f"{match.group(1)}/{match.group(2)} steps" if match else None
 
 
-class QemuBuilder(CachedBuilder):
+class QemuBuilder(CachedBuilder[QemuBuild]):
     """Builds the harness's QEMU for one set of inputs under one cache root."""
 
     RECIPE: ClassVar[str] = "qemu/3"
@@ -257,9 +255,11 @@ class QemuBuilder(CachedBuilder):
                          progress=progress)
 
     def qemu(self, rebuild: bool = False) -> QemuBuildResult:
-        published = self.build(rebuild)
-        return QemuBuildResult(QemuBuild.load(published.path), published.cache_hit,
-                               published.seconds)
+        """The QEMU of these inputs, from the cache or built."""
+        return self.build(rebuild)
+
+    def load(self, path: Path) -> QemuBuild:
+        return QemuBuild.load(path)
 
     def _compile(self, tree: Path) -> float:
         start = time.monotonic()

@@ -220,7 +220,7 @@ def _host(worker: Worker, spec: Host, sev: str) -> _Place:
         if spec.local:
             binary = spec.qemu or hostcaps.DEFAULT_QEMU
             if emulated and spec.qemu is None:
-                binary = str(qemu.build_qemu().qemu.binary)
+                binary = str(qemu.build_qemu().output.binary)
             from harness.vm.machine import QemuMachine
             return _Place(hostcaps.cached_probe(binary), QemuMachine, os.uname().release)
         from harness.vm import remote
@@ -236,8 +236,8 @@ def _host(worker: Worker, spec: Host, sev: str) -> _Place:
 
 def _firmware(spec: FirmwareSpec) -> edk2.Firmware:
     if spec.kind == "series":
-        return edk2.build_firmware(baseline=edk2.baseline_named(spec.edk2)).firmware
+        return edk2.build_firmware(baseline=edk2.baseline_named(spec.edk2)).output
     assert spec.path is not None
     if spec.kind == "variant":
-        return edk2.build_variant(spec.path).firmware
+        return edk2.build_variant(spec.path).output
     return edk2.Firmware.load(spec.path)

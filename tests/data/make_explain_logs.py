@@ -77,7 +77,7 @@ def cut(source: Path, name: str) -> None:
 def main() -> None:
     progress = cache.StderrProgress()
     OUT.mkdir(exist_ok=True)
-    faults = edk2.build_variant(FAULTS, progress=progress).firmware
+    faults = edk2.build_variant(FAULTS, progress=progress).output
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "--faults-only" not in sys.argv[1:]:
@@ -103,7 +103,7 @@ def main() -> None:
 
 def stock_logs(progress: cache.StderrProgress, work: Path) -> None:
     """The stock and Debian logs, and the cut one."""
-    stock = edk2.build_unpatched(progress=progress, baseline="2022.11").firmware
+    stock = edk2.build_unpatched(progress=progress, baseline="2022.11").output
     disk = work / "empty.img"
     disk.write_bytes(bytes(4 << 20))
     vm = boot(MachineConfig(code=stock.code, vars_template=stock.vars, accel="tcg",
@@ -113,7 +113,7 @@ def stock_logs(progress: cache.StderrProgress, work: Path) -> None:
     keep(vm.serial_log, "stock-empty-disk-serial.log")
     cut(debug, "stock-cut.log")
 
-    newer = edk2.build_unpatched(progress=progress, baseline="2025.02").firmware
+    newer = edk2.build_unpatched(progress=progress, baseline="2025.02").output
     vm = boot(MachineConfig(code=newer.code, vars_template=newer.vars, accel="tcg",
                             serial_input=False, devices=(BlockDevice(disk, bootindex=0),)),
               "serial", r"startup\.nsh", work / "newer")

@@ -77,7 +77,7 @@ def symbols(firmware: edk2.Firmware) -> None:
 
 
 def main() -> None:
-    firmware = edk2.build_firmware(progress=cache.StderrProgress()).firmware
+    firmware = edk2.build_firmware(progress=cache.StderrProgress()).output
     caps = host.probe(tcg_only=True)
     for name, (chosen, knobs) in CASES.items():
         record(firmware, caps, name, chosen, knobs)

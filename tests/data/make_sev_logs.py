@@ -67,10 +67,10 @@ def record(firmware: edk2.Firmware, caps: host.HostCaps, name: str, symbols: str
 
 def main() -> None:
     progress = cache.StderrProgress()
-    caps = host.probe(str(qemu.build_qemu(progress=progress).qemu.binary))
-    firmware = edk2.build_firmware(progress=progress).firmware
+    caps = host.probe(str(qemu.build_qemu(progress=progress).output.binary))
+    firmware = edk2.build_firmware(progress=progress).output
     variant = edk2.build_variant(HERE / "firmware-variants" / "teardown-reads-a-dynamic-pcd.patch",
-                                 progress=progress).firmware
+                                 progress=progress).output
     record(firmware, caps, "emulated-sev-callback-depth2.log", "fw-sev")
     record(variant, caps, "emulated-sev-pcd-in-teardown.log", "fw-sev-pcd")
 

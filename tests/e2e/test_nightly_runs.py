@@ -83,8 +83,8 @@ def nightly(plan: Path, *extra: str) -> tuple[int, dict[str, object]]:
 
 def test_the_second_night_names_exactly_what_the_broken_firmware_broke(
         far: tuple[str, Path, Path], tmp_path: Path) -> None:
-    series = edk2.build_firmware(progress=cache.StderrProgress()).firmware
-    broken = edk2.build_variant(PCD, progress=cache.StderrProgress()).firmware
+    series = edk2.build_firmware(progress=cache.StderrProgress()).output
+    broken = edk2.build_variant(PCD, progress=cache.StderrProgress()).output
     plan = tmp_path / "plan.toml"
     plan.write_text(plan_text(*far, CALLBACK))
     (tmp_path / "fw").symlink_to(series.path)
@@ -127,7 +127,7 @@ def test_the_second_night_names_exactly_what_the_broken_firmware_broke(
 
 def test_a_runner_killed_mid_plan_leaves_a_history_that_says_so(
         far: tuple[str, Path, Path], tmp_path: Path) -> None:
-    series = edk2.build_firmware(progress=cache.StderrProgress()).firmware
+    series = edk2.build_firmware(progress=cache.StderrProgress()).output
     plan = tmp_path / "plan.toml"
     many = "".join(f"""
 [[scenario]]

@@ -35,7 +35,7 @@ def test_a_pin_the_signed_index_disagrees_with_is_refused(tmp_path: Path) -> Non
 
 
 def test_2025_02_builds_and_boots_to_its_shell(tmp_path: Path) -> None:
-    firmware = edk2.build_unpatched(progress=cache.StderrProgress(), baseline="2025.02").firmware
+    firmware = edk2.build_unpatched(progress=cache.StderrProgress(), baseline="2025.02").output
     assert firmware.manifest["source"] == edk2.TRIXIE.identity()
     data = explain_json(boot_to_shell(firmware, tmp_path))
     assert [p["phase"] for p in data["phases"]] == ["SEC", "PEI", "DXE", "BDS"]
@@ -51,7 +51,7 @@ def test_2025_02_takes_its_sev_path_with_the_reserved_dma_pool(pytestconfig: pyt
     sets up the reserved shared-memory pool the series must release at
     ExitBootServices; the control is the plain boot above, which has none."""
     caps = session_emulated_caps(pytestconfig)
-    firmware = edk2.build_unpatched(progress=cache.StderrProgress(), baseline="2025.02").firmware
+    firmware = edk2.build_unpatched(progress=cache.StderrProgress(), baseline="2025.02").output
     log = boot_to_shell(firmware, tmp_path, sev=host.sev_config("emulated", caps),
                         qemu=caps.qemu)
     facts = {f["fact"]: f["value"] for f in explain_json(log)["platform"]}

@@ -21,10 +21,10 @@ pytestmark = [pytest.mark.build, pytest.mark.tcg]
 
 @pytest.fixture(scope="session")
 def serial_firmware(pytestconfig: pytest.Config) -> edk2.Firmware:
-    if settings(pytestconfig).firmware:
+    if settings(pytestconfig).output:
         pytest.skip("--ebs-firmware: the serial variant is built from source, not given")
     return edk2.build_firmware(flags=edk2.BuildFlags(debug_on_serial=True),
-                               progress=cache.StderrProgress()).firmware
+                               progress=cache.StderrProgress()).output
 
 
 def test_manifest_records_the_serial_flag(serial_firmware: edk2.Firmware,

@@ -166,7 +166,7 @@ def apparatus_in(firmware: edk2.Firmware) -> list[str]:
 @pytest.mark.parametrize("target", ["DEBUG", "RELEASE"])
 def test_a_production_build_has_the_feature_and_no_apparatus(baseline: str,
                                                              target: str) -> None:
-    firmware = edk2.build_production(target, baseline, cache.StderrProgress()).firmware
+    firmware = edk2.build_production(target, baseline, cache.StderrProgress()).output
     assert apparatus_in(firmware) == []
     for module, names in FEATURE_SYMBOLS.items():
         assert set(names) <= symbols(firmware, module), module

@@ -25,7 +25,7 @@ def variant() -> Callable[[str], edk2.Firmware]:
     def get(name: str) -> edk2.Firmware:
         if name not in built:
             built[name] = edk2.build_variant(VARIANTS / name,
-                                             progress=cache.StderrProgress()).firmware
+                                             progress=cache.StderrProgress()).output
         return built[name]
     return get
 

@@ -267,7 +267,7 @@ def test_build_publishes_outputs_and_manifest_then_hits(fake_edk2: Path, tmp_pat
     series = _series(tmp_path / "s", ("0001-a.patch", _patch("line two", "line 2")))
     first = _builder(fake_edk2, tmp_path, series).firmware()
     assert not first.cache_hit
-    firmware = first.firmware
+    firmware = first.output
     assert firmware.code.read_text() == "line one\nline 2\nline three\n"
     for suffix in (".efi", ".debug", ".map"):
         assert firmware.module_file("IoMmuDxe", suffix).is_file()
@@ -279,7 +279,7 @@ def test_build_publishes_outputs_and_manifest_then_hits(fake_edk2: Path, tmp_pat
     assert manifest["edk2"] == firmware.baseline == "test"
     assert (firmware.path / "build.log").read_text().count("Building ...") == 1
     second = _builder(fake_edk2, tmp_path, series).firmware()
-    assert second.cache_hit and second.firmware == firmware
+    assert second.cache_hit and second.output == firmware
 
 
 def test_rebuild_builds_again(fake_edk2: Path, tmp_path: Path) -> None:
@@ -345,7 +345,7 @@ def test_killed_build_is_not_reused(fake_edk2: Path, tmp_path: Path) -> None:
     assert state["dirty"] and state["pgid"]
     result = builder.firmware()
     assert not result.cache_hit
-    assert result.firmware.code.read_text() == "line one\nline 2\nline three\n"
+    assert result.output.code.read_text() == "line one\nline 2\nline three\n"
     deadline = time.monotonic() + 5           # the orphaned build was stopped
     while _group_alive(state["pgid"]):
         assert time.monotonic() < deadline, "the killed build's processes still run"

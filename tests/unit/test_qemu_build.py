@@ -90,15 +90,15 @@ def test_builds_publishes_then_hits(tmp_path: Path) -> None:
     series = _series(tmp_path / "s", _patch('    return puts("fake qemu") < 0;',
                                             '    return puts("patched") < 0;'))
     first = _builder(tmp_path, series).qemu()
-    assert not first.cache_hit and first.qemu.binary.is_file()
-    assert (first.qemu.path / "share" / "trace-events-all").is_file()
-    assert first.qemu.manifest["configure_argv"][0] == "../configure"  # type: ignore[index]
+    assert not first.cache_hit and first.output.binary.is_file()
+    assert (first.output.path / "share" / "trace-events-all").is_file()
+    assert first.output.manifest["configure_argv"][0] == "../configure"  # type: ignore[index]
     tree = _builder(tmp_path, series).workspace_dir / "tree"
     assert "--target-list=x86_64-softmmu" in (tree / qemu.BUILD_DIR / "configure-args").read_text()
     assert 'puts("patched")' in (tree / "main.c").read_text()
     second = _builder(tmp_path, series).qemu()
-    assert second.cache_hit and second.qemu == first.qemu
-    assert qemu.QemuBuild.load(first.qemu.path).key == first.qemu.key
+    assert second.cache_hit and second.output == first.output
+    assert qemu.QemuBuild.load(first.output.path).key == first.output.key
 
 
 def test_a_patch_that_does_not_apply_names_patch_and_hunk(tmp_path: Path) -> None:
