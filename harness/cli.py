@@ -160,9 +160,10 @@ def _cmd_host_check(args: argparse.Namespace) -> int:
         for name in host.CAPABILITIES:
             cap = caps.capability(name)
             print(f"{name:12} {'yes' if cap.available else 'no ':3}  {cap.reason}")
-        if caps.cbitpos is not None:
-            print(f"{'SEV':12} cbitpos {caps.cbitpos}, "
-                  f"reduced-phys-bits {caps.reduced_phys_bits}")
+        for what, geometry in (("SEV", caps.sev_geometry), ("emulated", caps.emulated_geometry)):
+            if geometry is not None:
+                print(f"{what:12} cbitpos {geometry.cbitpos}, "
+                      f"reduced-phys-bits {geometry.reduced_phys_bits}")
         print(f"{'memlock':12} {'yes' if caps.memlock.available else 'no ':3}  "
               f"{caps.memlock.reason}")
     # Usable when at least one accelerator runs firmware.

@@ -52,7 +52,7 @@ from harness.vm.config import MachineConfig
 from harness.vm.machine import QemuMachine
 from harness.vm.qmp import QmpSession
 from harness.vm.runner import LocalRunner, Runner
-from harness.vm.sev import MODES, SEV_MODES, SevConfig
+from harness.vm.sev import MODES, SEV_MODES, SevConfig, SevMode
 
 LOG = logging.getLogger(__name__)
 
@@ -303,11 +303,11 @@ class HostCaps:
     sev: Capability
     sev_es: Capability
     snp: Capability
-    cbitpos: int | None = None
-    reduced_phys_bits: int | None = None
+    #: The host's C-bit and reduced physical bits (``query-sev-capabilities``).
+    sev_geometry: SevCapabilities | None = None
     sev_emulated: Capability = Capability(False, "not probed")
-    emulated_cbitpos: int | None = None
-    emulated_reduced_phys_bits: int | None = None
+    #: The emulated SEV's (the ``sev-emulated`` type's defaults).
+    emulated_geometry: SevCapabilities | None = None
     #: Whether this user may lock the memory of the largest SEV guest the
     #: suite boots (KVM pins a SEV guest's RAM).
     memlock: Capability = Capability(False, "not probed")
@@ -322,6 +322,10 @@ class HostCaps:
 
     def best_accel(self) -> str:
         return "kvm" if self.kvm.available else "tcg"
+
+    def geometry(self, mode: SevMode) -> SevCapabilities | None:
+        """The C-bit and reduced physical bits a guest of ``mode`` gets here."""
+        return self.emulated_geometry if mode.emulated else self.sev_geometry
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -340,13 +344,11 @@ def sev_config(mode: str, caps: HostCaps, policy: int | None = None) -> SevConfi
     cap = caps.capability(MODES[mode].capability)
     if not cap.available:
         raise SettingError("sev", mode, f"not available here: {cap.reason}")
-    if MODES[mode].emulated:
-        cbitpos, reduced = caps.emulated_cbitpos, caps.emulated_reduced_phys_bits
-    else:
-        cbitpos, reduced = caps.cbitpos, caps.reduced_phys_bits
-    if cbitpos is None or reduced is None:
+    geometry = caps.geometry(MODES[mode])
+    if geometry is None:
         raise SettingError("sev", mode, "query-sev-capabilities gave no cbitpos")
-    return SevConfig(mode=mode, cbitpos=cbitpos, reduced_phys_bits=reduced, policy=policy)
+    return SevConfig(mode=mode, cbitpos=geometry.cbitpos,
+                     reduced_phys_bits=geometry.reduced_phys_bits, policy=policy)
 
 
 def resolve_accel(option: str, caps: HostCaps) -> str:
@@ -596,12 +598,8 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
     caps = HostCaps(
         qemu=path, qemu_version=version, tcg=tcg, kvm=kvm, sev=sev, sev_es=sev_es,
         snp=snp,
-        cbitpos=qmp.cbitpos if isinstance(qmp, SevCapabilities) else None,
-        reduced_phys_bits=qmp.reduced_phys_bits if isinstance(qmp, SevCapabilities) else None,
-        sev_emulated=sev_emulated,
-        emulated_cbitpos=emulated.cbitpos if emulated else None,
-        emulated_reduced_phys_bits=emulated.reduced_phys_bits if emulated else None,
-        memlock=memlock_cap)
+        sev_geometry=qmp if isinstance(qmp, SevCapabilities) else None,
+        sev_emulated=sev_emulated, emulated_geometry=emulated, memlock=memlock_cap)
     LOG.info("host: %s", caps)
     return caps
 
@@ -615,7 +613,10 @@ def caps_from_json(data: Mapping[str, Any]) -> HostCaps:
     """The inverse of :meth:`HostCaps.to_json`."""
     fields: dict[str, Any] = {}
     for key, value in data.items():
-        fields[key] = Capability(**value) if isinstance(value, dict) else value
+        if key in ("sev_geometry", "emulated_geometry"):
+            fields[key] = SevCapabilities(**value) if value is not None else None
+        else:
+            fields[key] = Capability(**value) if isinstance(value, dict) else value
     return HostCaps(**fields)
 
 

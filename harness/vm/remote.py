@@ -220,10 +220,9 @@ def remote_caps(session: GuestSsh, qemu: str = "qemu-system-x86_64") -> host.Hos
     if kvm.available and dev_sev:
         qmp = host.query_sev_capabilities(SshRunner(session), qemu)
     sev, sev_es, snp = host.sev_verdicts(params, dev_sev, None, flags, kvm, qmp, version)
-    cbitpos = qmp.cbitpos if isinstance(qmp, host.SevCapabilities) else None
-    reduced = qmp.reduced_phys_bits if isinstance(qmp, host.SevCapabilities) else None
     return host.HostCaps(qemu=qemu, qemu_version=version, tcg=tcg, kvm=kvm, sev=sev,
-                         sev_es=sev_es, snp=snp, cbitpos=cbitpos, reduced_phys_bits=reduced)
+                         sev_es=sev_es, snp=snp,
+                         sev_geometry=qmp if isinstance(qmp, host.SevCapabilities) else None)
 
 
 # ------------------------------------------------------------- machine

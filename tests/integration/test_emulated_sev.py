@@ -337,8 +337,9 @@ def test_discovery_is_by_type_and_query_sev_capabilities_fails_as_before(
         return {t["name"] for t in bare_qemu_qmp(LocalRunner(), qemu, "tcg", "qom-list-types")}
     assert "sev-emulated" in types(emulated.qemu)
     assert "sev-emulated" not in types(ebs_host_caps.qemu)
-    assert emulated.sev_emulated.available and (emulated.emulated_cbitpos,
-                                                emulated.emulated_reduced_phys_bits) == (47, 1)
+    geometry = emulated.emulated_geometry
+    assert emulated.sev_emulated.available and geometry is not None
+    assert (geometry.cbitpos, geometry.reduced_phys_bits) == (47, 1)
 
 
 def test_debians_qemu_has_no_emulated_sev(ebs_host_caps: HostCaps) -> None:

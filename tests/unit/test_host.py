@@ -297,7 +297,7 @@ def test_probe_without_qemu() -> None:
 def test_sev_config_from_caps() -> None:
     sev_host = HostCaps(qemu="q", qemu_version="7.2.22", tcg=YES, kvm=YES, sev=YES,
                         sev_es=Capability(False, "kvm_amd sev_es=N"), snp=NO_KVM,
-                        cbitpos=51, reduced_phys_bits=1)
+                        sev_geometry=host.SevCapabilities(51, 1))
     assert host.sev_config("off", sev_host) is None
     config = host.sev_config("sev", sev_host)
     assert config is not None
@@ -314,8 +314,8 @@ def test_sev_config_from_caps() -> None:
 
 def test_emulated_sev_from_caps() -> None:
     emulated = HostCaps(qemu="ours", qemu_version="7.2.22", tcg=YES, kvm=NO_KVM, sev=NO_KVM,
-                        sev_es=NO_KVM, snp=NO_KVM, sev_emulated=YES, emulated_cbitpos=47,
-                        emulated_reduced_phys_bits=1)
+                        sev_es=NO_KVM, snp=NO_KVM, sev_emulated=YES,
+                        emulated_geometry=host.SevCapabilities(47, 1, emulated=True))
     config = host.sev_config("emulated", emulated)
     assert config is not None and config.emulated and config.accel == "tcg"
     assert (config.cbitpos, config.reduced_phys_bits, config.effective_policy) == (47, 1, 0x3)

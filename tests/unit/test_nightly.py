@@ -344,12 +344,12 @@ def _case_that_boots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     boot that raises ``boot``."""
     from harness import scenario as scenarios
     from harness.nightly import cases
-    from harness.vm.host import Capability, HostCaps
+    from harness.vm.host import Capability, HostCaps, SevCapabilities
 
     yes = Capability(True, "stub")
     caps = HostCaps(qemu="q", qemu_version="7.2.22", tcg=yes, kvm=yes, sev=yes, sev_es=yes,
-                    snp=yes, sev_emulated=yes, emulated_cbitpos=47,
-                    emulated_reduced_phys_bits=1)
+                    snp=yes, sev_emulated=yes,
+                    emulated_geometry=SevCapabilities(47, 1, emulated=True))
     place = cases._Place(caps, object(), "6.1")
     firmware = type("Fw", (), {"key": "k", "manifest": {}})()
     worker = cases.Worker()
