@@ -39,7 +39,7 @@ import shutil
 import struct
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -441,11 +441,20 @@ def query_sev_capabilities(runner: Runner, qemu: str,
                            accel: str = "kvm") -> SevCapabilities | str:
     """``query-sev-capabilities`` of a bare QEMU (:func:`bare_qemu_qmp`): the
     answer, or why there is none."""
+    return _bare_answer(runner, qemu, accel, "query-sev-capabilities", None,
+                        parse_sev_capabilities)
+
+
+def _bare_answer(runner: Runner, qemu: str, accel: str, command: str,
+                 arguments: Mapping[str, object] | None,
+                 parse: Callable[[Any], SevCapabilities]) -> SevCapabilities | str:
+    """``parse`` of a bare QEMU's answer to ``command``, or why there is none
+    (QEMU's error, a QEMU that would not start, a reply that does not parse,
+    an SSH failure of a remote runner)."""
     try:
-        return parse_sev_capabilities(
-            bare_qemu_qmp(runner, qemu, accel, "query-sev-capabilities"))
+        return parse(bare_qemu_qmp(runner, qemu, accel, command, arguments))
     except QmpError as exc:
-        return str(exc).removeprefix("QMP query-sev-capabilities: ")
+        return str(exc).removeprefix(f"QMP {command}: ")
     except LaunchError as exc:
         return exc.reason
     except (ValueError, OSError) as exc:
@@ -493,15 +502,8 @@ def parse_emulated_sev_properties(reply: Any) -> SevCapabilities:
 def emulated_sev_capabilities(runner: Runner, qemu: str) -> SevCapabilities | str:
     """The emulated SEV of a bare QEMU under TCG (:func:`bare_qemu_qmp`), from
     its :data:`EMULATED_SEV_TYPE` class, or why there is none."""
-    try:
-        return parse_emulated_sev_properties(bare_qemu_qmp(
-            runner, qemu, "tcg", "qom-list-properties", {"typename": EMULATED_SEV_TYPE}))
-    except QmpError as exc:
-        return str(exc).removeprefix("QMP qom-list-properties: ")
-    except LaunchError as exc:
-        return exc.reason
-    except (ValueError, OSError) as exc:
-        return str(exc)
+    return _bare_answer(runner, qemu, "tcg", "qom-list-properties",
+                        {"typename": EMULATED_SEV_TYPE}, parse_emulated_sev_properties)
 
 
 def emulated_sev_verdict(tcg: Capability, qmp: SevCapabilities | str, qemu: str,
