@@ -41,7 +41,7 @@ def test_manifest_records_inputs(ebs_firmware: edk2.Firmware,
     manifest = ebs_firmware.manifest
     assert manifest["key"] == ebs_firmware.key == ebs_firmware.path.name
     series = read_series(edk2.BASELINES[ebs_firmware.baseline].series_dir)
-    if not settings(pytestconfig).output:
+    if not settings(pytestconfig).firmware:
         assert ebs_firmware.baseline == session_baseline(pytestconfig).name
     assert [name for name, _ in manifest["patches"]] == [p.name for p in series]  # type: ignore[union-attr]
     assert str(manifest["source"]).startswith(("debian:edk2=", "debian-tarballs:edk2=", "tree:"))
@@ -53,7 +53,7 @@ def test_manifest_records_inputs(ebs_firmware: edk2.Firmware,
 
 def test_cli_build_json_is_a_cache_hit_for_the_same_inputs(
         ebs_firmware: edk2.Firmware, pytestconfig: pytest.Config) -> None:
-    if settings(pytestconfig).output or settings(pytestconfig).edk2_src:
+    if settings(pytestconfig).firmware or settings(pytestconfig).edk2_src:
         pytest.skip("--ebs-firmware/--ebs-edk2-src: the cache holds no build of Debian's "
                     "source")
     proc = subprocess.run([sys.executable, "-m", "harness", "-q", "build", "--json",

@@ -357,7 +357,7 @@ def test_host_check_json() -> None:
         assert "booted firmware" in caps["kvm"]["reason"]
     if not Path("/dev/sev").exists():
         assert caps["sev"]["available"] is False
-        assert caps["cbitpos"] is None
+        assert caps["sev_geometry"] is None
 
 
 def test_a_tcg_only_probe_boots_nothing_under_kvm(ebs_host_caps: host.HostCaps,

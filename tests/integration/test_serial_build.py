@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.build, pytest.mark.tcg]
 
 @pytest.fixture(scope="session")
 def serial_firmware(pytestconfig: pytest.Config) -> edk2.Firmware:
-    if settings(pytestconfig).output:
+    if settings(pytestconfig).firmware:
         pytest.skip("--ebs-firmware: the serial variant is built from source, not given")
     return edk2.build_firmware(flags=edk2.BuildFlags(debug_on_serial=True),
                                progress=cache.StderrProgress()).output
