@@ -38,6 +38,7 @@ from harness.analysis import (
 )
 from harness.analysis.judgement import Judgement
 from harness.build import cache, edk2, qemu
+from harness.build.progress import StderrProgress
 from harness.errors import (
     EXIT_ENVIRONMENT,
     EXIT_INTERNAL,
@@ -109,7 +110,7 @@ def _writable(value: str, option: str, directory: bool = False) -> Path:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    progress = None if args.quiet else cache.StderrProgress()
+    progress = None if args.quiet else StderrProgress()
     baseline = edk2.baseline_named(args.edk2)
     result = edk2.build_firmware(
         source=edk2.source_from_option(args.edk2_src, baseline),
@@ -144,7 +145,7 @@ def _cmd_build_qemu(args: argparse.Namespace) -> int:
 
 
 def _build_qemu(args: argparse.Namespace, rebuild: bool = False) -> qemu.QemuBuildResult:
-    progress = None if args.quiet else cache.StderrProgress()
+    progress = None if args.quiet else StderrProgress()
     return qemu.build_qemu(rebuild=rebuild, progress=progress)
 
 
@@ -301,7 +302,7 @@ def _firmware_for(args: argparse.Namespace) -> edk2.Firmware:
     """``--firmware DIR``, else the patched build (built or from the cache)."""
     if getattr(args, "firmware", None):
         return edk2.Firmware.load(args.firmware)
-    progress = None if args.quiet else cache.StderrProgress()
+    progress = None if args.quiet else StderrProgress()
     baseline = edk2.baseline_named(getattr(args, "edk2", None))
     return edk2.build_firmware(source=edk2.source_from_option(None, baseline),
                                baseline=baseline, progress=progress).output

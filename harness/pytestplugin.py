@@ -47,7 +47,8 @@ import pytest
 
 from harness import linux, scenario
 from harness.analysis import report as timeline_report
-from harness.build import cache, edk2, qemu
+from harness.build import edk2, qemu
+from harness.build.progress import StderrProgress
 from harness.errors import HarnessError
 from harness.memo import Memo
 from harness.vm import host
@@ -209,7 +210,7 @@ def ebs_firmware(pytestconfig: pytest.Config) -> Iterator[edk2.Firmware]:
         return
     result = edk2.build_firmware(
         source=edk2.source_from_option(chosen.edk2_src, chosen.baseline),
-        baseline=chosen.baseline, rebuild=chosen.rebuild, progress=cache.StderrProgress())
+        baseline=chosen.baseline, rebuild=chosen.rebuild, progress=StderrProgress())
     yield result.output
 
 
@@ -228,7 +229,7 @@ def ebs_baseline_firmware() -> Callable[[str], edk2.Firmware]:
     def get(name: str) -> edk2.Firmware:
         if name not in built:
             built[name] = edk2.build_firmware(baseline=edk2.baseline_named(name),
-                                              progress=cache.StderrProgress()).output
+                                              progress=StderrProgress()).output
         return built[name]
     return get
 
@@ -282,7 +283,7 @@ def session_emulated_caps(config: pytest.Config) -> host.HostCaps:
     session: a build that failed fails every test that needs it with the same
     error, without building again."""
     def make() -> host.HostCaps:
-        built = qemu.build_qemu(progress=cache.StderrProgress())
+        built = qemu.build_qemu(progress=StderrProgress())
         # its emulated SEV runs under TCG: KVM is not asked of it
         return host.cached_probe(str(built.output.binary), tcg_only=True)
     memo = config.stash.setdefault(_EMULATED_CAPS, Memo(keeps=(HarnessError,)))

@@ -31,10 +31,10 @@ A recipe (:class:`harness.build.edk2.Builder`,
 :class:`harness.build.qemu.QemuBuilder`) subclasses :class:`CachedBuilder`
 and supplies the build and what to publish.
 
-The module is longer than most (about 790 lines): it holds the engine and
-the few things every recipe asks of it (the cache root, progress lines, the
-tools' versions a key is made of, remembered answers), which have no user
-but the engine and its recipes.
+The module is longer than most (about 760 lines): it holds the engine and
+the few things every recipe asks of it (the cache root, the tools' versions a
+key is made of, remembered answers), which have no user but the engine and
+its recipes. Progress lines are :mod:`harness.build.progress`'s.
 """
 
 from __future__ import annotations
@@ -44,11 +44,9 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -60,6 +58,7 @@ from typing import IO, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 from filelock import FileLock, Timeout
 
+from harness.build.progress import Progress, QuietProgress
 from harness.build.series import (
     Patch,
     apply_series,
@@ -143,35 +142,6 @@ def source_label(identity: str) -> str:
 
 def short_hash(text: str) -> str:
     return sha256_bytes(text.encode())[:16]
-
-
-# ------------------------------------------------------------- progress
-
-
-class Progress(Protocol):
-    """Where long work reports its phases."""
-
-    def phase(self, name: str, detail: str = "") -> None: ...
-
-
-class StderrProgress:
-    """Phase lines with elapsed seconds on stderr: ``[  12.3s] patch: 7 patches``."""
-
-    def __init__(self, stream: IO[str] | None = None) -> None:
-        self._stream = stream or sys.stderr
-        self._start = time.monotonic()
-
-    def phase(self, name: str, detail: str = "") -> None:
-        elapsed = time.monotonic() - self._start
-        text = f"{name}: {detail}" if detail else name
-        print(f"[{elapsed:6.1f}s] {text}", file=self._stream, flush=True)
-
-
-class QuietProgress:
-    """Phases go to the debug log only."""
-
-    def phase(self, name: str, detail: str = "") -> None:
-        LOG.debug("%s: %s", name, detail)
 
 
 # ------------------------------------------------------ sources, inputs
@@ -775,22 +745,6 @@ class CachedBuilder(Generic[P]):
 
     def _discard_partial(self, tree: Path) -> None:
         """Remove what an interrupted build may have left half-written."""
-
-
-def counter(pattern: str, unit: str) -> Callable[[str], str | None]:
-    """A ``progress_of`` for :meth:`CachedBuilder._stream` that counts the
-    lines matching ``pattern``: ``"174 modules so far"``."""
-    regex = re.compile(pattern)
-    count = 0
-
-    def progress_of(line: str) -> str | None:
-        nonlocal count
-        if regex.search(line):
-            count += 1
-            return f"{count} {unit} so far"
-        return None
-
-    return progress_of
 
 
 def as_flag_dict(flags: object) -> dict[str, object]:

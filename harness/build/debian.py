@@ -30,7 +30,8 @@ from pathlib import Path
 from debian.deb822 import Deb822
 from filelock import FileLock
 
-from harness.build.cache import Progress, cache_root, sha256_file
+from harness.build.cache import cache_root, sha256_file
+from harness.build.progress import Progress
 from harness.errors import DependencyError, SourceError
 from harness.tools import run_tool
 

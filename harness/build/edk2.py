@@ -40,17 +40,16 @@ from harness.build.cache import (
     Built,
     CachedBuilder,
     Compiled,
-    Progress,
     PublishedDir,
     SourceProvider,
     as_flag_dict,
-    counter,
     remembered_versions,
     source_label,
     system_python_env,
     tool_versions,
 )
 from harness.build.debian import DebianSourcePackage, DebianTarballs
+from harness.build.progress import Progress, counter
 from harness.build.series import read_series
 from harness.errors import SourceError, UsageError
 from harness.tools import run_tool

@@ -45,9 +45,7 @@ from harness import shared
 from harness.build.cache import (
     Built,
     CachedBuilder,
-    Progress,
     PublishedDir,
-    QuietProgress,
     SourceProvider,
     as_flag_dict,
     cache_root,
@@ -60,6 +58,7 @@ from harness.build.cache import (
     tool_versions,
 )
 from harness.build.debian import DebianSourcePackage, PrivateApt
+from harness.build.progress import Progress, QuietProgress
 from harness.errors import DependencyError, SourceError, UsageError
 from harness.tools import run_tool
 

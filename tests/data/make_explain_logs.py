@@ -42,7 +42,8 @@ OUT = HERE / "explain"
 sys.path.insert(0, str(HERE.parents[1]))
 
 from harness.analysis import symbols
-from harness.build import cache, edk2
+from harness.build import edk2
+from harness.build.progress import StderrProgress
 from harness.vm.config import MachineConfig
 from harness.vm.devices import BlockDevice
 from harness.vm.machine import QemuMachine
@@ -75,7 +76,7 @@ def cut(source: Path, name: str) -> None:
 
 
 def main() -> None:
-    progress = cache.StderrProgress()
+    progress = StderrProgress()
     OUT.mkdir(exist_ok=True)
     faults = edk2.build_variant(FAULTS, progress=progress).output
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +102,7 @@ def main() -> None:
     symbols.write_index(modules)
 
 
-def stock_logs(progress: cache.StderrProgress, work: Path) -> None:
+def stock_logs(progress: StderrProgress, work: Path) -> None:
     """The stock and Debian logs, and the cut one."""
     stock = edk2.build_unpatched(progress=progress, baseline="2022.11").output
     disk = work / "empty.img"

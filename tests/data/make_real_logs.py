@@ -28,7 +28,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 from make_sev_logs import NOISE, trimmed_map
 
 from harness import scenario
-from harness.build import cache, edk2
+from harness.build import edk2
+from harness.build.progress import StderrProgress
 from harness.vm import devices, host, machine
 
 #: Log name -> the scenario, and fw_cfg knobs replacing the scenario's
@@ -77,7 +78,7 @@ def symbols(firmware: edk2.Firmware) -> None:
 
 
 def main() -> None:
-    firmware = edk2.build_firmware(progress=cache.StderrProgress()).output
+    firmware = edk2.build_firmware(progress=StderrProgress()).output
     caps = host.probe(tcg_only=True)
     for name, (chosen, knobs) in CASES.items():
         record(firmware, caps, name, chosen, knobs)

@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from harness import scenario
-from harness.build import cache, edk2, qemu
+from harness.build import edk2, qemu
+from harness.build.progress import StderrProgress
 from harness.vm import host
 
 #: The noisiest DEBUG families, trimmed from every real log kept here.
@@ -66,7 +67,7 @@ def record(firmware: edk2.Firmware, caps: host.HostCaps, name: str, symbols: str
 
 
 def main() -> None:
-    progress = cache.StderrProgress()
+    progress = StderrProgress()
     caps = host.probe(str(qemu.build_qemu(progress=progress).output.binary))
     firmware = edk2.build_firmware(progress=progress).output
     variant = edk2.build_variant(HERE / "firmware-variants" / "teardown-reads-a-dynamic-pcd.patch",

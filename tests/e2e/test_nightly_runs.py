@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.build import cache, edk2
+from harness.build import edk2
+from harness.build.progress import StderrProgress
 from harness.nightly.history import History
 from harness.vm import remote
 from harness.vm.ssh import ClientKey
@@ -83,8 +84,8 @@ def nightly(plan: Path, *extra: str) -> tuple[int, dict[str, object]]:
 
 def test_the_second_night_names_exactly_what_the_broken_firmware_broke(
         far: tuple[str, Path, Path], tmp_path: Path) -> None:
-    series = edk2.build_firmware(progress=cache.StderrProgress()).output
-    broken = edk2.build_variant(PCD, progress=cache.StderrProgress()).output
+    series = edk2.build_firmware(progress=StderrProgress()).output
+    broken = edk2.build_variant(PCD, progress=StderrProgress()).output
     plan = tmp_path / "plan.toml"
     plan.write_text(plan_text(*far, CALLBACK))
     (tmp_path / "fw").symlink_to(series.path)
@@ -127,7 +128,7 @@ def test_the_second_night_names_exactly_what_the_broken_firmware_broke(
 
 def test_a_runner_killed_mid_plan_leaves_a_history_that_says_so(
         far: tuple[str, Path, Path], tmp_path: Path) -> None:
-    series = edk2.build_firmware(progress=cache.StderrProgress()).output
+    series = edk2.build_firmware(progress=StderrProgress()).output
     plan = tmp_path / "plan.toml"
     many = "".join(f"""
 [[scenario]]

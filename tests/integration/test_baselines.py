@@ -12,6 +12,7 @@ import pytest
 from shellboot import boot_to_shell, explain_json
 
 from harness.build import cache, edk2
+from harness.build.progress import StderrProgress
 from harness.errors import SourceError, UsageError
 from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
@@ -30,12 +31,12 @@ def test_a_pin_the_signed_index_disagrees_with_is_refused(tmp_path: Path) -> Non
     wrong = dataclasses.replace(edk2.TRIXIE, orig_sha256="0" * 64, downloads=tmp_path)
     with pytest.raises(SourceError, match="is not the trixie Sources index's "
                                           + edk2.TRIXIE.orig_sha256):
-        wrong.fetch(cache.StderrProgress())
+        wrong.fetch(StderrProgress())
     assert not any(tmp_path.iterdir()), "nothing downloaded"
 
 
 def test_2025_02_builds_and_boots_to_its_shell(tmp_path: Path) -> None:
-    firmware = edk2.build_unpatched(progress=cache.StderrProgress(), baseline="2025.02").output
+    firmware = edk2.build_unpatched(progress=StderrProgress(), baseline="2025.02").output
     assert firmware.manifest["source"] == edk2.TRIXIE.identity()
     data = explain_json(boot_to_shell(firmware, tmp_path))
     assert [p["phase"] for p in data["phases"]] == ["SEC", "PEI", "DXE", "BDS"]
@@ -51,7 +52,7 @@ def test_2025_02_takes_its_sev_path_with_the_reserved_dma_pool(pytestconfig: pyt
     sets up the reserved shared-memory pool the series must release at
     ExitBootServices; the control is the plain boot above, which has none."""
     caps = session_emulated_caps(pytestconfig)
-    firmware = edk2.build_unpatched(progress=cache.StderrProgress(), baseline="2025.02").output
+    firmware = edk2.build_unpatched(progress=StderrProgress(), baseline="2025.02").output
     log = boot_to_shell(firmware, tmp_path, sev=host.sev_config("emulated", caps),
                         qemu=caps.qemu)
     facts = {f["fact"]: f["value"] for f in explain_json(log)["platform"]}
@@ -78,7 +79,7 @@ def test_the_2022_11_series_on_2025_02_names_baseline_patch_file_and_hunk() -> N
     from harness.errors import PatchError
 
     builder = edk2.Builder(edk2.BASELINES["2025.02"].source, baseline=edk2.BASELINES["2022.11"],
-                           progress=cache.StderrProgress())
+                           progress=StderrProgress())
     state = builder.workspace_dir / "state.json"
     before = state.read_bytes() if state.exists() else None
     with pytest.raises(PatchError) as info:

@@ -34,7 +34,8 @@ from harness.analysis.memdump import (
     unencrypted_ranges,
     walk_page_tables,
 )
-from harness.build import cache, edk2
+from harness.build import edk2
+from harness.build.progress import StderrProgress
 from harness.pytestplugin import session_emulated_caps
 from harness.tools import scratch
 from harness.vm import host
@@ -94,7 +95,7 @@ def test_stock_ovmf_reaches_its_shell_with_the_cbit_in_its_page_tables(
 
 def test_unpatched_debug_build_prints_sev_enabled(emulated: HostCaps,
                                                   ebs_artifacts: Path) -> None:
-    firmware = edk2.build_unpatched(progress=cache.StderrProgress()).output
+    firmware = edk2.build_unpatched(progress=StderrProgress()).output
     assert not firmware.module_file("EbsProbe", ".efi").exists()
     config = _config(emulated, firmware.code, firmware.vars)
     with QemuMachine(config, ebs_artifacts / "sev") as vm:
@@ -129,7 +130,7 @@ def test_the_contract_catches_a_teardown_that_reads_a_dynamic_pcd(
     firmware variant. The bug lives on the SEV path only: the IOMMU
     emulation mode of a plain TCG guest does not see it."""
     variant = edk2.build_variant(VARIANTS / "teardown-reads-a-dynamic-pcd.patch",
-                                 progress=cache.StderrProgress()).output
+                                 progress=StderrProgress()).output
     chosen = scenario.Scenario(ebs_mode="callback", requeue_depth=2, sev="emulated")
     result = scenario.run_scenario(variant, chosen, ebs_artifacts / "sev", caps=emulated)
     assert result.failed_checks() == {"C1", "C3"}, [v.detail for v in result.violations]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from shellboot import boot_to_shell, explain_json
 
-from harness.build import cache, edk2
+from harness.build import edk2
+from harness.build.progress import StderrProgress
 from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
 from harness.vm.config import MachineConfig
@@ -26,7 +27,7 @@ LOAD_LINE = re.compile(r"Loading (?:driver|PEIM) at 0x[0-9A-F]+ EntryPoint=0x[0-
 
 @pytest.fixture(scope="module")
 def stock() -> edk2.Firmware:
-    return edk2.build_unpatched(progress=cache.StderrProgress()).output
+    return edk2.build_unpatched(progress=StderrProgress()).output
 
 
 @pytest.mark.tcg
@@ -49,7 +50,7 @@ def test_a_stock_boot_with_nothing_bootable(stock: edk2.Firmware, tmp_path: Path
 def test_an_injected_fault_is_named_by_function_and_line(
         mode: str, console: str, marker: str, ebs_qemu_binary: str, tmp_path: Path,
         fault_line: Callable[[str], int]) -> None:
-    firmware = edk2.build_variant(FAULTS, progress=cache.StderrProgress()).output
+    firmware = edk2.build_variant(FAULTS, progress=StderrProgress()).output
     config = MachineConfig(code=firmware.code, vars_template=firmware.vars, accel="tcg",
                            qemu=ebs_qemu_binary, serial_input=False,
                            fw_cfg={"opt/org.ebs-harness/fault": mode})
@@ -73,7 +74,7 @@ def test_an_injected_fault_is_named_by_function_and_line(
 def test_without_the_fault_knob_the_driver_goes_on(ebs_qemu_binary: str,
                                                     tmp_path: Path) -> None:
     """The control of the two faults above: the same firmware, no knob."""
-    firmware = edk2.build_variant(FAULTS, progress=cache.StderrProgress()).output
+    firmware = edk2.build_variant(FAULTS, progress=StderrProgress()).output
     quiet = MachineConfig(code=firmware.code, vars_template=firmware.vars, accel="tcg",
                           qemu=ebs_qemu_binary, serial_input=False)
     with QemuMachine(quiet, tmp_path / "quiet") as vm:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.build import cache, edk2
+from harness.build import edk2
+from harness.build.progress import StderrProgress
 from harness.pytestplugin import settings
 from harness.scenario import Scenario, run_scenario
 from harness.vm import host
@@ -24,7 +25,7 @@ def serial_firmware(pytestconfig: pytest.Config) -> edk2.Firmware:
     if settings(pytestconfig).firmware:
         pytest.skip("--ebs-firmware: the serial variant is built from source, not given")
     return edk2.build_firmware(flags=edk2.BuildFlags(debug_on_serial=True),
-                               progress=cache.StderrProgress()).output
+                               progress=StderrProgress()).output
 
 
 def test_manifest_records_the_serial_flag(serial_firmware: edk2.Firmware,

@@ -23,7 +23,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from harness import shared
-from harness.build import cache, edk2, series
+from harness.build import edk2, series
+from harness.build.progress import StderrProgress
 from harness.pytestplugin import session_baseline
 
 pytestmark = pytest.mark.build
@@ -69,7 +70,7 @@ def applied(request: pytest.FixtureRequest,
     """A baseline, and a scratch git repository of the pristine files its
     series touches, with the series applied by ``git am``."""
     baseline: str = request.param
-    pristine = edk2.pristine_tree(baseline, cache.StderrProgress())
+    pristine = edk2.pristine_tree(baseline, StderrProgress())
     repo = tmp_path_factory.mktemp(f"am-{baseline}")
     git(repo, "init", "-q")
     for name in sorted({f for patch in patches(baseline) for f in patch.files()}):
@@ -131,7 +132,7 @@ def test_every_prefix_of_the_series_builds(baseline: str) -> None:
     The control, a prefix that does not build, is in ``tests/unit/test_edk2.py``
     on a fake tree: a real one costs two full rebuilds, and edk2's build
     can hang on an AutoGen error (the harness stops it at its deadline)."""
-    built = edk2.build_prefixes(baseline, cache.StderrProgress())
+    built = edk2.build_prefixes(baseline, StderrProgress())
     assert [name for name, _ in built] == [p.name for p in patches(baseline)]
     for name, compiled in built:
         assert any(line.startswith("Build total time") for line in compiled.log_tail), name
@@ -140,7 +141,7 @@ def test_every_prefix_of_the_series_builds(baseline: str) -> None:
 def test_the_series_builds_ovmfpkgia32x64(baseline: str) -> None:
     """PEI in IA32, DXE in X64, without the test define (the apparatus is
     for OvmfPkgX64 only, and the emulation backend for X64 only)."""
-    compiled = edk2.compiles_ia32x64(baseline, cache.StderrProgress())
+    compiled = edk2.compiles_ia32x64(baseline, StderrProgress())
     flags = compiled.inputs["flags"]
     assert isinstance(flags, dict) and flags["platform"] == "OvmfPkg/OvmfPkgIa32X64.dsc"
     assert any(line.startswith("Build total time") for line in compiled.log_tail), \
@@ -166,7 +167,7 @@ def apparatus_in(firmware: edk2.Firmware) -> list[str]:
 @pytest.mark.parametrize("target", ["DEBUG", "RELEASE"])
 def test_a_production_build_has_the_feature_and_no_apparatus(baseline: str,
                                                              target: str) -> None:
-    firmware = edk2.build_production(target, baseline, cache.StderrProgress()).output
+    firmware = edk2.build_production(target, baseline, StderrProgress()).output
     assert apparatus_in(firmware) == []
     for module, names in FEATURE_SYMBOLS.items():
         assert set(names) <= symbols(firmware, module), module

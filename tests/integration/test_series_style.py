@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.build import cache, edk2, series
+from harness.build import edk2, series
+from harness.build.progress import StderrProgress
 
 PATCHES = [(name, patch) for name, baseline in edk2.BASELINES.items()
            for patch in series.read_series(baseline.series_dir)]
 
 
 def patchcheck(baseline: str, patch: Path) -> subprocess.CompletedProcess[str]:
-    script = edk2.pristine_tree(baseline, cache.StderrProgress()) / "BaseTools" / "Scripts" / \
+    script = edk2.pristine_tree(baseline, StderrProgress()) / "BaseTools" / "Scripts" / \
         "PatchCheck.py"
     return subprocess.run([sys.executable, str(script), str(patch)], capture_output=True,
                           text=True, timeout=120, check=False)

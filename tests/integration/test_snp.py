@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.build import cache, edk2, qemu
+from harness.build import edk2, qemu
+from harness.build.progress import StderrProgress
 from harness.errors import LaunchError
 from harness.vm import host
 from harness.vm.config import MachineConfig
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.tcg
 
 @pytest.fixture(scope="session")
 def newer_qemu() -> str:
-    return str(qemu.fetch_newer_qemu(cache.StderrProgress()))
+    return str(qemu.fetch_newer_qemu(StderrProgress()))
 
 
 def _snp_config(firmware: edk2.Firmware, binary: str, **kwargs: object) -> MachineConfig:

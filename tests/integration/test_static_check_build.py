@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.analysis import teardown_static as ts
-from harness.build import cache, edk2
+from harness.build import edk2
+from harness.build.progress import StderrProgress
 
 pytestmark = pytest.mark.build
 
@@ -25,7 +26,7 @@ def variant() -> Callable[[str], edk2.Firmware]:
     def get(name: str) -> edk2.Firmware:
         if name not in built:
             built[name] = edk2.build_variant(VARIANTS / name,
-                                             progress=cache.StderrProgress()).output
+                                             progress=StderrProgress()).output
         return built[name]
     return get
 

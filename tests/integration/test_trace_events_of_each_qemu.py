@@ -11,7 +11,8 @@ import pytest
 
 from harness import scenario
 from harness.analysis import devicetrace, trace_events
-from harness.build import cache, edk2, qemu
+from harness.build import edk2, qemu
+from harness.build.progress import StderrProgress
 from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
 from harness.vm.host import HostCaps
@@ -32,7 +33,7 @@ def _formats(binary: str | Path) -> dict[str, str]:
 
 
 def test_each_qemu_has_its_formats(ebs_host_caps: HostCaps, ours: HostCaps) -> None:
-    newer = qemu.fetch_newer_qemu(cache.StderrProgress())
+    newer = qemu.fetch_newer_qemu(StderrProgress())
     debian, harness, backports = (_formats(q) for q in (ebs_host_caps.qemu, ours.qemu, newer))
     wanted = list(devicetrace.FORMATS)
     for formats, version in ((debian, ebs_host_caps.qemu_version),
@@ -64,7 +65,7 @@ def test_a_boot_on_backports_10_0_2_is_judged_with_its_own_formats(
     """A real boot on the third QEMU: its device trace names its
     trace-events-all, is read with it, and W1 names the devices the stock
     drivers leave armed (docs/devices.md), as on the other two."""
-    newer = qemu.fetch_newer_qemu(cache.StderrProgress())
+    newer = qemu.fetch_newer_qemu(StderrProgress())
     caps = host.cached_probe(str(newer), tcg_only=True)
     chosen = scenario.Scenario(devices=("virtio-blk", "nvme", "ahci", "xhci-storage"),
                                requeue_depth=2, accel="tcg")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.build.cache import QuietProgress
 from harness.build.debian import DebianSourcePackage, Mirror, PrivateApt, host_mirrors
+from harness.build.progress import QuietProgress
 from harness.errors import DependencyError, SourceError
 
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"

@@ -21,6 +21,7 @@ import pytest
 from harness.build import cache, edk2
 from harness.build import series as patch_series
 from harness.build.debian import DebianSourcePackage
+from harness.build.progress import StderrProgress
 from harness.cli import main
 from harness.errors import BuildError, PatchError, SeriesError, SourceError, UsageError
 
@@ -210,7 +211,7 @@ def test_wrong_tarball_checksum_is_refused(tmp_path: Path) -> None:
     source = DebianSourcePackage(edk2.DEBIAN_PACKAGE, edk2.DEBIAN_VERSION, edk2.DEBIAN_RELEASE,
                                  edk2.DEBIAN_ORIG, edk2.DEBIAN_ORIG_SHA256, downloads=downloads)
     with pytest.raises(SourceError, match="sha256 .* is not the expected 64257dd8"):
-        source.extract(tmp_path / "tree", cache.StderrProgress())
+        source.extract(tmp_path / "tree", StderrProgress())
     assert not (tmp_path / "tree").exists()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.build import qemu
-from harness.build.cache import Progress, QuietProgress
+from harness.build.progress import Progress, QuietProgress
 from harness.cli import main
 from harness.errors import BuildError, PatchError, SourceError
 
