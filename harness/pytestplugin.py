@@ -267,14 +267,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [item for item in items if item.get_closest_marker("zoo") is None]
 
 
-def _qemu_option(config: pytest.Config) -> str:
-    return settings(config).qemu
-
-
 def session_host_caps(config: pytest.Config) -> host.HostCaps:
     """The host probe, run once per session (per xdist worker)."""
     if _HOST_CAPS not in config.stash:
-        config.stash[_HOST_CAPS] = host.cached_probe(_qemu_option(config))
+        config.stash[_HOST_CAPS] = host.cached_probe(settings(config).qemu)
     return config.stash[_HOST_CAPS]
 
 
@@ -336,7 +332,7 @@ def ebs_host_caps(pytestconfig: pytest.Config) -> host.HostCaps:
 @pytest.fixture(scope="session")
 def ebs_qemu_binary(pytestconfig: pytest.Config) -> str:
     """``--ebs-qemu``: the QEMU binary the guests run on."""
-    return _qemu_option(pytestconfig)
+    return settings(pytestconfig).qemu
 
 
 @pytest.fixture(scope="session")

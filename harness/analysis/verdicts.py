@@ -377,7 +377,6 @@ class LogReport:
 
     :param findings: facts about other drivers (C2 by their notification
         functions), reported but not failed verdicts.
-    :param contract_judged: the trace had the lines C1..C3 need.
     :param outcomes: each log check's outcome (held, failed, skipped, not
         judged), by check id.
     """
@@ -386,8 +385,13 @@ class LogReport:
     violations: tuple[Violation, ...]
     anomalies: tuple[str, ...]
     findings: tuple[Violation, ...] = ()
-    contract_judged: bool = False
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    @property
+    def contract_judged(self) -> bool:
+        """The trace had the lines C1..C3 need."""
+        c1 = self.outcomes.get("C1")
+        return c1 is not None and c1.state is not checks.State.NOT_JUDGED
 
     @property
     def passed(self) -> bool:
@@ -428,8 +432,7 @@ def judge_log(timeline: Timeline, sym: Symbolizer | None = None,
     if contract_missing:
         anomalies.append(CONTRACT_MISSING)
         outcomes.update(checks.not_judged(checks.of(Evidence.CONTRACT), CONTRACT_MISSING))
-    return LogReport(timeline, tuple(violations), tuple(anomalies), tuple(findings),
-                     not contract_missing, outcomes)
+    return LogReport(timeline, tuple(violations), tuple(anomalies), tuple(findings), outcomes)
 
 
 def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> list[Violation]:
