@@ -316,8 +316,8 @@ def _artifacts_dir(args: argparse.Namespace, what: str) -> Path:
 
 
 def _qemu_for(args: argparse.Namespace, mode: str) -> str:
-    """``--qemu``; else for ``--sev emulated`` the harness's QEMU (built or
-    from the cache), else the system's."""
+    """``--qemu``; else for an emulated ``--sev`` the harness's QEMU (built
+    or from the cache), else the system's."""
     if args.qemu:
         return str(args.qemu)
     if mode != "off" and sev.MODES[mode].emulated:
@@ -371,8 +371,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         edk2.baseline_named(args.edk2)          # an unknown one: before anything runs
     root = _artifacts_dir(args, "demo")
     system = host.cached_probe(args.qemu or host.DEFAULT_QEMU)
-    platform = demo.choose_platform(
-        system, None if args.qemu else lambda: str(_build_qemu(args).output.binary))
+    harness_qemu = None if args.qemu else lambda: str(_build_qemu(args).output.binary)
+    platform = (demo.choose_platform(system, harness_qemu) if args.sev is None
+                else demo.chosen_platform(system, args.sev, harness_qemu))
     print(f"ebs-harness demo: {platform.accel.upper()} ({platform.caps.qemu} "
           f"{platform.caps.qemu_version}); {platform.why}")
     firmware = given or _firmware_for(args)
@@ -532,8 +533,8 @@ def _parser() -> argparse.ArgumentParser:
 
     # The scenario's options default to None: Scenario holds the defaults.
     boot = add_parser("boot", _options(_json, _firmware_to_run, _artifacts("LABEL"),
-                                       _qemu("qemu-system-x86_64; with --sev emulated, the "
-                                             "harness's QEMU")),
+                                       _qemu("qemu-system-x86_64; with --sev emulated or "
+                                             "emulated-es, the harness's QEMU")),
                       help="boot the probe guest once and judge it")
     boot.add_argument("--accel", choices=("auto", "tcg", "kvm"),
                       help="auto (default): KVM where the host probe proved it, else TCG")
@@ -570,6 +571,10 @@ def _parser() -> argparse.ArgumentParser:
                                            _qemu("the harness's QEMU for emulated SEV where "
                                                  "the host has no SEV")),
                           help="the 2017 scheme against the callback, side by side")
+    demo_cmd.add_argument("--sev", choices=sev.SEV_MODES,
+                          help="where to run the story (default: real SEV-ES or SEV where "
+                               "the host has it, else emulated SEV-ES, else emulated SEV, "
+                               "else off)")
     demo_cmd.set_defaults(func=_cmd_demo)
 
     static = add_parser("check-firmware", json_out,

@@ -5,9 +5,11 @@ its ExitBootServices event twice: ``legacy`` (IoMmuDxe re-signals to come
 last) is predicted to lose the race (V1 order and V3 quiet fail), the
 ``callback`` that ``CoreExitBootServices()`` calls once every handler ran is
 predicted to hold every check. The demo runs where the story is most real:
-on real SEV where the host has it, else on the emulated SEV of the
-harness's QEMU, else (that QEMU could not be had) in IoMmuDxe's emulation
-mode, and says which in its first line.
+on real SEV-ES (or SEV) where the host has it, else on the emulated SEV-ES
+of the harness's QEMU (the path today's SEV users boot: #VC and the GHCB),
+else on its emulated plain SEV, else (that QEMU could not be had) in
+IoMmuDxe's emulation mode, and says which in its first line; ``--sev``
+chooses instead.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import TextIO
 from harness import scenario
 from harness.analysis.judgement import summary_checks
 from harness.build.edk2 import Firmware
-from harness.errors import HarnessError
+from harness.errors import HarnessError, SettingError
 from harness.vm import host
+from harness.vm.sev import MODES
 
 #: The story: the 2017 scheme against a driver that re-signals twice, then
 #: the new callback against the same driver.
@@ -48,14 +51,34 @@ class Platform:
 
     @property
     def accel(self) -> str:
-        return "tcg" if self.sev == "emulated" else host.resolve_accel("auto", self.caps)
+        if self.sev != "off" and MODES[self.sev].emulated:
+            return "tcg"
+        return host.resolve_accel("auto", self.caps)
+
+
+def chosen_platform(system: host.HostCaps, mode: str,
+                    harness_qemu: Callable[[], str] | None) -> Platform:
+    """The platform ``--sev mode`` asks for, or a :class:`~harness.errors.SettingError`
+    saying why this host cannot run it."""
+    caps = system
+    if mode != "off" and MODES[mode].emulated and harness_qemu is not None:
+        caps = host.cached_probe(harness_qemu(), tcg_only=True)
+    if mode != "off":
+        cap = caps.capability(MODES[mode].capability)
+        if not cap.available:
+            raise SettingError("sev", mode, cap.reason)
+    about = MODES[mode].about if mode != "off" else "IoMmuDxe's emulation mode, no SEV"
+    return Platform(caps, mode, f"--sev {mode}: {about}")
 
 
 def choose_platform(system: host.HostCaps, harness_qemu: Callable[[], str] | None
                     ) -> Platform:
-    """Real SEV where the system's QEMU has it; else the emulated SEV of
-    the harness's QEMU (``harness_qemu`` builds or finds it; None: the user
-    named the QEMU); else IoMmuDxe's emulation mode."""
+    """Real SEV-ES, or SEV, where the system's QEMU has it; else the
+    emulated SEV-ES, or SEV, of the harness's QEMU (``harness_qemu`` builds
+    or finds it; None: the user named the QEMU); else IoMmuDxe's emulation
+    mode."""
+    if system.sev_es.available:
+        return Platform(system, "sev-es", "AMD SEV-ES (real encryption)")
     if system.sev.available:
         return Platform(system, "sev", "AMD SEV (real encryption)")
     caps = system
@@ -66,10 +89,16 @@ def choose_platform(system: host.HostCaps, harness_qemu: Callable[[], str] | Non
             first = str(exc).splitlines()[0]
             return Platform(system, "off", f"no SEV here, and the harness's QEMU could not be "
                                            f"built ({first}): IOMMU emulation mode instead")
+    if caps.sev_es_emulated.available:
+        return Platform(caps, "emulated-es", f"no SEV here ({system.sev.reason}): emulated "
+                                             "SEV-ES on the harness's QEMU, OVMF on its real "
+                                             "SEV-ES code path (#VC, the GHCB; memory in "
+                                             "plaintext)")
     if caps.sev_emulated.available:
         return Platform(caps, "emulated", f"no SEV here ({system.sev.reason}): emulated SEV on "
                                           "the harness's QEMU, OVMF on its real SEV code path "
-                                          "(memory in plaintext)")
+                                          "(memory in plaintext; this QEMU has no emulated "
+                                          f"SEV-ES: {caps.sev_es_emulated.reason})")
     return Platform(caps, "off", f"no SEV here, and {caps.sev_emulated.reason}: IOMMU "
                                  "emulation mode instead")
 

@@ -605,5 +605,6 @@ def dmesg_problems(text: str) -> list[str]:
 SEV_ACTIVE = {
     "sev": "Memory Encryption Features active: AMD SEV",
     "emulated": "Memory Encryption Features active: AMD SEV",
+    "emulated-es": "Memory Encryption Features active: AMD SEV SEV-ES",
     "sev-es": "Memory Encryption Features active: AMD SEV SEV-ES",
 }

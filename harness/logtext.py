@@ -22,6 +22,11 @@ LEADING_JUNK_RE = re.compile(rb"^(?:\r|" + ANSI.encode() + rb")*")
 SEV_MASK = r"SEV is enabled \(mask (0x[0-9a-fA-F]{1,16})\)"
 SEV_MASK_RE = re.compile(SEV_MASK)
 
+#: PlatformPei under SEV-ES: ``SEV-ES is enabled, 2 GHCB pages allocated
+#: starting at 0x1FF76000``: per CPU a GHCB page, shared with the
+#: hypervisor, and a private page of per-CPU variables.
+GHCB_PAGES = r"SEV-ES is enabled, (\d+) GHCB pages allocated starting at (0x[0-9a-fA-F]{1,16})"
+
 
 def strip_ansi(text: str) -> str:
     """``text`` without terminal escapes."""

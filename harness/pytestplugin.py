@@ -87,7 +87,11 @@ MARKERS = {
     "snp": "the test needs an AMD SEV-SNP host and a QEMU >= 9.1 (--ebs-qemu)",
     "sev_emulated": ("the test runs under the emulated SEV of the harness's QEMU (built once "
                      "per session, cached); a QEMU without it fails the test"),
+    "sev_es_emulated": ("the test runs under the emulated SEV-ES of the harness's QEMU (built "
+                        "once per session, cached); a QEMU without it fails the test"),
 }
+#: The markers of the emulations: the harness's QEMU has them, or it is broken.
+EMULATED_MARKERS = tuple(mode.capability for mode in MODES.values() if mode.emulated)
 
 _SETTINGS = pytest.StashKey["Settings"]()
 _HOST_CAPS = pytest.StashKey[host.HostCaps]()
@@ -290,13 +294,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     needed = [name for name in MARKERS if item.get_closest_marker(name) is not None]
     if not needed:
         return
-    if "sev_emulated" in needed:
-        needed.remove("sev_emulated")
-        emulated = session_emulated_caps(item.config).sev_emulated
+    for name in [name for name in needed if name in EMULATED_MARKERS]:
+        needed.remove(name)
+        emulated = session_emulated_caps(item.config).capability(name)
         if not emulated.available:
             # The session built this QEMU itself: no emulation is a bug, not a host's lack.
-            pytest.fail(f"the harness's QEMU has no emulated SEV: {emulated.reason}",
-                        pytrace=False)
+            pytest.fail(f"the harness's QEMU lacks {name}: {emulated.reason}", pytrace=False)
     if not needed:
         return
     caps = session_host_caps(item.config)

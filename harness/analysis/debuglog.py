@@ -39,11 +39,12 @@ from harness.analysis.events import (
 )
 from harness.analysis.symbols import ImageLoad, parse_image_load
 from harness.errors import TraceFormatError
-from harness.logtext import LEADING_JUNK_RE, SEV_MASK
+from harness.logtext import GHCB_PAGES, LEADING_JUNK_RE, SEV_MASK
 
 LOG = logging.getLogger(__name__)
 
 _SEV_MASK_RE = re.compile(rb"^" + SEV_MASK.encode())
+_GHCB_PAGES_RE = re.compile(rb"^" + GHCB_PAGES.encode())
 #: A log line longer than this is cut to its start (and said so).
 MAX_LINE_BYTES = 64 * 1024
 
@@ -61,6 +62,8 @@ class Trace:
         0x...)" line, when the firmware ran with SEV.
     :param lost: lines where a trace line was cut by interrupt-time output
         and its rest never came: that event is missing.
+    :param ghcb: PlatformPei's GHCB pages under SEV-ES, ``(first address,
+        page count)``: per CPU a shared GHCB page and a private one.
     """
 
     path: str
@@ -70,6 +73,16 @@ class Trace:
     partial_tail: bool
     sev_mask: int | None = None
     lost: tuple[int, ...] = ()
+    ghcb: tuple[int, int] | None = None
+
+    @property
+    def ghcb_pages(self) -> tuple[int, ...]:
+        """The addresses of the GHCB pages themselves (every other page of
+        :attr:`ghcb`, from the first), which SEV-ES shares on purpose."""
+        if self.ghcb is None:
+            return ()
+        base, count = self.ghcb
+        return tuple(base + page * 0x1000 for page in range(0, count, 2))
 
     @property
     def config(self) -> IommuConfig | None:
@@ -169,6 +182,7 @@ def _parse_stream(stream: BinaryIO, path: str) -> Trace:
     partial = False
     versions = 0
     sev_mask: int | None = None
+    ghcb: tuple[int, int] | None = None
     lost: list[int] = []
     #: An interrupted trace line's start and its line number; the trace
     #: lines printed from interrupt time inside it wait in ``inner`` and are
@@ -250,9 +264,12 @@ def _parse_stream(stream: BinaryIO, path: str) -> Trace:
                 images.append(load)
         elif b"SEV is enabled" in body and (found := _SEV_MASK_RE.search(body)):
             sev_mask = int(found.group(1), 16)
+        elif b"GHCB pages allocated" in body and (found := _GHCB_PAGES_RE.search(body)):
+            ghcb = (int(found.group(2), 16), int(found.group(1)))
     release(lines)
     if events and not versions:
         raise TraceFormatError(path, events[0].line,
                                "EBST lines without a 'version' line: cannot tell the "
                                "trace format version")
-    return Trace(path, tuple(events), tuple(images), lines, partial, sev_mask, tuple(lost))
+    return Trace(path, tuple(events), tuple(images), lines, partial, sev_mask, tuple(lost),
+                 ghcb)

@@ -202,6 +202,17 @@ def no_live_mapping(dump: QemuDump, ev: DumpEvidence) -> tuple[DumpJudged, ListW
     return DumpJudged(tuple(violations), tuple(notes)), walk
 
 
+#: Why a GHCB page is shared (D2's note).
+GHCB_WHY = ("a GHCB page: under SEV-ES every CPU shares one with the hypervisor for the "
+            "#VC handler (PlatformPei's 'SEV-ES is enabled, N GHCB pages' line; the "
+            "per-CPU variable page beside each stays private)")
+
+
+def ghcb_by_design(trace: Trace) -> tuple[tuple[int, int, str], ...]:
+    """The GHCB pages the log announced, as ranges shared by design."""
+    return tuple((page, page + PAGE, GHCB_WHY) for page in trace.ghcb_pages)
+
+
 @dataclass(frozen=True)
 class Shared:
     """The host-readable RAM D2 found: judged, and shared by design."""
@@ -233,7 +244,8 @@ def no_shared_page(dump: QemuDump, ev: DumpEvidence) -> tuple[DumpJudged, Shared
         what = f"bit {ev.sharedbit}"
     else:
         assert ev.cbit is not None
-        shared, by_design = split_by_design(unencrypted_ranges(dump, cr3, ev.cbit, findings))
+        shared, by_design = split_by_design(unencrypted_ranges(dump, cr3, ev.cbit, findings),
+                                            ghcb_by_design(ev.trace))
         for rng, why in by_design:
             notes.append(f"D2: {rng.size // PAGE} page(s) at {rng.paddr:#x} shared by "
                          f"design: {why}")

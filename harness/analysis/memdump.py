@@ -470,15 +470,17 @@ def unencrypted_ranges(dump: QemuDump, cr3: int, cbit: int,
     return out
 
 
-def split_by_design(ranges: Sequence[SharedRange]
+def split_by_design(ranges: Sequence[SharedRange],
+                    also: Sequence[tuple[int, int, str]] = (),
                     ) -> tuple[list[SharedRange], list[tuple[SharedRange, str]]]:
-    """``ranges`` cut at :data:`SHARED_BY_DESIGN`: what is left to judge, and
-    the pieces shared by design with their reason."""
+    """``ranges`` cut at :data:`SHARED_BY_DESIGN` and at ``also`` (ranges
+    this boot's log says it shares, ``(start, end, why)``): what is left to
+    judge, and the pieces shared by design with their reason."""
     judged: list[SharedRange] = []
     by_design: list[tuple[SharedRange, str]] = []
     for rng in ranges:
         todo = [(rng.paddr, rng.paddr + rng.size)]
-        for start, end, why in SHARED_BY_DESIGN:
+        for start, end, why in (*SHARED_BY_DESIGN, *also):
             rest = []
             for lo, hi in todo:
                 if hi <= start or lo >= end:

@@ -550,14 +550,22 @@ def pristine_tree(baseline: str, progress: Progress | None = None) -> Path:
 
 
 #: The baseline the test variants (``tests/data/firmware-variants``) are
-#: written against.
+#: written against, unless they sit in a directory named for theirs
+#: (``edk2-2025.02/``).
 VARIANT_BASELINE = "2022.11"
 
 
+def variant_baseline(patch: Path) -> str:
+    """The baseline a test variant applies to: its directory's
+    (``edk2-VERSION``), else :data:`VARIANT_BASELINE`."""
+    parent = Path(patch).parent.name
+    return parent.removeprefix("edk2-") if parent.startswith("edk2-") else VARIANT_BASELINE
+
+
 def build_variant(patch: Path, progress: Progress | None = None) -> BuildResult:
-    """The patched firmware of :data:`VARIANT_BASELINE` with one test
-    variant ``patch`` on top."""
-    chosen = baseline_named(VARIANT_BASELINE)
+    """The patched firmware of the variant's baseline (:func:`variant_baseline`)
+    with one test variant ``patch`` on top."""
+    chosen = baseline_named(variant_baseline(patch))
     return Builder(chosen.source, baseline=chosen, extra_patches=(patch,),
                    progress=progress).firmware()
 

@@ -22,7 +22,7 @@
     name = "callback-d2"
     ebs_mode = "callback"
     requeue_depth = 2
-    sev = ["off", "emulated"]     # each a case
+    sev = ["off", "emulated", "emulated-es"]   # each a case
     accel = ["auto"]
 
 A case is one host, firmware, scenario, SEV mode and accelerator: its key
@@ -208,7 +208,8 @@ def _firmware(entry: dict[str, Any], base: Path, what: str) -> FirmwareSpec:
         return FirmwareSpec(name, "series", edk2=baseline)
     if "edk2" in entry:
         raise UsageError(f"{what} ({name}): edk2 goes with build = \"series\" (a variant is "
-                         f"written for {edk2.VARIANT_BASELINE})")
+                         f"written for {edk2.VARIANT_BASELINE}, or for the baseline its "
+                         "directory names, edk2-VERSION/)")
     return FirmwareSpec(name, kind, _existing(base, entry[kind], f"{what} {kind}"))
 
 

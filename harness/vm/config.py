@@ -112,6 +112,9 @@ class MachineConfig:
             raise ValueError(f"memory {self.memory_mib} MiB: not in 32..1048576")
         if not 1 <= self.smp <= 288:
             raise ValueError(f"smp {self.smp}: not in 1..288")
+        if self.sev is not None and self.smp > self.sev.kind.max_smp:
+            raise ValueError(f"smp {self.smp}: SEV mode {self.sev.mode} runs at most "
+                             f"{self.sev.kind.max_smp} vCPU")
         for device in self.devices:
             if not isinstance(device, (BlockDevice, NetDevice, ScsiController, RngDevice,
                                        ZooDevice)):
@@ -196,7 +199,8 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
         argv += ["-object",
                  (f"{sev.qom_type},id=sev0,cbitpos={sev.cbitpos},"
                  f"reduced-phys-bits={sev.reduced_phys_bits},"
-                 f"policy={sev.effective_policy:#x}")]
+                 f"policy={sev.effective_policy:#x}"
+                 + (f",x-vc-mismatch={sev.vc_mismatch}" if sev.vc_mismatch else ""))]
     if config.sev is not None and config.sev.snp:
         argv += ["-bios", str(config.code)]
     else:

@@ -54,6 +54,9 @@ LOG = logging.getLogger(__name__)
 DEFAULT_FAILURES: tuple[str, ...] = (
     r"\bASSERT\b",            # edk2 DebugAssert: "ASSERT [Module] file(line): expr"
     r"!!!! X64 Exception",    # edk2 CpuExceptionHandlerLib
+    # ... whose dump goes to the serial port, and this line of it to the
+    # debug log where one exists (the harness watches that one)
+    r"!!!! Find image based on IP",
     r"Kernel panic",          # Linux
 )
 
@@ -276,6 +279,37 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
 
     def isalive(self) -> bool:
         return bool(self._alive())
+
+
+class CrashWatch:
+    """Whether a log another console writes (the serial port) shows the
+    guest's CPU exception dump: the console being waited on (the debug log)
+    would otherwise only time out. Reads what is new on each call."""
+
+    PATTERN = re.compile(rb"!!!! X64 Exception[^\r\n]*")
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._offset = 0
+        self._tail = b""
+        self.line: str | None = None
+
+    def seen(self) -> str | None:
+        """The exception line, once the log has one."""
+        if self.line is None:
+            try:
+                with open(self.path, "rb") as log:
+                    log.seek(self._offset)
+                    data = log.read()
+            except OSError:
+                return None
+            self._offset += len(data)
+            text = self._tail + data
+            found = self.PATTERN.search(text)
+            if found is not None and (found.end() < len(text) or text.endswith(b"\n")):
+                self.line = found[0].decode("latin-1").strip()
+            self._tail = text[-256:]
+        return self.line
 
 
 def _describe(pattern: Pattern) -> str:

@@ -45,7 +45,13 @@ from harness.errors import (
 )
 from harness.vm import limits
 from harness.vm.config import MachineConfig, RuntimePaths, build_argv, reproduce_script
-from harness.vm.console import Console, debug_console, serial_console, tail_lines
+from harness.vm.console import (
+    Console,
+    CrashWatch,
+    debug_console,
+    serial_console,
+    tail_lines,
+)
 from harness.vm.devices import E1000E_ROM, BlockDevice, Device, ScsiController, ZooDevice
 from harness.vm.qmp import QmpSession
 from harness.vm.runner import LocalProcess, LocalRunner, Process, Runner, describe_exit
@@ -53,6 +59,7 @@ from harness.vm.sev import (
     SEV_STATE_PAUSED,
     SEV_STATE_RUNNING,
     SevConfig,
+    sev_es_termination,
     sev_info_problem,
     sev_launch_reason,
 )
@@ -94,6 +101,7 @@ class QemuMachine:
         self._serial_sock: socket.socket | None = None
         self._launched = False
         self._closed = False
+        self._crash = CrashWatch(self.serial_log)
         #: how QEMU ended, when it did not end by the harness's ``quit``
         self.abnormal: str | None = None
         #: the adversary NIC's unix datagram socket (QEMU binds it), or None
@@ -158,8 +166,14 @@ class QemuMachine:
         return self.process is not None and self.process.poll() is None
 
     def ended(self) -> str:
-        """Why the consoles ended (QEMU's exit, or what broke), for errors."""
-        return describe_exit(None) if self.process is None else self.process.ended()
+        """Why the consoles ended (QEMU's exit, or what broke, and the SEV-ES
+        termination that made QEMU exit), for errors."""
+        if self.process is None:
+            return describe_exit(None)
+        if self._crash.line is not None and self.process.poll() is None:
+            return f"the guest's CPU exception dump on the serial port: {self._crash.line}"
+        why = sev_es_termination(self._stderr_text()) if self.config.sev is not None else None
+        return self.process.ended() + (f": {why}" if why else "")
 
     def _readable(self) -> bool:
         return self.process is not None and self.process.readable()
@@ -310,8 +324,11 @@ class QemuMachine:
         self._serial = serial_console(sock, self.serial_log, self._readable, self.log,
                                       logs, self.command, ended=self.ended)
         if self.config.debugcon:
-            self._debugcon = debug_console(self.debugcon_log, self._readable, self.log,
-                                           logs, self.command, ended=self.ended)
+            # The debug log ends, too, when the guest's exception dump reaches
+            # the serial port: a wait on it fails at once, saying so.
+            self._debugcon = debug_console(
+                self.debugcon_log, lambda: self._readable() and self._crash.seen() is None,
+                self.log, logs, self.command, ended=self.ended)
 
     def _connect_qmp(self, path: Path, deadline: float) -> QmpSession:
         assert self.process is not None and self._transcript is not None

@@ -55,6 +55,7 @@ class SevMode:
     :param pins_memory: KVM pins the guest's RAM: the locked-memory limit
         must cover it.
     :param cpu: the ``-cpu`` model of its guests.
+    :param max_smp: the most vCPUs its guests may have.
     :param label: how a scenario's label names it.
     :param about: one line for help texts.
     """
@@ -68,6 +69,7 @@ class SevMode:
     snp: bool = False
     pins_memory: bool = False
     cpu: str = "host"
+    max_smp: int = 288
     label: str = ""
     about: str = ""
 
@@ -94,9 +96,18 @@ MODES: Mapping[str, SevMode] = {mode.name: mode for mode in (
     SevMode("emulated", "sev-emulated", "tcg", "sev_emulated", emulated=True,
             cpu=EMULATED_SEV_CPU, label="emulated-sev",
             about="the harness's QEMU emulates plain SEV under TCG (built on first use)"),
+    # SEV-ES starts APs from a save area the guest sets up: not emulated.
+    SevMode("emulated-es", "sev-emulated", "tcg", "sev_es_emulated", emulated=True, es=True,
+            cpu=EMULATED_SEV_CPU, max_smp=1, label="emulated-sev-es",
+            about=("the harness's QEMU emulates SEV-ES under TCG: #VC and the GHCB, one vCPU "
+                   "(built on first use)")),
 )}
 #: ``off`` and every mode of :data:`MODES`.
 SEV_MODES = ("off", *MODES)
+
+
+#: The values of ``sev-emulated``'s ``x-vc-mismatch`` ("": off).
+VC_MISMATCHES = ("", "ioio", "cpuid")
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,8 @@ class SevConfig:
     ``query-sev-capabilities``); ``snp`` is ``sev-snp-guest`` (QEMU >= 9.1),
     whose memory is a memfd backend and whose firmware is one ``-bios``
     image (KVM's SNP VM type has no read-only memory slots for pflash);
-    ``emulated`` is ``sev-emulated`` under TCG (plain SEV only).
+    ``emulated`` and ``emulated-es`` are ``sev-emulated`` under TCG, plain
+    SEV and SEV-ES (the policy's ES bit; one vCPU).
     ``policy`` defaults to NODBG|NOKS, plus ES for SEV-ES, and to
     :data:`SNP_POLICY_DEFAULT` for SNP; an explicit SEV policy must agree with
     the mode about ES.
@@ -118,10 +130,18 @@ class SevConfig:
     cbitpos: int
     reduced_phys_bits: int
     policy: int | None = None
+    #: A negative control of the emulated SEV-ES (``x-vc-mismatch``):
+    #: ``ioio`` or ``cpuid``, the instruction whose #VC carries the other's
+    #: exit code, which the guest's #VC handler must refuse; "" for none.
+    vc_mismatch: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"SEV mode {self.mode!r}: one of {', '.join(MODES)}")
+        if self.vc_mismatch not in VC_MISMATCHES:
+            raise ValueError(f"vc_mismatch {self.vc_mismatch!r}: one of ioio, cpuid, or ''")
+        if self.vc_mismatch and not (self.kind.emulated and self.kind.es):
+            raise ValueError(f"vc_mismatch: a switch of the emulated SEV-ES, not of {self.mode}")
         if not 32 <= self.cbitpos <= 63:
             raise ValueError(f"cbitpos {self.cbitpos}: not in 32..63")
         if not 1 <= self.reduced_phys_bits <= 63:
@@ -206,6 +226,18 @@ def sev_launch_reason(stderr: str) -> str | None:
         if re.search(pattern, stderr):
             return reason
     return None
+
+
+#: How the harness's QEMU ends a SEV-ES guest that cannot go on (a GHCB
+#: termination request with its reason set and code, a #VC the guest's
+#: handler refused, a bad GHCB): one line on stderr, then a guest panic.
+SEV_ES_TERMINATED_RE = re.compile(r"sev-es: (.+); the guest is terminated")
+
+
+def sev_es_termination(stderr: str) -> str | None:
+    """Why the emulated SEV-ES ended the guest, from QEMU's stderr, or None."""
+    found = SEV_ES_TERMINATED_RE.search(stderr)
+    return f"SEV-ES guest terminated: {found[1]}" if found else None
 
 
 #: ``query-sev`` ``state`` before ``cont`` and after: QEMU 7.2 measures the

@@ -103,9 +103,10 @@ def test_demo_tells_the_story(ebs_firmware: edk2.Firmware, ebs_artifacts: Path,
     proc = _cli("demo", "--firmware", str(ebs_firmware.path), "--artifacts",
                 str(ebs_artifacts))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-    mode = "sev" if ebs_host_caps.sev.available else "emulated"
-    if mode == "emulated":
-        assert "emulated SEV on the harness's QEMU" in proc.stdout.splitlines()[0]
+    mode = ("sev-es" if ebs_host_caps.sev_es.available else
+            "sev" if ebs_host_caps.sev.available else "emulated-es")
+    if mode == "emulated-es":
+        assert "emulated SEV-ES on the harness's QEMU" in proc.stdout.splitlines()[0]
     assert "as predicted" in proc.stdout
     assert ("finding (C2, not a failed verdict): EbsAdversaryDxe!AdversaryStage allocates"
             in proc.stdout)
@@ -115,6 +116,20 @@ def test_demo_tells_the_story(ebs_firmware: edk2.Firmware, ebs_artifacts: Path,
     # D1..D3 depend on the SEV mode and the baseline (test_scenarios.py)
     assert {v["check"] for v in legacy["violations"]} >= {"V1", "V3", "V4"}
     assert callback["verdict"] == "pass"
+
+
+def test_demo_sev_chooses_the_platform(ebs_firmware: edk2.Firmware, ebs_artifacts: Path
+                                       ) -> None:
+    """``--sev emulated`` runs the story on plain emulated SEV (the default
+    would be SEV-ES), and says so first; a mode this host lacks is exit 2."""
+    proc = _cli("demo", "--sev", "emulated", "--firmware", str(ebs_firmware.path),
+                "--artifacts", str(ebs_artifacts))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert "--sev emulated: the harness's QEMU emulates plain SEV" in proc.stdout.splitlines()[0]
+    assert json.loads((ebs_artifacts / "callback" / "result.json").read_text())["sev"] \
+        == "emulated"
+    refused = _cli("demo", "--sev", "snp", "--firmware", str(ebs_firmware.path))
+    assert refused.returncode == 2 and refused.stderr.startswith("ebs-harness demo: --sev snp")
 
 
 def test_demo_falls_back_with_one_line_on_a_qemu_without_the_emulation(

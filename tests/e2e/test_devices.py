@@ -48,6 +48,7 @@ STORAGE = {"nvme": "nvme", "ahci": "ahci", "xhci-storage": "xhci", "pvscsi": "pv
 MODES = [
     pytest.param("off", marks=pytest.mark.tcg, id="plain"),
     pytest.param("emulated", marks=pytest.mark.sev_emulated, id="emulated-sev"),
+    pytest.param("emulated-es", marks=pytest.mark.sev_es_emulated, id="emulated-sev-es"),
 ]
 
 

@@ -173,16 +173,21 @@ def test_guest_reports_memory_encryption(ebs_firmware: edk2.Firmware, ebs_linux_
     assert report.violations == ()
 
 
-@pytest.mark.sev_emulated
+@pytest.mark.parametrize("sev", [
+    pytest.param("emulated", marks=pytest.mark.sev_emulated, id="emulated-sev"),
+    pytest.param("emulated-es", marks=pytest.mark.sev_es_emulated, id="emulated-sev-es"),
+])
 def test_guest_under_emulated_sev(ebs_firmware: edk2.Firmware, ebs_linux_image: LinuxImage,
                                   pytestconfig: pytest.Config, ebs_artifacts: Path,
-                                  record_property: Callable[[str, object], None]) -> None:
-    """Linux takes its SEV path on the harness's QEMU: it reports AMD SEV,
-    does all DMA through its bounce buffers (SWIOTLB with memory encryption),
-    and the disk and the network still work; the firmware's trace of the
-    boot, EBS contract included, passes."""
+                                  record_property: Callable[[str, object], None],
+                                  sev: str) -> None:
+    """Linux takes its SEV path on the harness's QEMU: it reports AMD SEV
+    (and SEV-ES: its own #VC handler and GHCB from then on), does all DMA
+    through its bounce buffers (SWIOTLB with memory encryption), and the
+    disk and the network still work; the firmware's trace of the boot, EBS
+    contract included, passes."""
     caps = session_emulated_caps(pytestconfig)
-    boot = LinuxBoot(ebs_mode="callback", sev="emulated")
+    boot = LinuxBoot(ebs_mode="callback", sev=sev)
     with linux.boot_linux(ebs_firmware, ebs_linux_image, boot, ebs_artifacts,
                           caps=caps) as run:
         record_property("ssh_ready_seconds", round(run.ready_seconds, 1))
@@ -192,7 +197,9 @@ def test_guest_under_emulated_sev(ebs_firmware: edk2.Firmware, ebs_linux_image: 
         expected = hashlib.sha256(run.canary_image.read_bytes()).hexdigest()
         _, whole, _ = run.session.run("sha256sum /dev/vdb")
         _, ping, _ = run.session.run(f"ping -c 2 -W 5 {linux.GATEWAY}", timeout=30)
-    assert linux.SEV_ACTIVE["emulated"] in dmesg
+    assert linux.SEV_ACTIVE[sev] in dmesg
+    if sev == "emulated":       # the line SEV-ES extends: plain SEV stops before it
+        assert linux.SEV_ACTIVE["emulated-es"] not in dmesg
     assert "Memory encryption is active and system is using DMA bounce buffers" in dmesg
     assert canary.encode() == run.canary and whole.split()[0] == expected
     assert " 0% packet loss" in ping

@@ -4,12 +4,13 @@ Every case boots the probe guest, dumps its memory once it parked after
 ExitBootServices, and asserts exactly which checks hold and which fail:
 the callback cases must pass everything, and each negative control must fail
 the checks the README's verdict table says it fails, and no others. Each case
-runs in four modes:
+runs in these modes:
 
 - ``plain``: TCG, IoMmuDxe's own emulation mode (shared pages marked with
   page-table bit 52);
-- ``emulated-sev``: TCG on the harness's QEMU with an emulated SEV, so that
-  OVMF takes its real SEV code path (D2 walks for C-bit-clear pages);
+- ``emulated-sev`` and ``emulated-sev-es``: TCG on the harness's QEMU with
+  an emulated SEV or SEV-ES, so that OVMF takes its real SEV (or SEV-ES:
+  #VC, the GHCB) code path (D2 walks for C-bit-clear pages);
 - ``sev``/``sev-es``/``snp``: real encryption on a SEV host (SNP with a
   QEMU >= 9.1, ``--qemu``), where the dump is ciphertext for private pages
   (D1 and D2 are skipped, D3 scans the whole dump); they skip elsewhere
@@ -24,6 +25,7 @@ import pytest
 
 from harness.analysis import trace
 from harness.scenario import RunResult, Scenario
+from harness.vm.sev import MODES
 
 Run = Callable[[Scenario], RunResult]
 
@@ -36,6 +38,7 @@ DEVICE_SETS = {
 SEV_MODES = [
     pytest.param("off", marks=pytest.mark.tcg, id="plain"),
     pytest.param("emulated", marks=pytest.mark.sev_emulated, id="emulated-sev"),
+    pytest.param("emulated-es", marks=pytest.mark.sev_es_emulated, id="emulated-sev-es"),
     pytest.param("sev", marks=pytest.mark.sev, id="sev"),
     pytest.param("sev-es", marks=pytest.mark.sev_es, id="sev-es"),
     pytest.param("snp", marks=pytest.mark.snp, id="snp"),
@@ -44,7 +47,7 @@ SEV_MODES = [
 
 def _plaintext(sev: str) -> bool:
     """The dump shows guest memory as the guest sees it (D1, D2 judged)."""
-    return sev in ("off", "emulated")
+    return sev == "off" or not MODES[sev].encrypted
 
 
 #: IoMmuDxe's line when it sets up CcIoMmu's reserved shared-memory pool for

@@ -36,6 +36,7 @@ from harness.analysis.memdump import (
 )
 from harness.build import edk2
 from harness.build.progress import StderrProgress
+from harness.errors import QmpError
 from harness.pytestplugin import session_emulated_caps
 from harness.tools import scratch
 from harness.vm import host
@@ -294,8 +295,10 @@ def _qemu_accepts(qemu: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("args", "message"), [
     (("-object", "sev-guest,id=sev0,cbitpos=47,reduced-phys-bits=1"),
      "accelerator does not support confidential guest sev-guest"),
-    (("-object", "sev-emulated,id=sev0,policy=0x7"),
-     "sev-emulated: SEV-ES is not emulated (policy 0x7)"),
+    (("-smp", "2", "-object", "sev-emulated,id=sev0,policy=0x7"),
+     "sev-emulated: SEV-ES is emulated with one vCPU only"),
+    (("-object", "sev-emulated,id=sev0,policy=0x7,x-vc-mismatch=msr"),
+     "sev-emulated: x-vc-mismatch 'msr' is not ioio or cpuid"),
     (("-object", "sev-emulated,id=sev0,cbitpos=60"),
      "sev-emulated: cbitpos 60 is not in 32..51"),
     (("-object", "sev-emulated,id=sev0,reduced-phys-bits=0"),
@@ -306,13 +309,28 @@ def _qemu_accepts(qemu: str, *args: str) -> subprocess.CompletedProcess[str]:
      "sev-emulated needs an AMD CPU model"),
     (("-object", "sev-emulated,id=sev0,sev-device=/dev/sev"),
      "Invalid parameter 'sev-device'"),
-], ids=["sev-guest-without-kvm", "sev-es", "cbitpos", "reduced-phys-bits", "phys-bits",
-        "intel-model", "no-sev-device"])
+], ids=["sev-guest-without-kvm", "sev-es-smp", "vc-mismatch", "cbitpos", "reduced-phys-bits",
+        "phys-bits", "intel-model", "no-sev-device"])
 def test_the_qemu_refuses_what_it_cannot_emulate(emulated: HostCaps, args: tuple[str, ...],
                                                  message: str) -> None:
     proc = _qemu_error(emulated.qemu, *args)
     assert proc.returncode == 1, "an error exit, not an abort"
     assert message in proc.stderr
+
+
+def test_the_geometry_cannot_change_once_the_guest_is_set_up(emulated: HostCaps,
+                                                             ebs_artifacts: Path) -> None:
+    """The CPUs took their copy of the C-bit when TCG set the object up: a
+    later ``qom-set`` (which a hot-plugged CPU would read) is refused."""
+    config = _config(emulated, STOCK_CODE, STOCK_VARS, debugcon=False)
+    vm = QemuMachine(config, ebs_artifacts / "vm")
+    try:
+        vm.launch(start=False)
+        with pytest.raises(QmpError, match="cbitpos cannot change once the guest is set up"):
+            vm.qmp("qom-set", {"path": "/objects/sev0", "property": "cbitpos", "value": 100})
+        assert vm.qmp("qom-get", {"path": "/objects/sev0", "property": "cbitpos"}) == 47
+    finally:
+        vm.shutdown()
 
 
 def test_reduced_phys_bits_do_not_shrink_the_guest(emulated: HostCaps) -> None:

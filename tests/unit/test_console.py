@@ -13,6 +13,7 @@ import pytest
 from harness.errors import ConsoleFailure, ConsoleTimeout
 from harness.vm.console import (
     Console,
+    CrashWatch,
     FileFollower,
     FileWatch,
     debug_console,
@@ -264,3 +265,20 @@ def test_the_follower_waits_on_inotify(tmp_path: Path) -> None:
     thread.join()
     console.close()
     assert follower._watch is None, "close releases the inotify descriptor"
+
+
+def test_crash_watch_sees_a_complete_exception_line_of_another_log(tmp_path: Path) -> None:
+    """The serial port's CPU exception dump, read as it grows: only a whole
+    line counts, and a log without one never does (the control)."""
+    serial = tmp_path / "serial.log"
+    watch = CrashWatch(serial)
+    assert watch.seen() is None                       # no file yet
+    serial.write_bytes(b"BdsDxe: loading Boot0001\r\n!!!! X64 Exception Type - 0D(#GP")
+    assert watch.seen() is None                       # the line is not finished
+    with serial.open("ab") as log:
+        log.write(b" - General Protection)  CPU Apic ID - 00000000 !!!!\r\nRIP - 0\r\n")
+    assert watch.seen() == ("!!!! X64 Exception Type - 0D(#GP - General Protection)  "
+                            "CPU Apic ID - 00000000 !!!!")
+    quiet = tmp_path / "quiet.log"
+    quiet.write_bytes(b"X64 is fine\r\n" * 100)
+    assert CrashWatch(quiet).seen() is None

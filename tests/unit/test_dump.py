@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from coredump import PAGE, Core, map_info
 
-from harness.analysis.dump import analyze_dump, load_canary
+from harness.analysis.dump import GHCB_WHY, analyze_dump, ghcb_by_design, load_canary
 from harness.analysis.memdump import (
     QemuDump,
     SharedRange,
@@ -392,6 +392,31 @@ def test_split_by_design_cuts_ranges_at_the_window() -> None:
     judged, by_design = split_by_design([SharedRange(0x9F000, 0x9F000, 0x62000)])
     assert [(r.paddr, r.size) for r in judged] == [(0x9F000, 0x1000), (0x100000, 0x1000)]
     assert [(r.paddr, r.size) for r, _ in by_design] == [(0xA0000, 0x60000)]
+
+
+#: PlatformPei's lines under SEV-ES, verbatim from a boot under the emulated
+#: SEV-ES (two CPUs' worth of GHCB pages here; the backup pages line is not
+#: the GHCB pages').
+SEV_ES_LINES = ("SEV is enabled (mask 0x800000000000)\n"
+                "SEV-ES is enabled, 4 GHCB pages allocated starting at 0xFF76000\n"
+                "SEV-ES is enabled, 1 GHCB backup pages allocated starting at 0xFBFF000\n")
+
+
+def test_the_ghcb_pages_are_shared_by_design_and_nothing_beside_them() -> None:
+    """Every other page from the log's first GHCB page is a GHCB (shared);
+    the per-CPU variable pages between them, and the pages around, are judged."""
+    parsed = parse_text(SEV_ES_LINES)
+    assert parsed.ghcb == (0xFF76000, 4)
+    assert parsed.ghcb_pages == (0xFF76000, 0xFF78000)
+    leaked = SharedRange(0xFF75000, 0xFF75000, 0x5000)     # one page each side, and the lot
+    judged, by_design = split_by_design([leaked], ghcb_by_design(parsed))
+    assert [(r.paddr, r.size) for r, _ in by_design] == [(0xFF76000, 0x1000),
+                                                         (0xFF78000, 0x1000)]
+    assert all(why == GHCB_WHY for _, why in by_design)
+    assert sorted((r.paddr, r.size) for r in judged) == [
+        (0xFF75000, 0x1000), (0xFF77000, 0x1000), (0xFF79000, 0x1000)]
+    # Without the line (plain SEV) nothing is shared by design there.
+    assert ghcb_by_design(parse_text(SEV_ES_LINES.splitlines(keepends=True)[0])) == ()
 
 
 def test_unencrypted_ranges_refuses_a_bad_mask(tmp_path: Path) -> None:

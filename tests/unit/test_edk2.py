@@ -500,3 +500,12 @@ def test_a_manifest_without_a_baseline_is_named_by_its_debian_source(tmp_path: P
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert edk2.Firmware.load(tmp_path).baseline == "tree:/src/edk2"
 
+
+def test_a_variant_applies_to_the_baseline_its_directory_names() -> None:
+    variants = Path(__file__).resolve().parents[1] / "data" / "firmware-variants"
+    assert edk2.variant_baseline(variants / "teardown-reads-a-dynamic-pcd.patch") == \
+        edk2.VARIANT_BASELINE
+    assert edk2.variant_baseline(variants / "edk2-2025.02" / "mmconfig-keeps-its-cbit.patch") \
+        == "2025.02"
+    for patch in (variants / "edk2-2025.02").glob("*.patch"):
+        assert edk2.variant_baseline(patch) in edk2.BASELINES

@@ -347,6 +347,25 @@ def test_emulated_sev_verdict() -> None:
     assert host.emulated_sev_verdict(NO_KVM, ours, "q", "7.2.22").reason.startswith("needs TCG")
 
 
+def test_emulated_sev_es_verdict() -> None:
+    """SEV-ES from the class's properties: the harness's QEMU now (recorded)
+    has it; the same class before SEV-ES (recorded then) is plain SEV only,
+    and says why; no emulated SEV at all says that first."""
+    now = host.parse_emulated_sev_properties(json.loads(
+        (QMP_DATA / "qom-list-properties-sev-emulated.json").read_text()))
+    before = host.parse_emulated_sev_properties(json.loads(
+        (QMP_DATA / "qom-list-properties-sev-emulated-plain.json").read_text()))
+    assert now.es and not before.es
+    plain = host.emulated_sev_verdict(YES, before, "ours", "10.0.13")
+    assert plain.available, "plain SEV is still emulated"
+    assert host.emulated_sev_es_verdict(plain, now, "10.0.13").available
+    refused = host.emulated_sev_es_verdict(plain, before, "10.0.13")
+    assert not refused.available and "emulates plain SEV only (no x-vc-mismatch" in \
+        refused.reason
+    none = host.emulated_sev_es_verdict(Capability(False, "no class"), now, "7.2.22")
+    assert none.reason == "needs emulated SEV: no class"
+
+
 def test_probe_cache_round_trip_and_key(tmp_path: Path) -> None:
     """A probe kept on disk reads back equal; its key moves with what the
     answer depends on (here: the kvm_amd parameters)."""

@@ -29,6 +29,7 @@ from harness.vm.sev import (
     SEV_STATE_PAUSED,
     SEV_STATE_RUNNING,
     SevConfig,
+    sev_es_termination,
     sev_info_problem,
 )
 
@@ -222,6 +223,33 @@ def test_emulated_sev_is_plain_sev_and_reduces_bits() -> None:
         SevConfig("sev", 47, 0)
 
 
+def test_emulated_sev_es_argv_and_its_limits() -> None:
+    argv = build_argv(config(accel="tcg", sev=SevConfig("emulated-es", 47, 1)), PATHS)
+    assert "sev-emulated,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x7" in argv
+    assert argv[argv.index("-smp") + 1] == "1"
+    with pytest.raises(ValueError, match="smp 2: SEV mode emulated-es runs at most 1 vCPU"):
+        config(accel="tcg", sev=SevConfig("emulated-es", 47, 1), smp=2)
+    with pytest.raises(ValueError, match="ES bit .* must be set for emulated-es"):
+        SevConfig("emulated-es", 47, 1, policy=0x3)
+    mismatched = SevConfig("emulated-es", 47, 1, vc_mismatch="cpuid")
+    assert "sev-emulated,id=sev0,cbitpos=47,reduced-phys-bits=1,policy=0x7,x-vc-mismatch=cpuid" \
+        in build_argv(config(accel="tcg", sev=mismatched), PATHS)
+    with pytest.raises(ValueError, match="a switch of the emulated SEV-ES, not of emulated"):
+        SevConfig("emulated", 47, 1, vc_mismatch="ioio")
+    with pytest.raises(ValueError, match="vc_mismatch 'msr': one of ioio, cpuid"):
+        SevConfig("emulated-es", 47, 1, vc_mismatch="msr")
+
+
+def test_sev_es_termination_from_stderr() -> None:
+    """The emulated hypervisor's line (as QEMU words it) becomes the reason."""
+    stderr = ("qemu-system-x86_64: warning: TCG doesn't support requested feature\n"
+              "qemu-system-x86_64: sev-es: the guest asked for termination: reason set 1, "
+              "code 0x01; the guest is terminated\n")
+    assert sev_es_termination(stderr) == ("SEV-ES guest terminated: the guest asked for "
+                                          "termination: reason set 1, code 0x01")
+    assert sev_es_termination("qemu-system-x86_64: terminating on signal 15\n") is None
+
+
 def test_iommu_platform_explicit_without_sev() -> None:
     argv = build_argv(config(iommu_platform=True, devices=(RngDevice(),)), PATHS)
     assert option_values(argv, "-device") == [
@@ -351,6 +379,14 @@ def test_query_sev_of_an_emulated_guest(name: str) -> None:
                                            "(sev-emulated), not real")
     real = json.loads((QMP_DATA / "query-sev-sev.json").read_text())["return"]
     assert sev_info_problem(real, 0x3, emulated=True) == "query-sev does not say emulated=true"
+
+
+def test_query_sev_of_an_emulated_sev_es_guest() -> None:
+    """Recorded from the harness's QEMU: the ES policy, emulated; the plain
+    emulated SEV's policy is not it (the control)."""
+    info = json.loads((QMP_DATA / "query-sev-emulated-es-paused.json").read_text())["return"]
+    assert sev_info_problem(info, 0x7, emulated=True, state=SEV_STATE_PAUSED) is None
+    assert sev_info_problem(info, 0x3, emulated=True) == "query-sev policy 0x7, expected 0x3"
 
 
 def test_query_sev_state_is_checked_before_and_after_cont() -> None:

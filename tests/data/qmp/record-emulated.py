@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Record the QMP replies of the harness's QEMU (emulated SEV) that the unit
 tests read: qom-list-properties of the sev-emulated class under TCG (how the
-host probe finds the emulation), and query-sev of a sev-emulated guest while
-paused (-S, after machine creation) and running.
+host probe finds the emulation and whether it has SEV-ES), query-sev of a
+sev-emulated guest while paused (-S, after machine creation) and running,
+and of an emulated SEV-ES guest while paused.
 
     .venv/bin/python tests/data/qmp/record-emulated.py QEMU_BINARY
 
@@ -52,6 +53,16 @@ def main() -> None:
             save("query-sev-emulated-paused.json", vm.qmp("query-sev"))
             vm.qmp("cont")
             save("query-sev-emulated-running.json", vm.qmp("query-sev"))
+        finally:
+            vm.shutdown()
+    es = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="tcg",
+                       sev=SevConfig("emulated-es", 47, 1, policy=0x7), qemu=qemu,
+                       debugcon=False, serial_input=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        vm = QemuMachine(es, Path(tmp))
+        try:
+            vm.launch(start=False)
+            save("query-sev-emulated-es-paused.json", vm.qmp("query-sev"))
         finally:
             vm.shutdown()
 
