@@ -215,8 +215,11 @@ class QemuMachine:
             if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit
                 raise
             where = f" on {self.runner.where}" if self.runner.where else ""
-            raise LaunchError(f"launch{where} failed: {type(exc).__name__}: {exc}",
-                              self.exitcode, self.command, stderr) from exc
+            # A SEV-ES guest can be ended before the launch's last query.
+            why = (sev_es_termination(stderr) if self.config.sev is not None else None) \
+                or f"{type(exc).__name__}: {exc}"
+            raise LaunchError(f"launch{where} failed: {why}", self.exitcode, self.command,
+                              stderr) from exc
 
     def _placed(self, vars_copy: Path) -> MachineConfig:
         """The config with every input file where QEMU reads it."""

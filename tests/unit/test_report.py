@@ -16,6 +16,7 @@ from htmltags import start_tags
 from harness import cli
 from harness.analysis import devices, report, trace
 from harness.analysis.trace import analyze_log
+from harness.vm.sev import SEV_MODES
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 FW = DATA / "fw-ref"
@@ -270,8 +271,8 @@ def test_json_output_carries_the_schema_and_errors_are_json_too(
     out, err = capsys.readouterr()
     assert json.loads(out) == {"schema": cli.JSON_SCHEMA, "verdict": "error", "error": {
         "status": 2, "kind": "usage",
-        "message": "error: argument --sev: invalid choice: 'bogus' (choose from 'off', 'sev', "
-                   "'sev-es', 'snp', 'emulated')"}}
+        "message": "error: argument --sev: invalid choice: 'bogus' (choose from "
+                   + ", ".join(repr(mode) for mode in SEV_MODES) + ")"}}
     assert err.splitlines()[-1].startswith("ebs-harness boot: error: argument --sev")
     truncated = tmp_path / "cut.log"
     truncated.write_text("EBST version v=1 module=DxeCore\nEBST ebs-enter mapkey=0x1\n")
