@@ -62,6 +62,7 @@ from harness.analysis.explain_reader import (
     MAX_IMAGES,
     MIN_FIRMWARE_LINES,
     PLATFORM_DRIVERS,
+    VC_MMIO_REFUSED,
     Boot,
     Crash,
     LoadedImage,
@@ -388,6 +389,15 @@ def _end(boot: Boot, reader: Reader, lines: int, cut: bool) -> LogEnd:
                        + (f"; {last_crash.cause}" if last_crash.cause else ""))
         return end("crash", f"the log ends after an ASSERT at line {last_crash.line}: "
                    f"{last_crash.source}: {last_crash.expression}")
+    refused = VC_MMIO_REFUSED.search(boot.last_firmware[1])
+    if refused is not None:
+        during = (f", after {last_image.file} (#{last_image.order}, line {last_image.line}) "
+                  "loaded" if last_image is not None else "")
+        return end("crash", f"the log ends with the #VC handler refusing MMIO through an "
+                   f"encrypted mapping at 0x{refused[1]} (line {boot.last_firmware[0]}"
+                   f"{during}): it raises #GP, whose dump goes to the serial port, not to this "
+                   "log; a driver reached MMIO whose page still has the C-bit set (under "
+                   "SEV-ES and SNP every MMIO range must be mapped shared)")
     if boot.ebs_returned:
         booted = attempt.image if attempt is not None and attempt.image else "the OS loader"
         return end("handed-off", f"the log ends after ExitBootServices() returned to {booted} "

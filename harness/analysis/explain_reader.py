@@ -151,6 +151,10 @@ CC_ATTR = {0: "not encrypted", 0x100: "AMD SEV", 0x101: "AMD SEV-ES", 0x102: "AM
             0x200: "Intel TDX"}
 CC_KIND = {0: "none", 0x100: "sev", 0x101: "sev-es", 0x102: "sev-snp", 0x200: "tdx"}
 
+#: CcExitLib's #VC handler refusing MMIO through an encrypted mapping
+#: (``ValidateMmioMemory``), just before it raises #GP.
+VC_MMIO_REFUSED = re.compile(r"MMIO using encrypted memory: ([0-9A-Fa-f]+)")
+
 @dataclass(frozen=True)
 class _FactRule:
     """One wording edk2 printed a platform fact in: the label of the text
@@ -201,7 +205,7 @@ _FACT_RULES: tuple[_FactRule, ...] = (
               lambda m: f"enabled ({m[1]} GHCB pages)",
               lambda m: {"ghcb_pages": int(m[1])}),
     # the #VC handler's MMIO check: #VC exists only under SEV-ES and SNP
-    _FactRule("sev-es", re.compile(r"MMIO using encrypted memory: ([0-9A-Fa-f]+)"),
+    _FactRule("sev-es", VC_MMIO_REFUSED,
               lambda m: (f"active (inferred: the #VC handler refused MMIO through encrypted "
                          f"memory at 0x{m[1]}; #VC exists only under SEV-ES and SNP)"),
               lambda m: {"vc_mmio_address": f"0x{m[1]}"}),

@@ -27,6 +27,11 @@ Real boots, nothing written by hand:
 - ``fault-assert.log``: the same firmware with ``fault=assert``: an ASSERT.
 - ``fw-fault/modules/``: that build's ``EbsAdversaryDxe.debug`` (with its
   DWARF) and its symbol index, for ``--firmware``.
+- ``emulated-sev-es-mmio-refused.log`` / ``...-serial.log``: the series on
+  2025.02 with ``firmware-variants/edk2-2025.02/mmconfig-keeps-its-cbit.patch``
+  under the emulated SEV-ES of the harness's QEMU: the #VC handler refuses
+  the first PCI configuration access through the encrypted MMCONFIG mapping
+  (the debug log's last line); the #GP's dump is on the serial port.
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ OUT = HERE / "explain"
 sys.path.insert(0, str(HERE.parents[1]))
 
 from harness.analysis import symbols
-from harness.build import edk2
+from harness.build import edk2, qemu
 from harness.build.progress import StderrProgress
+from harness.vm import host
 from harness.vm.config import MachineConfig
 from harness.vm.devices import BlockDevice
 from harness.vm.machine import QemuMachine
 
 FAULTS = HERE / "firmware-variants" / "adversary-faults.patch"
+MMCONFIG = HERE / "firmware-variants" / "edk2-2025.02" / "mmconfig-keeps-its-cbit.patch"
 DEBIAN_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 DEBIAN_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 
@@ -83,6 +90,7 @@ def main() -> None:
         work = Path(tmp)
         if "--faults-only" not in sys.argv[1:]:
             stock_logs(progress, work)
+            sev_es_logs(progress, work)
         for mode, console, pattern in (("pf", "serial", r"!!!! Find image"),
                                        ("assert", "debugcon", r"ASSERT ")):
             vm = boot(MachineConfig(code=faults.code, vars_template=faults.vars, accel="tcg",
@@ -100,6 +108,18 @@ def main() -> None:
     shutil.copyfile(faults.module_file("EbsAdversaryDxe", ".debug"),
                     modules / "EbsAdversaryDxe.debug")
     symbols.write_index(modules)
+
+
+def sev_es_logs(progress: StderrProgress, work: Path) -> None:
+    variant = edk2.build_variant(MMCONFIG, progress=progress).output
+    caps = host.cached_probe(str(qemu.build_qemu(progress=progress).output.binary),
+                             tcg_only=True)
+    sev = host.sev_config("emulated-es", caps)
+    vm = boot(MachineConfig(code=variant.code, vars_template=variant.vars, accel="tcg",
+                            sev=sev, qemu=caps.qemu, serial_input=False),
+              "serial", r"!!!! Find image", work / "sev-es")
+    keep(vm.debugcon_log, "emulated-sev-es-mmio-refused.log")
+    keep(vm.serial_log, "emulated-sev-es-mmio-refused-serial.log")
 
 
 def stock_logs(progress: StderrProgress, work: Path) -> None:

@@ -71,6 +71,27 @@ def test_debians_packaged_ovmf_prints_only_its_console() -> None:
     assert not exp.boot.images
 
 
+def test_a_debug_log_ending_in_the_vc_handlers_mmio_refusal_is_a_crash(tmp_path: Path) -> None:
+    """A real boot under the emulated SEV-ES (the MMCONFIG variant): the
+    debug log ends with the #VC handler's refusal, its #GP dump is on the
+    serial port. Without that line the same log is a hang (the control)."""
+    log = EXPLAIN / "emulated-sev-es-mmio-refused.log"
+    last = log.read_bytes().splitlines()[-1].decode()
+    address = re.fullmatch(r"MMIO using encrypted memory: ([0-9A-F]+)", last)
+    assert address is not None
+    exp = explain.explain_log(log)
+    assert exp.end.kind == "crash" and not exp.boot.crashes
+    assert (f"refusing MMIO through an encrypted mapping at 0x{address[1]} (line {exp.lines}"
+            in exp.end.summary)
+    assert "whose dump goes to the serial port" in exp.end.summary
+    assert explain.confidential(exp.boot).kind == "sev-es"
+    shorter = tmp_path / "shorter.log"
+    shorter.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-1]))
+    assert explain.explain_log(shorter).end.kind == "hang-in-image"
+    serial = explain.explain_log(EXPLAIN / "emulated-sev-es-mmio-refused-serial.log")
+    assert serial.end.kind == "crash" and serial.boot.crashes[-1].kind == "exception"
+
+
 def test_a_log_cut_mid_line_says_where_it_ends() -> None:
     exp = explain.explain_log(CUT)
     raw = CUT.read_bytes()
