@@ -372,8 +372,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     root = _artifacts_dir(args, "demo")
     system = host.cached_probe(args.qemu or host.DEFAULT_QEMU)
     harness_qemu = None if args.qemu else lambda: str(_build_qemu(args).output.binary)
-    platform = (demo.choose_platform(system, harness_qemu) if args.sev is None
-                else demo.chosen_platform(system, args.sev, harness_qemu))
+    baseline = given.baseline if given is not None else edk2.baseline_named(args.edk2).name
+    platform = (demo.choose_platform(system, baseline, harness_qemu) if args.sev is None
+                else demo.chosen_platform(system, args.sev, baseline, harness_qemu))
     print(f"ebs-harness demo: {platform.accel.upper()} ({platform.caps.qemu} "
           f"{platform.caps.qemu_version}); {platform.why}")
     firmware = given or _firmware_for(args)

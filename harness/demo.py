@@ -56,10 +56,10 @@ class Platform:
         return host.resolve_accel("auto", self.caps)
 
 
-def chosen_platform(system: host.HostCaps, mode: str,
+def chosen_platform(system: host.HostCaps, mode: str, baseline: str,
                     harness_qemu: Callable[[], str] | None) -> Platform:
-    """The platform ``--sev mode`` asks for, or a :class:`~harness.errors.SettingError`
-    saying why this host cannot run it."""
+    """The platform SEV ``mode`` asks for, or a :class:`~harness.errors.SettingError`
+    saying why this host, or the firmware of edk2 ``baseline``, cannot run it."""
     caps = system
     if mode != "off" and MODES[mode].emulated and harness_qemu is not None:
         caps = host.cached_probe(harness_qemu(), tcg_only=True)
@@ -67,16 +67,19 @@ def chosen_platform(system: host.HostCaps, mode: str,
         cap = caps.capability(MODES[mode].capability)
         if not cap.available:
             raise SettingError("sev", mode, cap.reason)
+        why = MODES[mode].stops(baseline)
+        if why is not None:
+            raise SettingError("sev", mode, why)
     about = MODES[mode].about if mode != "off" else "IoMmuDxe's emulation mode, no SEV"
-    return Platform(caps, mode, f"--sev {mode}: {about}")
+    return Platform(caps, mode, f"{mode}, as asked: {about}")
 
 
-def choose_platform(system: host.HostCaps, harness_qemu: Callable[[], str] | None
-                    ) -> Platform:
+def choose_platform(system: host.HostCaps, baseline: str,
+                    harness_qemu: Callable[[], str] | None) -> Platform:
     """Real SEV-ES, or SEV, where the system's QEMU has it; else the
     emulated SEV-ES, or SEV, of the harness's QEMU (``harness_qemu`` builds
-    or finds it; None: the user named the QEMU); else IoMmuDxe's emulation
-    mode."""
+    or finds it; None: the user named the QEMU), SEV-ES where the firmware
+    of edk2 ``baseline`` boots in it; else IoMmuDxe's emulation mode."""
     if system.sev_es.available:
         return Platform(system, "sev-es", "AMD SEV-ES (real encryption)")
     if system.sev.available:
@@ -89,16 +92,17 @@ def choose_platform(system: host.HostCaps, harness_qemu: Callable[[], str] | Non
             first = str(exc).splitlines()[0]
             return Platform(system, "off", f"no SEV here, and the harness's QEMU could not be "
                                            f"built ({first}): IOMMU emulation mode instead")
-    if caps.sev_es_emulated.available:
+    stops = MODES["emulated-es"].stops(baseline)
+    if caps.sev_es_emulated.available and stops is None:
         return Platform(caps, "emulated-es", f"no SEV here ({system.sev.reason}): emulated "
                                              "SEV-ES on the harness's QEMU, OVMF on its real "
                                              "SEV-ES code path (#VC, the GHCB; memory in "
                                              "plaintext)")
     if caps.sev_emulated.available:
+        no_es = stops or f"this QEMU has no emulated SEV-ES: {caps.sev_es_emulated.reason}"
         return Platform(caps, "emulated", f"no SEV here ({system.sev.reason}): emulated SEV on "
                                           "the harness's QEMU, OVMF on its real SEV code path "
-                                          "(memory in plaintext; this QEMU has no emulated "
-                                          f"SEV-ES: {caps.sev_es_emulated.reason})")
+                                          f"(memory in plaintext; not SEV-ES: {no_es})")
     return Platform(caps, "off", f"no SEV here, and {caps.sev_emulated.reason}: IOMMU "
                                  "emulation mode instead")
 

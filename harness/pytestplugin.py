@@ -19,7 +19,7 @@ option                          ini                     environment
 ==============================  ======================  ==============================
 
 Markers (:data:`MARKERS`: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``,
-``sev_emulated``) say what a test needs; the host probe
+``sev_emulated``, ``sev_es_emulated``) say what a test needs; the host probe
 (:mod:`harness.vm.host`, once per session) decides, and a test whose
 capability is missing is skipped with the probe's reason.
 
@@ -300,6 +300,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if not emulated.available:
             # The session built this QEMU itself: no emulation is a bug, not a host's lack.
             pytest.fail(f"the harness's QEMU lacks {name}: {emulated.reason}", pytrace=False)
+        baseline = settings(item.config).baseline.name
+        for mode in MODES.values():
+            why = mode.stops(baseline) if mode.capability == name else None
+            if why is not None:     # the session's firmware, not the host, lacks it
+                pytest.skip(f"{name}: {why}")
     if not needed:
         return
     caps = session_host_caps(item.config)

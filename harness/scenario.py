@@ -290,6 +290,16 @@ def check_host(scenario: Scenario, caps: host.HostCaps) -> None:
         host.resolve_accel(scenario.accel, caps)
 
 
+def check_firmware(scenario: Scenario, firmware: Firmware) -> None:
+    """Raise the :class:`~harness.errors.SettingError` of a SEV mode that
+    ``firmware``'s edk2 baseline does not boot in."""
+    if scenario.sev == "off":
+        return
+    why = MODES[scenario.sev].stops(firmware.baseline)
+    if why is not None:
+        raise SettingError("sev", scenario.sev, why)
+
+
 def write_guest(firmware: Firmware, scenario: Scenario, artifacts: Path,
                 canary: bytes) -> Path:
     """The per-run FAT image: the probe as BOOTX64.EFI, its config, the canary."""
@@ -318,6 +328,7 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     :param launcher: makes the machine from ``(config, artifacts, name=)``:
         :class:`~harness.vm.machine.QemuMachine`, or a remote host's
         (:meth:`harness.vm.remote.RemoteHost.launcher`)."""
+    check_firmware(scenario, firmware)
     artifacts = Path(artifacts).absolute()
     artifacts.mkdir(parents=True, exist_ok=True)
     caps = caps or host.cached_probe()

@@ -23,7 +23,7 @@ import pytest
 
 from harness import scenario
 from harness.build import edk2, qemu
-from harness.errors import ConsoleFailure, ConsoleTimeout, HarnessError
+from harness.errors import ConsoleFailure, ConsoleTimeout, HarnessError, SettingError
 from harness.memo import Memo
 from harness.nightly.history import History, Result
 from harness.nightly.plan import Case, FirmwareSpec, Host, load_plan
@@ -169,6 +169,10 @@ def _run_case(case: Case, artifacts: Path, worker: Worker, base: Result) -> Resu
                                baseline=str(firmware.manifest.get("source", "")),
                                qemu_version=caps.qemu_version, kernel=kernel,
                                artifacts=str(artifacts))
+    try:
+        scenario.check_firmware(case.scenario, firmware)
+    except SettingError as exc:     # this firmware does not boot in the case's SEV mode
+        return dataclasses.replace(base, status="not-run", reason=_line(exc))
     try:
         run = scenario.run_scenario(firmware, case.scenario, artifacts, caps=caps,
                                     launcher=launcher)

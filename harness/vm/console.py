@@ -54,8 +54,8 @@ LOG = logging.getLogger(__name__)
 DEFAULT_FAILURES: tuple[str, ...] = (
     r"\bASSERT\b",            # edk2 DebugAssert: "ASSERT [Module] file(line): expr"
     r"!!!! X64 Exception",    # edk2 CpuExceptionHandlerLib
-    # ... whose dump goes to the serial port, and this line of it to the
-    # debug log where one exists (the harness watches that one)
+    # ... whose dump goes to the serial port; in PEI this line of it goes to
+    # the debug log (seen under the emulated SEV-ES)
     r"!!!! Find image based on IP",
     r"Kernel panic",          # Linux
 )
@@ -284,18 +284,24 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
 class CrashWatch:
     """Whether a log another console writes (the serial port) shows the
     guest's CPU exception dump: the console being waited on (the debug log)
-    would otherwise only time out. Reads what is new on each call."""
+    would otherwise only time out. Reads what is new on each call.
+
+    :param name: the console the log is of, for the error.
+    """
 
     PATTERN = re.compile(rb"!!!! X64 Exception[^\r\n]*")
+    #: What is kept of the log's end between calls, where no dump began.
+    TAIL = 64
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, name: str = "serial") -> None:
         self.path = Path(path)
+        self.name = name
         self._offset = 0
         self._tail = b""
         self.line: str | None = None
 
     def seen(self) -> str | None:
-        """The exception line, once the log has one."""
+        """The exception line, once the log has all of it."""
         if self.line is None:
             try:
                 with open(self.path, "rb") as log:
@@ -306,9 +312,12 @@ class CrashWatch:
             self._offset += len(data)
             text = self._tail + data
             found = self.PATTERN.search(text)
-            if found is not None and (found.end() < len(text) or text.endswith(b"\n")):
+            if found is None:
+                self._tail = text[-self.TAIL:]
+            elif found.end() < len(text):     # its line ended
                 self.line = found[0].decode("latin-1").strip()
-            self._tail = text[-256:]
+            else:                             # the line goes on: keep it whole
+                self._tail = text[found.start():]
         return self.line
 
 
@@ -326,16 +335,20 @@ class Console:
     :param command: QEMU's argv, quoted in errors.
     :param ended: why the console ended, when it does (QEMU's exit status or
         signal, a broken stream), for the error.
+    :param crash: another console's watch (:class:`CrashWatch`) that ends
+        this one: its line fails a wait whose failure patterns match it.
     """
 
     def __init__(self, name: str, spawn: pexpect.spawnbase.SpawnBase,
                  logger: logging.Logger, logs: Mapping[str, Path],
                  command: Sequence[str], link: ChardevLink | None = None,
-                 ended: Callable[[], str] | None = None) -> None:
+                 ended: Callable[[], str] | None = None,
+                 crash: CrashWatch | None = None) -> None:
         self.name = name
         self._spawn = spawn
         self._link = link
         self._ended = ended
+        self._crash = crash
         self._lines = _LineLogger(logger.getChild(name), name)
         self._spawn.logfile_read = self._lines
         self._logs = dict(logs)
@@ -382,6 +395,12 @@ class Console:
             raise ConsoleTimeout(self.name, awaited, timeout, self.tails(),
                                  self._command) from exc
         except pexpect.EOF as exc:
+            crash = self._crash
+            line = crash.seen() if crash is not None else None
+            matched = [p for p in compiled[len(wanted):] if line and p.search(line)]
+            if crash is not None and line is not None and matched:
+                raise ConsoleFailure(crash.name, _describe(matched[0]), line,
+                                     self.tails(), self._command) from exc
             why = self._ended() if self._ended is not None else "QEMU exited"
             raise ConsoleTimeout(
                 self.name, f"{awaited} (the console ended: {why})",
@@ -472,6 +491,10 @@ def fd_console(fd: int, logger: logging.Logger, logs: Mapping[str, Path],
 
 def debug_console(path: Path, alive: Callable[[], bool], logger: logging.Logger,
                   logs: Mapping[str, Path], command: Sequence[str],
-                  ended: Callable[[], str] | None = None) -> Console:
-    """A console following the debug log file QEMU writes."""
-    return Console("debugcon", FileFollower(path, alive), logger, logs, command, ended=ended)
+                  ended: Callable[[], str] | None = None,
+                  crash: CrashWatch | None = None) -> Console:
+    """A console following the debug log file QEMU writes; ``crash``, the
+    serial port's watch, ends it too."""
+    alive_and_well = alive if crash is None else (lambda: alive() and crash.seen() is None)
+    return Console("debugcon", FileFollower(path, alive_and_well), logger, logs, command,
+                   ended=ended, crash=crash)

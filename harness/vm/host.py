@@ -637,7 +637,11 @@ PROBE_CACHE_TTL_S = 600.0
 
 
 def caps_from_json(data: Mapping[str, Any]) -> HostCaps:
-    """The inverse of :meth:`HostCaps.to_json`."""
+    """The inverse of :meth:`HostCaps.to_json`; a :class:`KeyError` for an
+    answer that lacks a capability (kept by an older harness: probe again)."""
+    missing = [name for name in CAPABILITIES if name not in data]
+    if missing:
+        raise KeyError(f"no {', '.join(missing)} in the kept probe")
     fields: dict[str, Any] = {}
     for key, value in data.items():
         if key in ("sev_geometry", "emulated_geometry"):

@@ -170,10 +170,15 @@ class QemuMachine:
         termination that made QEMU exit), for errors."""
         if self.process is None:
             return describe_exit(None)
-        if self._crash.line is not None and self.process.poll() is None:
-            return f"the guest's CPU exception dump on the serial port: {self._crash.line}"
-        why = sev_es_termination(self._stderr_text()) if self.config.sev is not None else None
-        return self.process.ended() + (f": {why}" if why else "")
+        reasons = []
+        if self._crash.line is not None:
+            reasons.append(f"the guest's CPU exception dump on the serial port: "
+                           f"{self._crash.line}")
+        if self.process.poll() is not None:
+            why = (sev_es_termination(self._stderr_text()) if self.config.sev is not None
+                   else None)
+            reasons.append(self.process.ended() + (f": {why}" if why else ""))
+        return "; ".join(reasons) or self.process.ended()
 
     def _readable(self) -> bool:
         return self.process is not None and self.process.readable()
@@ -216,8 +221,9 @@ class QemuMachine:
                 raise
             where = f" on {self.runner.where}" if self.runner.where else ""
             # A SEV-ES guest can be ended before the launch's last query.
-            why = (sev_es_termination(stderr) if self.config.sev is not None else None) \
-                or f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {exc}"
+            ended = sev_es_termination(stderr) if self.config.sev is not None else None
+            why = f"{ended} ({error})" if ended else error
             raise LaunchError(f"launch{where} failed: {why}", self.exitcode, self.command,
                               stderr) from exc
 
@@ -329,9 +335,9 @@ class QemuMachine:
         if self.config.debugcon:
             # The debug log ends, too, when the guest's exception dump reaches
             # the serial port: a wait on it fails at once, saying so.
-            self._debugcon = debug_console(
-                self.debugcon_log, lambda: self._readable() and self._crash.seen() is None,
-                self.log, logs, self.command, ended=self.ended)
+            self._debugcon = debug_console(self.debugcon_log, self._readable, self.log,
+                                           logs, self.command, ended=self.ended,
+                                           crash=self._crash)
 
     def _connect_qmp(self, path: Path, deadline: float) -> QmpSession:
         assert self.process is not None and self._transcript is not None

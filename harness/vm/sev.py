@@ -56,6 +56,8 @@ class SevMode:
         must cover it.
     :param cpu: the ``-cpu`` model of its guests.
     :param max_smp: the most vCPUs its guests may have.
+    :param stops_on: edk2 baselines whose OVMF does not boot in this mode,
+        each with why: ``(baseline, why)``.
     :param label: how a scenario's label names it.
     :param about: one line for help texts.
     """
@@ -70,6 +72,7 @@ class SevMode:
     pins_memory: bool = False
     cpu: str = "host"
     max_smp: int = 288
+    stops_on: tuple[tuple[str, str], ...] = ()
     label: str = ""
     about: str = ""
 
@@ -77,6 +80,10 @@ class SevMode:
     def encrypted(self) -> bool:
         """The host reads the guest's private memory as ciphertext."""
         return not self.emulated
+
+    def stops(self, baseline: str) -> str | None:
+        """Why OVMF of edk2 ``baseline`` does not boot in this mode, or None."""
+        return dict(self.stops_on).get(baseline)
 
     @property
     def default_policy(self) -> int:
@@ -99,6 +106,9 @@ MODES: Mapping[str, SevMode] = {mode.name: mode for mode in (
     # SEV-ES starts APs from a save area the guest sets up: not emulated.
     SevMode("emulated-es", "sev-emulated", "tcg", "sev_es_emulated", emulated=True, es=True,
             cpu=EMULATED_SEV_CPU, max_smp=1, label="emulated-sev-es",
+            stops_on=(("2022.11", ("edk2 2022.11's OVMF stops in PEI under the emulated SEV-ES "
+                                   "(PeiCore reads its private data through a pointer converted "
+                                   "twice after temporary-RAM migration; docs/emulated-sev.md)")),),
             about=("the harness's QEMU emulates SEV-ES under TCG: #VC and the GHCB, one vCPU "
                    "(built on first use)")),
 )}

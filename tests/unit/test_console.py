@@ -282,3 +282,36 @@ def test_crash_watch_sees_a_complete_exception_line_of_another_log(tmp_path: Pat
     quiet = tmp_path / "quiet.log"
     quiet.write_bytes(b"X64 is fine\r\n" * 100)
     assert CrashWatch(quiet).seen() is None
+
+
+def test_crash_watch_keeps_a_long_exception_line_read_in_pieces(tmp_path: Path) -> None:
+    serial = tmp_path / "serial.log"
+    watch = CrashWatch(serial)
+    line = b"!!!! X64 Exception Type - 0E(#PF - Page-Fault)" + b" " * 300 + b"!!!!"
+    serial.write_bytes(b"x" * 100 + line[:20])
+    assert watch.seen() is None
+    with serial.open("ab") as log:
+        log.write(line[20:])
+    assert watch.seen() is None
+    with serial.open("ab") as log:
+        log.write(b"\r\n")
+    assert watch.seen() == line.decode().strip()
+
+
+def test_a_debug_console_wait_fails_on_the_serial_ports_exception(tmp_path: Path) -> None:
+    """The debug log goes quiet while the dump is on the serial port: the
+    wait fails at once, naming the serial port's line (a failure, not a
+    timeout); with no failure patterns it ends as a timeout (the control)."""
+    serial, debug = tmp_path / "serial.log", tmp_path / "debugcon.log"
+    debug.write_text("Loading driver at 0x0 EntryPoint=0x0 TdxDxe.efi\n")
+    serial.write_text("!!!! X64 Exception Type - 0D(#GP - General Protection)  !!!!\r\nRIP\r\n")
+    logger = logging.getLogger("test")
+    console = debug_console(debug, lambda: True, logger, {}, COMMAND, crash=CrashWatch(serial))
+    started = time.monotonic()
+    with pytest.raises(ConsoleFailure) as caught:
+        console.expect("never printed", timeout=30)
+    assert time.monotonic() - started < 5
+    assert caught.value.console == "serial" and "0D(#GP" in caught.value.line
+    quiet = debug_console(debug, lambda: True, logger, {}, COMMAND, crash=CrashWatch(serial))
+    with pytest.raises(ConsoleTimeout):
+        quiet.expect("never printed", failure=(), timeout=30)

@@ -394,9 +394,9 @@ def test_split_by_design_cuts_ranges_at_the_window() -> None:
     assert [(r.paddr, r.size) for r, _ in by_design] == [(0xA0000, 0x60000)]
 
 
-#: PlatformPei's lines under SEV-ES, verbatim from a boot under the emulated
-#: SEV-ES (two CPUs' worth of GHCB pages here; the backup pages line is not
-#: the GHCB pages').
+#: PlatformPei's lines under SEV-ES, from a boot under the emulated SEV-ES,
+#: edited to two CPUs' worth of GHCB pages (the emulation runs one vCPU);
+#: the backup pages line is not the GHCB pages'.
 SEV_ES_LINES = ("SEV is enabled (mask 0x800000000000)\n"
                 "SEV-ES is enabled, 4 GHCB pages allocated starting at 0xFF76000\n"
                 "SEV-ES is enabled, 1 GHCB backup pages allocated starting at 0xFBFF000\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import demo
 from harness.errors import UsageError
 from harness.vm import host
 from harness.vm.host import Capability, HostCaps
@@ -383,3 +384,18 @@ def test_probe_cache_round_trip_and_key(tmp_path: Path) -> None:
     (root / "dev").mkdir()
     (root / "dev/kvm").write_text("")
     assert host.probe_key("qemu-system-x86_64", root) != before
+
+
+def test_the_demo_takes_emulated_sev_es_where_the_firmware_boots_in_it() -> None:
+    """No SEV here: emulated SEV-ES for 2025.02's firmware; for 2022.11's,
+    whose OVMF stops in PEI under it, plain emulated SEV, saying why; a QEMU
+    without SEV-ES gets plain SEV too (the control)."""
+    both = caps(NO_KVM, sev_emulated=YES, sev_es_emulated=YES)
+    assert demo.choose_platform(both, "2025.02", None).sev == "emulated-es"
+    old = demo.choose_platform(both, "2022.11", None)
+    assert old.sev == "emulated" and "stops in PEI under the emulated SEV-ES" in old.why
+    plain = caps(NO_KVM, sev_emulated=YES, sev_es_emulated=Capability(False, "plain only"))
+    chosen = demo.choose_platform(plain, "2025.02", None)
+    assert chosen.sev == "emulated" and "plain only" in chosen.why
+    with pytest.raises(UsageError, match="stops in PEI"):
+        demo.chosen_platform(both, "emulated-es", "2022.11", None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from coredump import Core
 
-from harness import cli, scenario
+from harness import cli, pytestplugin, scenario
 from harness.analysis import checks, devices, verdicts
 from harness.analysis.checks import Evidence, Outcome, State, Violation
 from harness.vm import devices as vm_devices
@@ -87,6 +87,24 @@ def test_every_sev_mode_is_proven_by_a_host_capability() -> None:
     assert {m.capability for m in sev.MODES.values()} <= set(host.CAPABILITIES)
     assert scenario.Scenario(sev="emulated").label().endswith("-emulated-sev")
     assert sev.SEV_MODES == ("off", *sev.MODES)
+
+
+def test_every_capability_is_a_pytest_marker_and_the_emulations_are_known() -> None:
+    """A mode's capability is what a test marks: a new one without its marker
+    would run unchecked. The emulated ones fail rather than skip (the session
+    builds their QEMU)."""
+    assert set(pytestplugin.MARKERS) == set(host.CAPABILITIES)
+    assert set(pytestplugin.EMULATED_MARKERS) == {
+        mode.capability for mode in sev.MODES.values() if mode.emulated}
+    assert "sev" not in pytestplugin.EMULATED_MARKERS            # the control
+
+
+def test_a_mode_that_a_baseline_does_not_boot_says_why_before_any_boot() -> None:
+    """emulated-es refuses 2022.11's firmware (its OVMF stops in PEI) and
+    takes 2025.02's; plain emulated SEV takes both (the control)."""
+    assert sev.MODES["emulated-es"].stops("2022.11") is not None
+    assert sev.MODES["emulated-es"].stops("2025.02") is None
+    assert all(sev.MODES["emulated"].stops(name) is None for name in ("2022.11", "2025.02"))
 
 
 def test_the_mode_decides_the_object_the_cpu_and_the_evidence() -> None:
