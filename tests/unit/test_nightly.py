@@ -380,3 +380,38 @@ def test_the_environment_failing_a_case_is_its_error_without_a_traceback(
     result, kept = _case_that_boots(tmp_path, monkeypatch, LaunchError("QEMU would not start"))
     assert (result.status, result.reason) == ("error", "QEMU would not start")
     assert not kept.exists()
+
+
+def test_a_case_whose_firmware_does_not_boot_in_its_sev_mode_is_not_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2022.11's OVMF under the emulated SEV-ES: not run, saying why, and no
+    boot tried; 2025.02's firmware gets to the boot (the control)."""
+    from harness import scenario as scenarios
+    from harness.nightly import cases
+    from harness.vm.host import Capability, HostCaps, SevCapabilities
+
+    yes = Capability(True, "stub")
+    caps = HostCaps(qemu="q", qemu_version="10.0.13", tcg=yes, kvm=yes, sev=yes, sev_es=yes,
+                    snp=yes, sev_emulated=yes, sev_es_emulated=yes,
+                    emulated_geometry=SevCapabilities(47, 1, emulated=True, es=True))
+    monkeypatch.setattr(cases, "_host", lambda worker, spec, sev: cases._Place(caps, object(),
+                                                                                "6.1"))
+    booted: list[str] = []
+
+    def run_scenario(firmware: object, chosen: scenarios.Scenario, *args: object,
+                     **kwargs: object) -> None:
+        scenarios.check_firmware(chosen, firmware)   # type: ignore[arg-type]
+        booted.append(chosen.sev)
+        raise TypeError("stop here")
+    monkeypatch.setattr(scenarios, "run_scenario", run_scenario)
+    case = load_plan(write(tmp_path, PLAN.replace('sev = ["off", "emulated"]',
+                                                  'sev = ["emulated-es"]'))).cases[0]
+    assert case.scenario.sev == "emulated-es"
+    for baseline in ("2022.11", "2025.02"):
+        firmware = type("Fw", (), {"key": "k", "manifest": {}, "baseline": baseline})()
+        monkeypatch.setattr(cases, "_firmware", lambda spec, firmware=firmware: firmware)
+        result = cases.run_case(case, tmp_path / baseline, cases.Worker())
+        if baseline == "2022.11":
+            assert result.status == "not-run" and "stops in PEI" in result.reason
+            assert booted == []
+    assert booted == ["emulated-es"]
