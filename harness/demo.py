@@ -63,13 +63,10 @@ def chosen_platform(system: host.HostCaps, mode: str, baseline: str,
     caps = system
     if mode != "off" and MODES[mode].emulated and harness_qemu is not None:
         caps = host.cached_probe(harness_qemu(), tcg_only=True)
-    if mode != "off":
-        cap = caps.capability(MODES[mode].capability)
-        if not cap.available:
-            raise SettingError("sev", mode, cap.reason)
-        why = MODES[mode].stops(baseline)
-        if why is not None:
-            raise SettingError("sev", mode, why)
+    host.sev_config(mode, caps)         # the host has it, or why not
+    why = MODES[mode].stops(baseline) if mode != "off" else None
+    if why is not None:
+        raise SettingError("sev", mode, why)
     about = MODES[mode].about if mode != "off" else "IoMmuDxe's emulation mode, no SEV"
     return Platform(caps, mode, f"{mode}, as asked: {about}")
 

@@ -14,9 +14,11 @@ its one QMP client).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,26 +45,24 @@ def main() -> None:
     save("qom-list-properties-sev-emulated.json",
          bare_qemu_qmp(LocalRunner(), qemu, "tcg", "qom-list-properties",
                        {"typename": "sev-emulated"}))
-    config = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="tcg",
-                           sev=SevConfig("emulated", 47, 1, policy=0x3), qemu=qemu,
-                           debugcon=False, serial_input=False)
+    with paused(qemu, SevConfig("emulated", 47, 1, policy=0x3)) as vm:
+        save("query-sev-emulated-paused.json", vm.qmp("query-sev"))
+        vm.qmp("cont")
+        save("query-sev-emulated-running.json", vm.qmp("query-sev"))
+    with paused(qemu, SevConfig("emulated-es", 47, 1, policy=0x7)) as vm:
+        save("query-sev-emulated-es-paused.json", vm.qmp("query-sev"))
+
+
+@contextlib.contextmanager
+def paused(qemu: str, sev: SevConfig) -> Iterator[QemuMachine]:
+    """Debian's OVMF under ``sev``, paused after machine creation (``-S``)."""
+    config = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="tcg", sev=sev,
+                           qemu=qemu, debugcon=False, serial_input=False)
     with tempfile.TemporaryDirectory() as tmp:
         vm = QemuMachine(config, Path(tmp))
         try:
             vm.launch(start=False)
-            save("query-sev-emulated-paused.json", vm.qmp("query-sev"))
-            vm.qmp("cont")
-            save("query-sev-emulated-running.json", vm.qmp("query-sev"))
-        finally:
-            vm.shutdown()
-    es = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="tcg",
-                       sev=SevConfig("emulated-es", 47, 1, policy=0x7), qemu=qemu,
-                       debugcon=False, serial_input=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        vm = QemuMachine(es, Path(tmp))
-        try:
-            vm.launch(start=False)
-            save("query-sev-emulated-es-paused.json", vm.qmp("query-sev"))
+            yield vm
         finally:
             vm.shutdown()
 
