@@ -390,7 +390,8 @@ def test_the_demo_takes_emulated_sev_es_where_the_firmware_boots_in_it() -> None
     """No SEV here: emulated SEV-ES for 2025.02's firmware; for 2022.11's,
     whose OVMF stops in PEI under it, plain emulated SEV, saying why; a QEMU
     without SEV-ES gets plain SEV too (the control)."""
-    both = caps(NO_KVM, sev_emulated=YES, sev_es_emulated=YES)
+    both = caps(NO_KVM, sev_emulated=YES, sev_es_emulated=YES,
+                emulated_geometry=host.SevCapabilities(47, 1, emulated=True, es=True))
     assert demo.choose_platform(both, "2025.02", None).sev == "emulated-es"
     old = demo.choose_platform(both, "2022.11", None)
     assert old.sev == "emulated" and "stops in PEI under the emulated SEV-ES" in old.why
