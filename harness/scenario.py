@@ -344,14 +344,18 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
         # The firmware writes its debug log, and so the trace, to one port.
         console, log = ((vm.serial, vm.serial_log) if firmware.debug_on_serial
                         else (vm.debugcon, vm.debugcon_log))
-        console.expect(PARKED, failure=[*DEFAULT_FAILURES, PROBE_ERROR],
+        # Read while the guest runs, the log is parsed when the guest parks.
+        with trace.parsing_while_written(log) as parsed_log:
+            console.expect(PARKED, failure=[*DEFAULT_FAILURES, PROBE_ERROR],
                            timeout=scenario.timeout)
-        park_seconds = time.monotonic() - started
-        if scenario.inject_frames:
-            inject(vm, scenario.inject_frames, canary)
-        if scenario.dump:
-            dump_path = vm.dump(artifacts / "memory.elf")
-    log_report, sym = trace.analyze_log(log, firmware.path)
+            park_seconds = time.monotonic() - started
+            if scenario.inject_frames:
+                inject(vm, scenario.inject_frames, canary)
+            if scenario.dump:
+                dump_path = vm.dump(artifacts / "memory.elf")
+            vm.shutdown()       # the log is whole once QEMU is gone
+            log_trace = parsed_log()
+    log_report, sym = trace.analyze_trace(log_trace, firmware.path)
     if scenario.iommu_emulated:
         log_report = trace.with_notes(log_report, EMULATION_MODE_NOTE)
     dump_report = None

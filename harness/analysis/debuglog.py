@@ -14,6 +14,10 @@ A final line without its newline (the capture was cut mid-line) is dropped:
 half a field is not evidence. A trace line that the timer interrupt cut in
 two (interrupt-time output printed inside it) is rejoined when its rest
 comes within a few lines.
+
+:func:`parsing_while_written` reads the log of a guest that still runs, in
+a thread, line by line as the firmware writes it: a boot's analysis then
+waits only for the lines after its last wait, not for the whole log.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import gc
 import io
 import logging
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from harness.analysis.events import (
     TRACE_VERSION,
@@ -91,7 +97,13 @@ class Trace:
         return found[-1] if found else None
 
 
-def split_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes, bool, bool]]:
+class LineSource(Protocol):
+    """What :func:`split_lines` reads: a binary file, or a :class:`GrowingLog`."""
+
+    def readline(self, limit: int, /) -> bytes: ...
+
+
+def split_lines(stream: LineSource) -> Iterator[tuple[int, bytes, bool, bool]]:
     """``(line number, content, complete, cut)`` in bounded memory.
 
     ``complete``: the line ended with a newline; ``cut``: it was longer than
@@ -148,6 +160,71 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+class GrowingLog:
+    """A log file another process still appends to, as a stream for
+    :func:`split_lines`: :meth:`readline` waits for a whole line (the file
+    may not exist yet) until :meth:`finish` says the writer is done; then it
+    returns what is left, the last line's start without its newline
+    included, and EOF."""
+
+    #: How long a reader at the end of the data sleeps before looking again.
+    POLL = 0.02
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+        self._done = threading.Event()
+
+    def finish(self) -> None:
+        """The writer is done: read to the end of the file and stop."""
+        self._done.set()
+
+    def readline(self, limit: int) -> bytes:
+        line = b""
+        while True:
+            done = self._done.is_set()   # asked before the read: none written after is lost
+            if self._file is None:
+                try:
+                    self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+                except FileNotFoundError:
+                    if done:
+                        return line
+            if self._file is not None:
+                line += self._file.readline(limit - len(line))
+                if line.endswith(b"\n") or len(line) >= limit or done:
+                    return line
+            self._done.wait(self.POLL)
+
+    def close(self) -> None:
+        self.finish()
+        if self._file is not None:
+            self._file.close()
+
+
+@contextmanager
+def parsing_while_written(path: Path) -> Iterator[Callable[[], Trace]]:
+    """Parse the log at ``path`` in a thread while its writer runs; yields
+    ``parsed()``, to be called once the writer is done: it reads the rest
+    and returns the :class:`Trace` (or raises what :func:`parse_log`
+    would). Leaving the block stops the thread, parsed or not."""
+    stream = GrowingLog(path)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="log-parse") as pool:
+            # Not parse_stream: the collector stays on for the guest's run.
+            pending = pool.submit(_parse_stream, stream, str(path))
+
+            def parsed() -> Trace:
+                stream.finish()
+                return pending.result()
+
+            try:
+                yield parsed
+            finally:
+                stream.finish()     # the pool's exit then waits for the thread
+    finally:
+        stream.close()
+
+
 def parse_stream(stream: BinaryIO, path: str = "<log>") -> Trace:
     """Read a log from ``stream``."""
     with gc_paused():
@@ -175,7 +252,7 @@ def _interleaved(body: bytes) -> tuple[bytes, bytes, bool] | None:
 _REJOIN_WITHIN = 64
 
 
-def _parse_stream(stream: BinaryIO, path: str) -> Trace:
+def _parse_stream(stream: LineSource, path: str) -> Trace:
     events: list[TraceEvent] = []
     images: list[ImageLoad] = []
     lines = 0

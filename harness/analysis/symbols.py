@@ -208,20 +208,41 @@ def write_index(modules: Path) -> Path:
     return path
 
 
-def _read_index(modules: Path) -> dict[str, ModuleSymbols] | None:
-    path = modules / INDEX
-    try:
-        data = json.loads(path.read_text())
-        if data.get("version") != INDEX_VERSION:
+class _Index:
+    """``modules/symbols.json``: a module's entry becomes its
+    :class:`ModuleSymbols` when asked for (a judgement asks for a handful of
+    the firmware's 120 modules and their 17,000 symbols)."""
+
+    def __init__(self, path: Path, entries: dict[str, Any]) -> None:
+        self.path = path
+        self._entries = entries
+
+    @classmethod
+    def read(cls, modules: Path) -> _Index | None:
+        """The index, or None when it is missing, unreadable or of another
+        version (the ``.debug`` files are read instead)."""
+        path = modules / INDEX
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != INDEX_VERSION or not isinstance(data["modules"], dict):
+                return None
+            return cls(path, data["modules"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        out: dict[str, ModuleSymbols] = {}
-        for name, entry in data["modules"].items():
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> ModuleSymbols | None:
+        """Module ``name``'s symbols; None when it is absent or its entry is
+        malformed."""
+        try:
+            entry = self._entries[name]
             symbols = tuple(Symbol(n, v, z, bool(f)) for n, v, z, f in entry["symbols"])
-            out[name] = ModuleSymbols(name, path, symbols, entry["image_size"],
-                                      entry["entry_rva"])
-        return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+            return ModuleSymbols(name, self.path, symbols, entry["image_size"],
+                                 entry["entry_rva"])
+        except (KeyError, TypeError, ValueError):
+            return None
 
 
 class Symbolizer:
@@ -238,9 +259,9 @@ class Symbolizer:
         self._bases = [i.base for i in self._images]
         self._firmware_dir = firmware_dir
         self._modules: dict[str, ModuleSymbols | None] = {}
-        self._index: dict[str, ModuleSymbols] | None = None
+        self._index: _Index | None = None
         if firmware_dir is not None:
-            self._index = _read_index(firmware_dir / "modules")
+            self._index = _Index.read(firmware_dir / "modules")
 
     @property
     def images(self) -> tuple[ImageLoad, ...]:
@@ -251,9 +272,11 @@ class Symbolizer:
         if name in self._modules:
             return self._modules[name]
         result: ModuleSymbols | None = None
-        if self._index is not None:
+        if self._index is not None and name in self._index:
             result = self._index.get(name)
-        elif self._firmware_dir is not None:
+        if self._firmware_dir is not None and result is None and (
+                self._index is None or name in self._index):
+            # no index, or a malformed entry: the module's own files
             result = load_module(self._firmware_dir / "modules", name)
         self._modules[name] = result
         return result

@@ -27,6 +27,7 @@ from harness.analysis.debuglog import (
     parse_log,
     parse_stream,
     parse_text,
+    parsing_while_written,
     split_lines,
 )
 from harness.analysis.events import (
@@ -73,6 +74,7 @@ from harness.analysis.timeline import (
 from harness.analysis.verdicts import (
     LogReport,
     analyze_log,
+    analyze_trace,
     check_timeline,
     judge_log,
     with_notes,
@@ -85,7 +87,7 @@ __all__ = [
     "IommuRefused", "IommuUnmap", "LogReport", "MemCall", "MemmapTerminated", "NotifyBegin",
     "NotifyEnd", "Probe", "ProbeParked", "Teardown", "TeardownBegin", "TeardownEnd",
     "TeardownUnmap", "Timeline", "TplChange", "Trace", "TraceEvent", "Version", "Violation",
-    "analyze_log", "build_timeline", "check_timeline", "gc_paused", "judge_log", "live_at",
+    "analyze_log", "analyze_trace", "build_timeline", "check_timeline", "gc_paused", "judge_log", "live_at",
     "live_mappings", "opened_log", "parse_log", "parse_stream", "parse_text",
-    "parse_trace_line", "split_lines", "with_notes",
+    "parse_trace_line", "parsing_while_written", "split_lines", "with_notes",
 ]

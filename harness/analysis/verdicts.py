@@ -23,7 +23,7 @@ from pathlib import Path
 
 from harness.analysis import checks
 from harness.analysis.checks import Evidence, Outcome, Violation
-from harness.analysis.debuglog import parse_log
+from harness.analysis.debuglog import Trace, parse_log
 from harness.analysis.events import (
     IOMMU_EVENTS,
     DeviceAccess,
@@ -444,7 +444,12 @@ def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> 
 def analyze_log(path: Path | str, firmware_dir: Path | None = None
                 ) -> tuple[LogReport, Symbolizer]:
     """Parse, build the timeline, judge every log check."""
-    trace = parse_log(path)
+    return analyze_trace(parse_log(path), firmware_dir)
+
+
+def analyze_trace(trace: Trace, firmware_dir: Path | None = None
+                  ) -> tuple[LogReport, Symbolizer]:
+    """Build the timeline of a parsed log, judge every log check."""
     timeline = build_timeline(trace)
     sym = Symbolizer(trace.images, firmware_dir)
     anomalies: list[str] = []

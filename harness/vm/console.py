@@ -190,7 +190,10 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
     write itself, not by a timer; then :data:`GATHER` seconds more, so a
     burst of writes is one read), asking ``alive()`` at least every
     :data:`ALIVE` seconds; when ``alive()`` says the writer is gone and the
-    file is read to the end, it reports EOF.
+    file is read to the end, it reports EOF. A writer that never stops (the
+    debug port, a byte at a time) is read at most every :data:`GATHER`
+    seconds too: each read is searched, and hundreds of tiny reads a second
+    took a fifth of a core from the guest they wait on.
 
     Expect searches a window of :data:`WINDOW` characters, never less than
     what the last read brought (a read is at most :data:`READ` bytes) plus
@@ -210,7 +213,9 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
         self.path = Path(path)
         self.name = f"<file {path}>"
         self._alive = alive
+        self.delayafterread = None      # pexpect's pause for ttys: reads pace themselves
         self._file: BinaryIO | None = None
+        self._next_read = 0.0
         self._watch: FileWatch | None = None
         try:
             self._watch = FileWatch(self.path)
@@ -242,7 +247,11 @@ class FileFollower(pexpect.spawnbase.SpawnBase):  # type: ignore[misc]
             alive = self._alive()
             # Read after asking: what the writer flushed before it died is
             # still returned, and EOF comes only once that is read too.
+            if (early := self._next_read - time.monotonic()) > 0:
+                time.sleep(early)
             data = self._read_some(size)
+            if len(data) < size:
+                self._next_read = time.monotonic() + self.GATHER
             if data:
                 text: str = self._decoder.decode(data, final=False)
                 self._log(text, "read")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -265,6 +267,51 @@ def test_the_follower_waits_on_inotify(tmp_path: Path) -> None:
     thread.join()
     console.close()
     assert follower._watch is None, "close releases the inotify descriptor"
+
+
+#: A writer like QEMU's debug port: a byte every 20 us, without a pause,
+#: for half a second; in a process of its own, as QEMU is.
+NEVER_PAUSES = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+writes, end = 0, time.monotonic() + 0.5
+while time.monotonic() < end:
+    os.write(fd, b"x" if writes % 80 else b"\\n")
+    writes += 1
+    spin = time.perf_counter() + 20e-6
+    while time.perf_counter() < spin:
+        pass
+os.write(fd, b"\\nEBST probe-parked\\n")
+print(writes)
+"""
+
+
+def test_a_writer_that_never_pauses_is_read_at_most_every_gather(tmp_path: Path) -> None:
+    """Each read is searched: the follower reads what gathered every GATHER
+    seconds, not whenever a byte came (the control: the writer's count of
+    writes, hundreds of times more)."""
+    log = tmp_path / "debugcon.log"
+    follower = FileFollower(log, lambda: True)
+    reads = 0
+    plain = follower.read_nonblocking
+
+    def counted(size: int = 1, timeout: float | None = -1) -> str:
+        nonlocal reads
+        reads += 1
+        return str(plain(size, timeout))
+
+    follower.read_nonblocking = counted
+    console = Console("debugcon", follower, LOGGER, {"debugcon.log": log}, COMMAND)
+    writer = subprocess.Popen([sys.executable, "-c", NEVER_PAUSES, str(log)],
+                              stdout=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    console.expect(r"probe-parked", timeout=60)
+    seconds = time.monotonic() - started
+    writes = int(writer.communicate()[0])
+    console.close()
+    assert writes > 20 * reads
+    # paced reads, and full reads of whatever backlog a loaded machine left
+    assert reads <= seconds / FileFollower.GATHER + writes / FileFollower.READ + 5
 
 
 def test_crash_watch_sees_a_complete_exception_line_of_another_log(tmp_path: Path) -> None:

@@ -7,13 +7,23 @@ edits, one per verdict, and each asserts that exactly its check fails.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from harness.analysis import trace
-from harness.analysis.symbols import ImageLoad, Symbolizer, parse_image_load, parse_map
+from harness.analysis.symbols import (
+    ImageLoad,
+    Symbolizer,
+    parse_image_load,
+    parse_map,
+    write_index,
+)
 from harness.analysis.trace import (
     EbsEnter,
     IommuMap,
@@ -23,6 +33,7 @@ from harness.analysis.trace import (
     build_timeline,
     check_timeline,
     parse_text,
+    parsing_while_written,
 )
 from harness.errors import TraceFormatError
 
@@ -363,6 +374,82 @@ def test_symbols_of_another_build_are_not_used() -> None:
     sym = Symbolizer([ImageLoad("IoMmuDxe", 0x100000, 0x100240, 1)], FW)
     assert sym.symbolize(0x100000 + 0x12AC) == "IoMmuDxe+0x12ac"
     assert sym.symbol_address("IoMmuDxe", "mMapInfos") is None
+
+
+def test_an_index_entry_is_read_when_asked_and_a_malformed_one_falls_back(
+        tmp_path: Path) -> None:
+    """symbols.json gives the modules it names; an entry that is not
+    well-formed gives way to the module's own .debug file (the control: the
+    same entry, well-formed, is what is used)."""
+    modules = tmp_path / "modules"
+    shutil.copytree(FW / "modules", modules)
+    write_index(modules)
+    images = trace.parse_log(DATA / "synthetic-callback-depth2.log").images
+    iommu = next(i for i in images if i.name == "IoMmuDxe")
+    index = json.loads((modules / "symbols.json").read_text())
+    index["modules"]["IoMmuDxe"]["symbols"] = [
+        [n, v + 0x10 if n == "IoMmuExitBoot" else v, z, f]
+        for n, v, z, f in index["modules"]["IoMmuDxe"]["symbols"]]
+    (modules / "symbols.json").write_text(json.dumps(index))
+    assert Symbolizer(images, tmp_path).symbolize(iommu.base + 0x12BC) == \
+        "IoMmuDxe!IoMmuExitBoot"                    # the index's (moved) symbol
+    index["modules"]["IoMmuDxe"]["symbols"] = "not a list of symbols"
+    (modules / "symbols.json").write_text(json.dumps(index))
+    assert Symbolizer(images, tmp_path).symbolize(iommu.base + 0x12AC) == \
+        "IoMmuDxe!IoMmuExitBoot"                    # IoMmuDxe.debug's
+
+
+def written_slowly(path: Path, data: bytes, pieces: int = 40) -> threading.Thread:
+    """A writer appending ``data`` to ``path`` in pieces cut anywhere,
+    lines included, as QEMU's debug port writes a log."""
+    step = -(-len(data) // pieces)
+
+    def run() -> None:
+        with open(path, "ab") as log:
+            for at in range(0, len(data), step):
+                log.write(data[at:at + step])
+                log.flush()
+                time.sleep(0.005)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_log_parsed_while_written_is_the_log_parsed_at_the_end(tmp_path: Path) -> None:
+    """Lines cut across writes, the file created after the parse began, a
+    last line without its newline: the trace is the one parse_log reads
+    from the finished file."""
+    data = CALLBACK.read_bytes() + b"EBST probe step=cu"
+    log = tmp_path / "debugcon.log"
+    with parsing_while_written(log) as parsed:
+        time.sleep(0.05)
+        written_slowly(log, data).join()
+        following = parsed()
+    whole = trace.parse_log(log)
+    assert following.partial_tail and whole.partial_tail
+    assert following.lines == whole.lines > 100
+    assert following.events == whole.events
+    assert following.images == whole.images
+
+
+def test_a_bad_line_written_late_fails_the_parse_naming_it(tmp_path: Path) -> None:
+    log = tmp_path / "debugcon.log"
+    good = CALLBACK.read_bytes()
+    bad_line = good.count(b"\n") + 1
+    with parsing_while_written(log) as parsed:
+        written_slowly(log, good + b"EBST iommu-map map=zz\n").join()
+        with pytest.raises(TraceFormatError, match=f":{bad_line}:"):
+            parsed()
+
+
+def test_leaving_the_block_ends_the_parse_without_a_file(tmp_path: Path) -> None:
+    """A boot that failed before its log existed: the block ends at once."""
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the boot failed"), \
+            parsing_while_written(tmp_path / "never.log"):
+        raise RuntimeError("the boot failed")
+    assert time.monotonic() - started < 5
 
 
 def test_parse_map_sections() -> None:
