@@ -68,6 +68,8 @@ CHECKS: Mapping[str, Check] = {check.id: check for check in (
           Evidence.LOG),
     Check("V4", "empty", "zero live mappings when the teardown ends and when "
           "ExitBootServices() returns", Evidence.LOG),
+    Check("V6", "own bounce pages", "no IOMMU mapping is given bounce pages that a live "
+          "mapping still holds", Evidence.LOG),
     Check("C1", "interrupts off", "interrupts are disabled when ExitBootServices() returns "
           "success", Evidence.CONTRACT),
     Check("C2", "no allocation", "no memory is allocated or freed after the memory map was "

@@ -9,7 +9,7 @@ The pieces live in their own modules, in the order data flows through them:
   (events, image loads, the SEV line), cut and interleaved lines handled;
 - :mod:`~harness.analysis.timeline`: the ExitBootServices calls with their
   dispatches and teardowns;
-- :mod:`~harness.analysis.verdicts`: one function per check, V1..V4 and
+- :mod:`~harness.analysis.verdicts`: one function per check, V1..V4, V6 and
   C1..C3 (:mod:`~harness.analysis.checks` is the registry of every check).
 
 This module re-exports the names callers use, so that ``trace.analyze_log``

@@ -1,4 +1,4 @@
-"""The debug log's verdicts: one function per check, V1..V4 and C1..C3.
+"""The debug log's verdicts: one function per check, V1..V4, V6 and C1..C3.
 
 Each function takes the :class:`LogEvidence` (the timeline and the
 symbolizer) and returns what it :class:`Judged`: its violations, and for C2
@@ -31,12 +31,15 @@ from harness.analysis.events import (
     EbsCallbackEnd,
     IntsOff,
     IommuMap,
+    IommuUnmap,
     MemCall,
     MemmapTerminated,
     NotifyBegin,
+    TeardownUnmap,
     TplChange,
     TraceEvent,
 )
+from harness.analysis.memdump import PAGE
 from harness.analysis.symbols import Symbolizer
 from harness.analysis.timeline import EbsAttempt, Timeline, build_timeline, live_at, live_mappings
 
@@ -283,6 +286,38 @@ def empty(ev: LogEvidence) -> Judged:
     return Judged(tuple(found))
 
 
+@judges("V6")
+def own_bounce_pages(ev: LogEvidence) -> Judged:
+    """No mapping is given bounce pages a live mapping still holds: two
+    transfers would share one buffer, and each device would read or write
+    the other's data. A mapping whose device address is its host address
+    (a common buffer, mapped in place) has no bounce pages."""
+    found: list[Violation] = []
+    live: dict[int, IommuMap] = {}
+    for event in ev.events:
+        if isinstance(event, IommuMap):
+            if event.dev != event.host:
+                for other in live.values():
+                    if other.dev != other.host and _share_pages(event, other):
+                        found.append(Violation(
+                            "V6", f"iommu-map seq {event.seq} (map={event.map:#x}) was given "
+                                  f"bounce pages {_pages(event)} while map={other.map:#x} "
+                                  f"(iommu-map seq {other.seq}) still holds "
+                                  f"{_pages(other)}", (other.seq, event.seq)))
+            live[event.map] = event
+        elif isinstance(event, (IommuUnmap, TeardownUnmap)):
+            live.pop(event.map, None)
+    return Judged(tuple(found))
+
+
+def _share_pages(one: IommuMap, other: IommuMap) -> bool:
+    return one.dev < other.dev + other.pages * PAGE and other.dev < one.dev + one.pages * PAGE
+
+
+def _pages(mapping: IommuMap) -> str:
+    return f"{mapping.dev:#x}..{mapping.dev + mapping.pages * PAGE - 1:#x}"
+
+
 def _list_maps(live: dict[int, IommuMap]) -> str:
     parts = [f"map={m.map:#x} op={m.op} pages={m.pages} (iommu-map seq {m.seq})"
              for m in list(live.values())[:8]]
@@ -436,7 +471,7 @@ def judge_log(timeline: Timeline, sym: Symbolizer | None = None,
 
 
 def check_timeline(timeline: Timeline, symbolizer: Symbolizer | None = None) -> list[Violation]:
-    """The violations of V1..V4 alone, in check order."""
+    """The violations of the LOG checks (V1..V4, V6) alone, in check order."""
     ev = LogEvidence(timeline, symbolizer or Symbolizer(timeline.trace.images))
     return [v for check in checks.of(Evidence.LOG) for v in LOG_CHECKS[check](ev).violations]
 

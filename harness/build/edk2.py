@@ -50,7 +50,7 @@ from harness.build.cache import (
 )
 from harness.build.debian import DebianSourcePackage, DebianTarballs
 from harness.build.progress import Progress, counter
-from harness.build.series import read_series
+from harness.build.series import apply_in_place, read_series
 from harness.errors import SourceError, UsageError
 from harness.tools import run_tool
 
@@ -261,6 +261,30 @@ class DebianTarballSource:
 
 
 @dataclass(frozen=True)
+class FixedSource:
+    """A source with the baseline's own fixes applied, as Debian applies its
+    patches: upstream commits the harness carries because a bug of the
+    baseline would make a result wrong for a reason that is not the
+    series'. ``fixes/series`` names them; they are listed apart from the
+    series, which applies on top."""
+
+    source: SourceProvider
+    fixes: Path
+
+    def identity(self) -> str:
+        digest = hashlib.sha256()
+        for patch in read_series(self.fixes):
+            digest.update(patch.name.encode() + b"\0" + patch.data)
+        return f"{self.source.identity()}:fixes={digest.hexdigest()[:16]}"
+
+    def materialize(self, dest: Path, progress: Progress) -> None:
+        self.source.materialize(dest, progress)
+        for patch in read_series(self.fixes):
+            progress.phase("fix", patch.name)
+            apply_in_place(dest, patch)
+
+
+@dataclass(frozen=True)
 class Baseline:
     """An edk2 release the harness builds: Debian's source of it, and the
     series that applies to it (which adds everything the harness builds,
@@ -270,11 +294,19 @@ class Baseline:
     source: SourceProvider
     series_dir: Path
 
+    def without_fixes(self) -> Baseline:
+        """This baseline as Debian ships it, without the fixes the harness
+        carries (a negative control: the bug they fix shows)."""
+        source = self.source.source if isinstance(self.source, FixedSource) else self.source
+        return dataclasses.replace(self, source=source)
+
 
 #: The edk2 releases the harness builds, by name (``--edk2``).
 BASELINES: Mapping[str, Baseline] = {
     # Each series adds the probe application to the tree (OvmfPkg/EbsProbe).
-    "2025.02": Baseline("2025.02", DebianTarballSource(), SERIES_ROOT / "edk2-2025.02"),
+    "2025.02": Baseline("2025.02", FixedSource(DebianTarballSource(),
+                                               SERIES_ROOT / "edk2-2025.02" / "base"),
+                        SERIES_ROOT / "edk2-2025.02"),
     "2022.11": Baseline("2022.11", DebianSource(), SERIES_ROOT / "edk2-2022.11"),
 }
 DEFAULT_BASELINE = "2025.02"
@@ -375,7 +407,7 @@ class Builder(CachedBuilder[Firmware]):
     #: Per baseline: the test build, stock (shared with production DEBUG),
     #: production RELEASE, OvmfPkgIa32X64 and the serial-port build each
     #: have a workspace (and firmware) of their own.
-    KEEP: ClassVar[Mapping[str, int]] = {"published": 12, "work": 8, "src": 2}
+    KEEP: ClassVar[Mapping[str, int]] = {"published": 13, "work": 9, "src": 3}
 
     def __init__(self, source: SourceProvider, *, flags: BuildFlags | None = None,
                  baseline: Baseline | None = None, series: bool = True,
@@ -465,9 +497,11 @@ class Builder(CachedBuilder[Firmware]):
 
 def build_unpatched(progress: Progress | None = None, baseline: str | None = None
                     ) -> BuildResult:
-    """A baseline as Debian ships it (:data:`BASELINES`), a DEBUG build
-    without the series, the probe or the test define: stock OVMF, e.g. the control that it takes the SEV path the
-    harness emulates, or the stock logs ``explain-log`` reads. The default
+    """A baseline as the series builds on it (:data:`BASELINES`: Debian's
+    tree, and the fixes the harness carries where it has any), a DEBUG build
+    without the series, the probe or the test define: stock OVMF, e.g. the
+    control that it takes the SEV path the harness emulates, or the stock
+    logs ``explain-log`` reads. The default
     baseline unless ``baseline`` names one; in a workspace shared with the
     production DEBUG build of the series (same flags).
 

@@ -70,6 +70,24 @@ def read_series(directory: Path) -> list[Patch]:
     return patches
 
 
+def apply_in_place(tree: Path, patch: Patch) -> None:
+    """Apply ``patch`` to ``tree`` itself (no fuzz), as Debian applies its
+    own patches to its source.
+
+    :raises PatchError: naming the patch, file and hunk.
+    """
+    try:
+        proc = subprocess.run(
+            ["patch", "-p1", "-F0", "--batch", "--forward", "--no-backup-if-mismatch",
+             "-r", "-", "-d", str(tree)],
+            input=patch.data, capture_output=True, check=False)
+    except FileNotFoundError as exc:
+        raise DependencyError("patch not found: run ./run setup as root "
+                              "(installs Debian's patch package)") from exc
+    if proc.returncode != 0:
+        raise _patch_failure(patch, (proc.stdout + proc.stderr).decode("utf-8", "replace"))
+
+
 def read_patch(path: Path) -> Patch:
     """One patch file outside a series (a test variant applied on top)."""
     if not path.is_file():
@@ -138,17 +156,7 @@ def apply_series(pristine: Path, patches: list[Patch],
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, staging / rel)
         for patch in patches:
-            try:
-                proc = subprocess.run(
-                    ["patch", "-p1", "-F0", "--batch", "--forward", "--no-backup-if-mismatch",
-                     "-r", "-", "-d", str(staging)],
-                    input=patch.data, capture_output=True, check=False)
-            except FileNotFoundError as exc:
-                raise DependencyError("patch not found: run ./run setup as root "
-                                      "(installs Debian's patch package)") from exc
-            if proc.returncode != 0:
-                output = (proc.stdout + proc.stderr).decode("utf-8", "replace")
-                raise _patch_failure(patch, output)
+            apply_in_place(staging, patch)
         result: dict[str, bytes | None] = {}
         for rel in touched:
             staged = staging / rel

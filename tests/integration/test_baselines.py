@@ -37,7 +37,8 @@ def test_a_pin_the_signed_index_disagrees_with_is_refused(tmp_path: Path) -> Non
 
 def test_2025_02_builds_and_boots_to_its_shell(tmp_path: Path) -> None:
     firmware = edk2.build_unpatched(progress=StderrProgress(), baseline="2025.02").output
-    assert firmware.manifest["source"] == edk2.TRIXIE.identity()
+    assert firmware.manifest["source"] == edk2.BASELINES["2025.02"].source.identity()
+    assert firmware.manifest["source"].startswith(edk2.TRIXIE.identity() + ":fixes=")
     data = explain_json(boot_to_shell(firmware, tmp_path))
     assert [p["phase"] for p in data["phases"]] == ["SEC", "PEI", "DXE", "BDS"]
     assert data["boot_options"][-1]["image"] == "Shell.efi"

@@ -39,9 +39,9 @@ TEST_SYMBOLS = {
     "IoMmuDxe": ("mIoMmuEbsScheme", "IoMmuFwCfgReadString", "mIoMmuEmulation", "mMapCount"),
 }
 TEST_MODULES = ("EbsAdversaryDxe", "EbsProbe")
-#: What the feature (patches 1 to 4) puts there.
+#: What the feature (the patches before the first [test only]) puts there.
 FEATURE_SYMBOLS = {
-    "DxeCore": ("CoreRegisterIoMmuTeardown", "mIoMmuTeardown"),
+    "DxeCore": ("CoreRegisterIoMmuTeardown", "CoreUnregisterIoMmuTeardown", "mIoMmuTeardowns"),
     "IoMmuDxe": ("IoMmuExitBootServicesTeardown", "mCcGuestAttr"),
 }
 

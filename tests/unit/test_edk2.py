@@ -509,3 +509,40 @@ def test_a_variant_applies_to_the_baseline_its_directory_names() -> None:
         == "2025.02"
     for patch in (variants / "edk2-2025.02").glob("*.patch"):
         assert edk2.variant_baseline(patch) in edk2.BASELINES
+
+
+# ------------------------------------------------------------ baseline fixes
+
+
+def test_a_baselines_fixes_are_applied_under_the_series(fake_edk2: Path, tmp_path: Path) -> None:
+    """The fixes the harness carries for a baseline make its pristine tree
+    (the series applies on top of them, and the key changes with them);
+    without_fixes() is the tree as Debian ships it (the control)."""
+    fixes = _series(tmp_path / "base", ("0001-fix.patch", _patch("line two", "line 2")))
+    series = _series(tmp_path / "s", ("0001-a.patch", _patch("line 2", "line II")))
+    fixed = edk2.FixedSource(edk2.TreeSource(fake_edk2), fixes)
+    baseline = edk2.Baseline("test", fixed, series)
+    before = fixed.identity()
+    assert before.startswith(edk2.TreeSource(fake_edk2).identity() + ":fixes=")
+    builder = edk2.Builder(fixed, baseline=baseline, cache=tmp_path / "cache", jobs=1)
+    firmware = builder.firmware().output
+    tree = builder.workspace_dir / "tree"
+    assert (tree / "OvmfPkg/IoMmuDxe/IoMmuDxe.c").read_text().splitlines()[1] == "line II"
+    assert "line two" in (fake_edk2 / "OvmfPkg/IoMmuDxe/IoMmuDxe.c").read_text()
+    unfixed = baseline.without_fixes()
+    assert unfixed.source == edk2.TreeSource(fake_edk2)
+    with pytest.raises(PatchError, match="0001-a.patch"):    # the series needs the fix
+        edk2.Builder(unfixed.source, baseline=unfixed, cache=tmp_path / "cache",
+                     jobs=1).firmware()
+    (fixes / "0001-fix.patch").write_text(_patch("line two", "line 2") + "\n")
+    assert fixed.identity() != before, "the key follows the fixes"
+    assert firmware.path.is_dir()
+
+
+def test_a_fix_that_does_not_apply_names_itself_and_its_hunk(fake_edk2: Path,
+                                                             tmp_path: Path) -> None:
+    fixes = _series(tmp_path / "base", ("0001-stale.patch", _patch("no such line", "x")))
+    fixed = edk2.FixedSource(edk2.TreeSource(fake_edk2), fixes)
+    with pytest.raises(PatchError, match=r"0001-stale\.patch") as caught:
+        fixed.materialize(tmp_path / "tree", StderrProgress())
+    assert caught.value.target == "OvmfPkg/IoMmuDxe/IoMmuDxe.c" and caught.value.hunk == 1

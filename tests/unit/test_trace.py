@@ -332,6 +332,30 @@ def test_v4_negative_control_unmapped_entry_missing_from_teardown() -> None:
     assert any("still live at ebs-return" in d for d in details)
 
 
+def test_v6_negative_control_a_live_mappings_bounce_page_given_again() -> None:
+    """The log maps, unmaps and maps dev=0xE7B5000 again (reuse after the
+    unmap: no violation); a second live mapping given that page is V6, and
+    only V6."""
+    text = text_of(CALLBACK)
+    assert checks(text) == []
+    text = edit(text, r"^(EBST iommu-map map=0xE831F18 op=1 host=0xE7BA000) dev=0xE7B4000",
+                r"\1 dev=0xE7B5000")
+    assert checks(text) == ["V6"]
+    [found] = [v for v in check_timeline(build_timeline(parse_text(text))) if v.check == "V6"]
+    assert "bounce pages 0xe7b5000..0xe7b5fff while map=0xe831b98" in found.detail
+    events = parse_text(text).events
+    assert [events[s - 1].name for s in found.seqs] == ["iommu-map", "iommu-map"]
+
+
+def test_v6_counts_no_common_buffer_mapped_in_place() -> None:
+    """A mapping whose device address is its host address has no bounce
+    pages: a common buffer at a live bounce buffer's address is not V6's."""
+    text = edit(text_of(CALLBACK),
+                r"^EBST iommu-map map=0xE831918 op=2 host=0xE7B7000 dev=0xE7B7000",
+                "EBST iommu-map map=0xE831918 op=2 host=0xE7B5000 dev=0xE7B5000")
+    assert "V6" not in checks(text)
+
+
 def test_violation_texts_quote_seq_numbers_that_exist() -> None:
     report, _ = analyze_log(LEGACY2, FW)
     events = report.timeline.trace.events
