@@ -9,7 +9,9 @@
   2. reads the per-run canary file through the file system, so that the data
      passes through virtio-blk DMA (PciIo->Map -> IOMMU bounce buffers), then
      reads the same file from every other volume the firmware has connected
-     (NVMe, AHCI, USB, SCSI disks), so that their controllers do DMA too,
+     (NVMe, AHCI, USB, SCSI disks), so that their controllers do DMA too;
+     then maps two 512 KiB buffers on the virtio-blk PciIo at once and
+     unmaps them (two live bounce buffers of the 1 MiB size class),
   3. optionally maps a buffer holding the canary bytes on the virtio-blk PciIo
      and never unmaps it ("DMA in flight", leak-mapping=1),
   4. optionally starts and initializes every virtio-net SNP, so that their
@@ -47,6 +49,12 @@
 #define PROBE_DEFAULT_CANARY  "canary.bin"
 #define PROBE_NAME_MAX        128
 #define PROBE_EBS_ATTEMPTS    8
+
+//
+// Two concurrent mappings of this size are served from the IOMMU driver's
+// 1 MiB bounce buffers (over 128 KiB, at most 1 MiB), where it has them.
+//
+#define PROBE_LARGE_MAPPING_BYTES  SIZE_512KB
 
 //
 // The longest device path text printed, in characters: short enough that the
@@ -480,6 +488,91 @@ ProbeLeakMapping (
 }
 
 /**
+  Map two buffers of PROBE_LARGE_MAPPING_BYTES for the PCI device behind the
+  boot volume, both live at once, then unmap and free them: two concurrent
+  transfers in the size class of the IOMMU driver's 1 MiB bounce buffers. The
+  IOMMU driver's trace lines give their device addresses, which must not
+  share a page.
+
+  @param[in] DeviceHandle  The handle of the boot volume.
+**/
+STATIC
+VOID
+ProbeLargeMappings (
+  IN EFI_HANDLE  DeviceHandle
+  )
+{
+  EFI_STATUS                Status[2];
+  EFI_DEVICE_PATH_PROTOCOL  *DevicePath;
+  EFI_HANDLE                PciHandle;
+  EFI_PCI_IO_PROTOCOL       *PciIo;
+  VOID                      *Buffer[2];
+  UINTN                     Bytes[2];
+  EFI_PHYSICAL_ADDRESS      DeviceAddress[2];
+  VOID                      *Mapping[2];
+  UINTN                     Index;
+  EFI_STATUS                Found;
+
+  PciIo = NULL;
+  Found = gBS->HandleProtocol (DeviceHandle, &gEfiDevicePathProtocolGuid, (VOID **)&DevicePath);
+  if (!EFI_ERROR (Found)) {
+    Found = gBS->LocateDevicePath (&gEfiPciIoProtocolGuid, &DevicePath, &PciHandle);
+  }
+
+  if (!EFI_ERROR (Found)) {
+    Found = gBS->HandleProtocol (PciHandle, &gEfiPciIoProtocolGuid, (VOID **)&PciIo);
+  }
+
+  for (Index = 0; Index < 2; Index++) {
+    Mapping[Index]       = NULL;
+    DeviceAddress[Index] = 0;
+    Bytes[Index]         = 0;
+    Buffer[Index]        = AllocatePages (EFI_SIZE_TO_PAGES (PROBE_LARGE_MAPPING_BYTES));
+    Status[Index]        = Found;
+    if (Buffer[Index] == NULL) {
+      Status[Index] = EFI_OUT_OF_RESOURCES;
+    }
+
+    if (!EFI_ERROR (Status[Index])) {
+      Bytes[Index]  = PROBE_LARGE_MAPPING_BYTES;
+      Status[Index] = PciIo->Map (
+                               PciIo,
+                               EfiPciIoOperationBusMasterRead,
+                               Buffer[Index],
+                               &Bytes[Index],
+                               &DeviceAddress[Index],
+                               &Mapping[Index]
+                               );
+    }
+  }
+
+  DEBUG ((
+    DEBUG_INFO,
+    "EBST probe step=large-maps bytes=%Lu dev0=0x%Lx bytes0=%Lu status0=0x%Lx dev1=0x%Lx bytes1=%Lu status1=0x%Lx\n",
+    (UINT64)PROBE_LARGE_MAPPING_BYTES,
+    DeviceAddress[0],
+    (UINT64)Bytes[0],
+    (UINT64)Status[0],
+    DeviceAddress[1],
+    (UINT64)Bytes[1],
+    (UINT64)Status[1]
+    ));
+
+  for (Index = 0; Index < 2; Index++) {
+    if (!EFI_ERROR (Status[Index]) && EFI_ERROR (PciIo->Unmap (PciIo, Mapping[Index]))) {
+      //
+      // Still mapped: a device may read it, so leave the buffer allocated.
+      //
+      continue;
+    }
+
+    if (Buffer[Index] != NULL) {
+      FreePages (Buffer[Index], EFI_SIZE_TO_PAGES (PROBE_LARGE_MAPPING_BYTES));
+    }
+  }
+}
+
+/**
   Start and initialize every Simple Network Protocol instance (virtio-net),
   so that their receive and transmit rings are mapped at ExitBootServices().
 **/
@@ -816,6 +909,7 @@ EbsProbeMain (
   // This frees all it allocates, before the steps below take a memory map.
   //
   ProbeReadOtherVolumes (LoadedImage->DeviceHandle, CanaryPath, Canary, CanarySize);
+  ProbeLargeMappings (LoadedImage->DeviceHandle);
 
   if (Config.LeakMapping) {
     ProbeLeakMapping (LoadedImage->DeviceHandle, Canary, CanarySize);

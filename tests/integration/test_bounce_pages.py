@@ -26,6 +26,7 @@ def large_maps(result: scenario.RunResult) -> tuple[str | None, str | None]:
     step, = (e for e in result.log.timeline.trace.events
              if isinstance(e, trace.Probe) and e.step == "large-maps")
     assert step.get("status0") == "0x0" and step.get("status1") == "0x0", step.text
+    assert step.get("bytes0") == step.get("bytes1") == step.get("bytes"), step.text
     return step.get("dev0"), step.get("dev1")
 
 
