@@ -347,7 +347,7 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
         # Read while the guest runs, the log is parsed when the guest parks.
         with trace.parsing_while_written(log) as parsed_log:
             console.expect(PARKED, failure=[*DEFAULT_FAILURES, PROBE_ERROR],
-                           timeout=scenario.timeout)
+                               timeout=scenario.timeout)
             park_seconds = time.monotonic() - started
             if scenario.inject_frames:
                 inject(vm, scenario.inject_frames, canary)

@@ -415,6 +415,37 @@ ProbeReadOtherVolumes (
 }
 
 /**
+  Find the PCI I/O protocol of the device behind a volume.
+
+  @param[in]  DeviceHandle  The handle of the volume.
+  @param[out] PciIo         The device's PCI I/O protocol.
+
+  @return  The status of the lookup.
+**/
+STATIC
+EFI_STATUS
+ProbePciIoOf (
+  IN  EFI_HANDLE           DeviceHandle,
+  OUT EFI_PCI_IO_PROTOCOL  **PciIo
+  )
+{
+  EFI_STATUS                Status;
+  EFI_DEVICE_PATH_PROTOCOL  *DevicePath;
+  EFI_HANDLE                PciHandle;
+
+  Status = gBS->HandleProtocol (DeviceHandle, &gEfiDevicePathProtocolGuid, (VOID **)&DevicePath);
+  if (!EFI_ERROR (Status)) {
+    Status = gBS->LocateDevicePath (&gEfiPciIoProtocolGuid, &DevicePath, &PciHandle);
+  }
+
+  if (!EFI_ERROR (Status)) {
+    Status = gBS->HandleProtocol (PciHandle, &gEfiPciIoProtocolGuid, (VOID **)PciIo);
+  }
+
+  return Status;
+}
+
+/**
   Map a buffer holding the canary bytes for the PCI device behind the boot
   volume (virtio-blk), and never unmap it: a DMA transfer still in flight at
   ExitBootServices(). Under an IOMMU the bytes sit in a shared bounce buffer
@@ -432,27 +463,17 @@ ProbeLeakMapping (
   IN UINTN        Size
   )
 {
-  EFI_STATUS                Status;
-  EFI_DEVICE_PATH_PROTOCOL  *DevicePath;
-  EFI_HANDLE                PciHandle;
-  EFI_PCI_IO_PROTOCOL       *PciIo;
-  VOID                      *Buffer;
-  UINTN                     Bytes;
-  EFI_PHYSICAL_ADDRESS      DeviceAddress;
-  VOID                      *Mapping;
+  EFI_STATUS            Status;
+  EFI_PCI_IO_PROTOCOL   *PciIo;
+  VOID                  *Buffer;
+  UINTN                 Bytes;
+  EFI_PHYSICAL_ADDRESS  DeviceAddress;
+  VOID                  *Mapping;
 
   Buffer  = NULL;
   Mapping = NULL;
   Bytes   = Size;
-  Status  = gBS->HandleProtocol (DeviceHandle, &gEfiDevicePathProtocolGuid, (VOID **)&DevicePath);
-  if (!EFI_ERROR (Status)) {
-    Status = gBS->LocateDevicePath (&gEfiPciIoProtocolGuid, &DevicePath, &PciHandle);
-  }
-
-  if (!EFI_ERROR (Status)) {
-    Status = gBS->HandleProtocol (PciHandle, &gEfiPciIoProtocolGuid, (VOID **)&PciIo);
-  }
-
+  Status  = ProbePciIoOf (DeviceHandle, &PciIo);
   if (!EFI_ERROR (Status)) {
     Buffer = AllocatePages (EFI_SIZE_TO_PAGES (Size));
     if (Buffer == NULL) {
@@ -502,26 +523,17 @@ ProbeLargeMappings (
   IN EFI_HANDLE  DeviceHandle
   )
 {
-  EFI_STATUS                Status[2];
-  EFI_DEVICE_PATH_PROTOCOL  *DevicePath;
-  EFI_HANDLE                PciHandle;
-  EFI_PCI_IO_PROTOCOL       *PciIo;
-  VOID                      *Buffer[2];
-  UINTN                     Bytes[2];
-  EFI_PHYSICAL_ADDRESS      DeviceAddress[2];
-  VOID                      *Mapping[2];
-  UINTN                     Index;
-  EFI_STATUS                Found;
+  EFI_STATUS            Status[2];
+  EFI_PCI_IO_PROTOCOL   *PciIo;
+  VOID                  *Buffer[2];
+  UINTN                 Bytes[2];
+  EFI_PHYSICAL_ADDRESS  DeviceAddress[2];
+  VOID                  *Mapping[2];
+  UINTN                 Index;
+  EFI_STATUS            Found;
 
   PciIo = NULL;
-  Found = gBS->HandleProtocol (DeviceHandle, &gEfiDevicePathProtocolGuid, (VOID **)&DevicePath);
-  if (!EFI_ERROR (Found)) {
-    Found = gBS->LocateDevicePath (&gEfiPciIoProtocolGuid, &DevicePath, &PciHandle);
-  }
-
-  if (!EFI_ERROR (Found)) {
-    Found = gBS->HandleProtocol (PciHandle, &gEfiPciIoProtocolGuid, (VOID **)&PciIo);
-  }
+  Found = ProbePciIoOf (DeviceHandle, &PciIo);
 
   for (Index = 0; Index < 2; Index++) {
     Mapping[Index]       = NULL;
