@@ -51,8 +51,10 @@
 #define PROBE_EBS_ATTEMPTS    8
 
 //
-// Two concurrent mappings of this size are served from the IOMMU driver's
-// 1 MiB bounce buffers (over 128 KiB, at most 1 MiB), where it has them.
+// A mapping of this size is served from the IOMMU driver's 1 MiB size class
+// of bounce buffers (over 128 KiB, at most 1 MiB), where it has them. The
+// class has one slot: of two concurrent mappings, one takes it, and the
+// other must not be given it too.
 //
 #define PROBE_LARGE_MAPPING_BYTES  SIZE_512KB
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from probe_steps import large_maps
 
 from harness import scenario
 from harness.analysis import trace
@@ -122,6 +123,10 @@ def test_the_firmware_takes_its_sev_path_without_a_knob(ebs_run_probe) -> None: 
     assert int(cpu.get("leaf-eax") or "0", 16) & 0x2, "CPUID 0x8000001F says SEV"
     assert cpu.get("cbitpos") == "47" and cpu.get("sev-msr") == "1"
     assert cpu.get("sev-status") == "0x1", "SEV_STATUS: SEV on, SEV-ES off"
+    # V6's positive control (its negative one: tests/integration/test_bounce_pages.py):
+    # the probe's two concurrent 512 KiB mappings got bounce buffers of their own.
+    dev0, dev1 = large_maps(result)
+    assert dev0 != dev1
     assert result.passed, [v.detail for v in result.violations]
 
 
