@@ -23,7 +23,6 @@ checkout these are links to the repository's top-level directories of the
 same names.
 """
 
-from importlib import resources
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -31,10 +30,10 @@ __version__ = "0.1.0"
 
 def shared(*parts: str) -> Path:
     """The path of a file or directory the package ships (``harness/share/``)."""
-    root = resources.files(__name__).joinpath("share", *parts)
-    if not isinstance(root, Path):
+    root = Path(__file__).parent / "share"
+    if not root.is_dir():
         from harness.errors import DependencyError
 
-        raise DependencyError(f"harness is installed as an archive ({root}): the builds "
-                              "need its files on disk; install it unzipped (pip does)")
-    return root.resolve()
+        raise DependencyError(f"harness has no {root} on disk (installed as an archive?): "
+                              "the builds need its files; install it unzipped (pip does)")
+    return root.joinpath(*parts).resolve()

@@ -6,7 +6,8 @@ timeout, a missing tool); 4 an internal error (a bug of ours: one line naming
 the file that holds the traceback), never 1; 130 interrupted. Each
 sub-command is a ``_cmd_*`` function that returns the status; errors from
 :mod:`harness.errors` become one line and their ``exit_status`` here, in one
-place.
+place. A command imports the analysis it runs: ``boot`` starts QEMU before
+the verdicts' code is loaded, and loads it while the guest boots.
 """
 
 from __future__ import annotations
@@ -22,22 +23,11 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from harness import demo, scenario
-from harness.analysis import (
-    checks,
-    devices,
-    dump,
-    explain,
-    explain_render,
-    report,
-    symbols,
-    teardown_static,
-    trace,
-)
-from harness.analysis.judgement import Judgement
-from harness.build import cache, edk2, qemu
+from harness import scenario
+from harness.analysis import checks
+from harness.build import cache, edk2
 from harness.build.progress import StderrProgress
 from harness.errors import (
     EXIT_ENVIRONMENT,
@@ -53,6 +43,10 @@ from harness.errors import (
 )
 from harness.vm import devices as vm_devices
 from harness.vm import host, sev
+
+if TYPE_CHECKING:
+    from harness.analysis import symbols, trace
+    from harness.build import qemu
 
 LOG = logging.getLogger(__name__)
 
@@ -110,6 +104,8 @@ def _writable(value: str, option: str, directory: bool = False) -> Path:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from harness.analysis import teardown_static
+
     progress = None if args.quiet else StderrProgress()
     baseline = edk2.baseline_named(args.edk2)
     result = edk2.build_firmware(
@@ -145,6 +141,8 @@ def _cmd_build_qemu(args: argparse.Namespace) -> int:
 
 
 def _build_qemu(args: argparse.Namespace, rebuild: bool = False) -> qemu.QemuBuildResult:
+    from harness.build import qemu
+
     progress = None if args.quiet else StderrProgress()
     return qemu.build_qemu(rebuild=rebuild, progress=progress)
 
@@ -184,11 +182,16 @@ def _firmware_dir(value: str | None) -> Path | None:
 
 
 def _cmd_analyze_log(args: argparse.Namespace) -> int:
+    from harness.analysis import trace
+
     with trace.gc_paused():
         return _analyze_log(args)
 
 
 def _analyze_log(args: argparse.Namespace) -> int:
+    from harness.analysis import devices, trace
+    from harness.analysis.judgement import Judgement
+
     html = _writable(args.html, "--html") if args.html else None
     result, sym = trace.analyze_log(args.log, _firmware_dir(args.firmware))
     side = (devices.analyze_device_trace(args.device_trace, result.timeline.trace.events)
@@ -206,6 +209,9 @@ def _analyze_log(args: argparse.Namespace) -> int:
 def _cmd_explain_log(args: argparse.Namespace) -> int:
     """Explain any OVMF log; the EBS verdicts too where it carries the trace.
     Exit 0 once explained: judging is ``analyze-log``'s."""
+    from harness.analysis import explain, explain_render, report, trace
+    from harness.analysis.judgement import Judgement
+
     html = _writable(args.html, "--html") if args.html else None
     firmware = _firmware_dir(args.firmware)
     with trace.gc_paused():
@@ -242,7 +248,10 @@ def _cmd_explain_log(args: argparse.Namespace) -> int:
 def _cmd_check_firmware(args: argparse.Namespace) -> int:
     """C3S alone: 0 when no path is found, 1 when one is, 2 for a directory
     that is no firmware build."""
-    result = teardown_static.check_firmware(Path(args.firmware), args.entry)
+    from harness.analysis import teardown_static
+
+    result = teardown_static.check_firmware(Path(args.firmware),
+                                            args.entry or teardown_static.ENTRY)
     violations = [checks.Violation("C3S", finding.line()) for finding in result.findings]
     if args.json:
         _print_json({**result.as_dict(), "violations": [v.as_json() for v in violations],
@@ -281,6 +290,8 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze_dump(args: argparse.Namespace) -> int:
+    from harness.analysis import dump, report, symbols, trace
+
     firmware = _firmware_dir(args.firmware)
     parsed = trace.parse_log(args.log)
     sym = symbols.Symbolizer(parsed.images, firmware)
@@ -366,6 +377,8 @@ def _boot_remote(args: argparse.Namespace, chosen: scenario.Scenario,
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from harness import demo
+
     given = edk2.Firmware.load(args.firmware) if args.firmware else None
     if given is None:
         edk2.baseline_named(args.edk2)          # an unknown one: before anything runs
@@ -584,9 +597,9 @@ def _parser() -> argparse.ArgumentParser:
     static.add_argument("firmware", metavar="DIR",
                         help="a firmware directory from 'ebs-harness build' "
                              "(reads modules/IoMmuDxe.debug)")
-    static.add_argument("--entry", metavar="FUNCTION", default=teardown_static.ENTRY,
-                        help=f"the function to start from (default: "
-                             f"{teardown_static.ENTRY}, the one the DXE core calls)")
+    static.add_argument("--entry", metavar="FUNCTION",
+                        help="the function to start from (default: the teardown IoMmuDxe "
+                             "registers, the one the DXE core calls)")
     static.set_defaults(func=_cmd_check_firmware)
 
     check = add_parser("host-check", json_out,

@@ -26,14 +26,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.analysis import devices as device_trace
-from harness.analysis import devicetrace, trace
-from harness.analysis import dump as dumps
-from harness.analysis import trace_events as qemu_events
-from harness.analysis.judgement import Judgement, summary_checks
-from harness.analysis.memdump import QemuDump
 from harness.build.edk2 import Firmware
 from harness.errors import SettingError, UsageError
 from harness.vm import guest, host
@@ -42,6 +37,13 @@ from harness.vm.console import DEFAULT_FAILURES
 from harness.vm.devices import Device, parse_devices, trace_models
 from harness.vm.machine import QemuMachine
 from harness.vm.sev import MODES, SEV_MODES
+
+# What judges a run is imported in run_scenario() once QEMU is running, so
+# that the guest boots while it loads.
+if TYPE_CHECKING:
+    from harness.analysis import dump as dumps
+    from harness.analysis import trace
+    from harness.analysis.judgement import Judgement
 
 LOG = logging.getLogger(__name__)
 
@@ -215,6 +217,8 @@ class RunResult:
 
     def verdict_line(self) -> str:
         """``LABEL: PASS (parked after ...)``, or the failed checks in registry order."""
+        from harness.analysis.judgement import summary_checks
+
         verdict = ("PASS" if self.passed else
                    "FAIL: " + ", ".join(summary_checks(self.failed_checks())))
         return (f"{self.scenario.label()}: {verdict} (parked after {self.park_seconds:.1f} s "
@@ -341,6 +345,16 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     dump_path: Path | None = None
     started = time.monotonic()
     with launcher(config, artifacts / "vm", name=scenario.label()) as vm:
+        # Loaded and read while the guest boots, not before QEMU starts.
+        from harness.analysis import devicetrace, symbols, trace
+        from harness.analysis import dump as dumps
+        from harness.analysis import trace_events as qemu_events
+        from harness.analysis.judgement import Judgement
+
+        symbols.preload(firmware.path)
+        events_file = qemu_events.events_file(caps.qemu)
+        if scenario.device_trace:
+            devicetrace.preload(events_file)
         # The firmware writes its debug log, and so the trace, to one port.
         console, log = ((vm.serial, vm.serial_log) if firmware.debug_on_serial
                         else (vm.debugcon, vm.debugcon_log))
@@ -371,7 +385,7 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     if scenario.device_trace:
         device_report, device_notes = judge_devices(
             vm.device_trace_raw, artifacts / DEVICE_TRACE, caps.qemu_version,
-            log_report.timeline.trace.events, qemu_events.events_file(caps.qemu))
+            log_report.timeline.trace.events, events_file)
     if scenario.inject_frames and dump_path is not None and dump_report is not None:
         device_notes += (late_frames(dump_path, dump_report),)
     result = RunResult(scenario, artifacts, config.accel, caps.qemu_version, firmware.key,
@@ -408,6 +422,8 @@ def inject(vm: QemuMachine, count: int, canary: bytes) -> None:
 def late_frames(dump_path: Path, report: dumps.DumpReport) -> str:
     """Where the frames injected after the park are in the dump, and whether
     those pages are shared: what a device's late DMA did to guest memory."""
+    from harness.analysis.memdump import QemuDump
+
     with QemuDump(dump_path) as dump:
         hits = dump.scan(FRAME_TAG)
     if not hits:
@@ -435,6 +451,8 @@ def judge_devices(raw: Path, kept: Path, qemu_version: str,
     """The device trace QEMU wrote to ``raw``, kept as ``kept`` behind its
     header (which names ``events``, the QEMU's ``trace-events-all``), and
     judged; or None and why not."""
+    from harness.analysis import devicetrace
+
     try:
         with open(raw, "rb") as source, open(kept, "wb") as target:
             target.write(devicetrace.header(qemu_version, events).encode())

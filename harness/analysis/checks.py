@@ -79,7 +79,8 @@ CHECKS: Mapping[str, Check] = {check.id: check for check in (
           "enters no boot service: no TPL change, no allocation", Evidence.CONTRACT),
     Check("C3S", "no boot service on any path", "no function the IOMMU member can reach, "
           "on any vendor's branch, calls a boot service, a PCD protocol or an allocator, or "
-          "enables interrupts (read from the built IoMmuDxe, not from a boot)",
+          "enables interrupts, but through a reviewed guard (read from the built IoMmuDxe, "
+          "not from a boot)",
           Evidence.MODULES),
     Check("D1", "no live mapping", "the dump's IoMmuDxe mapping list is empty", Evidence.DUMP),
     Check("D2", "no shared page", "no page is left shared beyond those shared by design",

@@ -114,7 +114,6 @@ def _format_regex(fmt: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-_REGEXES = {name: _format_regex(fmt) for name, (fmt, _) in FORMATS.items()}
 #: Each field's base: 16 for ``%x`` and ``%p``, 10 for the decimal ones.
 _BASES = {name: dict(zip(fields, (16 if kind in "xp" else 10
                                   for kind in _CONVERSION_RE.findall(fmt) if kind != "%"),
@@ -213,6 +212,16 @@ def parse_device_trace(path: Path | str) -> DeviceTrace:
     if formats is None:
         formats, notes = qemu_events.formats_for_trace(qemu, events_file, FORMATS)
     return DeviceTrace(path, qemu, tuple(events), notes)
+
+
+def preload(events_file: Path | None) -> None:
+    """Read and compile the formats a trace naming ``events_file`` is read
+    with, for the traces of this process (a boot does it while the guest
+    runs)."""
+    formats, _ = qemu_events.formats_for_trace(None, events_file, FORMATS)
+    for name in FORMATS:
+        if name in formats:
+            _compiled(formats[name])
 
 
 def _parse_line(path: Path, number: int, text: str, qemu: str | None,

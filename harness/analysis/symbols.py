@@ -19,6 +19,7 @@ not used, and addresses in it come out as ``Image+0xoff``.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import re
@@ -220,14 +221,12 @@ class _Index:
     @classmethod
     def read(cls, modules: Path) -> _Index | None:
         """The index, or None when it is missing, unreadable or of another
-        version (the ``.debug`` files are read instead)."""
+        version (the ``.debug`` files are read instead). Read once per
+        process while the file is unchanged."""
         path = modules / INDEX
         try:
-            data = json.loads(path.read_text())
-            if data.get("version") != INDEX_VERSION or not isinstance(data["modules"], dict):
-                return None
-            return cls(path, data["modules"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return _read_index(path, path.stat().st_mtime_ns)
+        except OSError:
             return None
 
     def __contains__(self, name: str) -> bool:
@@ -243,6 +242,24 @@ class _Index:
                                  entry["entry_rva"])
         except (KeyError, TypeError, ValueError):
             return None
+
+
+@functools.lru_cache(maxsize=4)
+def _read_index(path: Path, mtime_ns: int) -> _Index | None:
+    del mtime_ns    # part of the cache key only
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != INDEX_VERSION or not isinstance(data["modules"], dict):
+            return None
+        return _Index(path, data["modules"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def preload(firmware_dir: Path) -> None:
+    """Read ``firmware_dir``'s symbol index now, for the judgements of this
+    process (a boot reads it while the guest runs)."""
+    _Index.read(firmware_dir / "modules")
 
 
 class Symbolizer:

@@ -56,8 +56,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
-from filelock import FileLock, Timeout
-
 from harness.build.progress import Progress, QuietProgress
 from harness.build.series import (
     Patch,
@@ -310,6 +308,8 @@ def publishing(final: Path) -> Iterator[Path]:
 @contextmanager
 def locked(lock_path: Path, progress: Progress, what: str) -> Iterator[None]:
     """Hold the file lock ``lock_path``, saying so when another holder makes us wait."""
+    from filelock import FileLock, Timeout  # only where a cache entry is made
+
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path))
     try:
@@ -334,6 +334,8 @@ def prune(cache: Path, kind: str, keep: int, spare: str,
     ``cache/kind``: never ``spare``, never one used in the last ``min_age``
     seconds, never one whose lock another builder holds. :returns: the names
     removed."""
+    from filelock import FileLock, Timeout
+
     root = cache / kind
     used: dict[Path, float] = {}
     for directory in root.iterdir() if root.is_dir() else []:

@@ -26,14 +26,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from debian.deb822 import Deb822
-from filelock import FileLock
+from typing import TYPE_CHECKING
 
 from harness.build.cache import cache_root, sha256_file
 from harness.build.progress import Progress
 from harness.errors import DependencyError, SourceError
 from harness.tools import run_tool
+
+if TYPE_CHECKING:
+    from debian.deb822 import Deb822
 
 LOG = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def host_mirrors(etc_apt: Path = ETC_APT) -> list[Mirror]:
         mirror = Mirror(uri.rstrip("/"), signed_by)
         if all(m.uri != mirror.uri for m in found):
             found.append(mirror)
+
+    # python-debian and filelock are imported where used: a boot from the
+    # cache needs neither.
+    from debian.deb822 import Deb822
 
     parts = etc_apt / "sources.list.d"
     for file in sorted(parts.glob("*.sources")) if parts.is_dir() else []:
@@ -221,6 +226,8 @@ class PrivateApt:
         date when the sources changed or ``missing()`` names anything; then
         ``apt-get ARGS`` in a scratch directory of ``dest``, whose files are
         moved into ``dest`` (a fetch cut short leaves nothing there)."""
+        from filelock import FileLock
+
         what = f"apt-get {' '.join(args)}"
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root / "lock")):
@@ -250,6 +257,9 @@ class PrivateApt:
 
         :raises DependencyError: no archive of the host's has that version.
         """
+        from debian.deb822 import Deb822
+        from filelock import FileLock
+
         def record() -> Deb822 | None:
             text = self._apt_cache("showsrc", package)
             for paragraph in Deb822.iter_paragraphs(text.splitlines()):

@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from harness import shared
-from harness.analysis import teardown_static
-from harness.analysis.symbols import write_index
 from harness.build.cache import (
     Built,
     CachedBuilder,
@@ -477,6 +475,11 @@ class Builder(CachedBuilder[Firmware]):
             shutil.copy2(file, modules / file.name)
         for mapfile in sorted(arch.glob("**/DEBUG/*.map")):
             shutil.copy2(mapfile, modules / mapfile.name)
+        # The analysis is imported by the build alone: a boot from the cache
+        # starts QEMU without it.
+        from harness.analysis import teardown_static
+        from harness.analysis.symbols import write_index
+
         self.progress.phase("publish", "indexing the modules' symbols")
         write_index(modules)
         # Recorded, not enforced (docs/static-check.md): a finding does not fail the build.
@@ -484,6 +487,8 @@ class Builder(CachedBuilder[Firmware]):
         self.progress.phase("static C3", str(self._static_c3.get("summary")))
 
     def _manifest_extra(self) -> dict[str, object]:
+        from harness.analysis import teardown_static
+
         modules = self.workspace_dir / "tree" / self.flags.output_dir / self.flags.module_arch
         return {"edk2": self.baseline.name,
                 "build_argv": self.flags.argv(self.jobs),
@@ -513,13 +518,31 @@ def build_unpatched(progress: Progress | None = None, baseline: str | None = Non
 
 
 def build_production(target: str = "DEBUG", baseline: str | None = None,
-                     progress: Progress | None = None) -> BuildResult:
+                     progress: Progress | None = None, *,
+                     feature_only: bool = False) -> BuildResult:
     """The series built as a platform would ship it: without the test define
     (no trace, knobs, test driver or probe), ``DEBUG`` or ``RELEASE``. DEBUG
-    shares the stock build's workspace (same flags), so it is incremental."""
+    shares the stock build's workspace (same flags), so it is incremental.
+
+    :param feature_only: the feature patches alone, those before the
+        series' first ``[test only]`` patch: what the test apparatus must
+        leave a production build as.
+    """
     chosen = baseline_named(baseline)
-    return Builder(chosen.source, flags=production_flags(target=target), baseline=chosen,
-                   progress=progress).firmware()
+    flags = production_flags(target=target)
+    if not feature_only:
+        return Builder(chosen.source, flags=flags, baseline=chosen, progress=progress).firmware()
+    with tempfile.TemporaryDirectory(prefix="ebs-feature-") as scratch:
+        feature = Path(scratch)
+        names: list[str] = []
+        for patch in read_series(chosen.series_dir):
+            if patch.test_only:
+                break
+            shutil.copy2(patch.path, feature / patch.name)
+            names.append(patch.name)
+        (feature / "series").write_text("".join(f"{name}\n" for name in names))
+        return Builder(chosen.source, flags=flags, progress=progress,
+                       baseline=dataclasses.replace(chosen, series_dir=feature)).firmware()
 
 
 def production_flags(**changes: Any) -> BuildFlags:

@@ -24,6 +24,11 @@ from pathlib import Path
 from harness.errors import DependencyError, PatchError, SeriesError
 from harness.tools import scratch
 
+#: A mail's ``Subject:`` header, folded lines included.
+_SUBJECT = re.compile(r"^Subject: (.*?)\n(?=\S)", re.MULTILINE | re.DOTALL)
+#: What a series puts at the end of the subject of a patch of its test apparatus.
+TEST_ONLY = "[test only]"
+
 
 @dataclass(frozen=True)
 class Patch:
@@ -33,6 +38,19 @@ class Patch:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def subject(self) -> str:
+        """Its mail's subject, unfolded, without ``[PATCH n/m]``; "" if it has none."""
+        found = _SUBJECT.search(self.data.decode("utf-8", "replace"))
+        if found is None:
+            return ""
+        return re.sub(r"^\[PATCH[^\]]*\]\s*", "", re.sub(r"\s+", " ", found[1]).strip())
+
+    @property
+    def test_only(self) -> bool:
+        """A patch of the test apparatus (its subject ends with :data:`TEST_ONLY`)."""
+        return self.subject.endswith(TEST_ONLY)
 
     def files(self) -> list[str]:
         """The tree paths this patch touches (p1), in order of appearance."""

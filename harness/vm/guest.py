@@ -1,6 +1,6 @@
 """Guest images made per run: a FAT disk image the firmware boots from.
 
-The image is written with mtools (``mformat``, ``mmd``, ``mcopy``), so no
+The image is written with mtools (``mformat``, ``mcopy``), so no
 loop device or root is needed. OVMF boots ``\\EFI\\BOOT\\BOOTX64.EFI`` from
 it directly when the disk has ``bootindex=0``: no shell, no countdown.
 """
@@ -27,6 +27,10 @@ def make_fat_image(path: Path, files: Mapping[str, bytes | Path],
                    size_mib: int = 16) -> Path:
     """Write a FAT image at ``path`` holding ``files``.
 
+    The files are laid out in a scratch directory (a host file as a link to
+    it) and copied in by one recursive ``mcopy``: two mtools runs for any
+    number of files.
+
     :param files: image path (``EFI/BOOT/BOOTX64.EFI``, forward slashes) to
         the file's bytes or a host file to copy.
     :param size_mib: image size; FAT12/16 is chosen by ``mformat``.
@@ -36,19 +40,15 @@ def make_fat_image(path: Path, files: Mapping[str, bytes | Path],
         image.truncate(size_mib * 1024 * 1024)
     target = f"-i{path}"
     _mtool(["mformat", target, "-v", "EBSHARNESS", "::"])
-    made: set[str] = set()
-    with scratch("fat") as tmp:
-        for index, (name, content) in enumerate(sorted(files.items())):
-            dest = PurePosixPath(name)
-            for parent in reversed(dest.parents[:-1]):
-                if str(parent) not in made:
-                    _mtool(["mmd", target, f"::/{parent}"])
-                    made.add(str(parent))
+    with scratch("fat") as tree:
+        for name, content in files.items():
+            dest = tree / PurePosixPath(name)
+            dest.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, Path):
-                source = content
+                dest.symlink_to(content.absolute())     # mcopy follows it
             else:
-                source = Path(tmp) / f"file{index}"
-                source.write_bytes(content)
-            _mtool(["mcopy", target, str(source), f"::/{dest}"])
+                dest.write_bytes(content)
+        if files:
+            _mtool(["mcopy", "-s", target, *sorted(str(top) for top in tree.iterdir()), "::/"])
     LOG.debug("FAT image %s: %s", path, ", ".join(sorted(files)))
     return path

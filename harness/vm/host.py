@@ -50,7 +50,6 @@ from harness.tools import scratch
 from harness.vm import limits
 from harness.vm.config import MachineConfig
 from harness.vm.machine import QemuMachine
-from harness.vm.qmp import QmpSession
 from harness.vm.runner import LocalRunner, Runner
 from harness.vm.sev import MODES, SEV_MODES, SevConfig, SevMode
 
@@ -428,6 +427,8 @@ def bare_qemu_qmp(runner: Runner, qemu: str, accel: str, command: str,
                     raise LaunchError(f"QEMU -machine none -accel {accel} did not start: "
                                       f"{process.stderr_text().strip()}")
                 time.sleep(0.02)
+            from harness.vm.qmp import QmpSession  # asyncio: only when probing
+
             session = QmpSession(f"bare-{accel}", io.StringIO(), LOG)
             try:
                 session.connect(runner.connect(sock), 10)

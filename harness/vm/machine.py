@@ -34,7 +34,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self, TextIO
+from typing import TYPE_CHECKING, Any, Self, TextIO
 
 from harness.errors import (
     AbnormalShutdown,
@@ -53,7 +53,6 @@ from harness.vm.console import (
     tail_lines,
 )
 from harness.vm.devices import E1000E_ROM, BlockDevice, Device, ScsiController, ZooDevice
-from harness.vm.qmp import QmpSession
 from harness.vm.runner import LocalProcess, LocalRunner, Process, Runner, describe_exit
 from harness.vm.sev import (
     SEV_STATE_PAUSED,
@@ -64,7 +63,11 @@ from harness.vm.sev import (
     sev_launch_reason,
 )
 
+if TYPE_CHECKING:
+    from harness.vm.qmp import QmpSession
+
 LOG = logging.getLogger(__name__)
+
 
 class QemuMachine:
     """A QEMU guest: launch, QMP, consoles, memory dump, shutdown, on this
@@ -340,6 +343,10 @@ class QemuMachine:
                                            crash=self._crash)
 
     def _connect_qmp(self, path: Path, deadline: float) -> QmpSession:
+        # Imported here, while QEMU starts: asyncio is a tenth of the
+        # harness's start.
+        from harness.vm.qmp import QmpSession
+
         assert self.process is not None and self._transcript is not None
         last: Exception | None = None
         while True:

@@ -5,7 +5,9 @@ reached through QEMU's user-mode ``hostfwd`` on 127.0.0.1 (see
 :mod:`harness.linux`), but nothing here knows that. The client key is made
 per run (:class:`ClientKey`); the server's host key is known in advance
 and pinned: an unknown or different host key is refused
-(:class:`paramiko.RejectPolicy`), never added blindly.
+(:class:`paramiko.RejectPolicy`), never added blindly. A connection the
+guest dropped between commands is made again, once, before the next one
+(which had not started), with a warning naming what ended it.
 
 ::
 
@@ -257,6 +259,50 @@ class GuestSsh:
             raise GuestCommandError("(connect)", -1, "", f"ssh {self.address}: not connected")
         return self._client
 
+    def _transport(self, what: str, timeout: float) -> paramiko.Transport:
+        """The live transport for ``what``: a connection the guest dropped
+        is made again first, one attempt of at most ``timeout``.
+
+        :raises GuestCommandError: not connected, or the new attempt failed.
+        """
+        transport = self.client.get_transport()
+        if transport is not None and transport.is_active():
+            return transport
+        cause = transport.get_exception() if transport is not None else None
+        LOG.warning("ssh %s: the connection was lost (%s); connecting again for %r",
+                    self.address, cause or "closed by the guest", what)
+        self.client.close()
+        self._client = None
+        try:
+            self._client = self._try_connect(min(ATTEMPT_TIMEOUT, max(1.0, timeout)))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise GuestCommandError(what, -1, "", f"ssh {self.address}: the connection was "
+                                    f"lost ({cause or 'closed by the guest'}) and connecting "
+                                    f"again failed: {type(exc).__name__}: {exc}") from exc
+        transport = self._client.get_transport()
+        assert transport is not None
+        return transport
+
+    def _started(self, command: str,
+                 timeout: float) -> tuple[paramiko.Transport, paramiko.Channel]:
+        """``command`` started on a new channel; once more on a new
+        connection when the guest dropped the old one before it started."""
+        retry = True
+        while True:
+            transport = self._transport(command, timeout)
+            channel: paramiko.Channel | None = None
+            try:
+                channel = transport.open_session(timeout=timeout)
+                channel.exec_command(command)
+                return transport, channel
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                if channel is not None:
+                    channel.close()
+                if transport.is_active() or not retry:
+                    raise GuestCommandError(command, -1, "", f"ssh {self.address}: "
+                                            f"{type(exc).__name__}: {exc}") from exc
+                retry = False
+
     def run(self, command: str, timeout: float = 60.0, *,
             check: bool = True) -> tuple[int, str, str]:
         """Run ``command`` in the guest's shell: ``(status, stdout, stderr)``.
@@ -264,17 +310,10 @@ class GuestSsh:
         :raises GuestCommandError: it exited non-zero (with ``check``), or did
             not finish by ``timeout`` (status -1), with all it printed.
         """
-        transport = self.client.get_transport()
-        if transport is None or not transport.is_active():
-            raise GuestCommandError(command, -1, "", f"ssh {self.address}: connection lost")
-        try:
-            channel = transport.open_session(timeout=timeout)
-        except paramiko.SSHException as exc:
-            raise GuestCommandError(command, -1, "", f"ssh {self.address}: {exc}") from exc
+        transport, channel = self._started(command, timeout)
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
         try:
-            channel.exec_command(command)
             while True:
                 while channel.recv_ready():
                     out += channel.recv(65536)
@@ -287,6 +326,11 @@ class GuestSsh:
                     raise GuestCommandError(
                         command, -1, out.decode(errors="replace"),
                         err.decode(errors="replace") + f"\n(timed out after {timeout:g} s)")
+                if not transport.is_active():
+                    raise GuestCommandError(
+                        command, -1, out.decode(errors="replace"),
+                        err.decode(errors="replace") + "\n(the connection was lost while it "
+                        "ran: the guest's serial.log has its sshd's log)")
                 channel.status_event.wait(0.02)
             status = channel.recv_exit_status()
         finally:
@@ -299,6 +343,7 @@ class GuestSsh:
 
     def put(self, local: Path, remote: str) -> None:
         """Copy a file to the guest (SFTP)."""
+        self._transport(f"sftp put {remote}", ATTEMPT_TIMEOUT)
         try:
             with self.client.open_sftp() as sftp:
                 sftp.put(str(local), remote)
@@ -309,6 +354,7 @@ class GuestSsh:
     def get(self, remote: str, local: Path) -> Path:
         """Copy a file from the guest (SFTP)."""
         local.parent.mkdir(parents=True, exist_ok=True)
+        self._transport(f"sftp get {remote}", ATTEMPT_TIMEOUT)
         try:
             with self.client.open_sftp() as sftp:
                 sftp.get(remote, str(local))

@@ -141,6 +141,23 @@ def test_commands_and_sftp(callback_guest: LinuxRun, tmp_path: Path) -> None:
 
 
 @pytest.mark.tcg
+def test_a_dropped_connection_is_made_again(callback_guest: LinuxRun,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    session = callback_guest.session
+    # The shell's parent is dropbear's process for this connection: the
+    # command ends the connection it runs over, and says so at once.
+    with pytest.raises(GuestCommandError, match="connection was lost while it ran") as lost:
+        session.run("echo started; kill -9 $PPID; sleep 30", timeout=20)
+    assert lost.value.stdout == "started\n"
+    assert session.run("echo back")[1] == "back\n"
+    assert "the connection was lost" in caplog.text
+    assert "connecting again for 'echo back'" in caplog.text
+    # dropbear's log on the serial console has both sessions
+    serial = callback_guest.vm.serial_log.read_text(errors="replace")
+    assert serial.count("Pubkey auth succeeded for 'root'") >= 2
+
+
+@pytest.mark.tcg
 def test_guest_without_sshd_fails_at_the_deadline(
         ebs_firmware: edk2.Firmware, ebs_linux_image: LinuxImage, ebs_host_caps: host.HostCaps,
         ebs_accel: str, ebs_artifacts: Path) -> None:

@@ -13,7 +13,6 @@ the rest of the suite boots.)
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -52,10 +51,8 @@ def patches(baseline: str) -> list[series.Patch]:
 
 def subject(patch: series.Patch) -> str:
     """The patch's subject, unfolded, without ``[PATCH n/m]``."""
-    found = re.search(r"^Subject: \[PATCH \d+/\d+\] (.*?)\n(?=\S)", patch.path.read_text(),
-                      re.MULTILINE | re.DOTALL)
-    assert found, patch.name
-    return re.sub(r"\s+", " ", found[1]).strip()
+    assert patch.subject, patch.name
+    return patch.subject
 
 
 def git(repo: Path, *argv: str) -> str:

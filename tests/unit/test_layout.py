@@ -4,6 +4,8 @@ the analysis layer judges logs and dumps without knowing how they were made."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import harness
@@ -60,3 +62,34 @@ def test_test_files_have_unique_basenames() -> None:
     tests = Path(__file__).resolve().parents[1]
     names = [p.name for p in tests.rglob("test_*.py") if "data" not in p.parts]
     assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
+#: What ``ebs-harness boot`` leaves unloaded until QEMU runs (the judging,
+#: QMP's asyncio) or never needs from the cache (the builds' python-debian
+#: and filelock, the static check, SSH): a whole boot is measured against
+#: its bare QEMU (bench/boot), and each of these is milliseconds of its start.
+DEFERRED = ("harness.analysis.trace", "harness.analysis.verdicts", "harness.analysis.report",
+            "harness.analysis.judgement", "harness.analysis.dump", "harness.analysis.explain",
+            "harness.analysis.teardown_static", "harness.analysis.symbols", "harness.demo",
+            "asyncio", "qemu.qmp", "filelock", "debian.deb822", "paramiko")
+
+
+def _loaded_by(statement: str) -> set[str]:
+    """The modules of DEFERRED that ``statement`` loads in a fresh interpreter."""
+    probe = (f"import sys\n{statement}\n"
+             f"print(' '.join(m for m in {DEFERRED!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=PACKAGE.parent).stdout
+    return set(out.split())
+
+
+def test_what_a_boot_loads_before_qemu_starts_leaves_the_judging_out() -> None:
+    # Everything cli, scenario and the machine need to reach QEMU's start.
+    assert _loaded_by("import harness.cli, harness.scenario, harness.build.qemu, "
+                      "harness.vm.machine, harness.vm.host, harness.vm.guest") == set()
+
+
+def test_the_deferred_check_sees_a_top_level_import() -> None:
+    """Negative control: a module that imports the judging at its top."""
+    assert _loaded_by("import harness.analysis.judgement") >= {
+        "harness.analysis.judgement", "harness.analysis.report", "harness.analysis.verdicts"}

@@ -77,6 +77,23 @@ def test_run_needs_a_connection() -> None:
         _session(22).run("true")
 
 
+def test_a_lost_connection_not_made_again_says_both(caplog: pytest.LogCaptureFixture) -> None:
+    """The negative control of the reconnection (tests/e2e/test_linux.py
+    has it working): the guest's sshd is gone too."""
+    session = _session(ssh.free_port())     # nothing listens there any more
+    session._client = paramiko.SSHClient()  # a session whose transport is gone
+    started = time.monotonic()
+    with pytest.raises(GuestCommandError) as failed:
+        session.run("true", timeout=3)
+    assert time.monotonic() - started < 3
+    assert failed.value.status == -1
+    assert failed.value.stderr.endswith(
+        "the connection was lost (closed by the guest) and connecting again failed: "
+        f"NoValidConnectionsError: [Errno None] Unable to connect to port {session.port} on "
+        "127.0.0.1")
+    assert "connecting again for 'true'" in caplog.text
+
+
 @pytest.mark.parametrize(("url", "host", "user", "port"), [
     ("ssh://root@sevhost", "sevhost", "root", 22),
     ("ssh://dev@10.1.2.3:2222", "10.1.2.3", "dev", 2222),

@@ -227,6 +227,64 @@ def test_the_branch_is_the_first_family_on_the_path(names: list[str], files: lis
 # ------------------------------------------------------------ the CLI
 
 
+# ------------------------------------------------------------- guards
+
+
+def test_the_tdx_lookup_is_all_no_guard_covers_on_the_old_series(
+        checked: dict[Path, ts.StaticCheck]) -> None:
+    """The paths the reviewed guards cover (first-use caches, page splits,
+    interrupt restores) are reported apart; what stays a finding of the
+    series before its TDX patch is exactly the per-page protocol lookup and
+    the call through the protocol it found."""
+    for firmware in (SERIES_2025, SERIES_2022):
+        result = checked[firmware]
+        assert {(f.functions[-1], f.target) for f in result.findings} == {
+            ("SetOrClearSharedBit", "gBS->LocateProtocol"),
+            ("SetOrClearSharedBit", "call qword ptr [rax] (not followed)")}
+        assert {g.callee for _, g in result.guarded} >= {
+            "AllocatePageTableMemory", "LibPcdGet64", "EnableInterrupts", "SetInterruptState"}
+        assert all(g in ts.GUARDS and g.covers(f) for f, g in result.guarded)
+
+
+def test_the_pcd_variant_is_not_covered_by_the_first_use_guard(
+        checked: dict[Path, ts.StaticCheck]) -> None:
+    """The guard is MemEncryptSevGetEncryptionMask's call of LibPcdGet64,
+    not any PCD read: the variant's own PcdGet64 in the unmap worker fails."""
+    pcd = [f for f in checked[PCD_VARIANT].findings if f.kind == "pcd-protocol"]
+    assert pcd and all(f.branch == ts.NO_BRANCH and ts.guard_of(f) is None for f in pcd)
+
+
+def _finding(*functions: str, target: str = "sti (interrupts enabled)") -> ts.Finding:
+    return ts.Finding("interrupts", target, "SEV", tuple(ts.Hop(name) for name in functions),
+                      0x1000, "sti")
+
+
+def test_a_guard_covers_its_own_call_only() -> None:
+    done = next(g for g in ts.GUARDS if g.caller == "CcExitVmgDone")
+    assert ts.guard_of(_finding(ts.ENTRY, "PageStateChange", "CcExitVmgDone",
+                                "EnableInterrupts")) == done
+    # compiler suffixes are cut, as in the paths
+    assert ts.guard_of(_finding(ts.ENTRY, "CcExitVmgDone.constprop.0",
+                                "EnableInterrupts")) == done
+    # negative controls: the same sink reached another way
+    assert ts.guard_of(_finding(ts.ENTRY, "IoMmuUnmapWorker", "EnableInterrupts")) is None
+    assert ts.guard_of(_finding(ts.ENTRY, "CcExitVmgDone", "Helper",
+                                "EnableInterrupts")) is None
+    assert ts.guard_of(_finding(ts.ENTRY, "EnableInterrupts", "CcExitVmgDone")) is None
+
+
+def test_cli_prints_the_guarded_paths_under_their_guard(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = _cli(capsys, str(SERIES_2022))
+    assert status == 1
+    assert "guarded (reviewed, not failed): 12 path(s)" in out
+    assert "  CcExitVmgDone → EnableInterrupts: re-enables interrupts only if" in out
+    status, out, _ = _cli(capsys, str(SERIES_2022), "--json")
+    data: dict[str, Any] = json.loads(out)
+    assert len(data["guarded"]) == 12 and len(data["findings"]) == 2
+    assert all(g["guard"]["why"] for g in data["guarded"])
+
+
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     status = cli.main(["check-firmware", *argv])
     out, err = capsys.readouterr()
