@@ -7,8 +7,10 @@ The builds run for the session's baseline (``--ebs-edk2``, default
 2025.02; the nightly passes the other): every prefix of the series builds,
 the whole series builds OvmfPkgIa32X64, and an image built without
 ``-D EBS_HARNESS_TEST`` (DEBUG and RELEASE) holds the feature and nothing
-of the test apparatus. (The last prefix, the whole series, is the firmware
-the rest of the suite boots.)
+of the test apparatus: a RELEASE image is byte for byte the build of the
+feature patches alone, a DEBUG one differs only in the line numbers
+``ASSERT()`` passes (``imagediff``). (The last prefix, the whole series, is
+the firmware the rest of the suite boots.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from imagediff import difference
 
 from harness import shared
 from harness.build import edk2, series
@@ -168,6 +171,39 @@ def test_a_production_build_has_the_feature_and_no_apparatus(baseline: str,
     assert apparatus_in(firmware) == []
     for module, names in FEATURE_SYMBOLS.items():
         assert set(names) <= symbols(firmware, module), module
+
+
+#: The modules whose sources the apparatus adds lines to (under
+#: ``#ifdef EBS_HARNESS_TEST``): in a DEBUG build, the line numbers of the
+#: ASSERT()s below them move.
+LINES_MOVED = {"DxeCore", "IoMmuDxe"}
+
+
+@pytest.mark.parametrize("target", ["DEBUG", "RELEASE"])
+def test_without_the_define_the_series_builds_what_its_feature_patches_build(
+        baseline: str, target: str) -> None:
+    """The apparatus changes nothing a production build ships: the modules
+    and the flash image of the whole series are those of the feature
+    patches alone; in DEBUG, only the line numbers ASSERT() passes differ,
+    and only in the modules whose sources the apparatus adds lines to."""
+    whole = edk2.build_production(target, baseline, StderrProgress()).output
+    feature = edk2.build_production(target, baseline, StderrProgress(),
+                                    feature_only=True).output
+    assert feature.key != whole.key
+    names = sorted(p.stem for p in whole.path.joinpath("modules").glob("*.efi"))
+    assert names == sorted(p.stem for p in feature.path.joinpath("modules").glob("*.efi"))
+    assert "IoMmuDxe" in names and "EbsProbe" not in names
+    differ = {name: difference(feature.module_file(name, ".debug"),
+                               whole.module_file(name, ".debug"))
+              for name in names
+              if feature.module_file(name, ".efi").read_bytes()
+              != whole.module_file(name, ".efi").read_bytes()}
+    if target == "RELEASE":
+        assert differ == {}
+        assert feature.code.read_bytes() == whole.code.read_bytes()
+    else:
+        assert differ.keys() <= LINES_MOVED and set(differ.values()) <= {"line numbers"}, \
+            differ
 
 
 def test_the_test_build_has_the_apparatus(

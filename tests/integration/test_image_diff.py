@@ -1,0 +1,67 @@
+"""imagediff, the judge of test_series_shape's production-equals-feature
+test, on modules the host's gcc builds: the same code with its lines moved
+differs in line numbers only; changed code is named (the negative control)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from imagediff import difference
+
+SOURCE = """\
+__attribute__((ms_abi)) void DebugAssert (const char *File, unsigned long long Line,
+                                          const char *Description);
+#define ASSERT(Expression) \\
+  do { if (!(Expression)) DebugAssert (__FILE__, __LINE__, #Expression); } while (0)
+@ABOVE@
+__attribute__((ms_abi)) int Scale (int Value)
+{
+  ASSERT (Value > 0);
+  ASSERT (Value < 1000);
+  return Value * @FACTOR@;
+}
+
+volatile unsigned long long  mLastLine;
+
+__attribute__((ms_abi, noinline)) void DebugAssert (const char *File,
+                                                    unsigned long long Line,
+                                                    const char *Description)
+{
+  mLastLine = Line;
+}
+"""
+
+
+def _build(directory: Path, name: str, above: str = "", factor: int = 3) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to build the modules compared")
+    source = directory / "Module.c"     # one file name: __FILE__ is the same
+    source.write_text(SOURCE.replace("@ABOVE@", above).replace("@FACTOR@", str(factor)))
+    out = directory / f"{name}.elf"
+    subprocess.run(["gcc", "-Os", "-nostdlib", "-static", "-no-pie", "-fno-pie",
+                    "-fcf-protection=none", "-fno-stack-protector", "-Wl,-e,Scale",
+                    "-Wl,--build-id=none", "-o", str(out), str(source)], check=True)
+    return out
+
+
+def test_identical_builds_do_not_differ(tmp_path: Path) -> None:
+    first = _build(tmp_path, "first")
+    assert difference(first, _build(tmp_path, "again")) == ""
+
+
+def test_lines_added_above_differ_in_line_numbers_only(tmp_path: Path) -> None:
+    feature = _build(tmp_path, "feature")
+    apparatus = _build(tmp_path, "apparatus",
+                       above="#ifdef EBS_HARNESS_TEST\nint Traced;\n#endif\n\n")
+    assert feature.read_bytes() != apparatus.read_bytes()
+    assert difference(feature, apparatus) == "line numbers"
+
+
+def test_changed_code_is_named(tmp_path: Path) -> None:
+    feature = _build(tmp_path, "feature")
+    changed = _build(tmp_path, "changed", factor=5)
+    found = difference(feature, changed)
+    assert found.startswith(".text at 0x") and found != "line numbers", found
