@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.analysis import devices as device_trace
+from harness.analysis import device_models
 from harness.build.edk2 import Firmware
 from harness.errors import SettingError, UsageError
 from harness.vm import guest, host
@@ -41,6 +41,7 @@ from harness.vm.sev import MODES, SEV_MODES
 # What judges a run is imported in run_scenario() once QEMU is running, so
 # that the guest boots while it loads.
 if TYPE_CHECKING:
+    from harness.analysis import devices as device_trace
     from harness.analysis import dump as dumps
     from harness.analysis import trace
     from harness.analysis.judgement import Judgement
@@ -280,7 +281,7 @@ def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[Device
         no_reboot=no_reboot,
         # The probe reads no console: a plain file keeps a serial trace intact.
         serial_input=serial_input,
-        trace_events=(device_trace.trace_events(trace_models(devices))
+        trace_events=(device_models.trace_events(trace_models(devices))
                       if scenario.device_trace else ()),
     )
 
@@ -451,6 +452,7 @@ def judge_devices(raw: Path, kept: Path, qemu_version: str,
     """The device trace QEMU wrote to ``raw``, kept as ``kept`` behind its
     header (which names ``events``, the QEMU's ``trace-events-all``), and
     judged; or None and why not."""
+    from harness.analysis import devices as device_trace
     from harness.analysis import devicetrace
 
     try:

@@ -3,7 +3,7 @@
 A :class:`DeviceKind` of :data:`KINDS` says how a name becomes a device
 (:attr:`DeviceKind.make`), whether it is storage (a disk holding the canary,
 and a slot in the boot order, so OVMF connects it), which device model of
-QEMU's device trace it is (``harness.analysis.devices.MODELS`` holds that
+QEMU's device trace it is (``harness.analysis.device_models.MODELS`` holds that
 model's trace events and what counts as quiesced), and, for the zoo, its
 QEMU arguments. The device dataclasses (:class:`BlockDevice`,
 :class:`NetDevice`, ...) each give their own arguments through
@@ -276,7 +276,7 @@ ZOO_KINDS = tuple(k.name for k in KINDS.values() if k.zoo is not None)
 
 
 def trace_models(devices: tuple[Device, ...]) -> list[str]:
-    """The device-trace models of ``devices`` (``harness.analysis.devices.MODELS``)."""
+    """The device-trace models of ``devices`` (``harness.analysis.device_models.MODELS``)."""
     return [KINDS[_kind(device)].trace_model for device in devices]
 
 

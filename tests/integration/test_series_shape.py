@@ -110,6 +110,58 @@ def test_the_probe_the_series_adds_is_guests_ebs_probe(applied: tuple[str, Path]
             (shared("guests", "ebs-probe") / name).read_bytes(), name
 
 
+#: What only IoMmuDxeTest.inf lists, by section: what the test code uses.
+TEST_INF_EXTRA = {"[LibraryClasses]": ["IoLib"], "[Sources.X64]": ["EmulatedPageState.c"]}
+
+
+def inf_sections(text: str) -> dict[str, list[str]]:
+    """An INF's entries by section, comments and blank lines left out."""
+    sections: dict[str, list[str]] = {}
+    current = ""
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("["):
+            current = line
+            sections.setdefault(current, [])
+        elif line:
+            sections.setdefault(current, []).append(line)
+    return sections
+
+
+def beyond(test_inf: str, inf: str) -> dict[str, list[str]]:
+    """What ``test_inf`` lists that ``inf`` does not, by section; or, under
+    ``"missing"``, what ``inf`` lists that ``test_inf`` lacks."""
+    ours, theirs = inf_sections(test_inf), inf_sections(inf)
+    extra = {name: [e for e in entries if e not in theirs.get(name, [])]
+             for name, entries in ours.items()}
+    missing = [f"{name} {e}" for name, entries in theirs.items() for e in entries
+               if e not in ours.get(name, [])]
+    found = {name: entries for name, entries in extra.items() if entries}
+    return {**found, "missing": missing} if missing else found
+
+
+def test_the_test_inf_is_iommudxe_inf_and_the_test_code_s_needs(
+        applied: tuple[str, Path]) -> None:
+    """IoMmuDxeTest.inf, which test builds build instead of IoMmuDxe.inf,
+    keeps in step with it: a feature patch reworked to change IoMmuDxe.inf
+    (a library, a PCD, a protocol) fails here rather than leaving the test
+    build a differently made module."""
+    _, repo = applied
+    directory = repo / "OvmfPkg" / "IoMmuDxe"
+    assert beyond((directory / "IoMmuDxeTest.inf").read_text(),
+                  (directory / "IoMmuDxe.inf").read_text()) == TEST_INF_EXTRA
+
+
+def test_a_drift_between_the_two_infs_is_seen(applied: tuple[str, Path]) -> None:
+    """The control: IoMmuDxe.inf with one more PCD than its test copy."""
+    _, repo = applied
+    directory = repo / "OvmfPkg" / "IoMmuDxe"
+    drifted = (directory / "IoMmuDxe.inf").read_text().replace(
+        "[Pcd]\n", "[Pcd]\n  gEfiMdePkgTokenSpaceGuid.PcdPciExpressBaseAddress\n")
+    assert beyond((directory / "IoMmuDxeTest.inf").read_text(), drifted) == {
+        **TEST_INF_EXTRA, "missing": ["[Pcd] gEfiMdePkgTokenSpaceGuid.PcdPciExpressBaseAddress"]}
+
+
 @pytest.mark.parametrize("baseline", BASELINES)
 def test_cover_letter_counts_the_series_and_puts_the_feature_first(baseline: str) -> None:
     wanted = patches(baseline)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.analysis import devices, devicetrace, trace
+from harness.analysis import device_models, devices, devicetrace, trace
 from harness.analysis.devices import analyze_device_trace
 from harness.analysis.devicetrace import DeviceTraceError, parse_device_trace
 
@@ -181,7 +181,7 @@ def test_cli_device_verdicts_decide_the_exit_status(tmp_path: Path,
 
 
 def test_trace_events_per_kind() -> None:
-    events = devices.trace_events(["virtio-blk", "nvme", "xhci"])
+    events = device_models.trace_events(["virtio-blk", "nvme", "xhci"])
     assert events[:2] == ("fw_cfg_select", "pci_cfg_write")
     assert "virtio_blk_handle_read" in events and "pci_nvme_map_prp" in events
     assert len(events) == len(set(events))

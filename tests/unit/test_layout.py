@@ -70,7 +70,8 @@ def test_test_files_have_unique_basenames() -> None:
 #: its bare QEMU (bench/boot), and each of these is milliseconds of its start.
 DEFERRED = ("harness.analysis.trace", "harness.analysis.verdicts", "harness.analysis.report",
             "harness.analysis.judgement", "harness.analysis.dump", "harness.analysis.explain",
-            "harness.analysis.teardown_static", "harness.analysis.symbols", "harness.demo",
+            "harness.analysis.teardown_static", "harness.analysis.symbols",
+            "harness.analysis.devices", "harness.analysis.devicetrace", "harness.demo",
             "asyncio", "qemu.qmp", "filelock", "debian.deb822", "paramiko")
 
 

@@ -10,7 +10,7 @@ import pytest
 from coredump import Core
 
 from harness import cli, pytestplugin, scenario
-from harness.analysis import checks, devices, verdicts
+from harness.analysis import checks, device_models, verdicts
 from harness.analysis.checks import Evidence, Outcome, State, Violation
 from harness.vm import devices as vm_devices
 from harness.vm import host, sev
@@ -63,7 +63,7 @@ def test_the_cli_help_lists_every_check(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_every_device_kind_has_a_trace_model_the_analysis_knows() -> None:
-    models = {model.kind for model in devices.MODELS}
+    models = {model.kind for model in device_models.MODELS}
     assert _missing({k.trace_model for k in vm_devices.KINDS.values()}, models) == set()
     # the control: a model the analysis lacks is seen
     assert _missing({"virtio-blk", "virtio-foo"}, models) == {"virtio-foo"}
