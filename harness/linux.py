@@ -579,8 +579,9 @@ def boot_linux(firmware: Firmware, image: LinuxImage, boot: LinuxBoot, artifacts
         # skip the shell's 5 s countdown
         vm.serial.expect(SHELL_COUNTDOWN, timeout=boot.ssh_timeout)
         vm.serial.send("\r")
+        # A dropped connection is made again: the guest's sshd is ours.
         session = ssh.GuestSsh("127.0.0.1", port, host_key=image.host_key, client_key=client_key,
-                               channel=channel)
+                               channel=channel, reconnect=True)
         try:
             session.connect(deadline=started + boot.ssh_timeout, alive=vm.is_running,
                             tails=vm.tails, command=vm.command)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from harness.analysis import device_models
 from harness.build.edk2 import Firmware
 from harness.errors import SettingError, UsageError
+from harness.tools import interrupts_held
 from harness.vm import guest, host
 from harness.vm.config import MachineConfig
 from harness.vm.console import DEFAULT_FAILURES
@@ -346,16 +347,18 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
     dump_path: Path | None = None
     started = time.monotonic()
     with launcher(config, artifacts / "vm", name=scenario.label()) as vm:
-        # Loaded and read while the guest boots, not before QEMU starts.
-        from harness.analysis import devicetrace, symbols, trace
-        from harness.analysis import dump as dumps
-        from harness.analysis import trace_events as qemu_events
-        from harness.analysis.judgement import Judgement
+        # Loaded and read while the guest boots, not before QEMU starts; a
+        # Ctrl-C meanwhile waits for the imports to be whole.
+        with interrupts_held():
+            from harness.analysis import devicetrace, symbols, trace
+            from harness.analysis import dump as dumps
+            from harness.analysis import trace_events as qemu_events
+            from harness.analysis.judgement import Judgement
 
-        symbols.preload(firmware.path)
-        events_file = qemu_events.events_file(caps.qemu)
-        if scenario.device_trace:
-            devicetrace.preload(events_file)
+            symbols.preload(firmware.path)
+            events_file = qemu_events.events_file(caps.qemu)
+            if scenario.device_trace:
+                devicetrace.preload(events_file)
         # The firmware writes its debug log, and so the trace, to one port.
         console, log = ((vm.serial, vm.serial_log) if firmware.debug_on_serial
                         else (vm.debugcon, vm.debugcon_log))

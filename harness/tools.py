@@ -19,8 +19,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,6 +104,26 @@ def sweep_scratch(root: Path | None = None) -> list[Path]:
 @functools.cache
 def _sweep_once(root: str) -> None:
     sweep_scratch(Path(root))
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: imports
+    broken half-way by a KeyboardInterrupt leave modules half made (a
+    dataclass's ``__set_name__`` fails, the interpreter ends on the signal).
+    Outside the main thread, which gets no KeyboardInterrupt, it holds
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: held.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def pid_alive(pid: int) -> bool:

@@ -70,7 +70,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,12 +288,19 @@ GUARDS = (
     Guard("MemEncryptSevGetEncryptionMask", "LibPcdGet64",
           "reads PcdPteMemoryEncryptionAddressOrMask on its first call only and keeps it "
           f"(mSevEncryptionMaskSaved); {_MADE_SHARED_BEFORE}, which made that first call"),
+    Guard("ConfidentialComputingGuestHas", "LibPcdGet64",
+          "reads PcdConfidentialComputingGuestAttr on its first call only and keeps it "
+          f"(mCurrentAttrRead); {_MADE_SHARED_BEFORE}, which made that first call"),
     Guard("Split1GPageTo2M", "AllocatePageTableMemory",
           "splits a 1 GiB page the first time part of it changes encryption; "
           f"{_MADE_SHARED_BEFORE}, which split it"),
     Guard("Split2MPageTo4K", "AllocatePageTableMemory",
           "splits a 2 MiB page the first time part of it changes encryption; "
           f"{_MADE_SHARED_BEFORE}, which split it"),
+    Guard("SetPageTablePoolReadOnly", "AllocatePageTableMemory",
+          "splits the large page holding a page-table pool the first time the pool is made "
+          "read-only; each pool was, at the end of the call that split pages into it (CR0.WP "
+          "set then as at the teardown), and the teardown splits nothing, so adds no pool"),
     Guard("SetMemoryEncDec", "AllocateReservedPages",
           "allocates the SEV-SNP page state change buffer on its first use (mPscBuffer is "
           f"NULL); {_MADE_SHARED_BEFORE}, which allocated it"),
@@ -382,10 +389,16 @@ class _Node:
     branch: str
 
 
-def check_module(module: Path, entry: str = ENTRY) -> StaticCheck:
+def check_module(module: Path, entry: str = ENTRY,
+                 guards: Sequence[Guard] = GUARDS) -> StaticCheck:
     """Every path from ``entry`` in ``module`` (an edk2 ``.debug`` ELF) to a
     boot service, a PCD protocol, a table read, an unfollowed call or an
     ``sti``: one :class:`Finding` per site, branch and path.
+
+    The call graph is walked first without crossing a call one of
+    ``guards`` covers, then on from those calls: a site the first walk
+    reaches is a finding, whatever else reaches it; one only the second
+    walk reaches is guarded.
 
     :raises UsageError: ``module`` is not a readable ELF with symbols, or has
         no function ``entry``.
@@ -398,51 +411,91 @@ def check_module(module: Path, entry: str = ENTRY) -> StaticCheck:
     dis = Disassembler(image)
     first = _Node(root, (), NO_BRANCH)
     parent: dict[_Node, tuple[_Node, int] | None] = {first: None}
-    queue = collections.deque([first])
-    found: dict[tuple[int, str, str], Finding] = {}
-    reads_at: dict[tuple[int, str], tuple[_Node, str, str]] = {}
+    # (site, target, branch) -> the finding with the shortest path, and
+    # whether a guard stands on every way to it
+    found: dict[tuple[int, str, str], tuple[Finding, bool]] = {}
+    reads_at: dict[tuple[int, str], tuple[_Node, str, str, bool]] = {}
     consumed: set[int] = set()
     reached: dict[str, None] = {}
+    held: list[tuple[_Node, _Node, int]] = []     # (callee, caller, site) of guarded calls
 
-    def add(finding: Finding) -> None:
-        # One finding per site and branch, with the shortest path to it.
+    def add(finding: Finding, guarded: bool) -> None:
         key = (finding.site, finding.target, finding.branch)
-        if key not in found or len(finding.path) < len(found[key].path):
-            found[key] = finding
+        if key in found:
+            known, known_guarded = found[key]
+            if (known_guarded, len(known.path)) <= (guarded, len(finding.path)):
+                return
+        found[key] = (finding, guarded)
 
-    while queue:
-        node = queue.popleft()
-        reached[node.function.name] = None
-        facts = dis.facts(node.function, node.state)
-        consumed |= facts.consumed
-        for origin, (name, text) in facts.reads.items():
-            reads_at.setdefault((origin, _branch_at(image, node, origin)), (node, name, text))
-        for site in facts.sites:
-            add(Finding(site.kind, site.target, _branch_at(image, node, site.site),
-                        _path(image, parent, node, site.site), site.site, site.instruction,
-                        site.group))
-        for edge in facts.edges:
-            child = _Node(edge.callee, edge.state,
-                          _branch_at(image, node, edge.site, edge.callee))
-            if child not in parent:
+    def walk(queue: collections.deque[_Node], guarded: bool) -> None:
+        while queue:
+            node = queue.popleft()
+            reached[node.function.name] = None
+            facts = dis.facts(node.function, node.state)
+            consumed.update(facts.consumed)
+            for origin, (name, text) in facts.reads.items():
+                behind = guarded or _guard_at(image, node, origin, None, guards) is not None
+                reads_at.setdefault((origin, _branch_at(image, node, origin)),
+                                    (node, name, text, behind))
+            for site in facts.sites:
+                behind = guarded or _guard_at(image, node, site.site, None, guards) is not None
+                add(Finding(site.kind, site.target, _branch_at(image, node, site.site),
+                            _path(image, parent, node, site.site), site.site,
+                            site.instruction, site.group), behind)
+            for edge in facts.edges:
+                child = _Node(edge.callee, edge.state,
+                              _branch_at(image, node, edge.site, edge.callee))
+                if child in parent:
+                    continue
+                if not guarded and _guard_at(image, node, edge.site, edge.callee,
+                                             guards) is not None:
+                    held.append((child, node, edge.site))
+                    continue
                 parent[child] = (node, edge.site)
                 queue.append(child)
+
+    walk(collections.deque([first]), guarded=False)
+    behind_guards: collections.deque[_Node] = collections.deque()
+    for child, caller, site in held:
+        if child not in parent:
+            parent[child] = (caller, site)
+            behind_guards.append(child)
+    walk(behind_guards, guarded=True)
     # A read of a table that no followed call went through: the pointer is
     # compared, passed on or stored; a reference all the same.
-    for (origin, _), (node, name, text) in sorted(reads_at.items(), key=lambda kv: kv[0]):
+    for (origin, _), (node, name, text, behind) in sorted(reads_at.items(),
+                                                          key=lambda kv: kv[0]):
         if origin not in consumed:
             add(Finding("reference", f"{name} (read, not called through)",
                         _branch_at(image, node, origin), _path(image, parent, node, origin),
-                        origin, text))
-    every = sorted(found.values(), key=lambda f: (_BRANCH_ORDER.get(f.branch, 9),
-                                                  len(f.path), f.site, f.target))
-    guarded = [(finding, guard) for finding in every
-               if (guard := guard_of(finding)) is not None]
+                        origin, text), behind)
+    every = sorted(found.values(), key=lambda fg: (_BRANCH_ORDER.get(fg[0].branch, 9),
+                                                   len(fg[0].path), fg[0].site, fg[0].target))
+    findings: list[Finding] = []
+    guarded_paths: list[tuple[Finding, Guard]] = []
+    for finding, behind in every:
+        guard = guard_of(finding, guards) if behind else None
+        if guard is None:
+            findings.append(finding)
+        else:
+            guarded_paths.append((finding, guard))
     instructions = sum(len(dis.instructions(image.function_named(name) or root))
                        for name in reached)
-    return StaticCheck(module, entry, tuple(f for f in every if guard_of(f) is None),
-                       tuple(reached), instructions, time.monotonic() - start,
-                       tuple(guarded))
+    return StaticCheck(module, entry, tuple(findings), tuple(reached), instructions,
+                       time.monotonic() - start, tuple(guarded_paths))
+
+
+def _guard_at(image: ModuleImage, node: _Node, rva: int, callee: Function | None,
+              guards: Sequence[Guard]) -> Guard | None:
+    """The guard covering a call at ``rva`` of ``node`` (to ``callee``, or
+    the site itself): among the function, the frames inlined at ``rva``
+    and the callee, two adjacent that one of ``guards`` names."""
+    names = [plain_name(node.function.name)]
+    names += [plain_name(name) for name in image.inline_chain(rva)[1:]]
+    if callee is not None:
+        names.append(plain_name(callee.name))
+    pairs = set(itertools.pairwise(names))
+    return next((g for g in guards if (g.caller, g.callee) in pairs), None)
 
 
 _BRANCH_ORDER = {NO_BRANCH: 0, **{f.branch: i + 1 for i, f in enumerate(BRANCH_FAMILIES)}}

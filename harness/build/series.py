@@ -13,19 +13,19 @@ keyed like patches.
 
 from __future__ import annotations
 
+import email.policy
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from harness.errors import DependencyError, PatchError, SeriesError
 from harness.tools import scratch
 
-#: A mail's ``Subject:`` header, folded lines included.
-_SUBJECT = re.compile(r"^Subject: (.*?)\n(?=\S)", re.MULTILINE | re.DOTALL)
 #: What a series puts at the end of the subject of a patch of its test apparatus.
 TEST_ONLY = "[test only]"
 
@@ -41,11 +41,16 @@ class Patch:
 
     @property
     def subject(self) -> str:
-        """Its mail's subject, unfolded, without ``[PATCH n/m]``; "" if it has none."""
-        found = _SUBJECT.search(self.data.decode("utf-8", "replace"))
-        if found is None:
-            return ""
-        return re.sub(r"^\[PATCH[^\]]*\]\s*", "", re.sub(r"\s+", " ", found[1]).strip())
+        """Its mail's subject (unfolded, decoded), without ``[PATCH n/m]``.
+
+        :raises SeriesError: it has no Subject header (not a mail of
+            ``git format-patch``).
+        """
+        header = BytesHeaderParser(policy=email.policy.default).parsebytes(self.data)
+        subject = header.get("Subject")
+        if subject is None:
+            raise SeriesError(self.path, "no Subject header: not a git format-patch mail")
+        return re.sub(r"^\[PATCH[^\]]*\]\s*", "", " ".join(str(subject).split()))
 
     @property
     def test_only(self) -> bool:

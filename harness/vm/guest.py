@@ -23,6 +23,23 @@ def _mtool(argv: list[str]) -> None:
              hint="install Debian's mtools package")
 
 
+def _check_names(files: Mapping[str, bytes | Path]) -> None:
+    seen: dict[str, str] = {}
+    for name in files:
+        parts = name.split("/")
+        if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"FAT image path {name!r}: relative, without empty, . or .. parts")
+        folded = name.upper()
+        if folded in seen:
+            raise ValueError(f"FAT image paths {seen[folded]!r} and {name!r} name one file")
+        seen[folded] = name
+    for folded, name in seen.items():
+        for parent in PurePosixPath(folded).parents[:-1]:
+            if str(parent) in seen:
+                raise ValueError(f"FAT image path {seen[str(parent)]!r} is a file, and a "
+                                 f"directory of {name!r}")
+
+
 def make_fat_image(path: Path, files: Mapping[str, bytes | Path],
                    size_mib: int = 16) -> Path:
     """Write a FAT image at ``path`` holding ``files``.
@@ -34,7 +51,11 @@ def make_fat_image(path: Path, files: Mapping[str, bytes | Path],
     :param files: image path (``EFI/BOOT/BOOTX64.EFI``, forward slashes) to
         the file's bytes or a host file to copy.
     :param size_mib: image size; FAT12/16 is chosen by ``mformat``.
+    :raises ValueError: a name that is absolute, climbs (``..``), has an
+        empty part, or names the same file as another, or a directory of
+        another, once FAT's case is ignored.
     """
+    _check_names(files)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as image:
         image.truncate(size_mib * 1024 * 1024)

@@ -149,7 +149,7 @@ class LocalProcess:
     def wait(self, timeout: float) -> int:
         # Woken by the exit itself (a pidfd), not by Popen.wait()'s polls,
         # whose pauses double up to 50 ms: QEMU quits in about 10.
-        left = timeout
+        timeout = max(0.0, timeout)
         if self.popen.poll() is None:
             try:
                 pidfd: int | None = os.pidfd_open(self.popen.pid)
@@ -157,12 +157,16 @@ class LocalProcess:
                 pidfd = None
             if pidfd is not None:
                 try:
-                    select.select([pidfd], [], [], timeout)
+                    poller = select.poll()
+                    poller.register(pidfd, select.POLLIN)
+                    ended = bool(poller.poll(timeout * 1000))
                 finally:
                     os.close(pidfd)
-                left = 0        # it has ended, or the time is up
+                if not ended:
+                    raise TimeoutError(f"QEMU {self.pid} still runs after {timeout:g} s")
+                return self.popen.wait()    # it has ended: reaped at once
         try:
-            return self.popen.wait(left)
+            return self.popen.wait(timeout)
         except subprocess.TimeoutExpired as exc:
             raise TimeoutError(f"QEMU {self.pid} still runs after {timeout:g} s") from exc
 

@@ -5,9 +5,10 @@ reached through QEMU's user-mode ``hostfwd`` on 127.0.0.1 (see
 :mod:`harness.linux`), but nothing here knows that. The client key is made
 per run (:class:`ClientKey`); the server's host key is known in advance
 and pinned: an unknown or different host key is refused
-(:class:`paramiko.RejectPolicy`), never added blindly. A connection the
-guest dropped between commands is made again, once, before the next one
-(which had not started), with a warning naming what ended it.
+(:class:`paramiko.RejectPolicy`), never added blindly. A session made with
+``reconnect`` (the Linux guest's) makes a connection the guest dropped
+again, once, before the next command, with a warning naming what ended
+it; a command whose connection ends while it runs fails at once.
 
 ::
 
@@ -152,7 +153,7 @@ class GuestSsh:
     def __init__(self, host: str, port: int = 22, *, host_key: str | None = None,
                  known_hosts: Path | None = None, client_key: ClientKey | None = None,
                  key_filename: Path | None = None, user: str = "root",
-                 channel: Callable[[], Any] | None = None) -> None:
+                 channel: Callable[[], Any] | None = None, reconnect: bool = False) -> None:
         self.host = host
         self.port = port
         self.user = user
@@ -161,6 +162,7 @@ class GuestSsh:
         self.host_key = None if host_key is None else parse_public_key(host_key)
         self.known_hosts = known_hosts
         self.channel = channel
+        self.reconnect = reconnect
         self._client: paramiko.SSHClient | None = None
         self.attempts = 0
         self.last_error: str = ""
@@ -269,6 +271,9 @@ class GuestSsh:
         if transport is not None and transport.is_active():
             return transport
         cause = transport.get_exception() if transport is not None else None
+        if not self.reconnect:
+            raise GuestCommandError(what, -1, "", f"ssh {self.address}: the connection was "
+                                    f"lost ({cause or 'closed by the other end'})")
         LOG.warning("ssh %s: the connection was lost (%s); connecting again for %r",
                     self.address, cause or "closed by the guest", what)
         self.client.close()
@@ -285,23 +290,28 @@ class GuestSsh:
 
     def _started(self, command: str,
                  timeout: float) -> tuple[paramiko.Transport, paramiko.Channel]:
-        """``command`` started on a new channel; once more on a new
-        connection when the guest dropped the old one before it started."""
-        retry = True
-        while True:
-            transport = self._transport(command, timeout)
-            channel: paramiko.Channel | None = None
+        """``command`` started on a new channel. A channel the dropped
+        connection could not open is asked for once more (with
+        ``reconnect``); a failed exec is not: the command may have started."""
+        transport = self._transport(command, timeout)
+        try:
             try:
                 channel = transport.open_session(timeout=timeout)
-                channel.exec_command(command)
-                return transport, channel
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                if channel is not None:
-                    channel.close()
-                if transport.is_active() or not retry:
-                    raise GuestCommandError(command, -1, "", f"ssh {self.address}: "
-                                            f"{type(exc).__name__}: {exc}") from exc
-                retry = False
+            except (paramiko.SSHException, EOFError, OSError):
+                if transport.is_active() or not self.reconnect:
+                    raise
+                transport = self._transport(command, timeout)
+                channel = transport.open_session(timeout=timeout)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise GuestCommandError(command, -1, "", f"ssh {self.address}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        try:
+            channel.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            channel.close()
+            raise GuestCommandError(command, -1, "", f"ssh {self.address}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        return transport, channel
 
     def run(self, command: str, timeout: float = 60.0, *,
             check: bool = True) -> tuple[int, str, str]:
@@ -327,10 +337,12 @@ class GuestSsh:
                         command, -1, out.decode(errors="replace"),
                         err.decode(errors="replace") + f"\n(timed out after {timeout:g} s)")
                 if not transport.is_active():
+                    if channel.exit_status_ready() and channel.eof_received:
+                        continue    # it ended first: what it printed is read above
                     raise GuestCommandError(
                         command, -1, out.decode(errors="replace"),
                         err.decode(errors="replace") + "\n(the connection was lost while it "
-                        "ran: the guest's serial.log has its sshd's log)")
+                        "ran)")
                 channel.status_event.wait(0.02)
             status = channel.recv_exit_status()
         finally:

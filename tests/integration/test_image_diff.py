@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from imagediff import difference
+from imagediff import difference, padding_only
 
 SOURCE = """\
 __attribute__((ms_abi)) void DebugAssert (const char *File, unsigned long long Line,
@@ -21,10 +21,17 @@ __attribute__((ms_abi)) int Scale (int Value)
 {
   ASSERT (Value > 0);
   ASSERT (Value < 1000);
+  Allocate (4, @PAGES@);
   return Value * @FACTOR@;
 }
 
 volatile unsigned long long  mLastLine;
+
+__attribute__((ms_abi, noinline)) void Allocate (unsigned long long Type,
+                                                 unsigned long long Pages)
+{
+  mLastLine = Type + Pages;
+}
 
 __attribute__((ms_abi, noinline)) void DebugAssert (const char *File,
                                                     unsigned long long Line,
@@ -35,11 +42,13 @@ __attribute__((ms_abi, noinline)) void DebugAssert (const char *File,
 """
 
 
-def _build(directory: Path, name: str, above: str = "", factor: int = 3) -> Path:
+def _build(directory: Path, name: str, above: str = "", factor: int = 3,
+           pages: int = 2) -> Path:
     if shutil.which("gcc") is None:
         pytest.skip("no gcc to build the modules compared")
     source = directory / "Module.c"     # one file name: __FILE__ is the same
-    source.write_text(SOURCE.replace("@ABOVE@", above).replace("@FACTOR@", str(factor)))
+    source.write_text(SOURCE.replace("@ABOVE@", above).replace("@FACTOR@", str(factor))
+                      .replace("@PAGES@", str(pages)))
     out = directory / f"{name}.elf"
     subprocess.run(["gcc", "-Os", "-nostdlib", "-static", "-no-pie", "-fno-pie",
                     "-fcf-protection=none", "-fno-stack-protector", "-Wl,-e,Scale",
@@ -65,3 +74,21 @@ def test_changed_code_is_named(tmp_path: Path) -> None:
     changed = _build(tmp_path, "changed", factor=5)
     found = difference(feature, changed)
     assert found.startswith(".text at 0x") and found != "line numbers", found
+
+
+def test_another_constant_for_edx_is_named(tmp_path: Path) -> None:
+    """edx is every EFIAPI call's second argument: only the line number of
+    a DebugAssert() call may differ there."""
+    feature = _build(tmp_path, "feature")
+    changed = _build(tmp_path, "changed", pages=3)
+    found = difference(feature, changed)
+    assert found.startswith(".text at 0x") and "edx" in found, found
+
+
+def test_padding_is_the_zero_or_the_prefix_before_a_nopl_only() -> None:
+    nopl8 = b"\x0f\x1f\x84\x00\x00\x00\x00\x00"
+    assert padding_only(b"str\x00" + b"\x00" + nopl8, b"str\x00" + b"\x66" + nopl8)
+    # the negative controls: another byte, or a 0x66 before anything else
+    assert not padding_only(b"str\x00" + b"\x00" + nopl8, b"str\x00" + b"\x67" + nopl8)
+    assert not padding_only(b"ab\x00cd", b"ab\x66cd")
+    assert not padding_only(b"abc", b"abcd")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from imagediff import difference
+from imagediff import SAME_CODE, difference
 
 from harness import shared
 from harness.build import edk2, series
@@ -250,12 +250,15 @@ def test_without_the_define_the_series_builds_what_its_feature_patches_build(
               for name in names
               if feature.module_file(name, ".efi").read_bytes()
               != whole.module_file(name, ".efi").read_bytes()}
+    # the same code; padding that two links of any module may fill apart
+    assert set(differ.values()) <= SAME_CODE, differ
+    lines_moved = {name for name, how in differ.items() if "line numbers" in how}
     if target == "RELEASE":
-        assert differ == {}
-        assert feature.code.read_bytes() == whole.code.read_bytes()
+        assert lines_moved == set(), differ
+        if not differ:
+            assert feature.code.read_bytes() == whole.code.read_bytes()
     else:
-        assert differ.keys() <= LINES_MOVED and set(differ.values()) <= {"line numbers"}, \
-            differ
+        assert lines_moved <= LINES_MOVED, differ
 
 
 def test_the_test_build_has_the_apparatus(

@@ -546,3 +546,25 @@ def test_a_fix_that_does_not_apply_names_itself_and_its_hunk(fake_edk2: Path,
     with pytest.raises(PatchError, match=r"0001-stale\.patch") as caught:
         fixed.materialize(tmp_path / "tree", StderrProgress())
     assert caught.value.target == "OvmfPkg/IoMmuDxe/IoMmuDxe.c" and caught.value.hunk == 1
+
+
+@pytest.mark.parametrize(("header", "subject", "test_only"), [
+    ((b"Subject: [PATCH 07/12] OvmfPkg: add the EBS_HARNESS_TEST build define [test\n"
+      b" only]\n"), "OvmfPkg: add the EBS_HARNESS_TEST build define [test only]", True),
+    (b"Subject: [PATCH 2/9] MdeModulePkg: the feature\n", "MdeModulePkg: the feature", False),
+    # git format-patch encodes a subject that is not ASCII
+    (b"Subject: [PATCH 08/12] =?UTF-8?q?OvmfPkg:=20caf=C3=A9=20=E2=86=92=20[test=20only]?=\n",
+     "OvmfPkg: caf\u00e9 \u2192 [test only]", True),
+])
+def test_a_patch_subject_unfolded_and_decoded(tmp_path: Path, header: bytes, subject: str,
+                                              test_only: bool) -> None:
+    data = b"From 0 Mon Sep 17 00:00:00 2001\nFrom: A <a@b.example>\n" + header + \
+        b"\n    an indented first line of the body\n"
+    patch = patch_series.Patch(tmp_path / "0001-x.patch", data)
+    assert (patch.subject, patch.test_only) == (subject, test_only)
+
+
+def test_a_patch_without_a_subject_is_refused_naming_it(tmp_path: Path) -> None:
+    patch = patch_series.Patch(tmp_path / "0001-x.patch", b"diff --git a/x b/x\n")
+    with pytest.raises(SeriesError, match="0001-x.patch.*no Subject header"):
+        _ = patch.subject

@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from harness.vm import guest
 
 MTOOLS_ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
@@ -56,3 +58,17 @@ def test_a_remade_image_holds_only_the_new_files(tmp_path: Path) -> None:
     guest.make_fat_image(path, {"old.bin": b"old"}, size_mib=4)
     guest.make_fat_image(path, {"new.bin": b"new"}, size_mib=4)
     assert _files(path) == ["::/new.bin"]
+
+
+@pytest.mark.parametrize(("files", "why"), [
+    ({"/EFI/x": b""}, "relative"),
+    ({"EFI/../x": b""}, "relative"),
+    ({"EFI//x": b""}, "relative"),
+    ({"a.bin": b"", "A.BIN": b""}, "name one file"),
+    ({"EFI": b"", "EFI/x": b""}, "is a file, and a directory of"),
+])
+def test_names_the_image_cannot_hold_are_refused(tmp_path: Path, files: dict[str, bytes],
+                                                 why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        guest.make_fat_image(tmp_path / "bad.img", files, size_mib=4)
+    assert not (tmp_path / "bad.img").exists()

@@ -45,9 +45,9 @@ def test_free_port_is_bindable() -> None:
         sock.bind(("127.0.0.1", port))
 
 
-def _session(port: int) -> ssh.GuestSsh:
+def _session(port: int, *, reconnect: bool = False) -> ssh.GuestSsh:
     return ssh.GuestSsh("127.0.0.1", port, host_key=ssh.ClientKey.generate().public_line,
-                        client_key=ssh.ClientKey.generate())
+                        client_key=ssh.ClientKey.generate(), reconnect=reconnect)
 
 
 def test_connect_deadline_quotes_the_tails() -> None:
@@ -80,7 +80,7 @@ def test_run_needs_a_connection() -> None:
 def test_a_lost_connection_not_made_again_says_both(caplog: pytest.LogCaptureFixture) -> None:
     """The negative control of the reconnection (tests/e2e/test_linux.py
     has it working): the guest's sshd is gone too."""
-    session = _session(ssh.free_port())     # nothing listens there any more
+    session = _session(ssh.free_port(), reconnect=True)     # nothing listens there any more
     session._client = paramiko.SSHClient()  # a session whose transport is gone
     started = time.monotonic()
     with pytest.raises(GuestCommandError) as failed:
@@ -92,6 +92,18 @@ def test_a_lost_connection_not_made_again_says_both(caplog: pytest.LogCaptureFix
         f"NoValidConnectionsError: [Errno None] Unable to connect to port {session.port} on "
         "127.0.0.1")
     assert "connecting again for 'true'" in caplog.text
+
+
+def test_without_reconnect_a_lost_connection_is_an_error_at_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A QEMU host's session (harness.vm.remote): its working directory and
+    QEMU end with the connection, so it is not made again."""
+    session = _session(ssh.free_port())
+    session._client = paramiko.SSHClient()
+    with pytest.raises(GuestCommandError, match="the connection was lost "
+                                                r"\(closed by the other end\)$"):
+        session.run("true", timeout=3)
+    assert "connecting again" not in caplog.text
 
 
 @pytest.mark.parametrize(("url", "host", "user", "port"), [

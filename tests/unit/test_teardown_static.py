@@ -403,3 +403,25 @@ def test_compiled_guard_taken_with_the_other_constant(edge_cases: Path) -> None:
     result = ts.check_module(edge_cases, entry="Unlocked")
     assert [(f.functions, f.target) for f in result.findings] == \
         [(("Unlocked", "Guarded"), "gBS->FreePages")]
+
+
+SHIELD = ts.Guard("Shield", "Sink", "a test guard")
+
+
+def test_compiled_a_site_behind_a_guard_only_is_guarded(edge_cases: Path) -> None:
+    result = ts.check_module(edge_cases, entry="GuardedOnly", guards=(SHIELD,))
+    assert result.findings == ()
+    assert [(f.functions, f.target, g) for f, g in result.guarded] == \
+        [(("GuardedOnly", "Shield", "Sink"), "gBS->AllocatePages", SHIELD)]
+
+
+def test_compiled_a_site_also_reached_around_the_guard_is_a_finding(edge_cases: Path) -> None:
+    """The guarded way is the shorter one; the site fails all the same, by
+    the way no guard covers."""
+    result = ts.check_module(edge_cases, entry="GuardedAndNot", guards=(SHIELD,))
+    assert [(f.functions, f.target) for f in result.findings] == \
+        [(("GuardedAndNot", "Around", "Middle", "Sink"), "gBS->AllocatePages")]
+    assert result.guarded == ()
+    # without the guard, the shorter way is the one reported
+    bare = ts.check_module(edge_cases, entry="GuardedAndNot", guards=())
+    assert [f.functions for f in bare.findings] == [("GuardedAndNot", "Shield", "Sink")]

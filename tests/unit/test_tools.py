@@ -4,8 +4,11 @@ that do not outlive a killed harness."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,37 @@ def test_scratch_directories_of_dead_processes_are_swept(tmp_path: Path,
         assert tools.sweep_scratch(tmp_path) == []      # ours is alive: kept
         assert mine.exists()
     assert not mine.exists()
+
+
+def test_interrupts_held_raise_once_the_block_is_done() -> None:
+    steps = []
+    with pytest.raises(KeyboardInterrupt), tools.interrupts_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)            # the handler runs here: no exception yet
+        steps.append("block done")
+    assert steps == ["block done"]
+    # the usual handler is back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupts_held_without_a_signal_change_nothing() -> None:
+    with tools.interrupts_held():
+        value = 1
+    assert value == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_interrupts_held_outside_the_main_thread_hold_nothing() -> None:
+    """signal.signal() works in the main thread only: elsewhere it is a no-op."""
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            with tools.interrupts_held():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join()
+    assert errors == []

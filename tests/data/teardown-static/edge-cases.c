@@ -59,3 +59,12 @@ void Teardown (void)
 }
 
 void Unlocked (void) { Guarded (0); }
+
+/* One allocation, two ways to it: through a call a guard covers (the
+   shorter way) and through calls none covers. */
+NOIPA void Sink (void) { SERVICE_AT (gBS, 0x28) (); }   /* AllocatePages */
+NOIPA void Shield (void) { Sink (); }
+NOIPA void Middle (void) { Sink (); }
+NOIPA void Around (void) { Middle (); }
+void GuardedOnly (void) { Shield (); }
+void GuardedAndNot (void) { Shield (); Around (); }
