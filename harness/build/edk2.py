@@ -48,7 +48,7 @@ from harness.build.cache import (
 )
 from harness.build.debian import DebianSourcePackage, DebianTarballs
 from harness.build.progress import Progress, counter
-from harness.build.series import apply_in_place, read_series
+from harness.build.series import Patch, apply_in_place, read_series
 from harness.errors import SourceError, UsageError
 from harness.tools import run_tool
 
@@ -112,8 +112,9 @@ class BuildFlags:
         ("FD_SIZE_4MB", "TRUE"),
         ("NETWORK_HTTP_BOOT_ENABLE", "FALSE"),
         ("TPM2_ENABLE", "FALSE"),
-        # Patch 0007: the fw_cfg test knobs, EbsAdversaryDxe and EbsProbe
-        # exist only in builds with this define (never in production OVMF).
+        # The series' first [test only] patch: the trace, the fw_cfg test
+        # knobs, IoMmuDxeTest.inf, EbsAdversaryDxe and EbsProbe exist only
+        # in builds with this define (never in production OVMF).
         ("EBS_HARNESS_TEST", "TRUE"),
         *ZOO_DEFINES,
     )
@@ -532,17 +533,20 @@ def build_production(target: str = "DEBUG", baseline: str | None = None,
     flags = production_flags(target=target)
     if not feature_only:
         return Builder(chosen.source, flags=flags, baseline=chosen, progress=progress).firmware()
+    patches = read_series(chosen.series_dir)
+    feature = patches[:next((n for n, p in enumerate(patches) if p.test_only), len(patches))]
     with tempfile.TemporaryDirectory(prefix="ebs-feature-") as scratch:
-        feature = Path(scratch)
-        names: list[str] = []
-        for patch in read_series(chosen.series_dir):
-            if patch.test_only:
-                break
-            shutil.copy2(patch.path, feature / patch.name)
-            names.append(patch.name)
-        (feature / "series").write_text("".join(f"{name}\n" for name in names))
         return Builder(chosen.source, flags=flags, progress=progress,
-                       baseline=dataclasses.replace(chosen, series_dir=feature)).firmware()
+                       baseline=_with_series(chosen, feature, Path(scratch))).firmware()
+
+
+def _with_series(baseline: Baseline, patches: Sequence[Patch], directory: Path) -> Baseline:
+    """``baseline`` with ``patches`` alone as its series, written to
+    ``directory`` (a part of its own series: a prefix, the feature)."""
+    for patch in patches:
+        shutil.copy2(patch.path, directory / patch.name)
+    (directory / "series").write_text("".join(f"{patch.name}\n" for patch in patches))
+    return dataclasses.replace(baseline, series_dir=directory)
 
 
 def production_flags(**changes: Any) -> BuildFlags:
@@ -587,13 +591,11 @@ def build_prefixes(baseline: str | Baseline | None = None, progress: Progress | 
         for count in range(len(names), 0, -1):
             prefix = Path(scratch, str(count))
             prefix.mkdir()
-            for name in names[:count]:
-                shutil.copy2(every[name].path, prefix / name)
-            (prefix / "series").write_text("".join(f"{n}\n" for n in names[:count]))
             if progress:
                 progress.phase("prefix", f"{count}/{len(names)}: {names[count - 1]}")
             builder = Builder(chosen.source, progress=progress, cache=cache,
-                              baseline=dataclasses.replace(chosen, series_dir=prefix))
+                              baseline=_with_series(chosen, [every[n] for n in names[:count]],
+                                                    prefix))
             results.append((names[count - 1], builder.compiles()))
     return results[::-1]
 

@@ -28,7 +28,8 @@ def _check_names(files: Mapping[str, bytes | Path]) -> None:
     for name in files:
         parts = name.split("/")
         if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
-            raise ValueError(f"FAT image path {name!r}: relative, without empty, . or .. parts")
+            raise ValueError(f"FAT image path {name!r}: it must be relative, without empty, "
+                             "'.' or '..' parts")
         folded = name.upper()
         if folded in seen:
             raise ValueError(f"FAT image paths {seen[folded]!r} and {name!r} name one file")
