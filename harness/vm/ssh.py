@@ -309,8 +309,11 @@ class GuestSsh:
             channel.exec_command(command)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             channel.close()
+            # The guest may have run it and lost the connection before its
+            # answer to the exec request came back.
+            lost = "" if transport.is_active() else " (the connection was lost as it started)"
             raise GuestCommandError(command, -1, "", f"ssh {self.address}: "
-                                    f"{type(exc).__name__}: {exc}") from exc
+                                    f"{type(exc).__name__}: {exc}{lost}") from exc
         return transport, channel
 
     def run(self, command: str, timeout: float = 60.0, *,

@@ -145,9 +145,11 @@ def test_a_dropped_connection_is_made_again(callback_guest: LinuxRun,
                                             caplog: pytest.LogCaptureFixture) -> None:
     session = callback_guest.session
     # The shell's parent is dropbear's process for this connection: the
-    # command ends the connection it runs over, and says so at once.
+    # command ends the connection it runs over, and says so at once. The
+    # pause lets dropbear answer the exec request first (else the exec
+    # itself fails, as it did once in CI).
     with pytest.raises(GuestCommandError, match="connection was lost while it ran") as lost:
-        session.run("echo started; kill -9 $PPID; sleep 30", timeout=20)
+        session.run("echo started; sleep 1; kill -9 $PPID; sleep 30", timeout=20)
     assert lost.value.stdout == "started\n"
     assert session.run("echo back")[1] == "back\n"
     assert "the connection was lost" in caplog.text
