@@ -371,9 +371,11 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
                 inject(vm, scenario.inject_frames, canary)
             if scenario.dump:
                 dump_path = vm.dump(artifacts / "memory.elf")
-            vm.shutdown()       # the log is whole once QEMU is gone
+            # The parked guest writes no more: its log is judged while QEMU exits.
+            vm.request_quit()
             log_trace = parsed_log()
-    log_report, sym = trace.analyze_trace(log_trace, firmware.path)
+            log_report, sym = trace.analyze_trace(log_trace, firmware.path)
+            vm.shutdown()
     if scenario.iommu_emulated:
         log_report = trace.with_notes(log_report, EMULATION_MODE_NOTE)
     dump_report = None

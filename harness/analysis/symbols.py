@@ -217,6 +217,7 @@ class _Index:
     def __init__(self, path: Path, entries: dict[str, Any]) -> None:
         self.path = path
         self._entries = entries
+        self._built: dict[str, ModuleSymbols | None] = {}
 
     @classmethod
     def read(cls, modules: Path) -> _Index | None:
@@ -234,14 +235,23 @@ class _Index:
 
     def get(self, name: str) -> ModuleSymbols | None:
         """Module ``name``'s symbols; None when it is absent or its entry is
-        malformed."""
+        malformed. Built once per process."""
+        if name in self._built:
+            return self._built[name]
         try:
             entry = self._entries[name]
             symbols = tuple(Symbol(n, v, z, bool(f)) for n, v, z, f in entry["symbols"])
-            return ModuleSymbols(name, self.path, symbols, entry["image_size"],
-                                 entry["entry_rva"])
+            built: ModuleSymbols | None = ModuleSymbols(
+                name, self.path, symbols, entry["image_size"], entry["entry_rva"])
         except (KeyError, TypeError, ValueError):
-            return None
+            built = None
+        self._built[name] = built
+        return built
+
+    def build_all(self) -> None:
+        """Build every module's symbols now (10 ms for a firmware's 17,000)."""
+        for name in self._entries:
+            self.get(name)
 
 
 @functools.lru_cache(maxsize=4)
@@ -257,9 +267,12 @@ def _read_index(path: Path, mtime_ns: int) -> _Index | None:
 
 
 def preload(firmware_dir: Path) -> None:
-    """Read ``firmware_dir``'s symbol index now, for the judgements of this
-    process (a boot reads it while the guest runs)."""
-    _Index.read(firmware_dir / "modules")
+    """Read ``firmware_dir``'s symbol index and build its modules' symbols
+    now, for the judgements of this process (a boot does it while the
+    guest runs)."""
+    index = _Index.read(firmware_dir / "modules")
+    if index is not None:
+        index.build_all()
 
 
 class Symbolizer:

@@ -13,14 +13,12 @@ keyed like patches.
 
 from __future__ import annotations
 
-import email.policy
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from harness.errors import DependencyError, PatchError, SeriesError
@@ -46,6 +44,9 @@ class Patch:
         :raises SeriesError: it has no Subject header (not a mail of
             ``git format-patch``).
         """
+        import email.policy     # 10 ms of every boot's start otherwise
+        from email.parser import BytesHeaderParser
+
         header = BytesHeaderParser(policy=email.policy.default).parsebytes(self.data)
         subject = header.get("Subject")
         if subject is None:

@@ -104,6 +104,7 @@ class QemuMachine:
         self._serial_sock: socket.socket | None = None
         self._launched = False
         self._closed = False
+        self._quit_requested = False
         self._crash = CrashWatch(self.serial_log)
         #: how QEMU ended, when it did not end by the harness's ``quit``
         self.abnormal: str | None = None
@@ -457,22 +458,36 @@ class QemuMachine:
             raise QmpError(f"{self.name}: QEMU still runs after {timeout:g} s") from exc
         return self.exitcode
 
+    def request_quit(self) -> None:
+        """Send QMP ``quit`` without waiting for QEMU to end, so that work
+        that needs only what the guest wrote overlaps QEMU's exit;
+        :meth:`shutdown` then waits for it. Once only."""
+        if not self._closed:
+            self._quit()
+
+    def _quit(self) -> None:
+        if self._quit_requested:
+            return
+        self._quit_requested = True
+        ended = self.process.poll() if self.process is not None else None
+        if ended is not None and ended != 0:
+            self.abnormal = f"it ended by itself before the shutdown: {self.ended()}"
+        if self._qmp is not None and self.is_running():
+            try:
+                self._qmp.execute("quit", None, 3.0)
+            except QmpError as exc:
+                # QEMU may close QMP before its reply: its exit says how it went
+                self.log.debug("quit: %s", exc)
+
     def shutdown(self, timeout: float = 10.0) -> None:
-        """QMP ``quit``, wait, then kill; close everything; the runner removes
-        what the run left. Idempotent."""
+        """QMP ``quit`` (unless :meth:`request_quit` sent it), wait, then
+        kill; close everything; the runner removes what the run left.
+        Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
-            ended = self.process.poll() if self.process is not None else None
-            if ended is not None and ended != 0:
-                self.abnormal = f"it ended by itself before the shutdown: {self.ended()}"
-            if self._qmp is not None and self.is_running():
-                try:
-                    self._qmp.execute("quit", None, 3.0)
-                except QmpError as exc:
-                    # QEMU may close QMP before its reply: its exit says how it went
-                    self.log.debug("quit: %s", exc)
+            self._quit()
             if self.process is not None:
                 try:
                     self.exitcode = self.process.wait(timeout)

@@ -154,6 +154,18 @@ def test_qmp_events_are_waitable(ebs_artifacts: Path) -> None:
     assert '"execute": "quit"' in (ebs_artifacts / "qmp.log").read_text()
 
 
+
+def test_a_requested_quit_is_sent_once_and_waited_for(ebs_artifacts: Path) -> None:
+    with QemuMachine(stock_config(), ebs_artifacts, name="quit") as vm:
+        vm.request_quit()
+        vm.request_quit()   # once only
+        # QEMU ends by itself meanwhile; shutdown waits for it, sends nothing
+        assert vm.process is not None and vm.process.wait(10) == 0
+        vm.shutdown()
+    assert vm.exitcode == 0 and vm.abnormal is None
+    assert (ebs_artifacts / "qmp.log").read_text().count('"execute": "quit"') == 1
+
+
 # -------------------------------------------------------------- errors
 
 

@@ -72,7 +72,7 @@ DEFERRED = ("harness.analysis.trace", "harness.analysis.verdicts", "harness.anal
             "harness.analysis.judgement", "harness.analysis.dump", "harness.analysis.explain",
             "harness.analysis.teardown_static", "harness.analysis.symbols",
             "harness.analysis.devices", "harness.analysis.devicetrace", "harness.demo",
-            "asyncio", "qemu.qmp", "filelock", "debian.deb822", "paramiko")
+            "asyncio", "qemu.qmp", "filelock", "debian.deb822", "paramiko", "email.parser")
 
 
 def _loaded_by(statement: str) -> set[str]:

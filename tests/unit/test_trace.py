@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.analysis import trace
+from harness.analysis import symbols, trace
 from harness.analysis.symbols import (
     ImageLoad,
     Symbolizer,
@@ -421,6 +421,21 @@ def test_an_index_entry_is_read_when_asked_and_a_malformed_one_falls_back(
     (modules / "symbols.json").write_text(json.dumps(index))
     assert Symbolizer(images, tmp_path).symbolize(iommu.base + 0x12AC) == \
         "IoMmuDxe!IoMmuExitBoot"                    # IoMmuDxe.debug's
+
+
+def test_preload_builds_each_module_once(tmp_path: Path) -> None:
+    """What a boot reads while the guest runs is what the judgement uses."""
+    modules = tmp_path / "modules"
+    shutil.copytree(FW / "modules", modules)
+    write_index(modules)
+    symbols.preload(tmp_path)
+    index = symbols._Index.read(modules)
+    assert index is not None
+    named = set(json.loads((modules / "symbols.json").read_text())["modules"])
+    assert set(index._built) == named and len(named) > 1
+    iommu = index.get("IoMmuDxe")
+    assert iommu is not None and iommu is index._built["IoMmuDxe"]
+    assert "IoMmuExitBoot" in {s.name for s in iommu.symbols}
 
 
 def written_slowly(path: Path, data: bytes, pieces: int = 40) -> threading.Thread:
