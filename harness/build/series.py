@@ -44,7 +44,7 @@ class Patch:
         :raises SeriesError: it has no Subject header (not a mail of
             ``git format-patch``).
         """
-        import email.policy     # 10 ms of every boot's start otherwise
+        import email.policy  # 10 ms of every boot's start otherwise
         from email.parser import BytesHeaderParser
 
         header = BytesHeaderParser(policy=email.policy.default).parsebytes(self.data)

@@ -154,7 +154,6 @@ def test_qmp_events_are_waitable(ebs_artifacts: Path) -> None:
     assert '"execute": "quit"' in (ebs_artifacts / "qmp.log").read_text()
 
 
-
 def test_a_requested_quit_is_sent_once_and_waited_for(ebs_artifacts: Path) -> None:
     with QemuMachine(stock_config(), ebs_artifacts, name="quit") as vm:
         vm.request_quit()
