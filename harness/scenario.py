@@ -51,7 +51,9 @@ LOG = logging.getLogger(__name__)
 
 EBS_MODES = ("callback", "legacy", "none")
 FW_CFG = "opt/org.ebs-harness"
-PARKED = r"EBST probe-parked"
+#: The park line whole: the guest writes no more once it is there, and the
+#: log is read to its end while QEMU quits.
+PARKED = r"EBST probe-parked\r?\n"
 #: The probe gives up before EBS: no park will come.
 PROBE_ERROR = r"EBST probe step=error[^\r\n]*"
 CANARY_FILE = "canary.bin"
@@ -373,8 +375,8 @@ def run_scenario(firmware: Firmware, scenario: Scenario, artifacts: Path, *,
                 dump_path = vm.dump(artifacts / "memory.elf")
             # The parked guest writes no more: its log is judged while QEMU exits.
             vm.request_quit()
-            log_trace = parsed_log()
-            log_report, sym = trace.analyze_trace(log_trace, firmware.path)
+            if vm.abnormal is None:     # else leaving the block reports that first
+                log_report, sym = trace.analyze_trace(parsed_log(), firmware.path)
             vm.shutdown()
     if scenario.iommu_emulated:
         log_report = trace.with_notes(log_report, EMULATION_MODE_NOTE)

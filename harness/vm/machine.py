@@ -461,11 +461,13 @@ class QemuMachine:
     def request_quit(self) -> None:
         """Send QMP ``quit`` without waiting for QEMU to end, so that work
         that needs only what the guest wrote overlaps QEMU's exit;
-        :meth:`shutdown` then waits for it. Once only."""
+        :meth:`shutdown` then waits for it. A QEMU that ended by itself is
+        :attr:`abnormal` from here. Sent once, however often called."""
         if not self._closed:
             self._quit()
 
     def _quit(self) -> None:
+        """Note a QEMU that ended by itself, else send ``quit`` (once)."""
         if self._quit_requested:
             return
         self._quit_requested = True

@@ -310,8 +310,9 @@ class GuestSsh:
         except (paramiko.SSHException, EOFError, OSError) as exc:
             channel.close()
             # The guest may have run it and lost the connection before its
-            # answer to the exec request came back.
-            lost = "" if transport.is_active() else " (the connection was lost as it started)"
+            # answer to the exec request came back: not retried.
+            lost = ("" if transport.is_active()
+                    else " (the connection was lost as it started: it may have run)")
             raise GuestCommandError(command, -1, "", f"ssh {self.address}: "
                                     f"{type(exc).__name__}: {exc}{lost}") from exc
         return transport, channel

@@ -157,12 +157,24 @@ def test_qmp_events_are_waitable(ebs_artifacts: Path) -> None:
 def test_a_requested_quit_is_sent_once_and_waited_for(ebs_artifacts: Path) -> None:
     with QemuMachine(stock_config(), ebs_artifacts, name="quit") as vm:
         vm.request_quit()
-        vm.request_quit()   # once only
-        # QEMU ends by itself meanwhile; shutdown waits for it, sends nothing
-        assert vm.process is not None and vm.process.wait(10) == 0
-        vm.shutdown()
-    assert vm.exitcode == 0 and vm.abnormal is None
+        vm.request_quit()   # sent once
+        vm.shutdown()       # waits for the exit the quit began, sends nothing
+        assert vm.exitcode == 0 and not vm.is_running()
+    assert vm.abnormal is None
     assert (ebs_artifacts / "qmp.log").read_text().count('"execute": "quit"') == 1
+
+
+def test_a_qemu_gone_before_the_requested_quit_is_abnormal(ebs_artifacts: Path) -> None:
+    """The control: nothing to quit, and the machine says how QEMU ended."""
+    with (pytest.raises(AbnormalShutdown, match="QEMU was killed by SIGKILL"),
+          QemuMachine(stock_config(), ebs_artifacts, name="gone") as vm):
+        assert vm.pid is not None
+        os.kill(vm.pid, signal.SIGKILL)
+        assert vm.process is not None
+        vm.process.wait(10)
+        vm.request_quit()
+        assert vm.abnormal is not None
+    assert '"execute": "quit"' not in (ebs_artifacts / "qmp.log").read_text()
 
 
 # -------------------------------------------------------------- errors
