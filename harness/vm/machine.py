@@ -68,6 +68,10 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
+#: How long one QMP connection waits for QEMU's greeting before another is
+#: made (QEMU greets within milliseconds of a connection).
+GREETING_WAIT = 10.0
+
 
 class QemuMachine:
     """A QEMU guest: launch, QMP, consoles, memory dump, shutdown, on this
@@ -357,8 +361,12 @@ class QemuMachine:
                 raise self._early_exit(self.process.ended(), self._stderr_text())
             if self.runner.has_socket(path):
                 qmp = QmpSession(f"{self.name}-qmp", self._transcript, self.log)
+                # A greeting that does not come is asked for again on a new
+                # connection (a remote host's socket bridge stalled once in
+                # some hundred launches), until the deadline.
+                wait = min(GREETING_WAIT, max(0.1, deadline - time.monotonic()))
                 try:
-                    qmp.connect(self.runner.connect(path), max(0.1, deadline - time.monotonic()))
+                    qmp.connect(self.runner.connect(path), wait)
                     return qmp
                 except Exception as exc:  # noqa: BLE001 - retried until the deadline
                     last = exc

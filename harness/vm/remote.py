@@ -245,8 +245,12 @@ class _Pump(threading.Thread):
                     if not data:
                         break
                     self.channel.sendall(data)
-                if self.channel in ready:
-                    data = self.channel.recv(65536)
+                # Asked on every pass too: paramiko signals a channel through a
+                # pipe that can miss an event, and QMP's greeting then stays in
+                # the channel's buffer while QEMU waits for an answer.
+                channel = self.channel
+                if channel in ready or channel.recv_ready() or channel.eof_received:
+                    data = channel.recv(65536)
                     if not data:
                         break
                     self.sock.sendall(data)

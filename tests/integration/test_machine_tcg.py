@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,10 +22,11 @@ from elftools.elf.elffile import ELFFile
 
 from harness.build import edk2
 from harness.errors import AbnormalShutdown, ConsoleTimeout, LaunchError, QmpError
-from harness.vm import guest, host
+from harness.vm import guest, host, machine
 from harness.vm.config import MachineConfig
 from harness.vm.devices import BlockDevice
 from harness.vm.machine import QemuMachine
+from harness.vm.runner import LocalRunner
 from harness.vm.sev import SEV_STATE_PAUSED, SevConfig
 
 pytestmark = pytest.mark.tcg
@@ -175,6 +177,41 @@ def test_a_qemu_gone_before_the_requested_quit_is_abnormal(ebs_artifacts: Path) 
         vm.request_quit()
         assert vm.abnormal is not None
     assert '"execute": "quit"' not in (ebs_artifacts / "qmp.log").read_text()
+
+
+
+class _StallingRunner(LocalRunner):
+    """Its first QMP connection is a socket that never speaks, as a stalled
+    SSH socket bridge was once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled: list[socket.socket] = []
+
+    def connect(self, path: Path) -> socket.socket:
+        if not self.stalled:
+            ours, theirs = socket.socketpair()
+            self.stalled.append(theirs)     # kept open: no greeting, no EOF
+            return ours
+        return super().connect(path)
+
+
+def test_a_qmp_connection_without_a_greeting_is_made_again(
+        ebs_artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(machine, "GREETING_WAIT", 0.5)
+    runner = _StallingRunner()
+    with QemuMachine(stock_config(), ebs_artifacts, name="stall", runner=runner) as vm:
+        assert vm.status() == "running" and len(runner.stalled) == 1
+
+
+def test_without_a_new_connection_the_stall_is_the_launch_error(
+        ebs_artifacts: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control: one connection waits the whole deadline."""
+    monkeypatch.setattr(machine, "GREETING_WAIT", 60.0)
+    with (pytest.raises(LaunchError, match="did not answer in 2 s .*no greeting"),
+          QemuMachine(stock_config(), ebs_artifacts, name="stall", runner=_StallingRunner(),
+                      launch_timeout=2.0)):
+        pytest.fail("launched without a greeting")
 
 
 # -------------------------------------------------------------- errors
