@@ -179,7 +179,6 @@ def test_a_qemu_gone_before_the_requested_quit_is_abnormal(ebs_artifacts: Path) 
     assert '"execute": "quit"' not in (ebs_artifacts / "qmp.log").read_text()
 
 
-
 class _StallingRunner(LocalRunner):
     """Its first QMP connection is a socket that never speaks, as a stalled
     SSH socket bridge was once."""
@@ -194,6 +193,11 @@ class _StallingRunner(LocalRunner):
             self.stalled.append(theirs)     # kept open: no greeting, no EOF
             return ours
         return super().connect(path)
+
+    def close(self) -> None:
+        for sock in self.stalled:
+            sock.close()
+        super().close()
 
 
 def test_a_qmp_connection_without_a_greeting_is_made_again(
