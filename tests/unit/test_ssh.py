@@ -106,6 +106,54 @@ def test_without_reconnect_a_lost_connection_is_an_error_at_once(
     assert "connecting again" not in caplog.text
 
 
+class _Transport:
+    """A live connection; ``drops``: it dies as a command is started on it
+    (the guest ran it and dropped the connection), else the exec alone is
+    refused."""
+
+    def __init__(self, drops: bool) -> None:
+        self.active = True
+        self.drops = drops
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def open_session(self, timeout: float) -> _Channel:
+        return _Channel(self)
+
+
+class _Channel:
+    def __init__(self, transport: _Transport) -> None:
+        self.transport = transport
+
+    def exec_command(self, command: str) -> None:
+        self.transport.active = not self.transport.drops
+        raise paramiko.SSHException("Channel closed.")
+
+    def close(self) -> None:
+        pass
+
+
+class _Client:
+    def __init__(self, transport: _Transport) -> None:
+        self.transport = transport
+
+    def get_transport(self) -> _Transport:
+        return self.transport
+
+
+@pytest.mark.parametrize("drops", [True, False], ids=["lost", "control-alive"])
+def test_an_exec_on_a_connection_that_dies_says_it_may_have_run(drops: bool) -> None:
+    session = _session(ssh.free_port(), reconnect=True)
+    session._client = _Client(_Transport(drops))   # type: ignore[assignment]
+    with pytest.raises(GuestCommandError) as failed:
+        session.run("reboot", timeout=3)
+    assert failed.value.status == -1
+    assert "connecting again" not in failed.value.stderr    # never retried
+    lost = "(the connection was lost as it started: it may have run)"
+    assert (lost in failed.value.stderr) is drops
+
+
 @pytest.mark.parametrize(("url", "host", "user", "port"), [
     ("ssh://root@sevhost", "sevhost", "root", 22),
     ("ssh://dev@10.1.2.3:2222", "10.1.2.3", "dev", 2222),
