@@ -10,6 +10,15 @@ and pinned: an unknown or different host key is refused
 again, once, before the next command, with a warning naming what ended
 it; a command whose connection ends while it runs fails at once.
 
+No child of a connection is left to end while another command starts on
+it. The guest's dropbear (Debian 12's 2022.83; fixed upstream in 2024.86,
+its bug #321) closes a session channel that is between its open and its
+exec when another child of the same connection exits, and may end the
+whole connection on a failed assertion (``common-channel.c:705``). So an
+SFTP transfer returns once its server has exited, and with ``reconnect``
+a command that timed out, still running, takes its connection with it:
+the next command connects again.
+
 ::
 
     session = GuestSsh("127.0.0.1", port, host_key="ssh-ed25519 AAAA...",
@@ -21,11 +30,12 @@ it; a command whose connection ends while it runs fails at once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +174,8 @@ class GuestSsh:
         self.channel = channel
         self.reconnect = reconnect
         self._client: paramiko.SSHClient | None = None
+        #: a command that timed out, still running on the connection
+        self._left_running: str | None = None
         self.attempts = 0
         self.last_error: str = ""
 
@@ -262,27 +274,32 @@ class GuestSsh:
         return self._client
 
     def _transport(self, what: str, timeout: float) -> paramiko.Transport:
-        """The live transport for ``what``: a connection the guest dropped
-        is made again first, one attempt of at most ``timeout``.
+        """The live transport for ``what``: a connection the guest dropped,
+        or one a timed-out command may still run on (with ``reconnect``), is
+        made again first, one attempt of at most ``timeout``.
 
         :raises GuestCommandError: not connected, or the new attempt failed.
         """
         transport = self.client.get_transport()
         if transport is not None and transport.is_active():
-            return transport
-        cause = transport.get_exception() if transport is not None else None
-        if not self.reconnect:
-            raise GuestCommandError(what, -1, "", f"ssh {self.address}: the connection was "
-                                    f"lost ({cause or 'closed by the other end'})")
-        LOG.warning("ssh %s: the connection was lost (%s); connecting again for %r",
-                    self.address, cause or "closed by the guest", what)
+            if self._left_running is None:
+                return transport
+            why = f"{self._left_running!r} timed out and may still run"
+            LOG.info("ssh %s: %s; connecting again for %r", self.address, why, what)
+        else:
+            cause = transport.get_exception() if transport is not None else None
+            why = f"the connection was lost ({cause or 'closed by the guest'})"
+            if not self.reconnect:
+                raise GuestCommandError(what, -1, "", f"ssh {self.address}: the connection "
+                                        f"was lost ({cause or 'closed by the other end'})")
+            LOG.warning("ssh %s: %s; connecting again for %r", self.address, why, what)
+        self._left_running = None
         self.client.close()
         self._client = None
         try:
             self._client = self._try_connect(min(ATTEMPT_TIMEOUT, max(1.0, timeout)))
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise GuestCommandError(what, -1, "", f"ssh {self.address}: the connection was "
-                                    f"lost ({cause or 'closed by the guest'}) and connecting "
+            raise GuestCommandError(what, -1, "", f"ssh {self.address}: {why} and connecting "
                                     f"again failed: {type(exc).__name__}: {exc}") from exc
         transport = self._client.get_transport()
         assert transport is not None
@@ -337,6 +354,8 @@ class GuestSsh:
                         and not channel.recv_ready() and not channel.recv_stderr_ready()):
                     break
                 if time.monotonic() > deadline:
+                    if self.reconnect:
+                        self._left_running = command
                     raise GuestCommandError(
                         command, -1, out.decode(errors="replace"),
                         err.decode(errors="replace") + f"\n(timed out after {timeout:g} s)")
@@ -357,11 +376,29 @@ class GuestSsh:
             raise GuestCommandError(command, status, stdout, stderr)
         return status, stdout, stderr
 
+    @contextlib.contextmanager
+    def _sftp(self) -> Iterator[paramiko.SFTPClient]:
+        """An SFTP session that ends with its server: its input is closed
+        and its exit awaited (at most :data:`ATTEMPT_TIMEOUT`) before the
+        channel is."""
+        sftp = self.client.open_sftp()
+        try:
+            yield sftp
+        finally:
+            channel = sftp.get_channel()
+            if channel is not None and not channel.closed:
+                try:
+                    channel.shutdown_write()
+                    channel.status_event.wait(ATTEMPT_TIMEOUT)
+                except (paramiko.SSHException, OSError, EOFError):
+                    pass    # the connection is gone: the next command says so
+            sftp.close()
+
     def put(self, local: Path, remote: str) -> None:
         """Copy a file to the guest (SFTP)."""
         self._transport(f"sftp put {remote}", ATTEMPT_TIMEOUT)
         try:
-            with self.client.open_sftp() as sftp:
+            with self._sftp() as sftp:
                 sftp.put(str(local), remote)
         except (paramiko.SSHException, OSError) as exc:
             raise EnvironmentFailure(f"sftp put {local} -> {self.address}:{remote}: "
@@ -372,7 +409,7 @@ class GuestSsh:
         local.parent.mkdir(parents=True, exist_ok=True)
         self._transport(f"sftp get {remote}", ATTEMPT_TIMEOUT)
         try:
-            with self.client.open_sftp() as sftp:
+            with self._sftp() as sftp:
                 sftp.get(remote, str(local))
         except (paramiko.SSHException, OSError) as exc:
             raise EnvironmentFailure(f"sftp get {self.address}:{remote} -> {local}: "

@@ -14,10 +14,13 @@ deadline and SEV have boots of their own.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from harness import linux
@@ -138,6 +141,61 @@ def test_commands_and_sftp(callback_guest: LinuxRun, tmp_path: Path) -> None:
     _, out, _ = session.run("sha256sum /tmp/up.bin")
     assert out.split()[0] == hashlib.sha256(payload).hexdigest()
     assert session.get("/tmp/up.bin", tmp_path / "down.bin").read_bytes() == payload
+
+
+@pytest.mark.tcg
+def test_no_child_of_the_connection_ends_while_a_command_starts(
+        callback_guest: LinuxRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The guest's dropbear (2022.83) closes a channel that waits for its
+    exec when another child of its connection exits. The session never
+    leaves one: a timed-out command takes its connection with it, and an
+    SFTP transfer returns once its server has exited."""
+    session = callback_guest.session
+    # The control: on one connection, raw, a command left running ends
+    # while the next channel waits for its exec, and that channel is gone.
+    transport = session.client.get_transport()
+    assert transport is not None
+    first = transport.open_session()
+    first.exec_command("sleep 2")
+    first.close()
+    second = transport.open_session()
+    time.sleep(4)
+    with pytest.raises(paramiko.SSHException):
+        second.exec_command("true")
+
+    # The session, with the same pause between each open and its exec.
+    exec_command = paramiko.Channel.exec_command
+
+    def late(channel: paramiko.Channel, command: str) -> None:
+        time.sleep(3)
+        exec_command(channel, command)
+
+    caplog.set_level(logging.INFO, logger="harness.vm.ssh")
+    with pytest.raises(GuestCommandError, match="timed out after 0.5 s"):
+        session.run("sleep 1", timeout=0.5)
+    monkeypatch.setattr(paramiko.Channel, "exec_command", late)
+    assert session.run("echo after the timeout")[1] == "after the timeout\n"
+    assert "'sleep 1' timed out and may still run; connecting again" in caplog.text
+
+    ended = []
+    close = paramiko.SFTPClient.close
+
+    def closing(sftp: paramiko.SFTPClient) -> None:
+        channel = sftp.get_channel()
+        ended.append(channel is not None and channel.exit_status_ready())
+        close(sftp)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "close", closing)
+    (tmp_path / "small.bin").write_bytes(b"x" * 1000)
+    session.put(tmp_path / "small.bin", "/tmp/small.bin")
+    assert session.run("cat /tmp/small.bin")[1] == "x" * 1000
+    session.get("/tmp/small.bin", tmp_path / "back.bin")
+    assert session.run("rm /tmp/small.bin", check=False)[0] == 0
+    # and the control: a plain SFTP session is closed with its server running
+    with session.client.open_sftp() as sftp:
+        sftp.stat("/tmp")
+    assert ended == [True, True, False]
 
 
 @pytest.mark.tcg
