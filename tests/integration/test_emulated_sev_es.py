@@ -137,6 +137,30 @@ def test_the_contract_catches_a_teardown_that_reads_a_dynamic_pcd(
     assert c1.culprit == "IoMmuDxe!IoMmuExitBootServicesTeardown"
 
 
+def test_the_core_stops_a_teardown_that_takes_a_lock(
+        emulated: HostCaps, ebs_artifacts: Path) -> None:
+    """The same PCD read under the DXE core's guard (the teardowns run at
+    TPL_HIGH_LEVEL): PcdDxe's lock calls RaiseTPL(TPL_NOTIFY) from there,
+    and the DEBUG build stops at CoreRaiseTpl()'s ASSERT inside the
+    teardown instead of restoring the TPL and turning interrupts back on.
+    The control is the test above: the read on a core without the guard
+    returns with them on."""
+    variant = edk2.build_variant(VARIANTS / "teardown-reads-a-dynamic-pcd-under-the-guard.patch",
+                                 progress=StderrProgress()).output
+    chosen = scenario.Scenario(ebs_mode="callback", requeue_depth=2, sev="emulated-es")
+    with pytest.raises(ConsoleFailure) as caught:
+        scenario.run_scenario(variant, chosen, ebs_artifacts, caps=emulated)
+    first = str(caught.value).splitlines()[0]
+    assert re.search(r"ASSERT (\[DxeCore\] )?\S*Tpl\.c\(\d+\)", first), first
+    log = (ebs_artifacts / "vm" / "debugcon.log").read_text(errors="replace")
+    teardown = log[log.index("EBST ebs-callback "):]
+    raised = re.search(r"EBST tpl-change op=raise tpl=16 .*\n.*RaiseTpl with OldTpl\(0x1F\) > "
+                       r"NewTpl\(0x10\)", teardown, re.IGNORECASE)
+    assert raised, teardown[:2000]
+    assert "op=restore" not in teardown
+    assert "ebs-callback-end" not in teardown and "ebs-return" not in teardown
+
+
 def test_query_sev_is_what_the_recording_says(emulated: HostCaps, ebs_firmware: edk2.Firmware,
                                               ebs_artifacts: Path) -> None:
     """The reply the unit tests read (recorded by qmp/record-emulated.py):
