@@ -210,6 +210,15 @@ def _gate(path: Path, reader: Reader, lines: int) -> None:
 
 
 def _symbolize(crash: Crash, sym: symbols.Symbolizer, firmware_dir: Path | None) -> None:
+    if crash.teardown is not None:
+        line, function = crash.teardown
+        crash.during = (f"inside the IOMMU ExitBootServices() teardown {sym.symbolize(function)} "
+                        f"(ebs-callback at line {line})")
+        if crash.teardown_tpl is not None:
+            line, op, tpl, caller = crash.teardown_tpl
+            crash.during += (f", after {'RaiseTPL' if op == 'raise' else 'RestoreTPL'}({tpl}) "
+                             f"from {sym.symbolize(caller)} at line {line}: a boot service, "
+                             "which the teardown may not call (C3)")
     if crash.kind != "exception" or crash.rip is None:
         return
     crash.where = sym.symbolize(crash.rip)
@@ -381,14 +390,16 @@ def _end(boot: Boot, reader: Reader, lines: int, cut: bool) -> LogEnd:
                       (boot.last_firmware[0], boot.last_firmware[1][:200]))
 
     if last_crash is not None and (milestone is None or last_crash.line > milestone.line):
+        inside = ("" if last_crash.teardown is None else
+                  f", inside the IOMMU teardown (ebs-callback at line {last_crash.teardown[0]})")
         if last_crash.kind == "exception":
             return end("crash", f"the log ends after a CPU exception {last_crash.summary} at "
                        f"line {last_crash.line}"
                        + (f" in {last_crash.function}" if last_crash.function else "")
-                       + (f" ({last_crash.source})" if last_crash.source else "")
+                       + (f" ({last_crash.source})" if last_crash.source else "") + inside
                        + (f"; {last_crash.cause}" if last_crash.cause else ""))
         return end("crash", f"the log ends after an ASSERT at line {last_crash.line}: "
-                   f"{last_crash.source}: {last_crash.expression}")
+                   f"{last_crash.source}: {last_crash.expression}{inside}")
     refused = VC_MMIO_REFUSED.search(boot.last_firmware[1])
     if refused is not None:
         during = (f", after {last_image.file} (#{last_image.order}, line {last_image.line}) "

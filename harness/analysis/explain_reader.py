@@ -96,6 +96,10 @@ _FIND_IMAGE = re.compile(r"!!!! Find image based on IP\(0x([0-9A-Fa-f]+)\) (.*?)
                          r"\(ImageBase=([0-9A-Fa-f]+), EntryPoint=([0-9A-Fa-f]+)\) !!!!")
 _REGISTER = re.compile(r"\b([A-Z][A-Z0-9_]{1,11})\s+-\s+([0-9A-Fa-f]{8,16})\b")
 _EXCEPTION_DATA = re.compile(r"ExceptionData - ([0-9A-Fa-f]+)(.*)")
+#: The harness's trace: the DXE core calls an IOMMU teardown; a boot
+#: service TPL change while ExitBootServices() runs (docs/trace-format.md).
+_TEARDOWN_CALL = re.compile(r"EBST ebs-callback .*\bfn=0x([0-9A-Fa-f]+)")
+_TPL_CHANGE = re.compile(r"EBST tpl-change op=(raise|restore) tpl=(\d+) caller=0x([0-9A-Fa-f]+)")
 _ASSERT = re.compile(r"ASSERT (?:\[([^\]]+)\] )?(.+?)(?:\((\d+)\))?: (.*)")
 #: What a CPU exception dump prints after its header (registers, the image).
 _DUMP_LINE = re.compile(r"^(?:[A-Z][A-Z0-9_]{1,11}\s+- [0-9A-Fa-f]|ExceptionData - |FXSAVE_STATE"
@@ -313,6 +317,15 @@ class Crash:
     last_image: str = ""
     #: What the firmware said just before the dump, where it explains it.
     cause: str = ""
+    #: Inside the IOMMU ExitBootServices() teardown (the harness's trace):
+    #: its ``ebs-callback`` line and function address.
+    teardown: tuple[int, int] | None = None
+    #: The last boot service TPL change inside that teardown: (line,
+    #: "raise"/"restore", TPL, caller address).
+    teardown_tpl: tuple[int, str, int, int] | None = None
+    #: :attr:`teardown` and :attr:`teardown_tpl` in words, symbolized
+    #: where the log's image loads (and ``--firmware``) allow.
+    during: str = ""
 
     @property
     def function(self) -> str:
@@ -356,6 +369,10 @@ class Boot:
     crashes_dropped: int = 0
     #: The line of a successful ExitBootServices() return (the harness's trace).
     ebs_returned: int = 0
+    #: An IOMMU teardown the trace shows running: (ebs-callback line, fn).
+    teardown: tuple[int, int] | None = None
+    #: The last boot service TPL change inside it (see :attr:`Crash.teardown_tpl`).
+    teardown_tpl: tuple[int, str, int, int] | None = None
     last_line: int = 0
     milestone: Milestone | None = None
     #: The last line the firmware printed: (line, text).
@@ -482,6 +499,13 @@ class Reader:
         self.trace_lines += 1
         if body.startswith("EBST ebs-return status=0x0") and body[26:27] in ("", " "):
             boot.ebs_returned = number
+        elif (match := _TEARDOWN_CALL.match(body)) is not None:
+            boot.teardown, boot.teardown_tpl = (number, int(match.group(1), 16)), None
+        elif body.startswith("EBST ebs-callback-end"):
+            boot.teardown = boot.teardown_tpl = None
+        elif boot.teardown is not None and (match := _TPL_CHANGE.match(body)) is not None:
+            boot.teardown_tpl = (number, match.group(1), int(match.group(2)),
+                                 int(match.group(3), 16))
         return ""
 
     def _dxe_ipl(self, number: int, text: str, body: str) -> str:
@@ -617,6 +641,7 @@ class Reader:
         self.boot.options_dropped += _keep_last(self.boot.options, attempt, MAX_BOOTS)
 
     def _add_crash(self, crash: Crash) -> None:
+        crash.teardown, crash.teardown_tpl = self.boot.teardown, self.boot.teardown_tpl
         self.boot.crashes_dropped += _keep_last(self.boot.crashes, crash, MAX_CRASHES)
 
     def _bds(self, number: int, body: str) -> str | None:

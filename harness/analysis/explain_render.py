@@ -24,7 +24,7 @@ def _crash_json(crash: Crash) -> dict[str, Any]:
             "module_path": crash.module_path, "module": crash.module,
             "functions": list(crash.functions), "function": crash.function,
             "expression": crash.expression, "last_image": crash.last_image,
-            "error_code": crash.error_code, "cause": crash.cause,
+            "error_code": crash.error_code, "cause": crash.cause, "during": crash.during,
             "registers": {k: _hex(v) for k, v in crash.registers.items()}}
 
 
@@ -131,7 +131,9 @@ def _crash_lines(crash: Crash) -> list[str]:
     if crash.kind == "assert":
         module = f" in {crash.module}" if crash.module else ""
         lines = [f"line {crash.line}: ASSERT{module} at {crash.source}: {crash.expression}"]
-        if crash.last_image and not crash.module:
+        if crash.during:
+            lines.append(f"  {crash.during}")
+        elif crash.last_image and not crash.module:
             lines.append(f"  the last image loaded before it: {crash.last_image}")
         return lines
     lines = [f"line {crash.line}: CPU exception {crash.summary}"
@@ -147,6 +149,8 @@ def _crash_lines(crash: Crash) -> list[str]:
         lines.append(f"  image as the log names it: {crash.module_path}")
     if crash.cause:
         lines.append(f"  cause: {crash.cause}")
+    if crash.during:
+        lines.append(f"  {crash.during}")
     return lines
 
 

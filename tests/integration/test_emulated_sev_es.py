@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import scenario
-from harness.analysis import trace
+from harness.analysis import explain, trace
 from harness.build import edk2
 from harness.build.progress import StderrProgress
 from harness.errors import ConsoleFailure, ConsoleTimeout, LaunchError
@@ -159,6 +159,15 @@ def test_the_core_stops_a_teardown_that_takes_a_lock(
     assert raised, teardown[:2000]
     assert "op=restore" not in teardown
     assert "ebs-callback-end" not in teardown and "ebs-return" not in teardown
+    # explain-log says where the ASSERT came from, from the log and the build
+    exp = explain.explain_log(ebs_artifacts / "vm" / "debugcon.log", variant.path)
+    crash = exp.boot.crashes[-1]
+    assert crash.kind == "assert" and "Tpl.c:" in crash.source
+    assert crash.during.startswith("inside the IOMMU ExitBootServices() teardown "
+                                   "IoMmuDxe!IoMmuExitBootServicesTeardown "), crash.during
+    assert re.search(r"after RaiseTPL\(16\) from PcdDxe!EfiAcquireLock\+0x[0-9a-f]+ at line "
+                     r"\d+: a boot service", crash.during), crash.during
+    assert ", inside the IOMMU teardown (ebs-callback at line" in exp.end.summary
 
 
 def test_query_sev_is_what_the_recording_says(emulated: HostCaps, ebs_firmware: edk2.Firmware,

@@ -154,6 +154,9 @@ def test_the_injected_assert_names_file_line_and_expression(
     assert crash.expression == 'AsciiStrCmp (Text, "assert") != 0'
     assert crash.last_image.startswith("EbsAdversaryDxe.efi")
     assert exp.end.summary.startswith(f"the log ends after an ASSERT at line {crash.line}")
+    # the control of the guarded teardown's ASSERT (test_emulated_sev_es.py):
+    # a driver's entry point is no teardown
+    assert crash.teardown is None and not crash.during and "teardown" not in exp.end.summary
 
 
 def test_our_trace_gets_the_analyze_log_verdicts_and_explain_exits_0(
