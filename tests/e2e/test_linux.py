@@ -152,8 +152,18 @@ def test_no_child_of_the_connection_ends_while_a_command_starts(
     leaves one: a timed-out command takes its connection with it, and an
     SFTP transfer returns once its server has exited."""
     session = callback_guest.session
-    # The control: on one connection, raw, a command left running ends
-    # while the next channel waits for its exec, and that channel is gone.
+    ended = []
+    close = paramiko.SFTPClient.close
+
+    def closing(sftp: paramiko.SFTPClient) -> None:
+        channel = sftp.get_channel()
+        ended.append(channel is not None and channel.exit_status_ready())
+        close(sftp)
+
+    monkeypatch.setattr(paramiko.SFTPClient, "close", closing)
+    # The controls, raw, on one connection: a command left running ends
+    # while the next channel waits for its exec, and that channel is gone;
+    # a plain SFTP session is closed with its server running.
     transport = session.client.get_transport()
     assert transport is not None
     first = transport.open_session()
@@ -163,6 +173,12 @@ def test_no_child_of_the_connection_ends_while_a_command_starts(
     time.sleep(4)
     with pytest.raises(paramiko.SSHException):
         second.exec_command("true")
+    with session.client.open_sftp() as sftp:
+        sftp.stat("/tmp")
+    assert ended == [False]
+    # that connection, whose SFTP server may still be ending, is left
+    session.close()
+    session.connect(deadline=time.monotonic() + 60)
 
     # The session, with the same pause between each open and its exec.
     exec_command = paramiko.Channel.exec_command
@@ -178,24 +194,12 @@ def test_no_child_of_the_connection_ends_while_a_command_starts(
     assert session.run("echo after the timeout")[1] == "after the timeout\n"
     assert "'sleep 1' timed out and may still run; connecting again" in caplog.text
 
-    ended = []
-    close = paramiko.SFTPClient.close
-
-    def closing(sftp: paramiko.SFTPClient) -> None:
-        channel = sftp.get_channel()
-        ended.append(channel is not None and channel.exit_status_ready())
-        close(sftp)
-
-    monkeypatch.setattr(paramiko.SFTPClient, "close", closing)
     (tmp_path / "small.bin").write_bytes(b"x" * 1000)
     session.put(tmp_path / "small.bin", "/tmp/small.bin")
     assert session.run("cat /tmp/small.bin")[1] == "x" * 1000
     session.get("/tmp/small.bin", tmp_path / "back.bin")
     assert session.run("rm /tmp/small.bin", check=False)[0] == 0
-    # and the control: a plain SFTP session is closed with its server running
-    with session.client.open_sftp() as sftp:
-        sftp.stat("/tmp")
-    assert ended == [True, True, False]
+    assert ended == [False, True, True]
 
 
 @pytest.mark.tcg
