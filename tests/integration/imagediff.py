@@ -128,10 +128,16 @@ def _text_difference(addr: int, left: bytes, right: bytes, ours_assert: int | No
 
 def padding_only(left: bytes, right: bytes) -> bool:
     """Equal but where one has the zero byte of a fill and the other the
-    ``66`` prefix of a 9-byte ``nopl`` (``66 0f 1f 84 ...``) instead."""
+    ``66`` prefix of a multi-byte ``nop`` (``0f 1f /0``: ``66 0f 1f 84 ...``,
+    ``66 0f 1f 44 00 00``) instead."""
     if len(left) != len(right):
         return False
     return all(left[i] == right[i] or ({left[i], right[i]} == {0x00, 0x66}
-                                       and left[i + 1:i + 4] == right[i + 1:i + 4]
-                                       == b"\x0f\x1f\x84")
+                                       and _a_nop_at(left, i + 1) and _a_nop_at(right, i + 1)
+                                       and left[i + 1:i + 4] == right[i + 1:i + 4])
                for i in range(len(left)))
+
+
+def _a_nop_at(code: bytes, at: int) -> bool:
+    """``0f 1f`` with a ModRM whose reg field is 0: the multi-byte ``nop``."""
+    return code[at:at + 2] == b"\x0f\x1f" and len(code) > at + 2 and code[at + 2] & 0x38 == 0

@@ -88,7 +88,13 @@ def test_another_constant_for_edx_is_named(tmp_path: Path) -> None:
 def test_padding_is_the_zero_or_the_prefix_before_a_nopl_only() -> None:
     nopl8 = b"\x0f\x1f\x84\x00\x00\x00\x00\x00"
     assert padding_only(b"str\x00" + b"\x00" + nopl8, b"str\x00" + b"\x66" + nopl8)
-    # the negative controls: another byte, or a 0x66 before anything else
+    # the 5-byte form, as two RELEASE links of IScsiDxe filled one gap
+    nopl5 = b"\x0f\x1f\x44\x00\x00"
+    assert padding_only(b"ed1\x00no\x00" + b"\x00" + nopl5 + b"op",
+                        b"ed1\x00no\x00" + b"\x66" + nopl5 + b"op")
+    # the negative controls: another byte, a 0x66 before anything else, or
+    # before 0f 1f with a ModRM that is no nop (reg field 1)
     assert not padding_only(b"str\x00" + b"\x00" + nopl8, b"str\x00" + b"\x67" + nopl8)
     assert not padding_only(b"ab\x00cd", b"ab\x66cd")
     assert not padding_only(b"abc", b"abcd")
+    assert not padding_only(b"a\x00\x0f\x1f\x4c\x00\x00", b"a\x66\x0f\x1f\x4c\x00\x00")
