@@ -51,10 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.analysis import symbols, trace
+from harness.analysis.explain_facts import CC_ATTR, CC_KIND, VC_MMIO_REFUSED, parse_int
 from harness.analysis.explain_reader import (
     ACTIVITY,
-    CC_ATTR,
-    CC_KIND,
     CONFIDENTIAL_KINDS,
     FIRMWARE_KEYS,
     MAX_BOOTS,
@@ -62,14 +61,12 @@ from harness.analysis.explain_reader import (
     MAX_IMAGES,
     MIN_FIRMWARE_LINES,
     PLATFORM_DRIVERS,
-    VC_MMIO_REFUSED,
     Boot,
     Crash,
     LoadedImage,
     Milestone,
     Reader,
     check_text,
-    parse_int,
 )
 from harness.errors import LogFormatError
 

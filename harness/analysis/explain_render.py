@@ -9,7 +9,8 @@ from typing import Any
 
 from harness.analysis import symbols
 from harness.analysis.explain import Explanation, confidential, platform_facts
-from harness.analysis.explain_reader import FACT_KEYS, PHASES, Crash, LoadedImage
+from harness.analysis.explain_facts import FACT_KEYS
+from harness.analysis.explain_reader import PHASES, Crash, LoadedImage
 
 # ------------------------------------------------------------ rendering
 

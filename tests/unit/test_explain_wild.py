@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from harness import cli
-from harness.analysis import explain, explain_reader
+from harness.analysis import explain, explain_facts, explain_reader
 from harness.errors import LogFormatError
 
 WILD = Path(__file__).resolve().parents[1] / "data" / "explain" / "wild"
@@ -122,7 +122,7 @@ def test_every_key_the_nightly_queries_is_there(capsys: pytest.CaptureFixture[st
             continue
         _, data, _ = explained(name, capsys)
         assert set(data["firmware"]) == set(explain_reader.FIRMWARE_KEYS)
-        assert set(data["facts"]) == set(explain_reader.FACT_KEYS)
+        assert set(data["facts"]) == set(explain_facts.FACT_KEYS)
         assert all(set(v) == {"value", "line"} for v in data["facts"].values())
         assert data["confidential"]["kind"] in (None, *explain_reader.CONFIDENTIAL_KINDS)
         assert data["end"]["kind"] in explain_reader.END_KINDS
