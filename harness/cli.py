@@ -499,7 +499,7 @@ def _parser() -> argparse.ArgumentParser:
     alog = add_parser("analyze-log",
                       _options(_json, _html("the timeline"),
                                _firmware_symbols("handlers named as functions")),
-                      help="EBS timeline and verdicts V1..V4, V6, C1..C3 of a debug log")
+                      help="EBS timeline and verdicts V1..V6, C1..C3 of a debug log")
     alog.add_argument("log", metavar="LOG", help="debug-port or serial log of a boot")
     alog.add_argument("--device-trace", metavar="FILE",
                       help="the boot's QEMU device trace (device-trace.log): W1, W2")

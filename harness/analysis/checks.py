@@ -68,6 +68,9 @@ CHECKS: Mapping[str, Check] = {check.id: check for check in (
           Evidence.LOG),
     Check("V4", "empty", "zero live mappings when the teardown ends and when "
           "ExitBootServices() returns", Evidence.LOG),
+    Check("V5", "late maps refused", "no IOMMU Map() or AllocateBuffer() succeeds once the "
+          "memory map was terminated: it would allocate pages the OS loader's memory map "
+          "shows free", Evidence.CONTRACT),
     Check("V6", "own bounce pages", "no IOMMU mapping is given bounce pages that a live "
           "mapping still holds", Evidence.LOG),
     Check("C1", "interrupts off", "interrupts are disabled when ExitBootServices() returns "

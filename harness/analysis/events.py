@@ -154,6 +154,17 @@ class IommuFree(TraceEvent):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class IommuLate(TraceEvent):
+    """A Map() or AllocateBuffer() the IOMMU driver refused because the
+    memory map was terminated."""
+
+    call: str
+    host: int
+    pages: int
+    status: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TeardownBegin(TraceEvent):
     scheme: str
     live: int
@@ -249,6 +260,7 @@ EVENT_TYPES: dict[str, type[TraceEvent]] = {
     "iommu-unmap": IommuUnmap,
     "iommu-alloc": IommuAlloc,
     "iommu-free": IommuFree,
+    "iommu-late": IommuLate,
     "teardown-begin": TeardownBegin,
     "teardown-unmap": TeardownUnmap,
     "teardown-end": TeardownEnd,

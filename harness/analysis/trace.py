@@ -9,7 +9,7 @@ The pieces live in their own modules, in the order data flows through them:
   (events, image loads, the SEV line), cut and interleaved lines handled;
 - :mod:`~harness.analysis.timeline`: the ExitBootServices calls with their
   dispatches and teardowns;
-- :mod:`~harness.analysis.verdicts`: one function per check, V1..V4, V6 and
+- :mod:`~harness.analysis.verdicts`: one function per check, V1..V6 and
   C1..C3 (:mod:`~harness.analysis.checks` is the registry of every check).
 
 This module re-exports the names callers use, so that ``trace.analyze_log``
@@ -45,6 +45,7 @@ from harness.analysis.events import (
     IommuAlloc,
     IommuConfig,
     IommuFree,
+    IommuLate,
     IommuMap,
     IommuRefused,
     IommuUnmap,
@@ -83,7 +84,8 @@ from harness.analysis.verdicts import (
 __all__ = [
     "EVENT_TYPES", "IOMMU_EVENTS", "MAX_LINE_BYTES", "TRACE_VERSION", "AdversaryStage",
     "DeviceAccess", "Dispatch", "EbsAttempt", "EbsCallback", "EbsCallbackEnd", "EbsEnter",
-    "EbsFail", "EbsReturn", "IntsOff", "IommuAlloc", "IommuConfig", "IommuFree", "IommuMap",
+    "EbsFail", "EbsReturn", "IntsOff", "IommuAlloc", "IommuConfig", "IommuFree", "IommuLate",
+    "IommuMap",
     "IommuRefused", "IommuUnmap", "LogReport", "MemCall", "MemmapTerminated", "NotifyBegin",
     "NotifyEnd", "Probe", "ProbeParked", "Teardown", "TeardownBegin", "TeardownEnd",
     "TeardownUnmap", "Timeline", "TplChange", "Trace", "TraceEvent", "Version", "Violation",

@@ -1,4 +1,4 @@
-"""The debug log's verdicts: one function per check, V1..V4, V6 and C1..C3.
+"""The debug log's verdicts: one function per check, V1..V6 and C1..C3.
 
 Each function takes the :class:`LogEvidence` (the timeline and the
 symbolizer) and returns what it :class:`Judged`: its violations, and for C2
@@ -7,7 +7,7 @@ terminated: a fact about that driver, reported but not a failed verdict),
 and notes on what it could not judge. The functions register themselves
 with :func:`judges` under their check's id in
 :data:`~harness.analysis.checks.CHECKS`; :func:`judge_log` runs them all in
-the registry's order. C1..C3 read the DXE core's contract lines
+the registry's order. V5 and C1..C3 read the DXE core's contract lines
 (``memmap-terminated``, ``ints-off``): a trace without them (an older
 build) leaves them not judged.
 """
@@ -30,6 +30,7 @@ from harness.analysis.events import (
     EbsCallback,
     EbsCallbackEnd,
     IntsOff,
+    IommuAlloc,
     IommuMap,
     IommuUnmap,
     MemCall,
@@ -48,8 +49,8 @@ TPL_HIGH_LEVEL = 31
 
 CORE = "the DXE core (outside any notification function)"
 
-CONTRACT_MISSING = ("C1..C3 not judged: the trace has no memmap-terminated or ints-off "
-                    "line (a firmware without the contract trace)")
+CONTRACT_MISSING = ("C1..C3 and V5 not judged: the trace has no memmap-terminated or "
+                    "ints-off line (a firmware without the contract trace)")
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,52 @@ def empty(ev: LogEvidence) -> Judged:
                           f"{attempt.exit.seq} of {_span(attempt)}: " + _list_maps(replay),
                     (attempt.exit.seq,) + tuple(m.seq for m in replay.values())))
     return Judged(tuple(found))
+
+
+@judges("V5")
+def late_maps_refused(ev: LogEvidence) -> Judged:
+    """No IOMMU Map() or AllocateBuffer() succeeds once the memory map is
+    terminated: the pages it would allocate (its MAP_INFO, bounce pages, a
+    buffer) are free in the memory map the OS loader holds, and the OS
+    reuses them while the device does DMA into them. A refused one
+    (``iommu-late``) holds; a successful one is named with the allocation
+    the IOMMU driver made for it."""
+    terminated = next((e for e in ev.events if isinstance(e, MemmapTerminated)), None)
+    if terminated is None:
+        return Judged()
+    hooks = [hook for _, spans in ev.succeeded() for hook in spans]
+    found: list[Violation] = []
+    for event in ev.events[terminated.seq:]:
+        if not isinstance(event, (IommuMap, IommuAlloc)):
+            continue
+        where, _, _ = ev.context(event.seq, hooks)
+        allocations = _allocations_before(ev, event.seq)
+        how = "; ".join(f"{a.op} of {a.size:#x} bytes from {ev.sym.symbolize(a.caller)} at "
+                        f"seq {a.seq}" for a in allocations)
+        culprit = ev.sym.symbolize(allocations[0].caller) if allocations else "IoMmuDxe"
+        what = (f"iommu-map map={event.map:#x} op={event.op} host={event.host:#x} "
+                f"pages={event.pages}" if isinstance(event, IommuMap)
+                else f"iommu-alloc host={event.host:#x} pages={event.pages}")
+        found.append(Violation(
+            "V5", f"{what} at seq {event.seq} in {where} succeeded after the memory map was "
+                  f"terminated (memmap-terminated seq {terminated.seq})"
+                  + (f", allocating: {how}" if how else "") + "; it must be refused",
+            (terminated.seq, *(a.seq for a in allocations), event.seq), culprit))
+    return Judged(tuple(found))
+
+
+def _allocations_before(ev: LogEvidence, seq: int) -> list[MemCall]:
+    """The allocations traced right before the event at ``seq`` (the IOMMU
+    driver's line comes after what it allocated for the call), back to the
+    previous event that is neither an allocation nor a TPL change."""
+    found: list[MemCall] = []
+    for event in reversed(ev.events[:seq - 1]):
+        if isinstance(event, MemCall):
+            if event.op.startswith("allocate"):
+                found.append(event)
+        elif not isinstance(event, TplChange):
+            break
+    return found[::-1]
 
 
 @judges("V6")

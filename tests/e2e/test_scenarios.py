@@ -91,19 +91,29 @@ def test_callback_holds_every_verdict(ebs_run_probe: Run, devices: str, depth: i
     assert result.passed, _detail(result)
     attempt, = result.log.timeline.attempts
     assert attempt.succeeded and len(attempt.teardowns) == 1
-    # Every adversary stage ran before the teardown, which then removed its mapping.
-    stages = [e for e in result.log.timeline.trace.events if isinstance(e, trace.AdversaryStage)]
+    # Every adversary stage ran before the teardown; its Map(), after the
+    # memory map was terminated, was refused (V5's subject).
+    events = result.log.timeline.trace.events
+    stages = [e for e in events if isinstance(e, trace.AdversaryStage)]
     assert [s.n for s in stages] == list(range(depth + 1))
     assert all(s.seq < attempt.teardowns[0].begin.seq for s in stages)
+    assert [e.call for e in events if isinstance(e, trace.IommuLate)] == ["map"]
     assert result.dump is not None
     if _plaintext(sev):
         assert result.dump.live is not None and result.dump.live.records == ()
 
 
 @pytest.mark.parametrize("sev", SEV_MODES)
-def test_legacy_without_adversary_holds(ebs_run_probe: Run, sev: str) -> None:
+def test_legacy_lets_a_handler_map_late(ebs_run_probe: Run, sev: str) -> None:
+    """The adversary maps from its ExitBootServices() handler without
+    re-signalling: under the stock scheme the teardown still comes after it
+    (V1..V4 and the dump hold), but IoMmuDxe cannot tell that the memory map
+    is terminated and allocates the mapping (V5). Under ``callback`` the same
+    Map() is refused (test_callback_holds_every_verdict, depth 0)."""
     result = ebs_run_probe(Scenario(ebs_mode="legacy", requeue_depth=0, sev=sev, dump=True))
-    assert result.passed, _detail(result)
+    assert _checks(result) == {"V5"}, _detail(result)
+    v5, = result.violations
+    assert "EbsAdversaryDxe!AdversaryStage" in v5.detail, v5.detail
 
 
 @pytest.mark.parametrize("sev", SEV_MODES)
@@ -111,7 +121,8 @@ def test_legacy_without_adversary_holds(ebs_run_probe: Run, sev: str) -> None:
 def test_legacy_loses_to_an_adversary_that_requeues_twice(ebs_run_probe: Run, depth: int,
                                                           sev: str) -> None:
     """The 2017 failure: the adversary's last stage comes after the teardown,
-    maps its buffer, and the mapping survives into the OS.
+    maps its buffer (allocated after the memory map was terminated: V5), and
+    the mapping survives into the OS.
 
     Without the reserved DMA pool (edk2 2022.11) the late Map() decrypts the
     buffer: its page stays shared, canary and all (D2, D3), a leak. With the
@@ -123,7 +134,7 @@ def test_legacy_loses_to_an_adversary_that_requeues_twice(ebs_run_probe: Run, de
     result = ebs_run_probe(Scenario(ebs_mode="legacy", requeue_depth=depth, sev=sev, dump=True))
     pooled = _pooled(result)
     # D1 and D2 read the mapping list and page tables, private under real SEV.
-    expected = {"V1", "V3", "V4"} | (set() if pooled else {"D3"})
+    expected = {"V1", "V3", "V4", "V5"} | (set() if pooled else {"D3"})
     if _plaintext(sev):
         expected |= {"D1"} | (set() if pooled else {"D2"})
     assert _checks(result) == expected, _detail(result)

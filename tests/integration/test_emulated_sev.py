@@ -55,6 +55,9 @@ QMP_DATA = Path(__file__).resolve().parents[1] / "data" / "qmp"
 #: negative control that some check must catch.
 VARIANTS = Path(__file__).resolve().parents[1] / "data" / "firmware-variants"
 CBIT = 1 << 47
+EFI_OUT_OF_RESOURCES = 0x8000000000000009
+#: The adversary's ExitBootServices() handler, where its late Map() runs.
+ADVERSARY = "EbsAdversaryDxe!AdversaryStage"
 
 
 @pytest.fixture(scope="session")
@@ -151,15 +154,34 @@ def test_the_contract_catches_a_teardown_that_reads_a_dynamic_pcd(
     assert plain.passed, [v.detail for v in plain.violations]
 
 
-def test_the_adversary_allocating_in_its_handler_is_a_finding(ebs_run_probe) -> None:  # type: ignore[no-untyped-def]
-    """C2 by another driver's handler is reported, not failed, in both schemes."""
-    for mode in ("callback", "legacy"):
-        result = ebs_run_probe(scenario.Scenario(ebs_mode=mode, requeue_depth=2, sev="emulated"))
-        assert "C2" not in result.failed_checks()
-        culprits = {f.culprit for f in result.log.findings if f.check == "C2"}
-        assert "EbsAdversaryDxe!AdversaryStage" in culprits, mode
-        assert [f for f in result.as_json()["findings"]
-                if f["culprit"] == "EbsAdversaryDxe!AdversaryStage"]
+def test_a_late_map_is_refused_where_the_core_says_the_map_is_terminated(
+        ebs_run_probe) -> None:  # type: ignore[no-untyped-def]
+    """V5 and its negative control. Under ``callback`` the DXE core tells
+    IoMmuDxe that the memory map is terminated, and the adversary's Map()
+    from its ExitBootServices() handler is refused: nothing is allocated,
+    so C2 has no finding about that handler either. Under ``legacy`` (the
+    stock scheme: no registration, so IoMmuDxe cannot tell) the same Map()
+    allocates its MAP_INFO: V5 fails naming the allocation, and C2 reports
+    it as a finding about the adversary's handler, not a failure."""
+    refused = ebs_run_probe(scenario.Scenario(ebs_mode="callback", requeue_depth=2,
+                                              sev="emulated"))
+    assert refused.passed, [v.detail for v in refused.violations]
+    events = refused.log.timeline.trace.events
+    late = [e for e in events if isinstance(e, trace.IommuLate)]
+    assert [(e.call, e.status) for e in late] == [("map", EFI_OUT_OF_RESOURCES)]
+    access, = (e for e in events if isinstance(e, trace.DeviceAccess))
+    assert access.map == 0 and access.get("status") == hex(EFI_OUT_OF_RESOURCES)
+    assert late[0].host == access.host
+    assert ADVERSARY not in {f.culprit for f in refused.log.findings}
+
+    stock = ebs_run_probe(scenario.Scenario(ebs_mode="legacy", requeue_depth=2, sev="emulated"))
+    assert "V5" in stock.failed_checks() and "C2" not in stock.failed_checks()
+    v5, = (v for v in stock.violations if v.check == "V5")
+    assert v5.culprit.startswith("IoMmuDxe!IoMmuMap"), v5.detail
+    assert f"in handler {ADVERSARY}" in v5.detail and "allocating: allocate-pool" in v5.detail
+    assert not [e for e in stock.log.timeline.trace.events if isinstance(e, trace.IommuLate)]
+    assert ADVERSARY in {f.culprit for f in stock.log.findings if f.check == "C2"}
+    assert [f for f in stock.as_json()["findings"] if f["culprit"] == ADVERSARY]
 
 
 # ----------------------------------------------------------- the QEMU itself

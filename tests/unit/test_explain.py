@@ -168,7 +168,7 @@ def test_our_trace_gets_the_analyze_log_verdicts_and_explain_exits_0(
     data = json.loads(capsys.readouterr().out)
     assert data["schema"] == cli.JSON_SCHEMA
     assert data["ebs"]["verdict"] == "fail"
-    assert {v["check"] for v in data["ebs"]["violations"]} == {"V1", "V3", "V4"}
+    assert {v["check"] for v in data["ebs"]["violations"]} == {"V1", "V3", "V4", "V5"}
     assert data["explanation"]["traced"] is True
     assert data["explanation"]["end"]["summary"].startswith(
         "the log ends after ExitBootServices() returned to EbsProbe.efi")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.analysis import symbols, trace
+from harness.analysis.checks import State
 from harness.analysis.symbols import (
     ImageLoad,
     Symbolizer,
@@ -199,8 +200,9 @@ def test_good_logs_pass(path: Path) -> None:
 REAL = {  # real captures of the patched firmware (tests/data/make_real_logs.py)
     "callback-depth2.log": set(),
     "callback-stale.log": set(),
-    "legacy-depth1.log": set(),
-    "legacy-depth2.log": {"V1", "V3", "V4"},
+    # the stock scheme: the adversary's late Map() allocates (V5)
+    "legacy-depth1.log": {"V5"},
+    "legacy-depth2.log": {"V1", "V3", "V4", "V5"},
     "none-leak.log": {"V2", "V4"},
     "stock-noknobs.log": set(),
 }
@@ -233,8 +235,9 @@ def test_stock_boot_without_iommu_expects_no_teardown() -> None:
 def test_legacy_depth2_fails_v1_and_v3_naming_the_adversary() -> None:
     report, _ = analyze_log(LEGACY2, FW)
     found = {v.check for v in report.violations}
-    # The real adversary leaves its late CommonBuffer mapped: V4 as well.
-    assert found == {"V1", "V3", "V4"}
+    # The real adversary leaves its late CommonBuffer mapped: V4 as well;
+    # the stock scheme let it allocate after the memory map was terminated: V5.
+    assert found == {"V1", "V3", "V4", "V5"}
     v1 = next(v for v in report.violations if v.check == "V1")
     assert "EbsAdversaryDxe" in v1.detail and "began after teardown-begin seq" in v1.detail
     assert any("device-access by EbsAdversaryDxe" in v.detail for v in report.violations)
@@ -333,16 +336,16 @@ def test_v4_negative_control_unmapped_entry_missing_from_teardown() -> None:
 
 
 def test_v6_negative_control_a_live_mappings_bounce_page_given_again() -> None:
-    """The log maps, unmaps and maps dev=0xE7B5000 again (reuse after the
+    """The log maps, unmaps and maps dev=0xE46C000 again (reuse after the
     unmap: no violation); a second live mapping given that page is V6, and
     only V6."""
     text = text_of(CALLBACK)
     assert checks(text) == []
-    text = edit(text, r"^(EBST iommu-map map=0xE831F18 op=1 host=0xE7BA000) dev=0xE7B4000",
-                r"\1 dev=0xE7B5000")
+    text = edit(text, r"^(EBST iommu-map map=0xE2F0D98 op=1 host=0xE2A2000) dev=0xE46E000",
+                r"\1 dev=0xE46C000")
     assert checks(text) == ["V6"]
     [found] = [v for v in check_timeline(build_timeline(parse_text(text))) if v.check == "V6"]
-    assert "bounce pages 0xe7b5000..0xe7b5fff while map=0xe831b98" in found.detail
+    assert "bounce pages 0xe46c000..0xe46cfff while map=0xe2f0c98" in found.detail
     events = parse_text(text).events
     assert [events[s - 1].name for s in found.seqs] == ["iommu-map", "iommu-map"]
 
@@ -351,8 +354,8 @@ def test_v6_counts_no_common_buffer_mapped_in_place() -> None:
     """A mapping whose device address is its host address has no bounce
     pages: a common buffer at a live bounce buffer's address is not V6's."""
     text = edit(text_of(CALLBACK),
-                r"^EBST iommu-map map=0xE831918 op=2 host=0xE7B7000 dev=0xE7B7000",
-                "EBST iommu-map map=0xE831918 op=2 host=0xE7B5000 dev=0xE7B5000")
+                r"^EBST iommu-map map=0xE2F0B18 op=2 host=0xE486000 dev=0xE486000",
+                "EBST iommu-map map=0xE2F0B18 op=2 host=0xE46C000 dev=0xE46C000")
     assert "V6" not in checks(text)
 
 
@@ -514,7 +517,7 @@ def test_parse_map_sections() -> None:
 
 SEV_LOG = DATA / "emulated-sev-callback-depth2.log"
 PCD_LOG = DATA / "emulated-sev-pcd-in-teardown.log"
-MEMBER = "IoMmuDxe!IoMmuExitBootServices"
+MEMBER = "IoMmuDxe!IoMmuExitBootServicesTeardown"
 
 
 def _contract(text: str, fw: str = "fw-sev") -> trace.LogReport:
@@ -526,15 +529,48 @@ def _contract(text: str, fw: str = "fw-sev") -> trace.LogReport:
 
 
 def test_sev_callback_log_holds_the_contract_and_names_other_drivers() -> None:
+    """BdsDxe's handler frees pool after the memory map was terminated: a C2
+    finding about it. The adversary's late Map() was refused (iommu-late),
+    so it allocated nothing: no finding about it, and V5 holds."""
     report = _contract(SEV_LOG.read_text(encoding="latin-1"))
     assert report.contract_judged and report.violations == ()
-    culprits = [f.culprit for f in report.findings]
-    assert set(culprits) == {"BdsDxe!UnregisterAtExitBootServices",
-                             "EbsAdversaryDxe!AdversaryStage"}
-    adversary = next(f for f in report.findings if f.culprit.startswith("EbsAdversaryDxe"))
-    assert adversary.check == "C2"
-    assert "allocate-pool of 0x40 bytes" in adversary.detail
-    assert "from IoMmuDxe!IoMmuMap" in adversary.detail
+    assert {f.culprit for f in report.findings} == {"BdsDxe!UnregisterAtExitBootServices"}
+    assert all(f.check == "C2" and "free-pool" in f.detail for f in report.findings)
+    late = [e for e in report.timeline.trace.events if isinstance(e, trace.IommuLate)]
+    assert [(e.call, e.status) for e in late] == [("map", 0x8000000000000009)]
+    assert report.outcomes["V5"].state is State.HELD
+
+
+def test_v5_names_a_late_maps_allocation_and_its_handler() -> None:
+    """The stock scheme's real log: the adversary's Map() from its
+    ExitBootServices() handler (depth 1: before the teardown) allocated its
+    MAP_INFO; V5 fails on that alone, naming the allocation, the IOMMU
+    driver as culprit and the handler it ran in. The control: the callback
+    log of the same build, where it was refused."""
+    report, _ = analyze_log(DATA / "legacy-depth1.log", DATA / "fw-emu")
+    v5, = report.violations
+    assert v5.check == "V5" and v5.culprit.startswith("IoMmuDxe!IoMmuMap"), v5.detail
+    assert re.search(r"^iommu-map map=0x\w+ op=2 .* in handler EbsAdversaryDxe!AdversaryStage "
+                     r".* succeeded after the memory map was terminated \(memmap-terminated "
+                     r"seq \d+\), allocating: allocate-pool of 0x\w+ bytes from "
+                     r"IoMmuDxe!IoMmuMap", v5.detail), v5.detail
+    events = report.timeline.trace.events
+    assert [events[s - 1].name for s in v5.seqs] == ["memmap-terminated", "mem-call", "iommu-map"]
+    good, _ = analyze_log(CALLBACK, DATA / "fw-emu")
+    assert good.outcomes["V5"].state is State.HELD
+    assert any(isinstance(e, trace.IommuLate) for e in good.timeline.trace.events)
+
+
+def test_v5_negative_control_a_late_allocate_buffer() -> None:
+    """AllocateBuffer() is judged as Map() is: the callback log with the
+    refused Map() turned into a successful AllocateBuffer()."""
+    text = edit(text_of(CALLBACK), r"^EBST iommu-late call=map host=(0x\w+) pages=1 .*$",
+                r"EBST iommu-alloc host=\1 pages=1")
+    assert checks(text) == []                   # V5 is a contract check: judge_log's
+    report = trace.judge_log(build_timeline(parse_text(text)))
+    v5, = report.violations
+    assert v5.check == "V5" and v5.detail.startswith("iommu-alloc host=0x")
+    assert v5.culprit == "IoMmuDxe", "no allocation traced before it to blame"
 
 
 def test_pcd_in_teardown_fails_c1_and_c3_naming_the_member() -> None:
@@ -592,7 +628,7 @@ def test_logs_without_the_contract_lines_are_not_judged(tmp_path: Path) -> None:
     report, _ = analyze_log(cut, FW)
     assert not report.contract_judged
     assert not any(v.check.startswith("C") for v in report.violations)
-    assert any(n.startswith("C1..C3 not judged") for n in report.anomalies)
+    assert any(n.startswith("C1..C3 and V5 not judged") for n in report.anomalies)
 
 
 def test_sev_mask_comes_from_platformpei() -> None:
@@ -616,7 +652,7 @@ def test_a_trace_line_cut_by_the_timer_interrupt_is_rejoined() -> None:
     following = parsed.events[enter.seq]                 # seq counts from 1
     assert following.name == "tpl-change" and following.line == enter.line
     report, _ = analyze_log(path)
-    assert {v.check for v in report.violations} == {"V1", "V3", "V4"}
+    assert {v.check for v in report.violations} == {"V1", "V3", "V4", "V5"}
 
 
 @pytest.mark.parametrize("cut", [1, 2, 5, 12, 20])
