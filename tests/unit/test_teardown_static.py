@@ -4,7 +4,8 @@
 Negative controls: the series as it stands (2025.02: the TDX path of
 ``SetOrClearSharedBit`` to ``gBS->LocateProtocol``), the PCD variant of the
 2022.11 series (a dynamic ``PcdGet64`` in the teardown itself), and the
-protocol's own ``Unmap`` (``MemoryMapLocked`` FALSE frees pages). Positive
+protocol's own ``Unmap`` of the recorded 2025.02 module (``MemoryMapLocked``
+FALSE frees pages). Positive
 control: the 2022.11 series with the page-state change left out of the
 teardown (``firmware-variants/teardown-leaves-page-state.patch``), whose
 teardown does memory work only.
@@ -145,7 +146,9 @@ def test_no_path_of_the_series_runs_on_every_guest(
 
 def test_unmap_with_the_map_unlocked_frees_pages() -> None:
     """Negative control of that pruning, on the same module: the protocol's
-    Unmap() tail-jumps into the worker with MemoryMapLocked = 0."""
+    Unmap() tail-jumps into the worker with MemoryMapLocked = 0 (in this
+    recorded module; the series now passes the core's MemoryMapTerminated(),
+    unknown to the check, which follows both branches)."""
     result = ts.check_firmware(SERIES_2025, entry="IoMmuUnmap")
     freed = {f.target for f in result.findings
              if f.branch == ts.NO_BRANCH and f.functions[:2] == ("IoMmuUnmap", "IoMmuUnmapWorker")}
