@@ -119,7 +119,8 @@ def test_an_external_project_builds_boots_and_judges_with_the_plugin(
         addopts = --strict-markers -p no:cacheprovider
         ebs_accel = tcg
         """))
-    env = {**os.environ, "EBS_HARNESS_CACHE": str(cache.cache_root())}
+    env = {**os.environ, "EBS_HARNESS_CACHE": str(cache.cache_root()),
+           "EBS_HARNESS_EDK2": ebs_firmware.baseline}     # this session's baseline
     env.pop("PYTHONPATH", None)
     proc = _run([str(installed / "bin/python"), "-m", "pytest", "-q"], cwd=project, env=env)
     assert "2 passed" in proc.stdout, proc.stdout
@@ -131,7 +132,8 @@ def test_the_installed_demo_runs_outside_the_checkout(installed: Path, ebs_firmw
                                                       tmp_path: Path) -> None:
     """``pip install`` and ``ebs-harness demo``: the demo's QEMU and firmware
     come from the shipped series (cache hits here), its story holds."""
-    env = {**os.environ, "EBS_HARNESS_CACHE": str(cache.cache_root())}
+    env = {**os.environ, "EBS_HARNESS_CACHE": str(cache.cache_root()),
+           "EBS_HARNESS_EDK2": ebs_firmware.baseline}
     proc = _run([str(installed / "bin/ebs-harness"), "-q", "demo"], cwd=tmp_path, env=env,
                 timeout=900)
     assert "the 2017 scheme lost the race and the callback won it, as predicted" in proc.stdout
