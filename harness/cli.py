@@ -547,8 +547,9 @@ def _parser() -> argparse.ArgumentParser:
 
     # The scenario's options default to None: Scenario holds the defaults.
     boot = add_parser("boot", _options(_json, _firmware_to_run, _artifacts("LABEL"),
-                                       _qemu("qemu-system-x86_64; with --sev emulated or "
-                                             "emulated-es, the harness's QEMU")),
+                                       _qemu("qemu-system-x86_64; with --sev emulated, "
+                                             "emulated-es or emulated-snp, the harness's "
+                                             "QEMU")),
                       help="boot the probe guest once and judge it")
     boot.add_argument("--accel", choices=("auto", "tcg", "kvm"),
                       help="auto (default): KVM where the host probe proved it, else TCG")

@@ -608,4 +608,6 @@ SEV_ACTIVE = {
     "emulated": "Memory Encryption Features active: AMD SEV",
     "emulated-es": "Memory Encryption Features active: AMD SEV SEV-ES",
     "sev-es": "Memory Encryption Features active: AMD SEV SEV-ES",
+    "snp": "Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP",
+    "emulated-snp": "Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP",
 }

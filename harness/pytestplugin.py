@@ -19,7 +19,7 @@ option                          ini                     environment
 ==============================  ======================  ==============================
 
 Markers (:data:`MARKERS`: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``,
-``sev_emulated``, ``sev_es_emulated``) say what a test needs; the host probe
+``sev_emulated``, ``sev_es_emulated``, ``snp_emulated``) say what a test needs; the host probe
 (:mod:`harness.vm.host`, once per session) decides, and a test whose
 capability is missing is skipped with the probe's reason.
 
@@ -89,6 +89,8 @@ MARKERS = {
                      "per session, cached); a QEMU without it fails the test"),
     "sev_es_emulated": ("the test runs under the emulated SEV-ES of the harness's QEMU (built "
                         "once per session, cached); a QEMU without it fails the test"),
+    "snp_emulated": ("the test runs under the emulated SEV-SNP of the harness's QEMU (built "
+                     "once per session, cached); a QEMU without it fails the test"),
 }
 #: The markers of the emulations: the harness's QEMU has them, or it is broken.
 EMULATED_MARKERS = tuple(mode.capability for mode in MODES.values() if mode.emulated)

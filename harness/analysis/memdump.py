@@ -43,6 +43,7 @@ CR_OFFSET = 8 + 18 * 8 + 10 * 24  # cr[0] in QEMUCPUState
 
 PAGE = 4096
 MIB = 1 << 20
+GIB = 1 << 30
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 ADDR_MASK_2M = 0x000F_FFFF_FFE0_0000
 ADDR_MASK_1G = 0x000F_FFFF_C000_0000
@@ -53,6 +54,10 @@ SHARED_BY_DESIGN: tuple[tuple[int, int, str], ...] = (
     (0xA0000, MIB, ("the legacy VGA and option-ROM window: OVMF's PlatformInitLib "
                     "reports 0xA0000..1 MiB as MMIO, and AmdSevDxe clears the C-bit of "
                     "every MMIO range")),
+    (4 * GIB - 16 * MIB, 4 * GIB,
+     ("the firmware's flash window below 4 GiB: OVMF reports it as MMIO, and AmdSevDxe clears "
+      "the C-bit of every MMIO range; with the firmware as one -bios image (SEV-SNP) it is ROM "
+      "in the dump, no RAM the OS is given")),
 )
 
 MAX_TABLES = 1 << 16              # 256 MiB of page tables

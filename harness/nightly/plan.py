@@ -22,7 +22,7 @@
     name = "callback-d2"
     ebs_mode = "callback"
     requeue_depth = 2
-    sev = ["off", "emulated", "emulated-es"]   # each a case
+    sev = ["off", "emulated", "emulated-es", "emulated-snp"]   # each a case
     accel = ["auto"]
 
 A case is one host, firmware, scenario, SEV mode and accelerator: its key

@@ -177,7 +177,7 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
     machine = "q35"
     if config.sev is not None:
         machine += ",confidential-guest-support=sev0"
-    if config.sev is not None and config.sev.snp:
+    if config.sev is not None and config.sev.snp and not config.sev.emulated:
         machine += ",memory-backend=ram0"
     argv = [config.qemu, "-name", "ebs-harness,debug-threads=on",
             "-machine", machine, "-accel", config.accel]
@@ -192,14 +192,16 @@ def build_argv(config: MachineConfig, paths: RuntimePaths, *,
         argv.append("-no-reboot")
     if config.sev is not None:
         sev = config.sev
-        if sev.snp:
+        if sev.snp and not sev.emulated:
             # SNP's private memory comes from guest_memfd beside this shared memfd.
             argv += ["-object", (f"memory-backend-memfd,id=ram0,size={config.memory_mib}M,"
                                  "share=true")]
+        # The emulated SNP is sev-emulated's switch, with the u64 policy beside.
+        policy = (f"snp=on,snp-policy={sev.effective_policy:#x}" if sev.snp and sev.emulated
+                  else f"policy={sev.effective_policy:#x}")
         argv += ["-object",
                  (f"{sev.qom_type},id=sev0,cbitpos={sev.cbitpos},"
-                 f"reduced-phys-bits={sev.reduced_phys_bits},"
-                 f"policy={sev.effective_policy:#x}"
+                 f"reduced-phys-bits={sev.reduced_phys_bits},{policy}"
                  + (f",x-vc-mismatch={sev.vc_mismatch}" if sev.vc_mismatch else ""))]
     if config.sev is not None and config.sev.snp:
         argv += ["-bios", str(config.code)]

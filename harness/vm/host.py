@@ -169,12 +169,14 @@ class SevCapabilities:
 
     :param emulated: the harness's QEMU under TCG: SEV can only be emulated.
     :param es: the emulation has SEV-ES too (the ES bit of its policy).
+    :param snp: the emulation has SEV-SNP too (its ``snp`` property).
     """
 
     cbitpos: int
     reduced_phys_bits: int
     emulated: bool = False
     es: bool = False
+    snp: bool = False
 
 
 def parse_sev_capabilities(reply: Mapping[str, Any]) -> SevCapabilities:
@@ -290,7 +292,8 @@ def sev_verdicts(params: Mapping[str, bool | None] | None, dev_sev: bool,
 
 # ------------------------------------------------------------ result
 
-CAPABILITIES = ("tcg", "kvm", "sev", "sev_es", "snp", "sev_emulated", "sev_es_emulated")
+CAPABILITIES = ("tcg", "kvm", "sev", "sev_es", "snp", "sev_emulated", "sev_es_emulated",
+                "snp_emulated")
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,7 @@ class HostCaps:
     sev_geometry: SevCapabilities | None = None
     sev_emulated: Capability = Capability(False, "not probed")
     sev_es_emulated: Capability = Capability(False, "not probed")
+    snp_emulated: Capability = Capability(False, "not probed")
     #: The emulated SEV's (the ``sev-emulated`` type's defaults).
     emulated_geometry: SevCapabilities | None = None
     #: Whether this user may lock the memory of the largest SEV guest the
@@ -316,7 +320,7 @@ class HostCaps:
 
     def capability(self, name: str) -> Capability:
         """By marker name: ``tcg``, ``kvm``, ``sev``, ``sev_es``, ``snp``,
-        ``sev_emulated``, ``sev_es_emulated``."""
+        ``sev_emulated``, ``sev_es_emulated``, ``snp_emulated``."""
         if name not in CAPABILITIES:
             raise KeyError(name)
         value: Capability = getattr(self, name)
@@ -492,12 +496,15 @@ EMULATED_SEV_TYPE = MODES["emulated"].qom_type
 #: The property that came with the emulated SEV-ES (a test switch that
 #: gives a #VC the wrong exit code): a type that has it emulates SEV-ES.
 EMULATED_SEV_ES_PROPERTY = "x-vc-mismatch"
+#: The switch of the emulated SEV-SNP: a type that has it emulates SNP.
+EMULATED_SNP_PROPERTY = "snp"
 
 
 def parse_emulated_sev_properties(reply: Any) -> SevCapabilities:
     """``qom-list-properties`` of :data:`EMULATED_SEV_TYPE` (its ``return``):
     the ``cbitpos`` and ``reduced-phys-bits`` defaults, as emulated, and
-    whether SEV-ES is (:data:`EMULATED_SEV_ES_PROPERTY`)."""
+    whether SEV-ES is (:data:`EMULATED_SEV_ES_PROPERTY`) and SEV-SNP
+    (:data:`EMULATED_SNP_PROPERTY`)."""
     body = reply.get("return", reply) if isinstance(reply, Mapping) else reply
     if not isinstance(body, list):
         raise ValueError(f"not a property list: {reply!r}")  # noqa: TRY004 - a bad reply
@@ -505,7 +512,8 @@ def parse_emulated_sev_properties(reply: Any) -> SevCapabilities:
     parsed = parse_sev_capabilities({"cbitpos": defaults.get("cbitpos"),
                                      "reduced-phys-bits": defaults.get("reduced-phys-bits")})
     return SevCapabilities(parsed.cbitpos, parsed.reduced_phys_bits, emulated=True,
-                           es=EMULATED_SEV_ES_PROPERTY in defaults)
+                           es=EMULATED_SEV_ES_PROPERTY in defaults,
+                           snp=EMULATED_SNP_PROPERTY in defaults)
 
 
 def emulated_sev_capabilities(runner: Runner, qemu: str) -> SevCapabilities | str:
@@ -545,6 +553,20 @@ def emulated_sev_es_verdict(sev_emulated: Capability, qmp: SevCapabilities | str
                              "has SEV-ES: ebs-harness build-qemu")
 
 
+def emulated_snp_verdict(sev_es_emulated: Capability, qmp: SevCapabilities | str,
+                         version: str) -> Capability:
+    """Emulated SEV-SNP: on top of the emulated SEV-ES, a type with
+    :data:`EMULATED_SNP_PROPERTY` (a pure decision)."""
+    if not sev_es_emulated.available:
+        return Capability(False, f"needs emulated SEV-ES: {sev_es_emulated.reason}")
+    if isinstance(qmp, SevCapabilities) and qmp.snp:
+        return Capability(True, f"QEMU {version} emulates SEV-SNP under TCG ({EMULATED_SEV_TYPE} "
+                                "with snp=on, one vCPU, the firmware as one -bios image)")
+    return Capability(False, f"QEMU {version}'s {EMULATED_SEV_TYPE} has no SEV-SNP (no "
+                             f"{EMULATED_SNP_PROPERTY} property); the harness's QEMU has it: "
+                             "ebs-harness build-qemu")
+
+
 #: KVM's capability in a probe that did not look (``tcg_only``).
 NOT_PROBED_KVM = "not probed: the command runs under TCG (--accel tcg)"
 
@@ -563,7 +585,7 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
         missing = Capability(False, f"QEMU {qemu!r} not found")
         return HostCaps(qemu=qemu, qemu_version="", tcg=missing, kvm=missing,
                         sev=missing, sev_es=missing, snp=missing, sev_emulated=missing,
-                        sev_es_emulated=missing)
+                        sev_es_emulated=missing, snp_emulated=missing)
     out = subprocess.run([path, "--version"], capture_output=True, text=True,
                          check=False).stdout
     try:
@@ -571,7 +593,8 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
     except ValueError as exc:
         bad = Capability(False, str(exc))
         return HostCaps(qemu=path, qemu_version="", tcg=bad, kvm=bad, sev=bad,
-                        sev_es=bad, snp=bad, sev_emulated=bad, sev_es_emulated=bad)
+                        sev_es=bad, snp=bad, sev_emulated=bad, sev_es_emulated=bad,
+                        snp_emulated=bad)
 
     if not code.is_file() or not vars_template.is_file():
         nofw = f"no firmware to boot ({code}; install Debian's ovmf)"
@@ -621,12 +644,13 @@ def probe(qemu: str = DEFAULT_QEMU, root: Path = Path("/"),
                  else "TCG is not usable")
     sev_emulated = emulated_sev_verdict(tcg, emulation, path, version)
     sev_es_emulated = emulated_sev_es_verdict(sev_emulated, emulation, version)
+    snp_emulated = emulated_snp_verdict(sev_es_emulated, emulation, version)
     emulated = emulation if isinstance(emulation, SevCapabilities) and sev_emulated else None
     caps = HostCaps(
         qemu=path, qemu_version=version, tcg=tcg, kvm=kvm, sev=sev, sev_es=sev_es,
         snp=snp,
         sev_geometry=qmp if isinstance(qmp, SevCapabilities) else None,
-        sev_emulated=sev_emulated, sev_es_emulated=sev_es_emulated,
+        sev_emulated=sev_emulated, sev_es_emulated=sev_es_emulated, snp_emulated=snp_emulated,
         emulated_geometry=emulated, memlock=memlock_cap)
     LOG.info("host: %s", caps)
     return caps

@@ -49,6 +49,7 @@ MODES = [
     pytest.param("off", marks=pytest.mark.tcg, id="plain"),
     pytest.param("emulated", marks=pytest.mark.sev_emulated, id="emulated-sev"),
     pytest.param("emulated-es", marks=pytest.mark.sev_es_emulated, id="emulated-sev-es"),
+    pytest.param("emulated-snp", marks=pytest.mark.snp_emulated, id="emulated-snp"),
 ]
 
 

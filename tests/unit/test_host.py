@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -363,6 +364,20 @@ def test_emulated_sev_es_verdict() -> None:
     refused = host.emulated_sev_es_verdict(plain, before, "10.0.13")
     assert not refused.available and "emulates plain SEV only (no x-vc-mismatch" in \
         refused.reason
+
+
+def test_emulated_snp_verdict() -> None:
+    """SNP from the class's ``snp`` property: the harness's QEMU now (recorded)
+    has it; the class of SEV-ES alone does not, nor does one without SEV-ES."""
+    now = host.parse_emulated_sev_properties(json.loads(
+        (QMP_DATA / "qom-list-properties-sev-emulated.json").read_text()))
+    assert now.snp and now.es
+    es_only = dataclasses.replace(now, snp=False)
+    assert host.emulated_snp_verdict(YES, now, "10.0.13").available
+    refused = host.emulated_snp_verdict(YES, es_only, "10.0.13")
+    assert not refused.available and "has no SEV-SNP (no snp property)" in refused.reason
+    no_es = host.emulated_snp_verdict(Capability(False, "plain only"), now, "10.0.13")
+    assert not no_es.available and no_es.reason == "needs emulated SEV-ES: plain only"
     none = host.emulated_sev_es_verdict(Capability(False, "no class"), now, "7.2.22")
     assert none.reason == "needs emulated SEV: no class"
 

@@ -240,6 +240,36 @@ def test_emulated_sev_es_argv_and_its_limits() -> None:
         SevConfig("emulated-es", 47, 1, vc_mismatch="msr")
 
 
+def test_emulated_snp_argv_and_its_limits() -> None:
+    """sev-emulated's switch with the u64 policy, the firmware as one -bios
+    image, no memfd backend (that is KVM's guest_memfd); one vCPU."""
+    argv = build_argv(config(accel="tcg", sev=SevConfig("emulated-snp", 47, 1)), PATHS)
+    assert "sev-emulated,id=sev0,cbitpos=47,reduced-phys-bits=1,snp=on,snp-policy=0x30000" \
+        in argv
+    assert argv[argv.index("-bios") + 1] == str(config().code)
+    assert not any(a.startswith("memory-backend") or "memory-backend=" in a for a in argv)
+    assert "if=pflash" not in " ".join(argv)
+    real = build_argv(config(accel="kvm", sev=SevConfig("snp", 51, 1)), PATHS)   # the control
+    assert "q35,confidential-guest-support=sev0,memory-backend=ram0" in real
+    with pytest.raises(ValueError, match="smp 2: SEV mode emulated-snp runs at most 1 vCPU"):
+        config(accel="tcg", sev=SevConfig("emulated-snp", 47, 1), smp=2)
+    with pytest.raises(ValueError, match="SNP policy 0x0: a u64 with bit 17 set"):
+        SevConfig("emulated-snp", 47, 1, policy=0)
+
+
+def test_query_sev_of_an_emulated_snp_guest() -> None:
+    """Recorded from the harness's QEMU: type sev-snp, its u64 policy, emulated;
+    a real SNP guest is not one (the control), nor is another policy."""
+    info = json.loads((QMP_DATA / "query-sev-emulated-snp-paused.json").read_text())["return"]
+    assert sev_info_problem(info, 0x30000, emulated=True, snp=True) is None
+    assert sev_info_problem(info, 0x30000, snp=True) == \
+        "query-sev says the SEV is emulated (sev-emulated), not real"
+    assert sev_info_problem(info, 0x30001, emulated=True, snp=True) == \
+        "query-sev snp-policy 0x30000, expected 0x30001"
+    assert sev_info_problem(info, 0x30000, emulated=True) == \
+        "query-sev policy None, expected 0x30000"
+
+
 def test_sev_es_termination_from_stderr() -> None:
     """The emulated hypervisor's line (as QEMU words it) becomes the reason."""
     stderr = ("qemu-system-x86_64: warning: TCG doesn't support requested feature\n"

@@ -105,6 +105,9 @@ def test_a_mode_that_a_baseline_does_not_boot_says_why_before_any_boot() -> None
     assert sev.MODES["emulated-es"].stops("2022.11") is not None
     assert sev.MODES["emulated-es"].stops("2025.02") is None
     assert all(sev.MODES["emulated"].stops(name) is None for name in ("2022.11", "2025.02"))
+    # SNP is SEV-ES's path and more
+    assert sev.MODES["emulated-snp"].stops("2022.11") is not None
+    assert sev.MODES["emulated-snp"].stops("2025.02") is None
 
 
 def test_the_mode_decides_the_object_the_cpu_and_the_evidence() -> None:

@@ -3,11 +3,13 @@
 tests read: qom-list-properties of the sev-emulated class under TCG (how the
 host probe finds the emulation and whether it has SEV-ES), query-sev of a
 sev-emulated guest while paused (-S, after machine creation) and running,
-and of an emulated SEV-ES guest while paused.
+and of an emulated SEV-ES and SEV-SNP guest while paused.
 
-    .venv/bin/python tests/data/qmp/record-emulated.py QEMU_BINARY
+    .venv/bin/python tests/data/qmp/record-emulated.py QEMU_BINARY OVMF_FD
 
-QEMU_BINARY: ``ebs-harness build-qemu --json`` prints it (``qemu``). The
+QEMU_BINARY: ``ebs-harness build-qemu --json`` prints it (``qemu``);
+OVMF_FD: the one-image ``OVMF.fd`` of a harness firmware build (SEV-SNP
+launches from its SEV metadata, which Debian's OVMF of 2022.11 lacks). The
 QEMUs are started and spoken to as the harness does it (its machine, and
 its one QMP client).
 """
@@ -51,12 +53,15 @@ def main() -> None:
         save("query-sev-emulated-running.json", vm.qmp("query-sev"))
     with paused(qemu, SevConfig("emulated-es", 47, 1, policy=0x7)) as vm:
         save("query-sev-emulated-es-paused.json", vm.qmp("query-sev"))
+    with paused(qemu, SevConfig("emulated-snp", 47, 1), code=Path(sys.argv[2])) as vm:
+        save("query-sev-emulated-snp-paused.json", vm.qmp("query-sev"))
 
 
 @contextlib.contextmanager
-def paused(qemu: str, sev: SevConfig) -> Iterator[QemuMachine]:
-    """Debian's OVMF under ``sev``, paused after machine creation (``-S``)."""
-    config = MachineConfig(code=STOCK_CODE, vars_template=STOCK_VARS, accel="tcg", sev=sev,
+def paused(qemu: str, sev: SevConfig, code: Path = STOCK_CODE) -> Iterator[QemuMachine]:
+    """OVMF (Debian's unless ``code``) under ``sev``, paused after machine
+    creation (``-S``)."""
+    config = MachineConfig(code=code, vars_template=STOCK_VARS, accel="tcg", sev=sev,
                            qemu=qemu, debugcon=False, serial_input=False)
     with tempfile.TemporaryDirectory() as tmp:
         vm = QemuMachine(config, Path(tmp))
