@@ -284,7 +284,10 @@ def machine_config(firmware: Firmware, scenario: Scenario, devices: tuple[Device
         no_reboot=no_reboot,
         # The probe reads no console: a plain file keeps a serial trace intact.
         serial_input=serial_input,
-        trace_events=(device_models.trace_events(trace_models(devices))
+        trace_events=((*device_models.trace_events(trace_models(devices)),
+                       *(device_models.PAGE_STATE_EVENTS
+                         if sev is not None and sev.snp and sev.emulated
+                         else ()))
                       if scenario.device_trace else ()),
     )
 

@@ -34,6 +34,7 @@ class Evidence(enum.Enum):
     CONTRACT = "contract lines"         #: the DXE core's own EBST contract lines
     DUMP = "memory dump"                #: dump-guest-memory, parked after EBS
     DEVICE_TRACE = "device trace"       #: QEMU's trace events of the devices
+    PAGE_STATES = "page states"         #: an emulated SEV-SNP's, in the same QEMU trace
     MODULES = "built modules"           #: the firmware's modules/*.debug, read statically
 
 
@@ -93,6 +94,11 @@ CHECKS: Mapping[str, Check] = {check.id: check for check in (
           "the teardown began", Evidence.DEVICE_TRACE),
     Check("W2", "no late DMA", "no device did DMA from the teardown's beginning until the OS "
           "first touches it", Evidence.DEVICE_TRACE),
+    Check("S1", "revalidated", "every page the teardown made private again it validated "
+          "again, and no page was validated twice (an emulated SEV-SNP's page states)",
+          Evidence.PAGE_STATES),
+    Check("S2", "no unvalidated access", "no guest access reached a private page it had not "
+          "validated (#VC 0x404; an emulated SEV-SNP's page states)", Evidence.PAGE_STATES),
 )}
 
 

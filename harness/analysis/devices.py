@@ -43,6 +43,11 @@ from harness.analysis.devicetrace import (
     DeviceTrace,
     parse_device_trace,
 )
+from harness.analysis.pagestates import PageStates, judge_page_states
+
+#: Why S1 and S2 are not judged of a trace without page states.
+NO_PAGE_STATES = ("no page states in QEMU's trace: not an emulated SEV-SNP guest "
+                  "(--sev emulated-snp), whose QEMU is the only place they are read")
 
 # ------------------------------------------------------------ devices
 
@@ -96,10 +101,12 @@ class Device:
 
 @dataclass(frozen=True)
 class DeviceReport:
-    """W1 and W2 of one device trace.
+    """W1 and W2 of one device trace, and S1 and S2 of the page states in it.
 
     :param begin_line: the teardown-begin marker's line, or None (no
         teardown, or a firmware without the markers: nothing judged).
+    :param page_states: an emulated SEV-SNP's page states (S1, S2), or None
+        for a trace without them.
     """
 
     path: Path
@@ -110,6 +117,7 @@ class DeviceReport:
     devices: tuple[Device, ...]
     violations: tuple[Violation, ...]
     notes: tuple[str, ...]
+    page_states: PageStates | None = None
 
     @property
     def judged(self) -> bool:
@@ -118,11 +126,21 @@ class DeviceReport:
     @property
     def outcomes(self) -> dict[str, checks.Outcome]:
         """W1 and W2: held or failed, or not judged (without the teardown's
-        marker) for the reason the notes give."""
+        marker) for the reason the notes give; S1 and S2 likewise, not judged
+        without page states."""
         ids = checks.of(checks.Evidence.DEVICE_TRACE)
-        if not self.judged:
-            return checks.not_judged(ids, self.notes[0] if self.notes else "no teardown marker")
-        return checks.outcomes(ids, self.violations, {})
+        found = (checks.not_judged(ids, self.notes[0] if self.notes else "no teardown marker")
+                 if not self.judged else checks.outcomes(ids, self.violations, {}))
+        pages = checks.of(checks.Evidence.PAGE_STATES)
+        if self.page_states is None:
+            found.update(checks.not_judged(pages, NO_PAGE_STATES))
+        else:
+            found.update(checks.outcomes(pages, self.page_states.violations, {}))
+        return found
+
+    def held(self) -> str:
+        """The checks of this trace that held: ``W1, W2, S1, S2``."""
+        return ", ".join(c for c, o in self.outcomes.items() if o.state is checks.State.HELD)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -137,6 +155,7 @@ class DeviceReport:
                         for d in self.devices],
             "violations": [v.as_json() for v in self.violations],
             "notes": list(self.notes),
+            "page_states": self.page_states.as_json() if self.page_states else None,
         }
 
 
@@ -323,6 +342,8 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
     state = _State()
     at_begin: dict[str, tuple[int | None, dict[str, int]]] = {}
     for event in trace.events:
+        if event.name.startswith("sev_snp_"):
+            continue        # page states, judged below
         _step(state, event)
         if state.begin == event.line:
             at_begin = {d.bdf: (d.bus_master_since, dict(d.armed))
@@ -332,16 +353,20 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
         device.owner = (owners or {}).get(device.bdf)
         device.canary = (canary or {}).get(device.bdf)
     notes: list[str] = []
+    pages = judge_page_states(trace.events, state.begin, state.end)
+    paged = pages.violations if pages is not None else ()
+    if pages is not None:
+        notes += pages.notes
     if state.begin is None:
         notes.append("no teardown-begin marker (fw_cfg key 0x3eb1) in the device trace: no "
                      "teardown ran, or the firmware is not a test build with the markers; "
                      "W1 and W2 not judged")
         return DeviceReport(trace.path, trace.qemu, len(trace.events), None, None, devices,
-                            (), (*notes, *trace.notes))
+                            paged, (*notes, *trace.notes), pages)
     violations = (*quiesced(devices, at_begin, state.begin),
-                  *no_late_dma(devices, state.begin, state.unattributed))
+                  *no_late_dma(devices, state.begin, state.unattributed), *paged)
     return DeviceReport(trace.path, trace.qemu, len(trace.events), state.begin, state.end,
-                        devices, violations, (*notes, *trace.notes))
+                        devices, violations, (*notes, *trace.notes), pages)
 
 
 def quiesced(devices: Sequence[Device], at_begin: Mapping[str, tuple[int | None,
@@ -472,12 +497,16 @@ def render_text(report: DeviceReport, ebs_images: Sequence[str] = ()) -> str:
                  f"{device.touched_after})" if device.touched_after is not None else "")
         out.append(f"  {device.name}: DMA {device.dma_before} before, {len(device.dma_after)} "
                    f"after{later}; at the teardown: {state}{handler}")
+    if report.page_states is not None:
+        out.append(report.page_states.summary())
     for note in report.notes:
         out.append(f"note: {note}")
-    if report.judged:
-        if report.violations:
-            out.append(f"FAIL: {len(report.violations)} device violation(s)")
-            out += [f"  {v.check}: {v.detail}" for v in report.violations]
-        else:
-            out.append("PASS: W1, W2 held")
+    held = report.held()
+    if report.violations:
+        out.append(f"FAIL: {len(report.violations)} device violation(s)")
+        out += [f"  {v.check}: {v.detail}" for v in report.violations]
+        if held:
+            out.append(f"held: {held}")
+    elif held:
+        out.append(f"PASS: {held} held")
     return "\n".join(out) + "\n"

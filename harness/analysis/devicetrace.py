@@ -95,6 +95,17 @@ FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "lsi_reset": ("Reset", ()),
     "lsi_do_dma": ("DMA addr=0x%lx len=%d", ("addr", "len")),
 }
+#: The page-state events of the harness's own QEMU (``qemu-patches/``: an
+#: emulated SEV-SNP; :mod:`harness.analysis.pagestates`), which no other
+#: QEMU has: read with these formats, whatever QEMU the trace names.
+SNP_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sev_snp_launch_update": ("gpa 0x%lx len 0x%lx %s", ("gpa", "len", "type")),
+    "sev_snp_page_state": ("gpa 0x%lx pages %lu %s by %s", ("gpa", "pages", "state", "how")),
+    "sev_snp_pvalidate": ("gpa 0x%lx pages %lu validate %d", ("gpa", "pages", "validate")),
+    "sev_snp_pvalidate_no_update": ("gpa 0x%lx addr 0x%lx validate %d",
+                                    ("gpa", "addr", "validate")),
+    "sev_snp_not_validated": ("addr 0x%lx gpa 0x%lx access %d", ("addr", "gpa", "access")),
+}
 
 _CONVERSION_RE = re.compile(r"%(?:0?\d+)?(?:l|z|ll|h|hh)?([dixupsc%])")
 _CONVERSIONS = {"d": r"-?[0-9]+", "i": r"-?[0-9]+", "u": r"[0-9]+", "x": r"[0-9a-f]+",
@@ -115,10 +126,12 @@ def _format_regex(fmt: str) -> re.Pattern[str]:
 
 
 #: Each field's base: 16 for ``%x`` and ``%p``, 10 for the decimal ones.
+#: Every event the harness reads.
+KNOWN = {**FORMATS, **SNP_FORMATS}
 _BASES = {name: dict(zip(fields, (16 if kind in "xp" else 10
                                   for kind in _CONVERSION_RE.findall(fmt) if kind != "%"),
                          strict=True))
-          for name, (fmt, fields) in FORMATS.items()}
+          for name, (fmt, fields) in KNOWN.items()}
 # The log backend's line: "NAME ARGS", with -msg timestamp=on "PID@SEC.USEC:NAME ARGS".
 _LINE_RE = re.compile(r"(?:[0-9]+@[0-9]+\.[0-9]+:)?([a-z0-9_]+) (.*)\Z")
 _MAX_LINE = 4096
@@ -222,6 +235,8 @@ def preload(events_file: Path | None) -> None:
     for name in FORMATS:
         if name in formats:
             _compiled(formats[name])
+    for fmt, _ in SNP_FORMATS.values():
+        _compiled(fmt)
 
 
 def _parse_line(path: Path, number: int, text: str, qemu: str | None,
@@ -230,17 +245,21 @@ def _parse_line(path: Path, number: int, text: str, qemu: str | None,
     if match is None:
         raise DeviceTraceError(path, number, f"not a QEMU trace line: {text[:60]!r}")
     name, args = match.groups()
-    if name not in FORMATS or name not in formats:
+    if name in SNP_FORMATS:
+        fmt = SNP_FORMATS[name][0]
+    elif name in FORMATS and name in formats:
+        fmt = formats[name]
+    else:
         raise DeviceTraceError(path, number, f"event {name[:40]!r} is none the harness "
                                "enables: garbled, or not a device trace")
-    regex, kinds = _compiled(formats[name])
+    regex, kinds = _compiled(fmt)
     values = regex.match(args)
-    if values is None or len(kinds) != len(FORMATS[name][1]):
+    if values is None or len(kinds) != len(KNOWN[name][1]):
         made = f" (the trace says qemu={qemu})" if qemu else ""
         raise DeviceTraceError(path, number, f"{name} does not have QEMU {qemu or '7.2'}'s "
                                f"format{made}: garbled, or from another QEMU version: "
                                f"{args[:60]!r}")
-    fields = FORMATS[name][1]
+    fields = KNOWN[name][1]
     return DeviceEvent(number, name, dict(zip(fields, values.groups(), strict=True)),
                        {f: 16 if kind in "xp" else 10 for f, kind in zip(fields, kinds,
                                                                           strict=True)})

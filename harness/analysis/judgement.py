@@ -67,7 +67,8 @@ class Judgement:
         found.update(self.dump.outcomes if self.dump is not None else
                      checks.not_judged(checks.of(Evidence.DUMP), NO_DUMP))
         found.update(self.devices.outcomes if self.devices is not None else
-                     checks.not_judged(checks.of(Evidence.DEVICE_TRACE),
+                     checks.not_judged((*checks.of(Evidence.DEVICE_TRACE),
+                                        *checks.of(Evidence.PAGE_STATES)),
                                        self.device_notes[0] if self.device_notes
                                        else NO_DEVICE_TRACE))
         return found

@@ -443,9 +443,12 @@ def _device_section(devices: DeviceReport | None, report: LogReport) -> str:
     items = "".join(f"<li>{html.escape(v.check)}: {html.escape(v.detail)}</li>"
                     for v in devices.violations)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in devices.notes)
-    verdict = ("" if not devices.judged else
-               '<p class="pass">PASS: W1, W2 held</p>' if not devices.violations else
-               f'<p class="fail">FAIL: {len(devices.violations)} device violation(s)</p>')
+    held = devices.held()
+    verdict = (f'<p class="fail">FAIL: {len(devices.violations)} device violation(s)</p>'
+               if devices.violations else
+               f'<p class="pass">PASS: {html.escape(held)} held</p>' if held else "")
+    if devices.page_states is not None:
+        verdict += f"\n<p>{html.escape(devices.page_states.summary())}</p>"
     zoom = ""
     if devices.begin_line is not None and devices.begin_line > _ZOOM_LINES:
         zoom = (f"<p>Around the teardown, from device trace line "

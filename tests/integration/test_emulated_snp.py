@@ -5,24 +5,26 @@ vector on, the VMPL0 check (RMPADJUST), every page of RAM made private and
 validated (page state changes and PVALIDATE), its GHCB registered; the
 probe sees SEV_STATUS 0x7. QEMU's own trace of the page states says what
 the teardown did: every page it made private again it validated again,
-none twice, and no access reached a page not validated. The emulation
-refuses what a real SNP launch cannot do (flash devices for the firmware,
-more than one vCPU here, a policy without its reserved bit).
+none twice, and no access reached a page not validated (S1, S2); the
+firmware variants of their negative controls fail exactly those. The
+emulation refuses what a real SNP launch cannot do (flash devices for the
+firmware, more than one vCPU here, a policy without its reserved bit).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from harness import scenario
-from harness.analysis import trace
+from harness.analysis import devicetrace, trace
+from harness.analysis.devices import analyze_device_trace
 from harness.build import edk2
+from harness.build.progress import StderrProgress
+from harness.errors import ConsoleFailure, ConsoleTimeout, LaunchError
 from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
 from harness.vm.config import MachineConfig
@@ -32,14 +34,8 @@ from harness.vm.machine import QemuMachine
 pytestmark = pytest.mark.snp_emulated
 
 QMP_DATA = Path(__file__).resolve().parents[1] / "data" / "qmp"
+VARIANTS = Path(__file__).resolve().parents[1] / "data" / "firmware-variants" / "edk2-2025.02"
 CBIT = 1 << 47
-PAGE = 0x1000
-
-#: QEMU's trace events of the emulated SNP, and the teardown's markers.
-SNP_EVENTS = ("sev_snp_launch_update", "sev_snp_page_state", "sev_snp_pvalidate",
-              "sev_snp_pvalidate_no_update", "sev_snp_not_validated", "fw_cfg_select")
-_EVENT = re.compile(r"(sev_snp_\w+|fw_cfg_select) (.*)")
-
 
 @pytest.fixture(scope="session")
 def emulated(pytestconfig: pytest.Config) -> HostCaps:
@@ -65,68 +61,21 @@ def test_the_firmware_takes_its_snp_path(ebs_run_probe) -> None:  # type: ignore
         (0xA0000, 0x60000), (ghcb, 0x1000), (0xFFC0_0000, 0x40_0000)]
 
 
-def _snp_trace(path: Path) -> list[tuple[str, dict[str, str]]]:
-    """QEMU's trace (the log backend): each line's event and its fields."""
-    events = []
-    for line in path.read_text().splitlines():
-        found = _EVENT.match(line)
-        assert found, f"not an event line: {line!r}"
-        name, rest = found[1], found[2]
-        if name == "fw_cfg_select":
-            key = re.search(r"key 0x([0-9a-f]+)", rest)
-            assert key
-            events.append((name, {"key": key[1]}))
-            continue
-        words = rest.split()
-        fields = dict(zip(words[::2], words[1::2]))
-        if name == "sev_snp_page_state":
-            fields["state"] = words[4]
-        events.append((name, fields))
-    return events
-
-
-def _pages(fields: dict[str, str]) -> set[int]:
-    first = int(fields["gpa"], 16)
-    return {first + i * PAGE for i in range(int(fields.get("pages", "1")))}
-
-
-def test_the_teardown_validates_every_page_it_makes_private(
-        emulated: HostCaps, ebs_firmware: edk2.Firmware, ebs_artifacts: Path) -> None:
-    """From QEMU's trace, in the order the guest asked: the launch validated
-    the SEV metadata's sections; between the teardown's markers every page
-    made private was validated after it; no page was validated twice and no
-    access reached a page not validated, in the whole boot."""
-    def launcher(config: MachineConfig, artifacts: Path, **kwargs: object) -> QemuMachine:
-        config = dataclasses.replace(config, trace_events=SNP_EVENTS)
-        return QemuMachine(config, artifacts, **kwargs)  # type: ignore[arg-type]
-
-    # The harness's device trace reads device events only: QEMU's raw trace
-    # of the page states is read here.
-    chosen = scenario.Scenario(ebs_mode="callback", sev="emulated-snp", device_trace=False)
-    result = scenario.run_scenario(ebs_firmware, chosen, ebs_artifacts, caps=emulated,
-                                   launcher=launcher)
+def test_the_teardown_validates_every_page_it_makes_private(ebs_run_probe) -> None:  # type: ignore[no-untyped-def]
+    """QEMU's trace of the page states, as the harness reads it (S1, S2): the
+    launch validated the SEV metadata's sections, and every page the
+    teardown made private again it validated again."""
+    result = ebs_run_probe(scenario.Scenario(ebs_mode="callback", requeue_depth=2,
+                                             sev="emulated-snp"))
     assert result.passed, [v.detail for v in result.violations]
-    events = _snp_trace(ebs_artifacts / "vm" / "device-trace.raw")
-    names = [name for name, _ in events]
-    assert "sev_snp_pvalidate_no_update" not in names, "a page validated twice"
-    assert "sev_snp_not_validated" not in names, "an access to a page not validated"
-    launched = [(f["gpa"], f["len"]) for name, f in events if name == "sev_snp_launch_update"]
-    assert ("0x80d000", "0x1000") in launched and ("0x80e000", "0x1000") in launched, \
-        "the secrets and CPUID pages, where OvmfPkgX64's metadata puts them"
-    marks = [i for i, (name, f) in enumerate(events)
-             if name == "fw_cfg_select" and f["key"] in ("3eb1", "3eb2")]
-    assert len(marks) == 2, "one teardown, begin and end"
-    begin, end = marks
-    private: set[int] = set()
-    validated: set[int] = set()
-    for name, fields in events[begin:end]:
-        if name == "sev_snp_page_state" and fields["state"] == "private":
-            private |= _pages(fields)
-            validated -= _pages(fields)
-        elif name == "sev_snp_pvalidate" and fields["validate"] == "1":
-            validated |= _pages(fields)
-    assert private, "the teardown makes its shared pages private again"
-    assert private <= validated, sorted(hex(p) for p in private - validated)[:8]
+    assert result.devices is not None
+    pages = result.devices.page_states
+    assert pages is not None
+    assert {(gpa, kind) for gpa, _, kind in pages.launched} >= {
+        (0x80D000, "secrets"), (0x80E000, "cpuid")}, "where OvmfPkgX64's metadata puts them"
+    assert pages.made_private == pages.revalidated > 0
+    assert {c: o.state.value for c, o in result.devices.outcomes.items()
+            if c in ("S1", "S2")} == {"S1": "held", "S2": "held"}
 
 
 def test_query_sev_is_what_the_recording_says(emulated: HostCaps, ebs_firmware: edk2.Firmware,
@@ -166,3 +115,55 @@ def test_the_emulation_refuses_what_an_snp_launch_cannot_do(
                           input="")
     assert done.returncode == 1, (done.returncode, done.stderr)
     assert why in done.stderr, done.stderr
+
+
+def _variant(name: str) -> edk2.Firmware:
+    return edk2.build_variant(VARIANTS / f"{name}.patch", progress=StderrProgress()).output
+
+
+@pytest.mark.parametrize(("variant", "detail"), [
+    ("teardown-validates-a-page-twice", "validated twice: PVALIDATE at 0x"),
+    ("teardown-leaves-a-page-unvalidated", ("1 page(s) the teardown made private were not "
+                                            "validated at the teardown's end")),
+])
+def test_a_teardown_that_breaks_the_page_states_fails_exactly_s1(
+        emulated: HostCaps, ebs_artifacts: Path, variant: str, detail: str) -> None:
+    """The firmware variants of S1's negative controls boot to the park
+    under the emulated SNP and fail S1 alone; under the emulated SEV-ES the
+    same firmware holds every verdict (the control: the change acts only
+    under SNP, and only the page states can show it)."""
+    firmware = _variant(variant)
+    snp = scenario.run_scenario(firmware, scenario.Scenario(ebs_mode="callback",
+                                                            sev="emulated-snp"),
+                                ebs_artifacts / "snp", caps=emulated)
+    assert snp.failed_checks() == {"S1"}, [v.detail for v in snp.violations]
+    violation, = snp.violations
+    assert detail in violation.detail, violation.detail
+    es = scenario.run_scenario(firmware, scenario.Scenario(ebs_mode="callback",
+                                                           sev="emulated-es"),
+                               ebs_artifacts / "es", caps=emulated)
+    assert es.passed, [v.detail for v in es.violations]
+    assert es.devices is not None and es.devices.page_states is None
+
+
+def test_an_access_to_a_page_not_validated_ends_the_guest_and_fails_s1_and_s2(
+        emulated: HostCaps, ebs_artifacts: Path) -> None:
+    """The teardown reads a page it left unvalidated: #VC 0x404, which OVMF's
+    handler cannot serve, so the guest asks to end inside the teardown. The
+    trace QEMU wrote up to the end fails S1 (the page) and S2 (the access)."""
+    firmware = _variant("teardown-touches-an-unvalidated-page")
+    with pytest.raises((ConsoleFailure, ConsoleTimeout, LaunchError)) as caught:
+        scenario.run_scenario(firmware, scenario.Scenario(ebs_mode="callback",
+                                                          sev="emulated-snp"),
+                              ebs_artifacts, caps=emulated)
+    first = str(caught.value).splitlines()[0]
+    assert "exit code 0x404" in str(caught.value), first
+    raw = ebs_artifacts / "vm" / "device-trace.raw"
+    kept = ebs_artifacts / "device-trace.log"
+    kept.write_text(devicetrace.header(emulated.qemu_version) + raw.read_text())
+    report = analyze_device_trace(kept)
+    assert {v.check for v in report.violations} == {"S1", "S2"}, \
+        [v.detail for v in report.violations]
+    s2, = (v for v in report.violations if v.check == "S2")
+    assert s2.detail.startswith("a read at 0x") and s2.detail.endswith("inside the teardown"), \
+        s2.detail
