@@ -257,13 +257,15 @@ def test_guest_reports_memory_encryption(ebs_firmware: edk2.Firmware, ebs_linux_
 @pytest.mark.parametrize("sev", [
     pytest.param("emulated", marks=pytest.mark.sev_emulated, id="emulated-sev"),
     pytest.param("emulated-es", marks=pytest.mark.sev_es_emulated, id="emulated-sev-es"),
+    pytest.param("emulated-snp", marks=pytest.mark.snp_emulated, id="emulated-snp"),
 ])
 def test_guest_under_emulated_sev(ebs_firmware: edk2.Firmware, ebs_linux_image: LinuxImage,
                                   pytestconfig: pytest.Config, ebs_artifacts: Path,
                                   record_property: Callable[[str, object], None],
                                   sev: str) -> None:
     """Linux takes its SEV path on the harness's QEMU: it reports AMD SEV
-    (and SEV-ES: its own #VC handler and GHCB from then on), does all DMA
+    (and SEV-ES: its own #VC handler and GHCB from then on; and SEV-SNP: the
+    CPUID page, its pages validated, the SNP guest device), does all DMA
     through its bounce buffers (SWIOTLB with memory encryption), and the
     disk and the network still work; the firmware's trace of the boot, EBS
     contract included, passes."""
@@ -281,6 +283,11 @@ def test_guest_under_emulated_sev(ebs_firmware: edk2.Firmware, ebs_linux_image: 
     assert linux.SEV_ACTIVE[sev] in dmesg
     if sev == "emulated":       # the line SEV-ES extends: plain SEV stops before it
         assert linux.SEV_ACTIVE["emulated-es"] not in dmesg
+    if sev == "emulated-snp":
+        assert "SEV: Using SNP CPUID table" in dmesg
+        assert "SEV: SNP guest platform device initialized." in dmesg
+    else:                       # the control: SEV and SEV-ES have no SNP line
+        assert linux.SEV_ACTIVE["emulated-snp"] not in dmesg
     assert "Memory encryption is active and system is using DMA bounce buffers" in dmesg
     assert canary.encode() == run.canary and whole.split()[0] == expected
     assert " 0% packet loss" in ping
