@@ -539,32 +539,38 @@ def emulated_sev_verdict(tcg: Capability, qmp: SevCapabilities | str, qemu: str,
                              "has it: ebs-harness build-qemu")
 
 
+def _emulated_layer(below: Capability, below_name: str, has: bool, yes: str,
+                    no: str) -> Capability:
+    """An emulation built on ``below`` (named ``below_name``): there when
+    that is and the type ``has`` it, saying ``yes``; else why not."""
+    if not below.available:
+        return Capability(False, f"needs {below_name}: {below.reason}")
+    return Capability(True, yes) if has else Capability(False, no)
+
+
 def emulated_sev_es_verdict(sev_emulated: Capability, qmp: SevCapabilities | str,
                             version: str) -> Capability:
     """Emulated SEV-ES: on top of emulated SEV, a type that has it
     (:func:`parse_emulated_sev_properties`; a pure decision)."""
-    if not sev_emulated.available:
-        return Capability(False, f"needs emulated SEV: {sev_emulated.reason}")
-    if isinstance(qmp, SevCapabilities) and qmp.es:
-        return Capability(True, f"QEMU {version} emulates SEV-ES under TCG ({EMULATED_SEV_TYPE} "
-                                "with the ES policy bit, one vCPU)")
-    return Capability(False, f"QEMU {version}'s {EMULATED_SEV_TYPE} emulates plain SEV only "
-                             f"(no {EMULATED_SEV_ES_PROPERTY} property); the harness's QEMU "
-                             "has SEV-ES: ebs-harness build-qemu")
+    return _emulated_layer(
+        sev_emulated, "emulated SEV", isinstance(qmp, SevCapabilities) and qmp.es,
+        f"QEMU {version} emulates SEV-ES under TCG ({EMULATED_SEV_TYPE} with the ES policy "
+        "bit, one vCPU)",
+        f"QEMU {version}'s {EMULATED_SEV_TYPE} emulates plain SEV only (no "
+        f"{EMULATED_SEV_ES_PROPERTY} property); the harness's QEMU has SEV-ES: ebs-harness "
+        "build-qemu")
 
 
 def emulated_snp_verdict(sev_es_emulated: Capability, qmp: SevCapabilities | str,
                          version: str) -> Capability:
     """Emulated SEV-SNP: on top of the emulated SEV-ES, a type with
     :data:`EMULATED_SNP_PROPERTY` (a pure decision)."""
-    if not sev_es_emulated.available:
-        return Capability(False, f"needs emulated SEV-ES: {sev_es_emulated.reason}")
-    if isinstance(qmp, SevCapabilities) and qmp.snp:
-        return Capability(True, f"QEMU {version} emulates SEV-SNP under TCG ({EMULATED_SEV_TYPE} "
-                                "with snp=on, one vCPU, the firmware as one -bios image)")
-    return Capability(False, f"QEMU {version}'s {EMULATED_SEV_TYPE} has no SEV-SNP (no "
-                             f"{EMULATED_SNP_PROPERTY} property); the harness's QEMU has it: "
-                             "ebs-harness build-qemu")
+    return _emulated_layer(
+        sev_es_emulated, "emulated SEV-ES", isinstance(qmp, SevCapabilities) and qmp.snp,
+        f"QEMU {version} emulates SEV-SNP under TCG ({EMULATED_SEV_TYPE} with snp=on, one "
+        "vCPU, the firmware as one -bios image)",
+        f"QEMU {version}'s {EMULATED_SEV_TYPE} has no SEV-SNP (no {EMULATED_SNP_PROPERTY} "
+        "property); the harness's QEMU has it: ebs-harness build-qemu")
 
 
 #: KVM's capability in a probe that did not look (``tcg_only``).

@@ -37,6 +37,7 @@ QMP_DATA = Path(__file__).resolve().parents[1] / "data" / "qmp"
 VARIANTS = Path(__file__).resolve().parents[1] / "data" / "firmware-variants" / "edk2-2025.02"
 CBIT = 1 << 47
 
+
 @pytest.fixture(scope="session")
 def emulated(pytestconfig: pytest.Config) -> HostCaps:
     """The harness's QEMU, built (cached) and probed once per session."""
