@@ -99,6 +99,10 @@ CHECKS: Mapping[str, Check] = {check.id: check for check in (
           Evidence.PAGE_STATES),
     Check("S2", "no unvalidated access", "no guest access reached a private page it had not "
           "validated (#VC 0x404; an emulated SEV-SNP's page states)", Evidence.PAGE_STATES),
+    Check("S3", "handed over validated", "every page of the memory map ExitBootServices() "
+          "took that the OS uses as its memory is private and validated when the guest parks "
+          "(an emulated SEV-SNP's page states and the probe's memory map)",
+          Evidence.PAGE_STATES),
 )}
 
 

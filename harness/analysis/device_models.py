@@ -94,7 +94,7 @@ _BY_KIND = {model.kind: model for model in MODELS}
 #: command register.
 BASE_EVENTS = ("fw_cfg_select", "pci_cfg_write")
 #: The page-state events of the harness's QEMU under an emulated SEV-SNP,
-#: in the same trace (:mod:`harness.analysis.pagestates`: S1, S2).
+#: in the same trace (:mod:`harness.analysis.pagestates`: S1 to S3).
 PAGE_STATE_EVENTS = ("sev_snp_launch_update", "sev_snp_page_state", "sev_snp_pvalidate",
                      "sev_snp_pvalidate_no_update", "sev_snp_not_validated")
 

@@ -43,9 +43,9 @@ from harness.analysis.devicetrace import (
     DeviceTrace,
     parse_device_trace,
 )
-from harness.analysis.pagestates import PageStates, judge_page_states
+from harness.analysis.pagestates import NO_MEMORY_MAP, PageStates, judge_page_states
 
-#: Why S1 and S2 are not judged of a trace without page states.
+#: Why S1 to S3 are not judged of a trace without page states.
 NO_PAGE_STATES = ("no page states in QEMU's trace: not an emulated SEV-SNP guest "
                   "(--sev emulated-snp), whose QEMU is the only place they are read")
 
@@ -101,11 +101,11 @@ class Device:
 
 @dataclass(frozen=True)
 class DeviceReport:
-    """W1 and W2 of one device trace, and S1 and S2 of the page states in it.
+    """W1 and W2 of one device trace, and S1 to S3 of the page states in it.
 
     :param begin_line: the teardown-begin marker's line, or None (no
         teardown, or a firmware without the markers: nothing judged).
-    :param page_states: an emulated SEV-SNP's page states (S1, S2), or None
+    :param page_states: an emulated SEV-SNP's page states (S1 to S3), or None
         for a trace without them.
     """
 
@@ -126,7 +126,7 @@ class DeviceReport:
     @property
     def outcomes(self) -> dict[str, checks.Outcome]:
         """W1 and W2: held or failed, or not judged (without the teardown's
-        marker) for the reason the notes give; S1 and S2 likewise, not judged
+        marker) for the reason the notes give; S1 to S3 likewise, not judged
         without page states."""
         ids = checks.of(checks.Evidence.DEVICE_TRACE)
         found = (checks.not_judged(ids, self.notes[0] if self.notes else "no teardown marker")
@@ -136,10 +136,12 @@ class DeviceReport:
             found.update(checks.not_judged(pages, NO_PAGE_STATES))
         else:
             found.update(checks.outcomes(pages, self.page_states.violations, {}))
+            if self.page_states.usable_pages is None:
+                found.update(checks.not_judged(("S3",), NO_MEMORY_MAP))
         return found
 
     def held(self) -> str:
-        """The checks of this trace that held: ``W1, W2, S1, S2``."""
+        """The checks of this trace that held: ``W1, W2, S1, S2, S3``."""
         return ", ".join(c for c, o in self.outcomes.items() if o.state is checks.State.HELD)
 
     def as_json(self) -> dict[str, Any]:
@@ -331,14 +333,17 @@ def _virtio_step(state: _State, event: DeviceEvent) -> None:
 
 
 def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
-          canary: Mapping[str, bool] | None = None) -> DeviceReport:
+          canary: Mapping[str, bool] | None = None,
+          memmap: Sequence[tuple[int, int, int]] = ()) -> DeviceReport:
     """W1 and W2 of ``trace``.
 
     :param owners: PCI address to the driver the firmware log says armed
         that device, where it is not the model's usual driver
         (:func:`owners_in_log`).
     :param canary: PCI address to whether the probe read the canary through
-        a volume on that device (:func:`canary_reads`)."""
+        a volume on that device (:func:`canary_reads`).
+    :param memmap: the memory map ExitBootServices() took, from the log
+        (:func:`memmap_in_log`), for S3."""
     state = _State()
     at_begin: dict[str, tuple[int | None, dict[str, int]]] = {}
     for event in trace.events:
@@ -353,7 +358,7 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
         device.owner = (owners or {}).get(device.bdf)
         device.canary = (canary or {}).get(device.bdf)
     notes: list[str] = []
-    pages = judge_page_states(trace.events, state.begin, state.end)
+    pages = judge_page_states(trace.events, state.begin, state.end, memmap)
     paged = pages.violations if pages is not None else ()
     if pages is not None:
         notes += pages.notes
@@ -431,7 +436,8 @@ def analyze_device_trace(path: Path | str, log_events: Iterable[Any] = ()) -> De
     boot's firmware trace events, name the adversary's device and the
     volumes the probe read."""
     events = list(log_events)
-    return judge(parse_device_trace(path), owners_in_log(events), canary_reads(events))
+    return judge(parse_device_trace(path), owners_in_log(events), canary_reads(events),
+                 memmap_in_log(events))
 
 
 _PCI_PATH_RE = re.compile(r"PciRoot\(0x[0-9A-Fa-f]+\)/Pci\(0x([0-9A-Fa-f]+),0x([0-9A-Fa-f]+)\)")
@@ -451,6 +457,15 @@ def canary_reads(events: Iterable[Any]) -> dict[str, bool]:
             bdf = f"00:{int(match.group(1), 16):02x}.{int(match.group(2), 16)}"
             found[bdf] = found.get(bdf, False) or event.get("match") == "1"
     return found
+
+
+def memmap_in_log(events: Iterable[Any]) -> list[tuple[int, int, int]]:
+    """The memory map ExitBootServices() took, as the probe prints it after
+    (``EBST probe step=memmap type=T start=0x.. pages=0x..``): (type, start,
+    pages) each."""
+    return [(int(e.get("type") or "0"), int(e.get("start") or "0", 16),
+             int(e.get("pages") or "0", 16))
+            for e in events if getattr(e, "step", None) == "memmap"]
 
 
 def owners_in_log(events: Iterable[Any]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""S1 and S2: an emulated SEV-SNP's page states, from QEMU's trace.
+"""S1, S2 and S3: an emulated SEV-SNP's page states, from QEMU's trace.
 
 Under SEV-SNP a page made private again is usable only once the guest has
 validated it (PVALIDATE); a page validated twice is an integrity hole the
@@ -21,9 +21,14 @@ under ``--sev emulated-snp``):
 is validated when the end marker comes (validated after it was made
 private, and not rescinded since), and no PVALIDATE anywhere in the boot
 changed nothing. **S2** holds when no access reached a page not
-validated. Neither is judged for a guest whose trace has no page states
-(not an emulated SEV-SNP): real SNP hardware keeps its reverse map from the
-host, and the emulation is the only place the harness reads it.
+validated. **S3** holds when every page of the memory map that
+ExitBootServices() took (the probe prints it, ``probe step=memmap``) of a
+type the OS uses as its memory (:data:`USABLE_TYPES`) is private and
+validated when the guest parks: the page states replayed from the launch
+on. None is judged for a guest whose trace has no page states (not an
+emulated SEV-SNP): real SNP hardware keeps its reverse map from the host,
+and the emulation is the only place the harness reads it; S3 not either
+without the probe's memory map.
 """
 
 from __future__ import annotations
@@ -40,6 +45,18 @@ PAGE = 0x1000
 #: ``sev_snp_not_validated``'s ``access``: QEMU's MMUAccessType.
 ACCESSES = {0: "read", 1: "write", 2: "instruction fetch"}
 
+#: The memory types the OS is handed as its own memory, accepted (UEFI's
+#: "Memory Type Usage after ExitBootServices()"); EfiUnacceptedMemoryType
+#: (15) is memory the OS accepts itself, and the others are not RAM it uses.
+USABLE_TYPES = {1: "EfiLoaderCode", 2: "EfiLoaderData", 3: "EfiBootServicesCode",
+                4: "EfiBootServicesData", 5: "EfiRuntimeServicesCode",
+                6: "EfiRuntimeServicesData", 7: "EfiConventionalMemory",
+                9: "EfiACPIReclaimMemory", 10: "EfiACPIMemoryNVS"}
+
+#: Why S3 is not judged of a boot whose debug log has no memory map.
+NO_MEMORY_MAP = ("no memory map in the debug log: the probe of this series prints the one "
+                 "ExitBootServices() took ('probe step=memmap' lines); other guests do not")
+
 
 @dataclass(frozen=True)
 class PageStates:
@@ -55,16 +72,21 @@ class PageStates:
     revalidated: int
     violations: tuple[Violation, ...]
     notes: tuple[str, ...] = ()
+    #: usable pages of the memory map S3 judged, or None without one
+    usable_pages: int | None = None
 
     def summary(self) -> str:
+        handed = (f"; the OS is handed {self.usable_pages} page(s) of usable memory"
+                  if self.usable_pages is not None else "")
         return (f"page states (emulated SEV-SNP): the launch validated {len(self.launched)} "
                 f"section(s); the teardown made {self.made_private} page(s) private again "
-                f"and validated {self.revalidated} of them again")
+                f"and validated {self.revalidated} of them again{handed}")
 
     def as_json(self) -> dict[str, Any]:
         return {"launched": [{"gpa": gpa, "len": size, "type": kind}
                              for gpa, size, kind in self.launched],
                 "made_private": self.made_private, "revalidated": self.revalidated,
+                "usable_pages": self.usable_pages,
                 "violations": [v.as_json() for v in self.violations],
                 "notes": list(self.notes)}
 
@@ -85,11 +107,74 @@ def _ranges(pages: Iterable[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _replay(snp: Sequence[DeviceEvent], top: int) -> tuple[bytearray, bytearray]:
+    """The pages below ``top`` after ``snp``, the launch's state first: each
+    private, and validated where the launch or PVALIDATE validated it. A
+    launch after other events is a reset: the guest is launched again."""
+    count = top // PAGE
+    private = bytearray(b"\x01" * count)
+    validated = bytearray(count)
+    launching = False
+    for event in snp:
+        if event.name == "sev_snp_launch_update":
+            if not launching:
+                private[:] = b"\x01" * count
+                validated[:] = bytes(count)
+            launching = True
+            first = event.num("gpa") // PAGE
+            last = min(count, first + event.num("len") // PAGE)
+            validated[first:last] = b"\x01" * max(0, last - first)
+            continue
+        launching = False
+        if event.name not in ("sev_snp_page_state", "sev_snp_pvalidate"):
+            continue
+        first = event.num("gpa") // PAGE
+        last = min(count, first + event.num("pages"))
+        if first >= last:
+            continue
+        ones, zeros = b"\x01" * (last - first), bytes(last - first)
+        if event.name == "sev_snp_pvalidate":
+            validated[first:last] = ones if event.num("validate") else zeros
+        elif event.fields["state"] == "private":
+            private[first:last] = ones
+        else:
+            private[first:last] = zeros
+            validated[first:last] = zeros
+    return private, validated
+
+
+def _usable_unvalidated(snp: Sequence[DeviceEvent], memmap: Sequence[tuple[int, int, int]]
+                        ) -> tuple[int, list[Violation]]:
+    """S3: the usable pages of ``memmap`` (type, start, pages) and the
+    violation of those not private and validated at the trace's end."""
+    usable = [(kind, start, pages) for kind, start, pages in memmap if kind in USABLE_TYPES]
+    top = max((start + pages * PAGE for _, start, pages in usable), default=0)
+    private, validated = _replay(snp, top)
+    bad: dict[int, set[str]] = {}
+    for kind, start, pages in usable:
+        for index in range(start // PAGE, start // PAGE + pages):
+            if not (private[index] and validated[index]):
+                bad.setdefault(index * PAGE, set()).add(USABLE_TYPES[kind])
+    handed = sum(pages for _, _, pages in usable)
+    if not bad:
+        return handed, []
+    runs = _ranges(bad)
+    where = ", ".join(f"{first:#x}+{count * PAGE:#x}" for first, count in runs[:4])
+    more = f" and {len(runs) - 4} more range(s)" if len(runs) > 4 else ""
+    kinds = ", ".join(sorted(set().union(*bad.values())))
+    return handed, [Violation(
+        "S3", f"{len(bad)} page(s) the OS is handed as its memory ({kinds}) are not private "
+              f"and validated when the guest parks after ExitBootServices(): {where}{more}")]
+
+
 def judge_page_states(events: Sequence[DeviceEvent], begin: int | None,
-                      end: int | None) -> PageStates | None:
-    """S1 and S2 of a device trace's page-state events; ``begin`` and ``end``
-    are the teardown markers' lines. None when the trace has none (not an
-    emulated SEV-SNP guest)."""
+                      end: int | None, memmap: Sequence[tuple[int, int, int]] = ()
+                      ) -> PageStates | None:
+    """S1, S2 and S3 of a device trace's page-state events; ``begin`` and
+    ``end`` are the teardown markers' lines, ``memmap`` the memory map
+    ExitBootServices() took (type, start, pages), empty when the log has
+    none. None when the trace has no page states (not an emulated SEV-SNP
+    guest)."""
     snp = [e for e in events if e.name.startswith("sev_snp_")]
     if not snp:
         return None
@@ -143,7 +228,11 @@ def judge_page_states(events: Sequence[DeviceEvent], begin: int | None,
                 "S2", f"a {access} at {event.num('addr'):#x} reached gpa {event.num('gpa'):#x}, "
                       f"a private page not validated (#VC 0x404) at line {event.line}"
                       + (", inside the teardown" if inside else "")))
+    usable: int | None = None
+    if memmap:
+        usable, s3 = _usable_unvalidated(snp, memmap)
+        violations += s3
     launched = tuple((e.num("gpa"), e.num("len"), e.fields["type"]) for e in snp
                      if e.name == "sev_snp_launch_update")
     return PageStates(launched, len(made), len(made) - len(pending), tuple(violations),
-                      tuple(notes))
+                      tuple(notes), usable)

@@ -12,7 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.analysis import checks
-from harness.analysis.devices import NO_PAGE_STATES, analyze_device_trace
+from harness.analysis.devices import NO_PAGE_STATES, analyze_device_trace, judge
+from harness.analysis.devicetrace import parse_device_trace
+from harness.analysis.pagestates import NO_MEMORY_MAP
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "devices"
 SNP = DATA / "emulated-snp-callback.log"
@@ -26,6 +28,13 @@ VALIDATED = "sev_snp_pvalidate gpa 0xdc6c000 pages 1 validate 1\n"
 def _states(report: object) -> dict[str, str]:
     outcomes = report.outcomes  # type: ignore[attr-defined]
     return {c: outcomes[c].state.value for c in ("S1", "S2")}
+
+
+#: A memory map as the probe prints it: conventional memory below the
+#: firmware's 8 MiB, boot services data over the reserved DMA pool's slot.
+MEMMAP = [(7, 0x100000, 0x700), (4, 0xDC6C000, 0x10)]
+#: The GHCB page PlatformPei shares (shared for good: D2 names it by design).
+GHCB = 0xFF76000
 
 
 def _changed(tmp_path: Path, old: str, new: str) -> Path:
@@ -97,3 +106,38 @@ def test_a_trace_without_page_states_judges_neither() -> None:
     assert {c: report.outcomes[c].reason for c in ("S1", "S2")} == {
         "S1": NO_PAGE_STATES, "S2": NO_PAGE_STATES}
     assert report.outcomes["W1"].state is not checks.State.NOT_JUDGED
+
+
+def test_s3_holds_when_the_os_is_handed_validated_pages() -> None:
+    report = judge(parse_device_trace(SNP), memmap=MEMMAP)
+    assert report.outcomes["S3"].state is checks.State.HELD
+    assert report.page_states is not None and report.page_states.usable_pages == 0x710
+
+
+def test_a_usable_page_left_unvalidated_fails_s3(tmp_path: Path) -> None:
+    """The pool's page rescinded after the teardown validated it: S1 (the
+    teardown's page) and S3 (the OS is handed it)."""
+    path = _after_begin(tmp_path, "sev_snp_pvalidate gpa 0xdc6c000 pages 1 validate 0\n")
+    report = judge(parse_device_trace(path), memmap=MEMMAP)
+    assert {v.check for v in report.violations} == {"S1", "S3"}
+    s3, = (v for v in report.violations if v.check == "S3")
+    assert s3.detail == ("1 page(s) the OS is handed as its memory (EfiBootServicesData) are "
+                         "not private and validated when the guest parks after "
+                         "ExitBootServices(): 0xdc6c000+0x1000")
+
+
+def test_s3_judges_only_the_memory_the_os_uses() -> None:
+    """The shared GHCB page as EfiBootServicesData fails S3; as memory the OS
+    must accept itself (EfiUnacceptedMemoryType, 15) or reserved memory, it
+    is not S3's (the control)."""
+    trace = parse_device_trace(SNP)
+    assert judge(trace, memmap=[(4, GHCB, 1)]).outcomes["S3"].state is checks.State.FAILED
+    for kind in (15, 0):
+        assert judge(trace, memmap=[(kind, GHCB, 1)]).outcomes["S3"].state is \
+            checks.State.HELD
+
+
+def test_without_the_probes_memory_map_s3_is_not_judged() -> None:
+    report = analyze_device_trace(SNP)
+    assert report.outcomes["S3"].state is checks.State.NOT_JUDGED
+    assert report.outcomes["S3"].reason == NO_MEMORY_MAP
