@@ -20,7 +20,8 @@
      fail, then reads the canary again to show that DMA still works
      (stale-mapkey=1),
   6. calls GetMemoryMap() + ExitBootServices(), retrying on
-     EFI_INVALID_PARAMETER as the UEFI spec says,
+     EFI_INVALID_PARAMETER as the UEFI spec says, and prints the memory
+     map the OS is handed,
   7. prints "EBST probe-parked" and parks the CPU with interrupts off.
 
   Every step prints an "EBST probe ..." trace line (docs/trace-format.md).
@@ -720,6 +721,39 @@ ProbeStaleExitBootServices (
 }
 
 /**
+  Print the memory map that ExitBootServices() took, one "step=memmap" line
+  per descriptor: what the OS is handed, and in which state (under SEV-SNP,
+  every page of a type the OS uses must be validated). Boot services are
+  gone: DEBUG () only.
+
+  @param[in] Map             The memory map.
+  @param[in] MapSize         Its size in bytes.
+  @param[in] DescriptorSize  The size of one descriptor.
+**/
+STATIC
+VOID
+ProbeReportMemoryMap (
+  IN EFI_MEMORY_DESCRIPTOR  *Map,
+  IN UINTN                  MapSize,
+  IN UINTN                  DescriptorSize
+  )
+{
+  EFI_MEMORY_DESCRIPTOR  *Desc;
+  UINTN                  Offset;
+
+  for (Offset = 0; Offset + DescriptorSize <= MapSize; Offset += DescriptorSize) {
+    Desc = (EFI_MEMORY_DESCRIPTOR *)((UINT8 *)Map + Offset);
+    DEBUG ((
+      DEBUG_INFO,
+      "EBST probe step=memmap type=%u start=0x%Lx pages=0x%Lx\n",
+      Desc->Type,
+      Desc->PhysicalStart,
+      Desc->NumberOfPages
+      ));
+  }
+}
+
+/**
   Exit boot services for good: GetMemoryMap() + ExitBootServices(), retried on
   EFI_INVALID_PARAMETER as the UEFI spec says (only GetMemoryMap() is called
   between attempts, into the buffer allocated before the first).
@@ -769,6 +803,10 @@ ProbeExitBootServices (
     if (Status != EFI_INVALID_PARAMETER) {
       break;
     }
+  }
+
+  if (!EFI_ERROR (Status)) {
+    ProbeReportMemoryMap (Map, MapSize, DescriptorSize);
   }
 
   return Status;
