@@ -722,9 +722,11 @@ ProbeStaleExitBootServices (
 
 /**
   Print the memory map that ExitBootServices() took, one "step=memmap" line
-  per descriptor: what the OS is handed, and in which state (under SEV-SNP,
+  per descriptor, then a "step=memmap-end" line with their count, so that a
+  cut log shows: what the OS is handed, and in which state (under SEV-SNP,
   every page of a type the OS uses must be validated). Boot services are
-  gone: DEBUG () only.
+  gone: DEBUG () only, which formats into a stack buffer and writes the debug
+  (or serial) port.
 
   @param[in] Map             The memory map.
   @param[in] MapSize         Its size in bytes.
@@ -733,16 +735,23 @@ ProbeStaleExitBootServices (
 STATIC
 VOID
 ProbeReportMemoryMap (
-  IN EFI_MEMORY_DESCRIPTOR  *Map,
-  IN UINTN                  MapSize,
-  IN UINTN                  DescriptorSize
+  IN CONST EFI_MEMORY_DESCRIPTOR  *Map,
+  IN UINTN                        MapSize,
+  IN UINTN                        DescriptorSize
   )
 {
-  EFI_MEMORY_DESCRIPTOR  *Desc;
-  UINTN                  Offset;
+  CONST EFI_MEMORY_DESCRIPTOR  *Desc;
+  CONST EFI_MEMORY_DESCRIPTOR  *End;
+  UINT64                       Count;
 
-  for (Offset = 0; Offset + DescriptorSize <= MapSize; Offset += DescriptorSize) {
-    Desc = (EFI_MEMORY_DESCRIPTOR *)((UINT8 *)Map + Offset);
+  if (DescriptorSize < sizeof (EFI_MEMORY_DESCRIPTOR)) {
+    DEBUG ((DEBUG_INFO, "EBST probe step=memmap-end count=0 desc-size=%Lu\n", (UINT64)DescriptorSize));
+    return;
+  }
+
+  Count = 0;
+  End   = (CONST EFI_MEMORY_DESCRIPTOR *)((CONST UINT8 *)Map + MapSize);
+  for (Desc = Map; Desc < End; Desc = NEXT_MEMORY_DESCRIPTOR (Desc, DescriptorSize)) {
     DEBUG ((
       DEBUG_INFO,
       "EBST probe step=memmap type=%u start=0x%Lx pages=0x%Lx\n",
@@ -750,13 +759,22 @@ ProbeReportMemoryMap (
       Desc->PhysicalStart,
       Desc->NumberOfPages
       ));
+    Count++;
   }
+
+  DEBUG ((
+    DEBUG_INFO,
+    "EBST probe step=memmap-end count=%Lu desc-size=%Lu\n",
+    Count,
+    (UINT64)DescriptorSize
+    ));
 }
 
 /**
   Exit boot services for good: GetMemoryMap() + ExitBootServices(), retried on
   EFI_INVALID_PARAMETER as the UEFI spec says (only GetMemoryMap() is called
-  between attempts, into the buffer allocated before the first).
+  between attempts, into the buffer allocated before the first). Once it
+  succeeds, print the memory map it took (ProbeReportMemoryMap ()).
 
   @param[in] ImageHandle  This image.
 

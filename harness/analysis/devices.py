@@ -137,7 +137,8 @@ class DeviceReport:
         else:
             found.update(checks.outcomes(pages, self.page_states.violations, {}))
             if self.page_states.usable_pages is None:
-                found.update(checks.not_judged(("S3",), NO_MEMORY_MAP))
+                found.update(checks.not_judged(("S3",), self.page_states.memmap_cut
+                                               or NO_MEMORY_MAP))
         return found
 
     def held(self) -> str:
@@ -334,7 +335,7 @@ def _virtio_step(state: _State, event: DeviceEvent) -> None:
 
 def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
           canary: Mapping[str, bool] | None = None,
-          memmap: Sequence[tuple[int, int, int]] = ()) -> DeviceReport:
+          memmap: Sequence[tuple[int, int, int]] = (), memmap_cut: str = "") -> DeviceReport:
     """W1 and W2 of ``trace``.
 
     :param owners: PCI address to the driver the firmware log says armed
@@ -343,7 +344,8 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
     :param canary: PCI address to whether the probe read the canary through
         a volume on that device (:func:`canary_reads`).
     :param memmap: the memory map ExitBootServices() took, from the log
-        (:func:`memmap_in_log`), for S3."""
+        (:func:`memmap_in_log`), for S3; ``memmap_cut``: why the log's map
+        cannot be judged."""
     state = _State()
     at_begin: dict[str, tuple[int | None, dict[str, int]]] = {}
     for event in trace.events:
@@ -358,7 +360,7 @@ def judge(trace: DeviceTrace, owners: Mapping[str, str] | None = None,
         device.owner = (owners or {}).get(device.bdf)
         device.canary = (canary or {}).get(device.bdf)
     notes: list[str] = []
-    pages = judge_page_states(trace.events, state.begin, state.end, memmap)
+    pages = judge_page_states(trace.events, state.begin, state.end, memmap, memmap_cut)
     paged = pages.violations if pages is not None else ()
     if pages is not None:
         notes += pages.notes
@@ -436,8 +438,9 @@ def analyze_device_trace(path: Path | str, log_events: Iterable[Any] = ()) -> De
     boot's firmware trace events, name the adversary's device and the
     volumes the probe read."""
     events = list(log_events)
+    memmap, cut = memmap_in_log(events)
     return judge(parse_device_trace(path), owners_in_log(events), canary_reads(events),
-                 memmap_in_log(events))
+                 memmap, cut)
 
 
 _PCI_PATH_RE = re.compile(r"PciRoot\(0x[0-9A-Fa-f]+\)/Pci\(0x([0-9A-Fa-f]+),0x([0-9A-Fa-f]+)\)")
@@ -459,13 +462,24 @@ def canary_reads(events: Iterable[Any]) -> dict[str, bool]:
     return found
 
 
-def memmap_in_log(events: Iterable[Any]) -> list[tuple[int, int, int]]:
+def memmap_in_log(events: Iterable[Any]) -> tuple[list[tuple[int, int, int]], str]:
     """The memory map ExitBootServices() took, as the probe prints it after
-    (``EBST probe step=memmap type=T start=0x.. pages=0x..``): (type, start,
-    pages) each."""
-    return [(int(e.get("type") or "0"), int(e.get("start") or "0", 16),
-             int(e.get("pages") or "0", 16))
-            for e in events if getattr(e, "step", None) == "memmap"]
+    (``EBST probe step=memmap type=T start=0x.. pages=0x..`` each, then
+    ``step=memmap-end count=N``): (type, start, pages) each, and why it
+    cannot be judged ("" when it can): a map whose end line is missing or
+    counts other lines is cut, and judging part of it would miss pages."""
+    events = [e for e in events if getattr(e, "step", None) in ("memmap", "memmap-end")]
+    found = [(int(e.get("type") or "0"), int(e.get("start") or "0", 16),
+              int(e.get("pages") or "0", 16))
+             for e in events if e.step == "memmap"]
+    ends = [e for e in events if e.step == "memmap-end"]
+    if not found and not ends:
+        return [], ""
+    if len(ends) != 1 or int(ends[0].get("count") or "-1") != len(found):
+        said = ends[0].get("count") if len(ends) == 1 else "no count"
+        return [], (f"the probe's memory map in the debug log is cut: {len(found)} "
+                    f"descriptor line(s), the end line says {said}")
+    return found, ""
 
 
 def owners_in_log(events: Iterable[Any]) -> dict[str, str]:

@@ -74,6 +74,8 @@ class PageStates:
     notes: tuple[str, ...] = ()
     #: usable pages of the memory map S3 judged, or None without one
     usable_pages: int | None = None
+    #: why the log's memory map was not judged ("" when it was, or is absent)
+    memmap_cut: str = ""
 
     def summary(self) -> str:
         handed = (f"; the OS is handed {self.usable_pages} page(s) of usable memory"
@@ -168,13 +170,13 @@ def _usable_unvalidated(snp: Sequence[DeviceEvent], memmap: Sequence[tuple[int, 
 
 
 def judge_page_states(events: Sequence[DeviceEvent], begin: int | None,
-                      end: int | None, memmap: Sequence[tuple[int, int, int]] = ()
-                      ) -> PageStates | None:
+                      end: int | None, memmap: Sequence[tuple[int, int, int]] = (),
+                      memmap_cut: str = "") -> PageStates | None:
     """S1, S2 and S3 of a device trace's page-state events; ``begin`` and
     ``end`` are the teardown markers' lines, ``memmap`` the memory map
     ExitBootServices() took (type, start, pages), empty when the log has
-    none. None when the trace has no page states (not an emulated SEV-SNP
-    guest)."""
+    none or ``memmap_cut`` says why it cannot be judged. None when the
+    trace has no page states (not an emulated SEV-SNP guest)."""
     snp = [e for e in events if e.name.startswith("sev_snp_")]
     if not snp:
         return None
@@ -235,4 +237,4 @@ def judge_page_states(events: Sequence[DeviceEvent], begin: int | None,
     launched = tuple((e.num("gpa"), e.num("len"), e.fields["type"]) for e in snp
                      if e.name == "sev_snp_launch_update")
     return PageStates(launched, len(made), len(made) - len(pending), tuple(violations),
-                      tuple(notes), usable)
+                      tuple(notes), usable, memmap_cut)

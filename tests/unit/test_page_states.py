@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.analysis import checks
-from harness.analysis.devices import NO_PAGE_STATES, analyze_device_trace, judge
+from harness.analysis.debuglog import parse_text
+from harness.analysis.devices import NO_PAGE_STATES, analyze_device_trace, judge, memmap_in_log
 from harness.analysis.devicetrace import parse_device_trace
 from harness.analysis.pagestates import NO_MEMORY_MAP
 
@@ -141,3 +142,23 @@ def test_without_the_probes_memory_map_s3_is_not_judged() -> None:
     report = analyze_device_trace(SNP)
     assert report.outcomes["S3"].state is checks.State.NOT_JUDGED
     assert report.outcomes["S3"].reason == NO_MEMORY_MAP
+
+
+def _memmap_events(lines: list[str]) -> list[object]:
+    text = "EBST version v=1 module=EbsProbe\n" + "".join(f"EBST probe {line}\n" for line in lines)
+    return list(parse_text(text).events)
+
+
+def test_a_cut_memory_map_is_not_judged() -> None:
+    """The end line counts the descriptors: a map that lost one (or its end)
+    is not judged rather than judged in part."""
+    whole = ["step=memmap type=7 start=0x100000 pages=0x700",
+             "step=memmap type=4 start=0xdc6c000 pages=0x10",
+             "step=memmap-end count=2 desc-size=48"]
+    assert memmap_in_log(_memmap_events(whole)) == (
+        [(7, 0x100000, 0x700), (4, 0xDC6C000, 0x10)], "")
+    for cut, said in ((whole[1:], "2"), (whole[:2], "no count")):
+        found, why = memmap_in_log(_memmap_events(cut))
+        assert found == [] and why.endswith(f"the end line says {said}"), why
+        report = judge(parse_device_trace(SNP), memmap=found, memmap_cut=why)
+        assert report.outcomes["S3"].reason == why
