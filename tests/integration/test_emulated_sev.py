@@ -38,7 +38,6 @@ from harness.analysis.memdump import (
 from harness.build import edk2
 from harness.build.progress import StderrProgress
 from harness.errors import QmpError
-from harness.pytestplugin import session_emulated_caps
 from harness.tools import scratch
 from harness.vm import host
 from harness.vm.config import MachineConfig
@@ -58,12 +57,6 @@ CBIT = 1 << 47
 EFI_OUT_OF_RESOURCES = 0x8000000000000009
 #: The adversary's ExitBootServices() handler, where its late Map() runs.
 ADVERSARY = "EbsAdversaryDxe!AdversaryStage"
-
-
-@pytest.fixture(scope="session")
-def emulated(pytestconfig: pytest.Config) -> HostCaps:
-    """The harness's QEMU, built (cached) and probed once per session."""
-    return session_emulated_caps(pytestconfig)
 
 
 def _config(caps: HostCaps, firmware_code: Path, firmware_vars: Path,

@@ -25,7 +25,6 @@ from harness.analysis import explain, trace
 from harness.build import edk2
 from harness.build.progress import StderrProgress
 from harness.errors import ConsoleFailure, ConsoleTimeout, LaunchError
-from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
 from harness.vm.config import MachineConfig
 from harness.vm.host import HostCaps
@@ -38,12 +37,6 @@ pytestmark = pytest.mark.sev_es_emulated
 VARIANTS = Path(__file__).resolve().parents[1] / "data" / "firmware-variants" / "edk2-2025.02"
 QMP_DATA = Path(__file__).resolve().parents[1] / "data" / "qmp"
 CBIT = 1 << 47
-
-
-@pytest.fixture(scope="session")
-def emulated(pytestconfig: pytest.Config) -> HostCaps:
-    """The harness's QEMU, built (cached) and probed once per session."""
-    return session_emulated_caps(pytestconfig)
 
 
 def test_the_firmware_takes_its_sev_es_path(ebs_run_probe) -> None:  # type: ignore[no-untyped-def]

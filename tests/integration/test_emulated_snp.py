@@ -26,7 +26,6 @@ from harness.analysis.devices import analyze_device_trace
 from harness.build import edk2
 from harness.build.progress import StderrProgress
 from harness.errors import ConsoleFailure, ConsoleTimeout, LaunchError
-from harness.pytestplugin import session_emulated_caps
 from harness.vm import host
 from harness.vm.config import MachineConfig
 from harness.vm.host import HostCaps
@@ -37,12 +36,6 @@ pytestmark = pytest.mark.snp_emulated
 QMP_DATA = Path(__file__).resolve().parents[1] / "data" / "qmp"
 VARIANTS = Path(__file__).resolve().parents[1] / "data" / "firmware-variants" / "edk2-2025.02"
 CBIT = 1 << 47
-
-
-@pytest.fixture(scope="session")
-def emulated(pytestconfig: pytest.Config) -> HostCaps:
-    """The harness's QEMU, built (cached) and probed once per session."""
-    return session_emulated_caps(pytestconfig)
 
 
 def test_the_firmware_takes_its_snp_path(ebs_run_probe) -> None:  # type: ignore[no-untyped-def]
@@ -101,21 +94,20 @@ def test_query_sev_is_what_the_recording_says(emulated: HostCaps, ebs_firmware: 
         vm.shutdown()
 
 
-@pytest.mark.parametrize(("args", "why"), [
+@pytest.mark.parametrize(("policy", "args", "why"), [
     # OVMF's split images, as flash devices: no SEV metadata reaches the launch
-    (["-drive", "if=pflash,format=raw,unit=0,readonly=on,file={code}"],
+    ("0x30000", ["-drive", "if=pflash,format=raw,unit=0,readonly=on,file={code}"],
      "SEV-SNP needs the firmware as one -bios image with SEV metadata"),
-    (["-bios", "{combined}", "-smp", "2"], "SEV-SNP is emulated with one vCPU only"),
-    (["-bios", "{combined}", "-object-policy"], "snp-policy 0x0 lacks bit 17"),
+    ("0x30000", ["-bios", "{combined}", "-smp", "2"], "SEV-SNP is emulated with one vCPU only"),
+    ("0x0", ["-bios", "{combined}"], "snp-policy 0x0 lacks bit 17"),
 ], ids=["pflash", "smp-2", "policy"])
 def test_the_emulation_refuses_what_an_snp_launch_cannot_do(
-        emulated: HostCaps, ebs_firmware: edk2.Firmware, args: list[str], why: str) -> None:
-    policy = "0x0" if "-object-policy" in args else "0x30000"
+        emulated: HostCaps, ebs_firmware: edk2.Firmware, policy: str, args: list[str],
+        why: str) -> None:
     argv = [emulated.qemu, "-machine", "q35,confidential-guest-support=sev0", "-accel", "tcg",
             "-cpu", "qemu64", "-display", "none", "-nodefaults", "-S",
             "-object", f"sev-emulated,id=sev0,snp=on,snp-policy={policy}"]
-    argv += [a.format(code=ebs_firmware.code, combined=ebs_firmware.combined)
-             for a in args if a != "-object-policy"]
+    argv += [a.format(code=ebs_firmware.code, combined=ebs_firmware.combined) for a in args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                           input="")
     assert done.returncode == 1, (done.returncode, done.stderr)
